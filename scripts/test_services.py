@@ -1,0 +1,151 @@
+"""Find or start the Postgres and Redis the test suite needs; print shell exports.
+
+Used as ``eval "$(python scripts/test_services.py)"``. A server that answers at
+TEST_DATABASE_URL / TEST_REDIS_URL (defaults: 127.0.0.1) is used as it is.
+Otherwise a private one is started under var/test-services from Debian's
+binaries, installing the package with apt-get when it is missing.
+Progress goes to stderr; only ``export`` lines go to stdout.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from urllib.parse import urlsplit
+
+ROOT = Path(__file__).resolve().parent.parent
+STATE = ROOT / "var" / "test-services"
+DEFAULT_PG = "postgresql://postgres@127.0.0.1:5432/postgres"
+DEFAULT_REDIS = "redis://127.0.0.1:6379/15"
+PRIVATE_PG_PORT = 55432
+PRIVATE_REDIS_PORT = 56379
+
+
+def say(message: str) -> None:
+    print(f"[test-services] {message}", file=sys.stderr, flush=True)
+
+
+def pg_answers(url: str) -> bool:
+    import psycopg
+
+    try:
+        with psycopg.connect(url, connect_timeout=3) as conn:
+            conn.execute("SELECT 1")
+        return True
+    except Exception as exc:
+        say(f"postgres at {urlsplit(url).hostname}:{urlsplit(url).port} not usable: {exc}")
+        return False
+
+
+def redis_answers(url: str) -> bool:
+    import redis
+
+    try:
+        return bool(redis.Redis.from_url(url, socket_connect_timeout=2).ping())
+    except Exception as exc:
+        say(f"redis not usable: {exc}")
+        return False
+
+
+def apt_install(*packages: str) -> None:
+    say(f"installing {' '.join(packages)} with apt-get")
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    subprocess.run(["apt-get", "update", "-qq"], check=True, env=env, stdout=sys.stderr)
+    subprocess.run(
+        ["apt-get", "install", "-y", "-qq", *packages], check=True, env=env, stdout=sys.stderr
+    )
+
+
+def postgres_bin() -> Path:
+    candidates = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    if not candidates:
+        apt_install("postgresql")
+        candidates = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    return Path(candidates[-1]).parent
+
+
+def run_as(user: str | None, argv: list[str]) -> None:
+    if user:
+        argv = ["runuser", "-u", user, "--", *argv]
+    subprocess.run(argv, check=True, stdout=sys.stderr, stderr=sys.stderr)
+
+
+def start_private_postgres() -> str:
+    url = f"postgresql://postgres@127.0.0.1:{PRIVATE_PG_PORT}/postgres"
+    if pg_answers(url):
+        return url
+    bindir = postgres_bin()
+    data = STATE / "pg"
+    user = None
+    if os.geteuid() == 0:  # initdb refuses to run as root
+        user = "postgres"
+        if subprocess.run(["id", "-u", user], capture_output=True).returncode != 0:
+            subprocess.run(["useradd", "--system", "--no-create-home", user], check=True)
+    STATE.mkdir(parents=True, exist_ok=True)
+    if not (data / "PG_VERSION").exists():
+        data.mkdir(parents=True, exist_ok=True)
+        if user:
+            shutil.chown(STATE, user)
+            shutil.chown(data, user)
+        run_as(user, [str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust"])
+    say(f"starting private postgres on 127.0.0.1:{PRIVATE_PG_PORT}")
+    run_as(
+        user,
+        [
+            str(bindir / "pg_ctl"), "-D", str(data), "-l", str(data / "server.log"), "-w",
+            "-o", f"-p {PRIVATE_PG_PORT} -c listen_addresses=127.0.0.1 -k {data} "
+            "-c fsync=off -c max_connections=200",
+            "start",
+        ],
+    )
+    if not pg_answers(url):
+        raise SystemExit("private postgres did not come up")
+    return url
+
+
+def start_private_redis() -> str:
+    url = f"redis://127.0.0.1:{PRIVATE_REDIS_PORT}/15"
+    if redis_answers(url):
+        return url
+    server = shutil.which("redis-server")
+    if server is None:
+        apt_install("redis-server")
+        server = shutil.which("redis-server") or "/usr/bin/redis-server"
+    STATE.mkdir(parents=True, exist_ok=True)
+    say(f"starting private redis on 127.0.0.1:{PRIVATE_REDIS_PORT}")
+    subprocess.run(
+        [
+            server, "--port", str(PRIVATE_REDIS_PORT), "--bind", "127.0.0.1", "--daemonize", "yes",
+            "--save", "", "--appendonly", "no", "--dir", str(STATE),
+            "--logfile", str(STATE / "redis.log"),
+        ],
+        check=True,
+    )
+    for _ in range(50):
+        if redis_answers(url):
+            return url
+        time.sleep(0.1)
+    raise SystemExit("private redis did not come up")
+
+
+def main() -> int:
+    pg_url = os.environ.get("TEST_DATABASE_URL") or DEFAULT_PG
+    if not pg_answers(pg_url):
+        pg_url = start_private_postgres()
+    redis_url = os.environ.get("TEST_REDIS_URL") or DEFAULT_REDIS
+    if not redis_answers(redis_url):
+        redis_url = start_private_redis()
+    say(f"postgres: {pg_url}")
+    say(f"redis: {redis_url}")
+    print(f"export TEST_DATABASE_URL='{pg_url}'")
+    print(f"export TEST_REDIS_URL='{redis_url}'")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,100 @@
+"""The ``tollgate`` console script."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from shared.settings import Settings
+
+
+def _runtime(settings: Settings):
+    from shared.runtime import Runtime
+
+    return Runtime(settings, role="cli")
+
+
+def migrate(settings: Settings) -> None:
+    """Upgrade the database at DATABASE_URL (never the pooled URL) to head."""
+    from alembic import command
+    from alembic.config import Config
+
+    from shared.services.health import MIGRATIONS_DIR
+
+    config = Config(str(MIGRATIONS_DIR.parent / "alembic.ini"))
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    config.attributes["url"] = settings.database_url
+    config.attributes["configure_logging"] = False
+    command.upgrade(config, "head")
+
+
+def cmd_create_admin(args, settings: Settings) -> int:
+    from shared.errors import DomainError
+    from shared.services import auth
+
+    runtime = _runtime(settings)
+    with runtime.db.session() as session:
+        try:
+            user, issued = auth.create_user(session, args.email, "admin")
+        except DomainError as exc:
+            print(f"error: {exc.message}", file=sys.stderr)
+            return 1
+    print(f"created admin {user.email} ({user.id}); API key (shown once):")
+    print(issued.secret)
+    return 0
+
+
+def cmd_ledger_check(_args, settings: Settings) -> int:
+    from shared.services import ledger_check
+
+    runtime = _runtime(settings)
+    with runtime.db.session() as session:
+        mismatches = ledger_check.find_mismatches(session)
+    if not mismatches:
+        print("ok: every wallet's balance equals its ledger sum")
+        return 0
+    for row in mismatches:
+        print(
+            f"MISMATCH wallet={row.wallet_id} user={row.user_id} balance={row.balance} "
+            f"ledger_sum={row.ledger_sum} held={row.held} active_holds={row.active_holds}"
+        )
+    return 1
+
+
+def cmd_migrate(_args, settings: Settings) -> int:
+    migrate(settings)
+    return 0
+
+
+def cmd_dev(args, settings: Settings) -> int:
+    from shared.devserver import run_dev
+
+    return run_dev(settings, port=args.port)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="tollgate")
+    sub = parser.add_subparsers(dest="command", required=True)
+    create_admin = sub.add_parser("create-admin", help="create an admin and print its API key")
+    create_admin.add_argument("--email", required=True)
+    create_admin.set_defaults(func=cmd_create_admin)
+    sub.add_parser("ledger-check", help="verify balance == sum(ledger) for every wallet").set_defaults(
+        func=cmd_ledger_check
+    )
+    sub.add_parser("migrate", help="upgrade the database (DATABASE_URL) to head").set_defaults(
+        func=cmd_migrate
+    )
+    dev = sub.add_parser("dev", help="run the embedded stack: SQLite, filesystem broker, worker, web")
+    dev.add_argument("--port", type=int, default=8000)
+    dev.set_defaults(func=cmd_dev)
+    args = parser.parse_args(argv)
+
+    from shared.logging import configure_logging
+
+    settings = Settings.from_env()
+    configure_logging(settings)
+    return args.func(args, settings)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,89 @@
+from __future__ import annotations
+
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy import JSON, Boolean, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy.orm import Mapped, mapped_column
+
+from shared.db import MONEY, Base, IdColumn, UTCDateTime, new_id, utcnow
+
+TURN_STATUSES = ("queued", "running", "completed", "failed")
+
+
+class Room(Base):
+    __tablename__ = "rooms"
+
+    id: Mapped[str] = mapped_column(IdColumn(), primary_key=True, default=new_id)
+    user_id: Mapped[str] = mapped_column(IdColumn(), ForeignKey("users.id"), index=True)
+    name: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class ChatSession(Base):
+    """A conversation in a room, with its rolling summary."""
+
+    __tablename__ = "sessions"
+
+    id: Mapped[str] = mapped_column(IdColumn(), primary_key=True, default=new_id)
+    room_id: Mapped[str] = mapped_column(IdColumn(), ForeignKey("rooms.id"), index=True)
+    user_id: Mapped[str] = mapped_column(IdColumn(), ForeignKey("users.id"), index=True)
+    title: Mapped[str | None] = mapped_column(String(200))
+    summary: Mapped[str | None] = mapped_column(Text)
+    # The highest turn seq the summary covers (0 = none).
+    summary_through_seq: Mapped[int] = mapped_column(Integer, default=0)
+    summary_updated_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class Turn(Base):
+    __tablename__ = "turns"
+    __table_args__ = (
+        UniqueConstraint("session_id", "seq"),
+        UniqueConstraint("user_id", "idempotency_key"),
+        Index("ix_turns_status_updated", "status", "updated_at"),
+        Index("ix_turns_completed_at", "completed_at"),
+    )
+
+    id: Mapped[str] = mapped_column(IdColumn(), primary_key=True, default=new_id)
+    session_id: Mapped[str] = mapped_column(IdColumn(), ForeignKey("sessions.id"))
+    room_id: Mapped[str] = mapped_column(IdColumn(), ForeignKey("rooms.id"))
+    user_id: Mapped[str] = mapped_column(IdColumn(), ForeignKey("users.id"), index=True)
+    seq: Mapped[int] = mapped_column(Integer)
+    kind: Mapped[str] = mapped_column(String(16), default="chat")
+    status: Mapped[str] = mapped_column(String(16), default="queued")
+    content: Mapped[str] = mapped_column(Text)
+    reply: Mapped[str | None] = mapped_column(Text)
+    model: Mapped[str] = mapped_column(String(200))
+    max_output_tokens: Mapped[int] = mapped_column(Integer)
+    input_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    output_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    cost: Mapped[Decimal | None] = mapped_column(MONEY)
+    balance_after: Mapped[Decimal | None] = mapped_column(MONEY)
+    low_balance: Mapped[bool] = mapped_column(Boolean, default=False)
+    summary_used_fallback: Mapped[bool] = mapped_column(Boolean, default=False)
+    enforced: Mapped[bool] = mapped_column(Boolean, default=False)
+    error_code: Mapped[str | None] = mapped_column(String(64))
+    error_message: Mapped[str | None] = mapped_column(Text)
+    idempotency_key: Mapped[str | None] = mapped_column(String(255))
+    request_hash: Mapped[str | None] = mapped_column(String(64))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+
+class ToolCallEvent(Base):
+    __tablename__ = "tool_call_events"
+
+    id: Mapped[str] = mapped_column(IdColumn(), primary_key=True, default=new_id)
+    turn_id: Mapped[str] = mapped_column(IdColumn(), ForeignKey("turns.id"), index=True)
+    room_id: Mapped[str] = mapped_column(IdColumn(), ForeignKey("rooms.id"))
+    tool: Mapped[str] = mapped_column(String(64))
+    arguments: Mapped[dict[str, Any]] = mapped_column(JSON)
+    status: Mapped[str] = mapped_column(String(16))
+    duration_ms: Mapped[int] = mapped_column(Integer, default=0)
+    result_excerpt: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)

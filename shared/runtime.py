@@ -1,0 +1,66 @@
+"""What one process holds: its settings, its database and (lazily) its Redis client.
+
+Built by the web app factory, the Celery app's setup and the CLI; never at import.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from functools import cached_property
+
+from shared.db import Database
+from shared.settings import Settings, mask_url
+
+log = logging.getLogger(__name__)
+
+# Redis calls on the request path must fail fast when Redis is away, so a dead
+# Redis shows up as a degraded answer instead of a hung request.
+REDIS_SOCKET_TIMEOUT = 0.5
+
+
+class Runtime:
+    def __init__(self, settings: Settings, *, role: str) -> None:
+        self.settings = settings
+        self.role = role
+        self._lock = threading.Lock()
+        self._db: Database | None = None
+
+    @property
+    def db(self) -> Database:
+        # Created on first use so a forked worker child builds its own pool.
+        if self._db is None:
+            with self._lock:
+                if self._db is None:
+                    self._db = Database.from_settings(self.settings, role=self.role)
+        return self._db
+
+    @cached_property
+    def redis(self):
+        """A Redis client, or ``None`` in embedded mode."""
+        if not self.settings.redis_url:
+            return None
+        import redis
+
+        log.info("%s redis: %s", self.role, mask_url(self.settings.redis_url))
+        return redis.Redis.from_url(
+            self.settings.redis_url,
+            socket_timeout=REDIS_SOCKET_TIMEOUT,
+            socket_connect_timeout=REDIS_SOCKET_TIMEOUT,
+            health_check_interval=30,
+        )
+
+    def reset_after_fork(self) -> None:
+        """Drop connections inherited from a parent process."""
+        if self._db is not None:
+            self._db.engine.dispose(close=False)
+            self._db = None
+        self.__dict__.pop("redis", None)
+
+    def close(self) -> None:
+        if self._db is not None:
+            self._db.dispose()
+            self._db = None
+        client = self.__dict__.pop("redis", None)
+        if client is not None:
+            client.close()

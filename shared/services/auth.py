@@ -1,0 +1,146 @@
+"""Users and API keys.
+
+Keys are ``tg_`` + 32 random bytes (urlsafe). They carry 256 bits of entropy,
+so a plain SHA-256 is a safe, constant-cost hash: a slow KDF would only add
+latency to every request without adding security.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from dataclasses import dataclass
+from decimal import Decimal
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from shared.db import utcnow
+from shared.errors import Conflict, InvalidInput, NotFound, Unauthorized
+from shared.models import ApiKey, User, Wallet
+from shared.models.users import ROLES
+from shared.services import audit
+
+KEY_PREFIX = "tg_"
+
+
+@dataclass(frozen=True)
+class IssuedKey:
+    api_key: ApiKey
+    secret: str  # the only time the full key exists outside the client
+
+
+def hash_key(secret: str) -> str:
+    return hashlib.sha256(secret.encode("utf-8")).hexdigest()
+
+
+def _new_secret() -> str:
+    return KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+def normalize_email(email: str) -> str:
+    email = email.strip().lower()
+    local, sep, domain = email.partition("@")
+    if not sep or not local or "." not in domain or " " in email or len(email) > 320:
+        raise InvalidInput("Not a valid email address.", error="invalid_email", field="email")
+    return email
+
+
+def _issue_key(session: Session, user: User, name: str | None) -> IssuedKey:
+    secret = _new_secret()
+    key = ApiKey(user_id=user.id, key_hash=hash_key(secret), prefix=secret[:10], name=name)
+    session.add(key)
+    return IssuedKey(api_key=key, secret=secret)
+
+
+def create_user(
+    session: Session, email: str, role: str = "user", *, actor_id: str | None = None
+) -> tuple[User, IssuedKey]:
+    """Create a user with an empty wallet and a first API key, in one transaction.
+
+    :raises InvalidInput: bad email or role.
+    :raises Conflict: ``email_taken`` when the email is already registered.
+    """
+    email = normalize_email(email)
+    if role not in ROLES:
+        raise InvalidInput(f"role must be one of {', '.join(ROLES)}.", error="invalid_role")
+    if session.scalar(select(User.id).where(User.email == email)):
+        raise Conflict("A user with this email already exists.", error="email_taken")
+    user = User(email=email, role=role)
+    session.add(user)
+    session.flush()
+    session.add(Wallet(user_id=user.id, balance=Decimal("0"), held=Decimal("0")))
+    issued = _issue_key(session, user, name="initial")
+    if actor_id:
+        audit.record(
+            session, actor_id, "user.create", target_type="user", target_id=user.id,
+            details={"email": email, "role": role},
+        )
+    try:
+        session.commit()
+    except IntegrityError as exc:  # a concurrent create of the same email won the race
+        session.rollback()
+        raise Conflict("A user with this email already exists.", error="email_taken") from exc
+    return user, issued
+
+
+def issue_api_key(session: Session, actor_id: str, user_id: str, name: str | None) -> IssuedKey:
+    """:raises NotFound: no such user."""
+    user = session.get(User, user_id)
+    if user is None:
+        raise NotFound("No such user.")
+    issued = _issue_key(session, user, name)
+    session.flush()
+    audit.record(
+        session, actor_id, "api_key.create", target_type="api_key", target_id=issued.api_key.id,
+        details={"user_id": user.id},
+    )
+    session.commit()
+    return issued
+
+
+def revoke_api_key(session: Session, actor_id: str, key_id: str) -> ApiKey:
+    """Revoke a key; revoking a revoked key is a no-op that returns it (idempotent DELETE).
+
+    :raises NotFound: no such key.
+    """
+    key = session.get(ApiKey, key_id)
+    if key is None:
+        raise NotFound("No such API key.")
+    if key.revoked_at is None:
+        key.revoked_at = utcnow()
+        audit.record(
+            session, actor_id, "api_key.revoke", target_type="api_key", target_id=key.id,
+            details={"user_id": key.user_id},
+        )
+        session.commit()
+    return key
+
+
+def authenticate(session: Session, secret: str | None) -> User:
+    """The user owning an active key.
+
+    :raises Unauthorized: missing, unknown or revoked key.
+    """
+    if not secret or not secret.startswith(KEY_PREFIX) or len(secret) > 200:
+        raise Unauthorized()
+    row = session.execute(
+        select(User, ApiKey)
+        .join(ApiKey, ApiKey.user_id == User.id)
+        .where(ApiKey.key_hash == hash_key(secret), ApiKey.revoked_at.is_(None))
+    ).first()
+    if row is None:
+        raise Unauthorized()
+    return row[0]
+
+
+def list_users(session: Session):
+    return select(User).order_by(User.created_at, User.id)
+
+
+def list_keys(session: Session, user_id: str) -> list[ApiKey]:
+    """:raises NotFound: no such user."""
+    if session.get(User, user_id) is None:
+        raise NotFound("No such user.")
+    return list(session.scalars(select(ApiKey).where(ApiKey.user_id == user_id).order_by(ApiKey.created_at)))

@@ -1,0 +1,110 @@
+"""Readiness: can this process serve? Database, migrations, Redis, broker."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+from sqlalchemy import text
+
+from shared.errors import ServiceUnavailable
+from shared.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+MIGRATIONS_DIR = Path(__file__).resolve().parent.parent.parent / "migrations"
+
+
+@lru_cache(maxsize=1)
+def code_migration_head() -> str | None:
+    """The Alembic head this code expects (read from the migration scripts)."""
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
+
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    return ScriptDirectory.from_config(config).get_current_head()
+
+
+@dataclass
+class Readiness:
+    version: str
+    checks: dict[str, dict] = field(default_factory=dict)
+
+    @property
+    def down(self) -> list[str]:
+        return [name for name, check in self.checks.items() if not check["ok"]]
+
+    @property
+    def ready(self) -> bool:
+        return not self.down
+
+
+def _check_database(runtime: Runtime) -> tuple[dict, dict]:
+    head = code_migration_head()
+    try:
+        with runtime.db.engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+            try:
+                revision = conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
+            except Exception:  # table missing: never migrated
+                conn.rollback()
+                revision = None
+    except Exception as exc:
+        log.warning("readiness: database down: %s", exc)
+        return (
+            {"ok": False, "detail": type(exc).__name__},
+            {"ok": False, "code_head": head, "database_revision": None, "detail": "database down"},
+        )
+    migrations = {"ok": revision == head, "code_head": head, "database_revision": revision}
+    if revision != head:
+        migrations["detail"] = "database revision differs from the code's migration head"
+    return {"ok": True}, migrations
+
+
+def _check_redis(runtime: Runtime) -> dict:
+    if runtime.redis is None:
+        return {"ok": True, "detail": "not configured (embedded mode)"}
+    try:
+        runtime.redis.ping()
+        return {"ok": True}
+    except Exception as exc:
+        return {"ok": False, "detail": type(exc).__name__}
+
+
+def _check_broker(celery_app) -> dict:
+    try:
+        with celery_app.connection_for_write() as conn:
+            conn.ensure_connection(max_retries=1, interval_start=0, interval_step=0, timeout=1)
+        return {"ok": True, "transport": celery_app.conf.broker_url.split(":", 1)[0]}
+    except Exception as exc:
+        return {"ok": False, "detail": type(exc).__name__}
+
+
+def _check_worker(celery_app, timeout: float) -> dict:
+    try:
+        reply = celery_app.send_task("tollgate.ping").get(timeout=timeout)
+        return {"ok": reply == "pong"}
+    except Exception as exc:
+        return {"ok": False, "detail": type(exc).__name__}
+
+
+def readiness(runtime: Runtime, celery_app, *, check_worker: bool = False) -> Readiness:
+    """Run every check; :raises ServiceUnavailable: (``not_ready``) naming what is down."""
+    result = Readiness(version=runtime.settings.code_version)
+    result.checks["database"], result.checks["migrations"] = _check_database(runtime)
+    result.checks["redis"] = _check_redis(runtime)
+    result.checks["broker"] = _check_broker(celery_app)
+    if check_worker:
+        result.checks["worker"] = _check_worker(celery_app, timeout=3.0)
+    if not result.ready:
+        raise ServiceUnavailable(
+            f"Not ready: {', '.join(result.down)} down.",
+            error="not_ready",
+            version=result.version,
+            checks=result.checks,
+            down=result.down,
+        )
+    return result

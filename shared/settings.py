@@ -1,0 +1,184 @@
+"""One typed settings object, read from the environment once.
+
+Every process builds a ``Settings`` at start-up (``Settings.from_env()``) and
+passes it down; nothing reads ``os.environ`` anywhere else, so tests build a
+``Settings`` directly instead of patching the environment.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_VAR_DIR = PROJECT_ROOT / "var"
+
+
+class SettingsError(ValueError):
+    """A configuration value is malformed; raised at start-up, never per request."""
+
+
+def _bool(raw: str, name: str) -> bool:
+    value = raw.strip().lower()
+    if value in {"1", "true", "yes", "on"}:
+        return True
+    if value in {"0", "false", "no", "off", ""}:
+        return False
+    raise SettingsError(f"{name} must be a boolean, got {raw!r}")
+
+
+def _decimal(raw: str, name: str) -> Decimal:
+    try:
+        return Decimal(raw)
+    except InvalidOperation as exc:
+        raise SettingsError(f"{name} must be a decimal number, got {raw!r}") from exc
+
+
+def _int(raw: str, name: str) -> int:
+    try:
+        return int(raw)
+    except ValueError as exc:
+        raise SettingsError(f"{name} must be an integer, got {raw!r}") from exc
+
+
+def normalize_database_url(url: str) -> str:
+    """Accept URLs as providers hand them out and pick our driver.
+
+    ``postgres://`` (Heroku style) and ``postgresql://`` both become
+    ``postgresql+psycopg://`` so SQLAlchemy uses psycopg 3.
+    """
+    if url.startswith("postgres://"):
+        url = "postgresql://" + url[len("postgres://") :]
+    if url.startswith("postgresql://"):
+        url = "postgresql+psycopg://" + url[len("postgresql://") :]
+    return url
+
+
+def mask_url(url: str) -> str:
+    """The URL with its password replaced by ``***``, for logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)
+    userinfo = netloc[0].split(":", 1)[0]
+    return urlunsplit(parts._replace(netloc=f"{userinfo}:***@{netloc[1]}"))
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    database_url: str
+    database_pool_url: str | None = None
+    redis_url: str | None = None
+    celery_broker_url: str | None = None
+    celery_result_backend: str | None = None
+    billing_enforcement_enabled: bool = False
+    low_balance_threshold: Decimal = Decimal("1.00")
+    model_provider: str = "offline"
+    openai_base_url: str | None = None
+    openai_api_key: str | None = None
+    default_model: str = "offline-small"
+    turn_wait_seconds: float = 30.0
+    max_upload_bytes: int = 10 * 1024 * 1024
+    max_turn_chars: int = 32_000
+    hold_ttl_seconds: int = 900
+    var_dir: Path = DEFAULT_VAR_DIR
+    log_level: str = "INFO"
+    code_version: str = "dev"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if environ is None else environ
+        var_dir = Path(env.get("TOLLGATE_VAR_DIR") or DEFAULT_VAR_DIR)
+        database_url = env.get("DATABASE_URL") or f"sqlite:///{var_dir / 'tollgate.sqlite'}"
+        provider = env.get("MODEL_PROVIDER", "offline").strip().lower() or "offline"
+        if provider not in {"offline", "openai"}:
+            raise SettingsError(f"MODEL_PROVIDER must be 'offline' or 'openai', got {provider!r}")
+        default_model = env.get("DEFAULT_MODEL") or (
+            "offline-small" if provider == "offline" else "gpt-4o-mini"
+        )
+        return cls(
+            database_url=normalize_database_url(database_url),
+            database_pool_url=normalize_database_url(env["DATABASE_POOL_URL"])
+            if env.get("DATABASE_POOL_URL")
+            else None,
+            redis_url=env.get("REDIS_URL") or None,
+            celery_broker_url=env.get("CELERY_BROKER_URL") or None,
+            celery_result_backend=env.get("CELERY_RESULT_BACKEND") or None,
+            billing_enforcement_enabled=_bool(
+                env.get("BILLING_ENFORCEMENT_ENABLED", "false"), "BILLING_ENFORCEMENT_ENABLED"
+            ),
+            low_balance_threshold=_decimal(
+                env.get("LOW_BALANCE_THRESHOLD", "1.00"), "LOW_BALANCE_THRESHOLD"
+            ),
+            model_provider=provider,
+            openai_base_url=env.get("OPENAI_BASE_URL") or None,
+            openai_api_key=env.get("OPENAI_API_KEY") or None,
+            default_model=default_model,
+            turn_wait_seconds=float(_decimal(env.get("TURN_WAIT_SECONDS", "30"), "TURN_WAIT_SECONDS")),
+            max_upload_bytes=_int(env.get("MAX_UPLOAD_BYTES", str(10 * 1024 * 1024)), "MAX_UPLOAD_BYTES"),
+            hold_ttl_seconds=_int(env.get("HOLD_TTL_SECONDS", "900"), "HOLD_TTL_SECONDS"),
+            var_dir=var_dir,
+            log_level=env.get("LOG_LEVEL", "INFO").upper(),
+            code_version=env.get("TOLLGATE_VERSION") or env.get("SOURCE_VERSION") or _code_version(),
+        )
+
+    def replace(self, **changes: object) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def embedded(self) -> bool:
+        """No Redis configured: the zero-server mode (SQLite, filesystem broker)."""
+        return self.redis_url is None
+
+    @property
+    def runtime_database_url(self) -> str:
+        """The URL web and worker connect with: the pooled one first (design §1)."""
+        return self.database_pool_url or self.database_url
+
+    @property
+    def runtime_url_is_pooled(self) -> bool:
+        return self.database_pool_url is not None
+
+    @property
+    def broker_url(self) -> str:
+        if self.celery_broker_url:
+            return self.celery_broker_url
+        if self.redis_url:
+            return self.redis_url
+        return "filesystem://"
+
+    @property
+    def result_backend(self) -> str:
+        if self.celery_result_backend:
+            return self.celery_result_backend
+        if self.redis_url:
+            return self.redis_url
+        return f"db+sqlite:///{self.var_dir / 'celery-results.sqlite'}"
+
+    @property
+    def broker_folder(self) -> Path:
+        """Where the embedded (filesystem) broker keeps its messages."""
+        return self.var_dir / "broker"
+
+
+def _code_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        base = version("tollgate")
+    except Exception:  # not installed as a distribution (e.g. run from a checkout)
+        base = "0.0.0"
+    head = PROJECT_ROOT / ".git" / "HEAD"
+    try:
+        ref = head.read_text().strip()
+        if ref.startswith("ref: "):
+            sha = (PROJECT_ROOT / ".git" / ref[5:]).read_text().strip()
+        else:
+            sha = ref
+        return f"{base}+{sha[:12]}"
+    except OSError:
+        return base

@@ -1,0 +1,33 @@
+"""Small helpers that create what tests need through the real services."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+from sqlalchemy.orm import Session
+
+from shared.models import User
+from shared.services import auth
+
+_counter = itertools.count(1)
+
+
+@dataclass
+class Actor:
+    user: User
+    key: str
+
+    @property
+    def id(self) -> str:
+        return self.user.id
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.key}"}
+
+
+def make_actor(session: Session, role: str = "user", email: str | None = None) -> Actor:
+    email = email or f"{role}{next(_counter)}@example.test"
+    user, issued = auth.create_user(session, email, role)
+    return Actor(user=user, key=issued.secret)

@@ -1,0 +1,78 @@
+"""The Flask application factory."""
+
+from __future__ import annotations
+
+import uuid
+
+from flask import Flask, g, request
+from flask_smorest import Api
+
+from shared.logging import request_id_var
+from shared.runtime import Runtime
+from shared.settings import Settings
+from web import auth
+from web.context import close_db
+from web.errors import register_error_handlers
+from web.schemas.common import ErrorSchema
+from worker.celery_app import create_celery_app
+
+BLUEPRINT_MODULES = ("health", "me", "admin_users")
+
+# Bodies other than uploads are small; anything beyond this is refused with 413 early.
+REQUEST_OVERHEAD_BYTES = 64 * 1024
+
+
+class TollgateApi(Api):
+    ERROR_SCHEMA = ErrorSchema
+
+
+def create_app(settings: Settings | None = None, *, celery_app=None) -> Flask:
+    settings = settings or Settings.from_env()
+    app = Flask(__name__)
+    app.config.update(
+        API_TITLE="Tollgate",
+        API_VERSION="v1",
+        OPENAPI_VERSION="3.0.3",
+        OPENAPI_URL_PREFIX="/api",
+        OPENAPI_JSON_PATH="v1/openapi.json",
+        OPENAPI_SWAGGER_UI_PATH="docs",
+        OPENAPI_SWAGGER_UI_URL="https://cdn.jsdelivr.net/npm/swagger-ui-dist/",
+        MAX_CONTENT_LENGTH=settings.max_upload_bytes + REQUEST_OVERHEAD_BYTES,
+        JSON_SORT_KEYS=False,
+    )
+    app.extensions["tollgate"] = Runtime(settings, role="web")
+    app.extensions["celery"] = celery_app or create_celery_app(settings, role="web")
+
+    api = TollgateApi(app)
+    auth_doc = auth.AuthDocPlugin()
+    auth_doc.init_spec(api.spec)
+    api.spec.plugins.append(auth_doc)
+    api.spec.components.security_scheme(
+        "bearerAuth", {"type": "http", "scheme": "bearer", "description": "API key"}
+    )
+    for name in ("Unauthorized", "Forbidden"):
+        api.spec.components.response(
+            name, {"description": name, "content": {"application/json": {"schema": "Error"}}}
+        )
+    from importlib import import_module
+
+    for module in BLUEPRINT_MODULES:
+        api.register_blueprint(import_module(f"web.api.{module}").blp)
+
+    register_error_handlers(app)
+    app.before_request(_bind_request_id)
+    app.before_request(auth.authenticate_request)
+    app.after_request(_echo_request_id)
+    app.teardown_appcontext(close_db)
+    return app
+
+
+def _bind_request_id() -> None:
+    incoming = request.headers.get("X-Request-ID", "")
+    g.request_id = incoming if 0 < len(incoming) <= 64 and incoming.isprintable() else uuid.uuid4().hex
+    request_id_var.set(g.request_id)
+
+
+def _echo_request_id(response):
+    response.headers["X-Request-ID"] = g.get("request_id", "")
+    return response

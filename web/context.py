@@ -1,0 +1,34 @@
+"""Per-request access to the process runtime, the DB session and the caller."""
+
+from __future__ import annotations
+
+from flask import current_app, g, request
+from sqlalchemy.orm import Session
+
+from shared.models import User
+from shared.runtime import Runtime
+
+
+def runtime() -> Runtime:
+    return current_app.extensions["tollgate"]
+
+
+def db() -> Session:
+    if "db_session" not in g:
+        g.db_session = runtime().db.sessionmaker()
+    return g.db_session
+
+
+def close_db(_exc: BaseException | None = None) -> None:
+    session = g.pop("db_session", None)
+    if session is not None:
+        session.close()
+
+
+def current_user() -> User:
+    return g.current_user
+
+
+def idempotency_key() -> str | None:
+    value = request.headers.get("Idempotency-Key")
+    return value.strip() if value and value.strip() else None

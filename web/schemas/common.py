@@ -1,0 +1,43 @@
+"""Base schema and shared fields."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+from marshmallow import RAISE, Schema, fields
+
+from shared.db import MONEY_QUANT
+
+
+class BaseSchema(Schema):
+    """Every schema rejects unknown fields."""
+
+    class Meta:
+        unknown = RAISE
+        ordered = True
+
+
+class Money(fields.Decimal):
+    """A decimal string with exactly 6 places, never a float."""
+
+    def __init__(self, **kwargs):
+        super().__init__(places=6, as_string=True, allow_nan=False, **kwargs)
+
+    def _serialize(self, value, attr, obj, **kwargs):
+        if value is None:
+            return None
+        return format(Decimal(value).quantize(MONEY_QUANT), "f")
+
+
+class ErrorSchema(BaseSchema):
+    code = fields.Integer(required=True)
+    status = fields.String(required=True)
+    message = fields.String(required=True)
+    error = fields.String(required=True, metadata={"description": "Stable snake_case machine code"})
+    errors = fields.Dict(metadata={"description": "Per-location, per-field validation messages"})
+
+    class Meta:
+        unknown = RAISE
+        ordered = True
+        # Errors may carry extra detail fields (balance, required, ...).
+        additional_properties = True

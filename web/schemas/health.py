@@ -1,0 +1,20 @@
+from marshmallow import fields
+
+from web.schemas.common import BaseSchema
+
+
+class LivenessSchema(BaseSchema):
+    status = fields.String(required=True)
+
+
+class ReadinessQuerySchema(BaseSchema):
+    worker = fields.Boolean(
+        load_default=False, metadata={"description": "Also round-trip a ping task through a worker"}
+    )
+
+
+class ReadinessSchema(BaseSchema):
+    status = fields.String(required=True, metadata={"description": "ok | unavailable"})
+    version = fields.String(required=True)
+    checks = fields.Dict(keys=fields.String(), values=fields.Dict(), required=True)
+    down = fields.List(fields.String(), required=True)

@@ -1,0 +1,50 @@
+from marshmallow import fields, validate
+
+from web.schemas.common import BaseSchema, Money
+
+
+class WalletSummarySchema(BaseSchema):
+    balance = Money(required=True)
+    held = Money(required=True)
+    available = Money(required=True)
+    low_balance = fields.Boolean(required=True)
+
+
+class UserSchema(BaseSchema):
+    id = fields.String(required=True)
+    email = fields.String(required=True)
+    role = fields.String(required=True)
+    created_at = fields.DateTime(required=True)
+
+
+class MeSchema(UserSchema):
+    wallet = fields.Nested(WalletSummarySchema, required=True)
+
+
+class UserCreateSchema(BaseSchema):
+    email = fields.String(required=True, validate=validate.Length(min=3, max=320))
+    role = fields.String(load_default="user", validate=validate.OneOf(["user", "admin"]))
+
+
+class ApiKeySchema(BaseSchema):
+    id = fields.String(required=True)
+    user_id = fields.String(required=True)
+    prefix = fields.String(required=True)
+    name = fields.String(allow_none=True)
+    created_at = fields.DateTime(required=True)
+    revoked_at = fields.DateTime(allow_none=True)
+
+
+class ApiKeyCreateSchema(BaseSchema):
+    name = fields.String(load_default=None, allow_none=True, validate=validate.Length(max=200))
+
+
+class IssuedKeySchema(BaseSchema):
+    api_key = fields.String(required=True, metadata={"description": "Shown once; store it now"})
+    key = fields.Nested(ApiKeySchema, required=True)
+
+
+class UserCreatedSchema(BaseSchema):
+    user = fields.Nested(UserSchema, required=True)
+    api_key = fields.String(required=True, metadata={"description": "Shown once; store it now"})
+    key = fields.Nested(ApiKeySchema, required=True)

@@ -1,0 +1,85 @@
+"""The Celery app: queues by purpose, routing, reliability settings, beat schedule.
+
+``create_celery_app(settings)`` builds a configured app; ``worker/main.py`` is
+the process entry point that calls it for the ``celery`` command line.
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+from celery.signals import worker_process_init
+from kombu import Queue
+
+from shared.runtime import Runtime
+from shared.settings import Settings
+
+QUEUES = ("turns", "summaries", "files")
+
+TASK_ROUTES = {
+    "tollgate.run_turn": {"queue": "turns"},
+    "tollgate.refresh_summary": {"queue": "summaries"},
+    "tollgate.ingest_file": {"queue": "files"},
+    "tollgate.expire_holds": {"queue": "turns"},
+    "tollgate.recover_stuck_turns": {"queue": "turns"},
+}
+
+TASK_MODULES = ["worker.tasks.system"]
+
+
+def _broker_options(settings: Settings) -> dict:
+    if settings.broker_url.startswith("filesystem"):
+        folder = settings.broker_folder
+        for sub in ("queue", "processed"):
+            (folder / sub).mkdir(parents=True, exist_ok=True)
+        return {
+            "data_folder_in": str(folder / "queue"),
+            "data_folder_out": str(folder / "queue"),
+            "data_folder_processed": str(folder / "processed"),
+            "store_processed": False,
+        }
+    # Redis redelivers an unacknowledged task after this long; a worker killed
+    # mid-turn is also caught sooner by the recover_stuck_turns beat job.
+    return {"visibility_timeout": 3600}
+
+
+def create_celery_app(settings: Settings | None = None, *, role: str = "worker") -> Celery:
+    settings = settings or Settings.from_env()
+    app = Celery("tollgate", include=TASK_MODULES)
+    app.conf.update(
+        broker_url=settings.broker_url,
+        result_backend=settings.result_backend,
+        broker_transport_options=_broker_options(settings),
+        broker_connection_retry_on_startup=True,
+        task_queues=[Queue(name) for name in QUEUES],
+        task_default_queue="turns",
+        task_routes=TASK_ROUTES,
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        # A task is acknowledged only when it finished, and a worker that dies
+        # mid-task gives it back: tasks are idempotent, so redelivery is safe.
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_soft_time_limit=240,
+        task_time_limit=300,
+        result_expires=24 * 3600,
+        worker_hijack_root_logger=False,
+        worker_send_task_events=False,
+        task_track_started=False,
+        enable_utc=True,
+        beat_schedule={},
+    )
+    if settings.result_backend.startswith("db+sqlite"):
+        settings.var_dir.mkdir(parents=True, exist_ok=True)
+    app.tollgate = Runtime(settings, role=role)  # type: ignore[attr-defined]
+    return app
+
+
+@worker_process_init.connect
+def _reset_connections(**_kwargs) -> None:
+    from celery import current_app
+
+    runtime = getattr(current_app, "tollgate", None)
+    if runtime is not None:
+        runtime.reset_after_fork()

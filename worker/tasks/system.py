@@ -1,0 +1,7 @@
+from celery import shared_task
+
+
+@shared_task(name="tollgate.ping", acks_late=False)
+def ping() -> str:
+    """Round-trip check used by readiness probes and tests."""
+    return "pong"
