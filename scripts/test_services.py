@@ -56,9 +56,7 @@ def apt_install(*packages: str) -> None:
     say(f"installing {' '.join(packages)} with apt-get")
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     subprocess.run(["apt-get", "update", "-qq"], check=True, env=env, stdout=sys.stderr)
-    subprocess.run(
-        ["apt-get", "install", "-y", "-qq", *packages], check=True, env=env, stdout=sys.stderr
-    )
+    subprocess.run(["apt-get", "install", "-y", "-qq", *packages], check=True, env=env, stdout=sys.stderr)
 
 
 def postgres_bin() -> Path:
@@ -97,8 +95,14 @@ def start_private_postgres() -> str:
     run_as(
         user,
         [
-            str(bindir / "pg_ctl"), "-D", str(data), "-l", str(data / "server.log"), "-w",
-            "-o", f"-p {PRIVATE_PG_PORT} -c listen_addresses=127.0.0.1 -k {data} "
+            str(bindir / "pg_ctl"),
+            "-D",
+            str(data),
+            "-l",
+            str(data / "server.log"),
+            "-w",
+            "-o",
+            f"-p {PRIVATE_PG_PORT} -c listen_addresses=127.0.0.1 -k {data} "
             "-c fsync=off -c max_connections=200",
             "start",
         ],
@@ -120,9 +124,21 @@ def start_private_redis() -> str:
     say(f"starting private redis on 127.0.0.1:{PRIVATE_REDIS_PORT}")
     subprocess.run(
         [
-            server, "--port", str(PRIVATE_REDIS_PORT), "--bind", "127.0.0.1", "--daemonize", "yes",
-            "--save", "", "--appendonly", "no", "--dir", str(STATE),
-            "--logfile", str(STATE / "redis.log"),
+            server,
+            "--port",
+            str(PRIVATE_REDIS_PORT),
+            "--bind",
+            "127.0.0.1",
+            "--daemonize",
+            "yes",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(STATE),
+            "--logfile",
+            str(STATE / "redis.log"),
         ],
         check=True,
     )

@@ -109,9 +109,7 @@ def make_engine(url: str, *, pooled: bool = False) -> Engine:
     if engine.dialect.name == "sqlite":
         event.listen(engine, "connect", _sqlite_pragmas)
         # Let us issue BEGIN ourselves (pysqlite's implicit BEGIN is deferred).
-        event.listen(
-            engine, "connect", lambda dbapi_conn, _rec: setattr(dbapi_conn, "isolation_level", None)
-        )
+        event.listen(engine, "connect", lambda dbapi_conn, _rec: setattr(dbapi_conn, "isolation_level", None))
         event.listen(engine, "begin", _sqlite_begin_immediate)
     return engine
 

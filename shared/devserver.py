@@ -57,14 +57,36 @@ def run_dev(settings: Settings, *, port: int = 8000) -> int:
     env = dict(os.environ, TOLLGATE_VAR_DIR=str(settings.var_dir))
     bin_dir = os.path.dirname(sys.executable)
     worker = subprocess.Popen(
-        [os.path.join(bin_dir, "celery"), "-A", "worker.main", "worker", "-B",
-         "-Q", "turns,summaries,files", "-c", "2", "--loglevel", "INFO",
-         "-s", str(settings.var_dir / "celerybeat-schedule")],
+        [
+            os.path.join(bin_dir, "celery"),
+            "-A",
+            "worker.main",
+            "worker",
+            "-B",
+            "-Q",
+            "turns,summaries,files",
+            "-c",
+            "2",
+            "--loglevel",
+            "INFO",
+            "-s",
+            str(settings.var_dir / "celerybeat-schedule"),
+        ],
         env=env,
     )
     web = subprocess.Popen(
-        [os.path.join(bin_dir, "gunicorn"), "web.wsgi:app", "-b", f"127.0.0.1:{port}",
-         "-w", "1", "--threads", "8", "--timeout", "120"],
+        [
+            os.path.join(bin_dir, "gunicorn"),
+            "web.wsgi:app",
+            "-b",
+            f"127.0.0.1:{port}",
+            "-w",
+            "1",
+            "--threads",
+            "8",
+            "--timeout",
+            "120",
+        ],
         env=env,
     )
     base = f"http://127.0.0.1:{port}/api/v1"

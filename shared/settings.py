@@ -111,9 +111,7 @@ class Settings:
             billing_enforcement_enabled=_bool(
                 env.get("BILLING_ENFORCEMENT_ENABLED", "false"), "BILLING_ENFORCEMENT_ENABLED"
             ),
-            low_balance_threshold=_decimal(
-                env.get("LOW_BALANCE_THRESHOLD", "1.00"), "LOW_BALANCE_THRESHOLD"
-            ),
+            low_balance_threshold=_decimal(env.get("LOW_BALANCE_THRESHOLD", "1.00"), "LOW_BALANCE_THRESHOLD"),
             model_provider=provider,
             openai_base_url=env.get("OPENAI_BASE_URL") or None,
             openai_api_key=env.get("OPENAI_API_KEY") or None,

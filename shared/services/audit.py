@@ -33,6 +33,4 @@ def record(
 
 def list_events(session: Session):
     """Newest first, as a select the caller paginates."""
-    return select(AdminAuditEvent).order_by(
-        AdminAuditEvent.created_at.desc(), AdminAuditEvent.id.desc()
-    )
+    return select(AdminAuditEvent).order_by(AdminAuditEvent.created_at.desc(), AdminAuditEvent.id.desc())

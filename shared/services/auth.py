@@ -74,7 +74,11 @@ def create_user(
     issued = _issue_key(session, user, name="initial")
     if actor_id:
         audit.record(
-            session, actor_id, "user.create", target_type="user", target_id=user.id,
+            session,
+            actor_id,
+            "user.create",
+            target_type="user",
+            target_id=user.id,
             details={"email": email, "role": role},
         )
     try:
@@ -93,7 +97,11 @@ def issue_api_key(session: Session, actor_id: str, user_id: str, name: str | Non
     issued = _issue_key(session, user, name)
     session.flush()
     audit.record(
-        session, actor_id, "api_key.create", target_type="api_key", target_id=issued.api_key.id,
+        session,
+        actor_id,
+        "api_key.create",
+        target_type="api_key",
+        target_id=issued.api_key.id,
         details={"user_id": user.id},
     )
     session.commit()
@@ -111,7 +119,11 @@ def revoke_api_key(session: Session, actor_id: str, key_id: str) -> ApiKey:
     if key.revoked_at is None:
         key.revoked_at = utcnow()
         audit.record(
-            session, actor_id, "api_key.revoke", target_type="api_key", target_id=key.id,
+            session,
+            actor_id,
+            "api_key.revoke",
+            target_type="api_key",
+            target_id=key.id,
             details={"user_id": key.user_id},
         )
         session.commit()

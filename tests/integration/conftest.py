@@ -66,9 +66,7 @@ def new_pg_database(pg_server_url):
     yield make
     with psycopg.connect(pg_server_url, autocommit=True) as conn:
         for name in created:
-            conn.execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,)
-            )
+            conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,))
             conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
 
 
@@ -178,9 +176,18 @@ class WorkerProcess:
         self.log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(
             [
-                str(Path(sys.executable).parent / "celery"), "-A", "worker.main", "worker",
-                "-Q", "turns,summaries,files", "--concurrency", str(self.concurrency),
-                "--loglevel", "INFO", "-n", f"test-{uuid.uuid4().hex[:6]}@%h",
+                str(Path(sys.executable).parent / "celery"),
+                "-A",
+                "worker.main",
+                "worker",
+                "-Q",
+                "turns,summaries,files",
+                "--concurrency",
+                str(self.concurrency),
+                "--loglevel",
+                "INFO",
+                "-n",
+                f"test-{uuid.uuid4().hex[:6]}@%h",
             ],
             cwd=ROOT,
             env=self.env,

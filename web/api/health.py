@@ -25,7 +25,5 @@ class Ready(MethodView):
     @blp.alt_response(503, schema=ErrorSchema, description="Not ready (`not_ready`); `down` names what is")
     def get(self, query):
         """Readiness: database, migrations at the code's head, Redis, broker"""
-        result = health.readiness(
-            runtime(), current_app.extensions["celery"], check_worker=query["worker"]
-        )
+        result = health.readiness(runtime(), current_app.extensions["celery"], check_worker=query["worker"])
         return {"status": "ok", "version": result.version, "checks": result.checks, "down": []}
