@@ -24,7 +24,7 @@ def upgrade() -> None:
         sa.Column("actor_id", sa.String(length=36), nullable=False),
         sa.Column("action", sa.String(length=64), nullable=False),
         sa.Column("target_type", sa.String(length=32), nullable=True),
-        sa.Column("target_id", sa.String(length=200), nullable=True),
+        sa.Column("target", sa.String(length=200), nullable=True),
         sa.Column("details", sa.JSON(), nullable=False),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_admin_audit_events")),

@@ -16,7 +16,8 @@ class AdminAuditEvent(Base):
     actor_id: Mapped[str] = mapped_column(IdColumn(), index=True)
     action: Mapped[str] = mapped_column(String(64))
     target_type: Mapped[str | None] = mapped_column(String(32))
-    target_id: Mapped[str | None] = mapped_column(String(200))
+    # An id, or a model name for price changes: not an id column.
+    target: Mapped[str | None] = mapped_column(String(200))
     details: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, index=True)
 

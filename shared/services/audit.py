@@ -17,14 +17,14 @@ def record(
     action: str,
     *,
     target_type: str | None = None,
-    target_id: str | None = None,
+    target: str | None = None,
     details: dict[str, Any] | None = None,
 ) -> AdminAuditEvent:
     event = AdminAuditEvent(
         actor_id=actor_id,
         action=action,
         target_type=target_type,
-        target_id=target_id,
+        target=target,
         details=details or {},
     )
     session.add(event)

@@ -20,6 +20,7 @@ from shared.db import utcnow
 from shared.errors import Conflict, InvalidInput, NotFound, Unauthorized
 from shared.models import ApiKey, User, Wallet
 from shared.models.users import ROLES
+from shared.pagination import Listing
 from shared.services import audit
 
 KEY_PREFIX = "tg_"
@@ -67,21 +68,21 @@ def create_user(
         raise InvalidInput(f"role must be one of {', '.join(ROLES)}.", error="invalid_role")
     if session.scalar(select(User.id).where(User.email == email)):
         raise Conflict("A user with this email already exists.", error="email_taken")
-    user = User(email=email, role=role)
-    session.add(user)
-    session.flush()
-    session.add(Wallet(user_id=user.id, balance=Decimal("0"), held=Decimal("0")))
-    issued = _issue_key(session, user, name="initial")
-    if actor_id:
-        audit.record(
-            session,
-            actor_id,
-            "user.create",
-            target_type="user",
-            target_id=user.id,
-            details={"email": email, "role": role},
-        )
     try:
+        user = User(email=email, role=role)
+        session.add(user)
+        session.flush()
+        session.add(Wallet(user_id=user.id, balance=Decimal("0"), held=Decimal("0")))
+        issued = _issue_key(session, user, name="initial")
+        if actor_id:
+            audit.record(
+                session,
+                actor_id,
+                "user.create",
+                target_type="user",
+                target=user.id,
+                details={"email": email, "role": role},
+            )
         session.commit()
     except IntegrityError as exc:  # a concurrent create of the same email won the race
         session.rollback()
@@ -101,7 +102,7 @@ def issue_api_key(session: Session, actor_id: str, user_id: str, name: str | Non
         actor_id,
         "api_key.create",
         target_type="api_key",
-        target_id=issued.api_key.id,
+        target=issued.api_key.id,
         details={"user_id": user.id},
     )
     session.commit()
@@ -123,7 +124,7 @@ def revoke_api_key(session: Session, actor_id: str, key_id: str) -> ApiKey:
             actor_id,
             "api_key.revoke",
             target_type="api_key",
-            target_id=key.id,
+            target=key.id,
             details={"user_id": key.user_id},
         )
         session.commit()
@@ -147,8 +148,8 @@ def authenticate(session: Session, secret: str | None) -> User:
     return row[0]
 
 
-def list_users(session: Session):
-    return select(User).order_by(User.created_at, User.id)
+def list_users(session: Session) -> Listing:
+    return Listing(session, select(User).order_by(User.created_at, User.id))
 
 
 def list_keys(session: Session, user_id: str) -> list[ApiKey]:
