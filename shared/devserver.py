@@ -100,6 +100,12 @@ def run_dev(settings: Settings, *, port: int = 8000) -> int:
         flush=True,
     )
     children = [worker, web]
+
+    def _stop(_signum, _frame):
+        raise KeyboardInterrupt
+
+    # Stopping `tollgate dev` with SIGTERM must stop its children too, not orphan them.
+    signal.signal(signal.SIGTERM, _stop)
     try:
         while all(child.poll() is None for child in children):
             time.sleep(0.5)
