@@ -104,22 +104,25 @@ def _sqlite_begin_immediate(conn) -> None:
     conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
-def make_engine(url: str, *, pooled: bool = False) -> Engine:
+def make_engine(url: str, *, pooled: bool = False, sqlite_immediate: bool = True) -> Engine:
+    """``sqlite_immediate=False`` is for read-mostly observers (tests) that must not
+    take SQLite's write lock with every transaction."""
     engine = create_engine(url, **_engine_kwargs(url, pooled))
     if engine.dialect.name == "sqlite":
         event.listen(engine, "connect", _sqlite_pragmas)
         # Let us issue BEGIN ourselves (pysqlite's implicit BEGIN is deferred).
         event.listen(engine, "connect", lambda dbapi_conn, _rec: setattr(dbapi_conn, "isolation_level", None))
-        event.listen(engine, "begin", _sqlite_begin_immediate)
+        if sqlite_immediate:
+            event.listen(engine, "begin", _sqlite_begin_immediate)
     return engine
 
 
 class Database:
     """The engine and session factory of one process."""
 
-    def __init__(self, url: str, *, pooled: bool = False) -> None:
+    def __init__(self, url: str, *, pooled: bool = False, sqlite_immediate: bool = True) -> None:
         self.url = url
-        self.engine = make_engine(url, pooled=pooled)
+        self.engine = make_engine(url, pooled=pooled, sqlite_immediate=sqlite_immediate)
         self.sessionmaker = sessionmaker(self.engine, expire_on_commit=False)
 
     @classmethod

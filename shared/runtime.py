@@ -25,6 +25,7 @@ class Runtime:
         self.role = role
         self._lock = threading.Lock()
         self._db: Database | None = None
+        self._components: dict[str, object] = {}
 
     @property
     def db(self) -> Database:
@@ -49,6 +50,13 @@ class Runtime:
             socket_connect_timeout=REDIS_SOCKET_TIMEOUT,
             health_check_interval=30,
         )
+
+    def component(self, name: str, factory):
+        """A per-process singleton (provider, tool registry), built on first use."""
+        with self._lock:
+            if name not in self._components:
+                self._components[name] = factory(self.settings)
+            return self._components[name]
 
     def reset_after_fork(self) -> None:
         """Drop connections inherited from a parent process."""

@@ -85,6 +85,9 @@ class Settings:
     max_upload_bytes: int = 10 * 1024 * 1024
     max_turn_chars: int = 32_000
     hold_ttl_seconds: int = 900
+    # A turn running longer than this is presumed dead (above the task's hard time limit).
+    turn_stale_seconds: int = 360
+    turn_retry_base_seconds: float = 2.0
     var_dir: Path = DEFAULT_VAR_DIR
     log_level: str = "INFO"
     code_version: str = "dev"
@@ -119,6 +122,10 @@ class Settings:
             turn_wait_seconds=float(_decimal(env.get("TURN_WAIT_SECONDS", "30"), "TURN_WAIT_SECONDS")),
             max_upload_bytes=_int(env.get("MAX_UPLOAD_BYTES", str(10 * 1024 * 1024)), "MAX_UPLOAD_BYTES"),
             hold_ttl_seconds=_int(env.get("HOLD_TTL_SECONDS", "900"), "HOLD_TTL_SECONDS"),
+            turn_stale_seconds=_int(env.get("TURN_STALE_SECONDS", "360"), "TURN_STALE_SECONDS"),
+            turn_retry_base_seconds=float(
+                _decimal(env.get("TURN_RETRY_BASE_SECONDS", "2"), "TURN_RETRY_BASE_SECONDS")
+            ),
             var_dir=var_dir,
             log_level=env.get("LOG_LEVEL", "INFO").upper(),
             code_version=env.get("TOLLGATE_VERSION") or env.get("SOURCE_VERSION") or _code_version(),

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 
 import shared.models  # noqa: F401 - registers tables
-from shared.db import Base
+from shared.db import Base, Database
 from shared.settings import Settings
 from tests.factories import Actor, make_actor
 from web.app import create_app
@@ -40,8 +40,12 @@ def client(app):
 
 @pytest.fixture
 def db(app):
-    with app.extensions["tollgate"].db.session() as session:
+    """A session for the test itself. Deferred BEGIN: its reads must not hold SQLite's
+    write lock against the requests the test makes."""
+    database = Database(app.extensions["tollgate"].settings.database_url, sqlite_immediate=False)
+    with database.session() as session:
         yield session
+    database.dispose()
 
 
 @pytest.fixture

@@ -20,10 +20,11 @@ TASK_ROUTES = {
     "tollgate.refresh_summary": {"queue": "summaries"},
     "tollgate.ingest_file": {"queue": "files"},
     "tollgate.expire_holds": {"queue": "turns"},
+    "tollgate.sync_enforcement": {"queue": "turns"},
     "tollgate.recover_stuck_turns": {"queue": "turns"},
 }
 
-TASK_MODULES = ["worker.tasks.system"]
+TASK_MODULES = ["worker.tasks.system", "worker.tasks.turns", "worker.tasks.billing"]
 
 
 def _broker_options(settings: Settings) -> dict:
@@ -68,7 +69,11 @@ def create_celery_app(settings: Settings | None = None, *, role: str = "worker")
         worker_send_task_events=False,
         task_track_started=False,
         enable_utc=True,
-        beat_schedule={},
+        beat_schedule={
+            "recover-stuck-turns": {"task": "tollgate.recover_stuck_turns", "schedule": 30.0},
+            "expire-holds": {"task": "tollgate.expire_holds", "schedule": 60.0},
+            "sync-enforcement": {"task": "tollgate.sync_enforcement", "schedule": 60.0},
+        },
     )
     if settings.result_backend.startswith("db+sqlite"):
         settings.var_dir.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,44 @@
+"""Model providers behind one interface (design §3 "Providers").
+
+``build_provider(settings)`` returns the configured one; the turn pipeline only
+sees ``Provider.complete()``, ``Completion``, ``ToolCall`` and the two
+``ProviderError`` kinds.
+"""
+
+from shared.providers.base import (
+    Completion,
+    Provider,
+    ProviderError,
+    ProviderPermanentError,
+    ProviderTransientError,
+    ToolCall,
+    build_provider,
+)
+from shared.providers.offline import (
+    ROOM_FILES_PREFIX,
+    SUMMARY_INSTRUCTION_PREFIX,
+    OfflineProvider,
+    extract_search_query,
+    room_files_line,
+)
+from shared.providers.openai import OpenAIProvider
+from shared.providers.tokens import count_message_tokens, count_tokens, count_tool_schema_tokens
+
+__all__ = [
+    "ROOM_FILES_PREFIX",
+    "SUMMARY_INSTRUCTION_PREFIX",
+    "Completion",
+    "OfflineProvider",
+    "OpenAIProvider",
+    "Provider",
+    "ProviderError",
+    "ProviderPermanentError",
+    "ProviderTransientError",
+    "ToolCall",
+    "build_provider",
+    "count_message_tokens",
+    "count_tokens",
+    "count_tool_schema_tokens",
+    "extract_search_query",
+    "room_files_line",
+]

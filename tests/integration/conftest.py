@@ -225,7 +225,9 @@ class WorkerProcess:
 @pytest.fixture(scope="session")
 def live_worker(pg_settings, tmp_path_factory):
     """One Celery worker process for the session, on the session's Postgres and Redis."""
-    worker = WorkerProcess(pg_settings, tmp_path_factory.mktemp("worker") / "worker.log")
+    worker = WorkerProcess(
+        pg_settings, tmp_path_factory.mktemp("worker") / "worker.log", TURN_RETRY_BASE_SECONDS="0.2"
+    )
     worker.start()
     yield worker
     worker.stop()

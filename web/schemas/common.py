@@ -41,3 +41,15 @@ class ErrorSchema(BaseSchema):
         ordered = True
         # Errors may carry extra detail fields (balance, required, ...).
         additional_properties = True
+
+
+class StrictInteger(fields.Integer):
+    """An integer that refuses strings, floats and booleans (``true`` is not ``1``)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(strict=True, **kwargs)
+
+    def _validated(self, value):
+        if isinstance(value, bool):
+            raise self.make_error("invalid", input=value)
+        return super()._validated(value)

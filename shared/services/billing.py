@@ -1,0 +1,504 @@
+"""The ledger's one writer: grants, holds, captures, releases, expiries, debits, usage rollups.
+
+Ledger policy (design §4): every write that moves credit runs in one
+transaction that locks the wallet row (``SELECT … FOR UPDATE`` on Postgres;
+SQLite serialises writers with ``BEGIN IMMEDIATE``), appends a ledger entry
+with the resulting ``balance_after`` and updates the wallet. Entries are never
+updated or deleted, so ``wallet.balance == sum(entries.amount)`` and
+``wallet.held == sum(active holds)`` hold at every commit
+(``tollgate ledger-check``).
+
+Every entry carries a unique ``idempotency_key``; the per-turn keys are
+``turn:{turn_id}:hold|capture|release|expiry|debit``, grants use
+``grant:{Idempotency-Key}`` and summaries ``summary:{session_id}:{through_seq}``.
+The key is the last line of defence against double billing: each function
+checks state under the wallet lock first.
+
+Lock order: (turn row, held by the caller) → wallet → hold. Hold rows are only
+changed under their wallet's lock.
+
+Functions documented "does not commit" join the caller's open transaction.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+
+from sqlalchemy import select
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from shared.db import MONEY_QUANT, new_id, utcnow
+from shared.errors import IdempotencyConflict, InsufficientBalance, InvalidInput, NotFound
+from shared.models import Hold, LedgerEntry, UsageRollup, User, Wallet
+from shared.pagination import Listing
+from shared.services import audit, pricing
+
+log = logging.getLogger(__name__)
+
+SYSTEM = "system"
+MAX_CLIENT_KEY_LENGTH = 200  # leaves room for the "grant:" namespace in the 255-char column
+ZERO = Decimal("0")
+
+
+def money_str(value: Decimal) -> str:
+    return format(Decimal(value).quantize(MONEY_QUANT), "f")
+
+
+def _q(value: Decimal) -> Decimal:
+    return Decimal(value).quantize(MONEY_QUANT)
+
+
+# -- locking and appending -----------------------------------------------------------------
+
+
+def _lock_wallet(session: Session, *, user_id: str | None = None, wallet_id: str | None = None) -> Wallet:
+    """The wallet row, locked for the rest of the transaction and freshly read.
+
+    ``populate_existing`` matters: without it a wallet already in the session's
+    identity map would keep the balance read before the lock was taken.
+
+    :raises NotFound: no such wallet.
+    """
+    statement = select(Wallet).with_for_update().execution_options(populate_existing=True)
+    if wallet_id is not None:
+        statement = statement.where(Wallet.id == wallet_id)
+    else:
+        statement = statement.where(Wallet.user_id == user_id)
+    wallet = session.scalar(statement)
+    if wallet is None:
+        raise NotFound("No wallet for this user.")
+    return wallet
+
+
+def _fresh_hold(session: Session, turn_id: str) -> Hold | None:
+    return session.scalar(
+        select(Hold).where(Hold.turn_id == turn_id).execution_options(populate_existing=True)
+    )
+
+
+def _entry_by_key(session: Session, *keys: str) -> LedgerEntry | None:
+    return session.scalar(
+        select(LedgerEntry)
+        .where(LedgerEntry.idempotency_key.in_(keys))
+        .execution_options(populate_existing=True)
+        .limit(1)
+    )
+
+
+def _append(
+    session: Session,
+    wallet: Wallet,
+    *,
+    kind: str,
+    key: str,
+    amount: Decimal = ZERO,
+    held_delta: Decimal = ZERO,
+    initiated_by: str = SYSTEM,
+    turn_id: str | None = None,
+    hold_id: str | None = None,
+    reason: str | None = None,
+    now: datetime | None = None,
+) -> LedgerEntry:
+    """Move the wallet and write the entry that explains the move (caller holds the lock)."""
+    now = now or utcnow()
+    wallet.balance = _q(wallet.balance + amount)
+    wallet.held = _q(wallet.held + held_delta)
+    wallet.updated_at = now
+    entry = LedgerEntry(
+        id=new_id(),
+        wallet_id=wallet.id,
+        user_id=wallet.user_id,
+        kind=kind,
+        amount=_q(amount),
+        held_delta=_q(held_delta),
+        balance_after=wallet.balance,
+        turn_id=turn_id,
+        hold_id=hold_id,
+        idempotency_key=key,
+        initiated_by=initiated_by,
+        reason=reason[:500] if reason else None,
+        created_at=now,
+    )
+    session.add(entry)
+    return entry
+
+
+def _turn_key(turn_id: str, kind: str) -> str:
+    return f"turn:{turn_id}:{kind}"
+
+
+def _hour(at: datetime) -> datetime:
+    return at.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
+
+
+def _add_usage(
+    session: Session,
+    *,
+    user_id: str,
+    model: str,
+    at: datetime,
+    turns: int,
+    input_tokens: int,
+    output_tokens: int,
+    cost: Decimal,
+) -> None:
+    """Upsert the (user, model, UTC hour) rollup in the caller's transaction."""
+    insert = pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
+    statement = insert(UsageRollup).values(
+        id=new_id(),
+        user_id=user_id,
+        model=model,
+        hour_start=_hour(at),
+        turns=turns,
+        input_tokens=input_tokens,
+        output_tokens=output_tokens,
+        cost=_q(cost),
+    )
+    statement = statement.on_conflict_do_update(
+        index_elements=["user_id", "model", "hour_start"],
+        set_={
+            "turns": UsageRollup.turns + statement.excluded.turns,
+            "input_tokens": UsageRollup.input_tokens + statement.excluded.input_tokens,
+            "output_tokens": UsageRollup.output_tokens + statement.excluded.output_tokens,
+            "cost": UsageRollup.cost + statement.excluded.cost,
+        },
+    )
+    session.execute(statement)
+
+
+# -- holds and turn settlement (join the caller's transaction) ----------------------------
+
+
+def place_hold(session: Session, *, user_id: str, turn_id: str, amount: Decimal, ttl_seconds: int) -> Hold:
+    """Reserve ``amount`` for a turn, expiring after ``ttl_seconds``. Does not commit.
+
+    Placing a hold for a turn that already has one returns the existing hold.
+
+    :raises InsufficientBalance: ``available`` (balance − active holds) is below ``amount``;
+        details ``balance``, ``available``, ``required`` as money strings.
+    :raises NotFound: the user has no wallet.
+    """
+    amount = _q(amount)
+    if amount < 0:
+        raise ValueError("a hold amount cannot be negative")
+    wallet = _lock_wallet(session, user_id=user_id)
+    existing = _fresh_hold(session, turn_id)
+    if existing is not None:
+        return existing
+    if wallet.available < amount:
+        raise InsufficientBalance(
+            balance=money_str(wallet.balance),
+            available=money_str(wallet.available),
+            required=money_str(amount),
+        )
+    now = utcnow()
+    hold = Hold(
+        id=new_id(),
+        wallet_id=wallet.id,
+        turn_id=turn_id,
+        amount=amount,
+        status="active",
+        expires_at=now + timedelta(seconds=ttl_seconds),
+        created_at=now,
+    )
+    session.add(hold)
+    _append(
+        session,
+        wallet,
+        kind="hold",
+        key=_turn_key(turn_id, "hold"),
+        held_delta=amount,
+        turn_id=turn_id,
+        hold_id=hold.id,
+        now=now,
+    )
+    session.flush()
+    return hold
+
+
+def settle_turn(
+    session: Session,
+    *,
+    user_id: str,
+    turn_id: str,
+    model: str,
+    cost: Decimal,
+    input_tokens: int,
+    output_tokens: int,
+    at: datetime,
+) -> Decimal:
+    """Bill a finished turn and add it to the usage rollups. Does not commit. Returns ``balance_after``.
+
+    With an active hold: capture ``min(cost, hold)`` and release the rest (the
+    hold becomes ``captured``). Without one (enforcement off, or the hold was
+    already released/expired): a plain ``debit`` of ``cost``, which may take
+    the balance below zero. A second call for the same turn writes nothing and
+    returns the first ``balance_after``.
+    """
+    capture_key, debit_key = _turn_key(turn_id, "capture"), _turn_key(turn_id, "debit")
+    wallet = _lock_wallet(session, user_id=user_id)
+    # Checked under the lock: a concurrent settle of the same turn has committed by now.
+    done = _entry_by_key(session, capture_key, debit_key)
+    if done is not None:
+        return done.balance_after
+    cost = _q(cost)
+    if cost < 0:
+        raise ValueError("a turn cost cannot be negative")
+    now = utcnow()
+    hold = _fresh_hold(session, turn_id)
+    if hold is not None and hold.status == "active":
+        charged = min(cost, hold.amount)
+        entry = _append(
+            session,
+            wallet,
+            kind="capture",
+            key=capture_key,
+            amount=-charged,
+            held_delta=-charged,
+            turn_id=turn_id,
+            hold_id=hold.id,
+            now=now,
+        )
+        rest = hold.amount - charged
+        if rest > 0:
+            entry = _append(
+                session,
+                wallet,
+                kind="release",
+                key=_turn_key(turn_id, "release"),
+                held_delta=-rest,
+                turn_id=turn_id,
+                hold_id=hold.id,
+                reason="unused part of the hold",
+                # One microsecond later, so "newest first" lists show the pair in a stable order.
+                now=now + timedelta(microseconds=1),
+            )
+        hold.status = "captured"
+        hold.resolved_at = now
+    else:
+        charged = cost
+        entry = _append(session, wallet, kind="debit", key=debit_key, amount=-cost, turn_id=turn_id, now=now)
+    _add_usage(
+        session,
+        user_id=user_id,
+        model=model,
+        at=at,
+        turns=1,
+        input_tokens=input_tokens,
+        output_tokens=output_tokens,
+        cost=charged,
+    )
+    session.flush()
+    return entry.balance_after
+
+
+def release_hold(session: Session, *, turn_id: str, reason: str) -> bool:
+    """Release a turn's active hold in full. Does not commit.
+
+    Returns False (and writes nothing) when the turn has no hold or it already
+    resolved (captured, released or expired): a hold resolves at most once.
+    """
+    hold = session.scalar(select(Hold).where(Hold.turn_id == turn_id))
+    if hold is None:
+        return False
+    wallet = _lock_wallet(session, wallet_id=hold.wallet_id)
+    hold = _fresh_hold(session, turn_id)
+    if hold is None or hold.status != "active":
+        return False
+    now = utcnow()
+    _append(
+        session,
+        wallet,
+        kind="release",
+        key=_turn_key(turn_id, "release"),
+        held_delta=-hold.amount,
+        turn_id=turn_id,
+        hold_id=hold.id,
+        reason=reason,
+        now=now,
+    )
+    hold.status = "released"
+    hold.resolved_at = now
+    session.flush()
+    return True
+
+
+def expire_stale_holds(session: Session, now: datetime | None = None) -> int:
+    """Expire every active hold past its ``expires_at``, one transaction (and ledger
+    ``expiry`` entry) per hold, so a long backlog never holds many wallet locks. Commits.
+
+    Returns how many holds this call expired.
+    """
+    now = now or utcnow()
+    candidates = session.execute(
+        select(Hold.turn_id, Hold.wallet_id)
+        .where(Hold.status == "active", Hold.expires_at <= now)
+        .order_by(Hold.expires_at)
+    ).all()
+    session.commit()
+    expired = 0
+    for turn_id, wallet_id in candidates:
+        wallet = _lock_wallet(session, wallet_id=wallet_id)
+        hold = _fresh_hold(session, turn_id)
+        # Re-checked under the lock: the turn may have captured or released it meanwhile.
+        if hold is None or hold.status != "active" or hold.expires_at > now:
+            session.rollback()
+            continue
+        _append(
+            session,
+            wallet,
+            kind="expiry",
+            key=_turn_key(turn_id, "expiry"),
+            held_delta=-hold.amount,
+            turn_id=turn_id,
+            hold_id=hold.id,
+            reason="hold expired",
+        )
+        hold.status = "expired"
+        hold.resolved_at = utcnow()
+        session.commit()
+        expired += 1
+    if expired:
+        log.info("expired %d stale holds", expired)
+    return expired
+
+
+def record_summary_usage(
+    session: Session,
+    *,
+    user_id: str,
+    chat_session_id: str,
+    through_seq: int,
+    model: str,
+    input_tokens: int,
+    output_tokens: int,
+    enforce: bool = False,
+    at: datetime | None = None,
+) -> bool:
+    """Bill the tokens of a background summary refresh as a ``debit``. Does not commit.
+
+    Idempotent per ``(chat_session_id, through_seq)``: a repeat returns True and
+    writes nothing. With ``enforce`` and an ``available`` balance below the cost,
+    returns False and writes nothing (the summary waits for the next turn).
+    Usage is added to the rollups with ``turns=0``.
+
+    :raises InvalidInput: ``model_not_priced``.
+    """
+    at = at or utcnow()
+    key = f"summary:{chat_session_id}:{through_seq}"
+    cost = pricing.cost_of(pricing.price_in_force(session, model, at), input_tokens, output_tokens)
+    wallet = _lock_wallet(session, user_id=user_id)
+    if _entry_by_key(session, key) is not None:
+        return True
+    if enforce and wallet.available < cost:
+        return False
+    _append(session, wallet, kind="debit", key=key, amount=-cost, reason="conversation summary")
+    _add_usage(
+        session,
+        user_id=user_id,
+        model=model,
+        at=at,
+        turns=0,
+        input_tokens=input_tokens,
+        output_tokens=output_tokens,
+        cost=cost,
+    )
+    session.flush()
+    return True
+
+
+# -- admin grants (own their transaction) --------------------------------------------------
+
+
+def _check_replay(entry: LedgerEntry, user_id: str, amount: Decimal, reason: str | None) -> LedgerEntry:
+    if entry.kind != "grant" or entry.user_id != user_id or entry.amount != amount or entry.reason != reason:
+        raise IdempotencyConflict("This Idempotency-Key was already used for a different grant.")
+    return entry
+
+
+def _grant_key(idempotency_key: str | None) -> str:
+    if idempotency_key is None:
+        return f"grant:{new_id()}"
+    if len(idempotency_key) > MAX_CLIENT_KEY_LENGTH or not idempotency_key.isprintable():
+        raise InvalidInput(
+            f"Idempotency-Key must be 1-{MAX_CLIENT_KEY_LENGTH} printable characters.",
+            error="invalid_idempotency_key",
+        )
+    return f"grant:{idempotency_key}"
+
+
+def grant_credit(
+    session: Session,
+    *,
+    actor_id: str,
+    user_id: str,
+    amount: object,
+    reason: str | None,
+    idempotency_key: str | None,
+) -> LedgerEntry:
+    """Credit a user's wallet; writes a ``grant`` entry and an audit event. Commits.
+
+    ``amount``: a decimal string or number, > 0, ≤ 6 places, ≤ 1e12.
+    Replaying an ``idempotency_key`` with the same user, amount and reason
+    returns the first entry and credits nothing; concurrent duplicates credit
+    exactly once (the key's UNIQUE constraint decides the race).
+
+    :raises InvalidInput: ``invalid_amount``, ``invalid_idempotency_key``.
+    :raises NotFound: no such user.
+    :raises IdempotencyConflict: the key was used for another grant.
+    """
+    value = pricing.parse_money(amount, field="amount", error="invalid_amount")
+    key = _grant_key(idempotency_key)
+    reason = (reason.strip() or None) if reason else None
+    if session.get(User, user_id) is None:
+        raise NotFound("No such user.")
+    existing = _entry_by_key(session, key)
+    if existing is not None:
+        session.commit()  # ends the read transaction; nothing was written
+        return _check_replay(existing, user_id, value, reason)
+    try:
+        wallet = _lock_wallet(session, user_id=user_id)
+        entry = _append(
+            session, wallet, kind="grant", key=key, amount=value, initiated_by=actor_id, reason=reason
+        )
+        audit.record(
+            session,
+            actor_id,
+            "wallet.grant",
+            target_type="user",
+            target=user_id,
+            details={"amount": money_str(value), "ledger_entry_id": entry.id, "reason": reason},
+        )
+        session.commit()
+    except IntegrityError:
+        # A concurrent request with the same key committed first.
+        session.rollback()
+        existing = _entry_by_key(session, key)
+        session.commit()
+        if existing is None:
+            raise
+        return _check_replay(existing, user_id, value, reason)
+    return entry
+
+
+# -- reads ---------------------------------------------------------------------------------
+
+
+def list_ledger(session: Session, user_id: str) -> Listing:
+    """A user's ledger entries, newest first.
+
+    :raises NotFound: no such user.
+    """
+    if session.get(User, user_id) is None:
+        raise NotFound("No such user.")
+    return Listing(
+        session,
+        select(LedgerEntry)
+        .where(LedgerEntry.user_id == user_id)
+        .order_by(LedgerEntry.created_at.desc(), LedgerEntry.id.desc()),
+    )

@@ -1,0 +1,199 @@
+"""Model prices: versioned by ``effective_from``; a turn is priced at the version in force when it ran.
+
+The offline model is priced out of the box: its default price is inserted
+lazily, the first time anything asks for it, at a fixed early
+``effective_from`` so it is "in force" for any moment a turn could have run.
+An admin's ``PUT /admin/pricing/{model}`` adds a newer version on top.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime, timedelta
+from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
+
+from sqlalchemy import and_, func, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from shared.db import MONEY_QUANT, utcnow
+from shared.errors import InvalidInput
+from shared.models import ModelPrice
+from shared.services import audit
+
+log = logging.getLogger(__name__)
+
+OFFLINE_MODELS = {"offline-small": (Decimal("0.001000"), Decimal("0.002000"))}
+SYSTEM_ACTOR = "system"
+# Seeded defaults take effect "since always", so a turn started at any time finds them.
+SEED_EFFECTIVE_FROM = datetime(2000, 1, 1, tzinfo=UTC)
+MAX_MODEL_NAME = 200
+MAX_PRICE_PER_1K = Decimal("1000000")
+TOKENS_PER_UNIT = Decimal(1000)
+MAX_AMOUNT = Decimal("1000000000000")  # 1e12: far below NUMERIC(20,6)'s 14 integer digits
+
+
+def parse_money(
+    raw: object,
+    *,
+    field: str,
+    error: str,
+    allow_zero: bool = False,
+    maximum: Decimal = MAX_AMOUNT,
+) -> Decimal:
+    """A money amount from a request: a decimal string or a JSON number.
+
+    Refuses booleans, NaN/Infinity, negatives, zero (unless ``allow_zero``),
+    more than 6 decimal places and values above ``maximum``; never rounds.
+
+    :raises InvalidInput: with the given ``error`` code and ``field``.
+    """
+
+    def refuse(why: str) -> InvalidInput:
+        return InvalidInput(f"{field} {why}", error=error, field=field)
+
+    if isinstance(raw, bool) or not isinstance(raw, str | int | float | Decimal):
+        raise refuse('must be a decimal string such as "12.50".')
+    text = raw.strip() if isinstance(raw, str) else repr(raw) if isinstance(raw, float) else str(raw)
+    try:
+        value = Decimal(text)
+    except InvalidOperation:
+        raise refuse('must be a decimal string such as "12.50".') from None
+    if not value.is_finite():
+        raise refuse("must be a finite number.")
+    if value < 0 or (value == 0 and not allow_zero):
+        raise refuse("must be greater than zero." if not allow_zero else "must not be negative.")
+    if value > maximum:  # first: quantizing a huge exponent would overflow the context
+        raise refuse(f"must be at most {maximum}.")
+    if value != value.quantize(MONEY_QUANT, rounding=ROUND_HALF_UP):
+        raise refuse("must have at most 6 decimal places.")
+    return value.quantize(MONEY_QUANT) + 0
+
+
+def _latest(session: Session, model: str, at: datetime) -> ModelPrice | None:
+    return session.scalar(
+        select(ModelPrice)
+        .where(ModelPrice.model == model, ModelPrice.effective_from <= at)
+        .order_by(ModelPrice.effective_from.desc())
+        .limit(1)
+    )
+
+
+def _seed_default(session: Session, model: str) -> None:
+    """Insert the built-in price inside a savepoint, so a concurrent seeder's win
+    (unique ``(model, effective_from)``) leaves the caller's transaction intact."""
+    input_per_1k, output_per_1k = OFFLINE_MODELS[model]
+    try:
+        with session.begin_nested():
+            session.add(
+                ModelPrice(
+                    model=model,
+                    input_per_1k=input_per_1k,
+                    output_per_1k=output_per_1k,
+                    effective_from=SEED_EFFECTIVE_FROM,
+                    created_by=SYSTEM_ACTOR,
+                )
+            )
+    except IntegrityError:
+        log.debug("default price for %s was seeded concurrently", model)
+
+
+def price_in_force(session: Session, model: str, at: datetime | None = None) -> ModelPrice:
+    """The price version in force for ``model`` at ``at`` (default: now). Does not commit.
+
+    :raises InvalidInput: ``model_not_priced`` when no version is in force.
+    """
+    at = at or utcnow()
+    price = _latest(session, model, at)
+    if price is None and model in OFFLINE_MODELS:
+        _seed_default(session, model)
+        price = _latest(session, model, at)
+    if price is None:
+        raise InvalidInput(
+            f"Model {model!r} has no price; an admin must set one first.",
+            error="model_not_priced",
+            field="model",
+            model=model,
+        )
+    return price
+
+
+def cost_of(price: ModelPrice, input_tokens: int, output_tokens: int) -> Decimal:
+    """``(input × input_per_1k + output × output_per_1k) / 1000``, 6 places, half-up."""
+    raw = (Decimal(input_tokens) * price.input_per_1k + Decimal(output_tokens) * price.output_per_1k) / (
+        TOKENS_PER_UNIT
+    )
+    return raw.quantize(MONEY_QUANT, rounding=ROUND_HALF_UP)
+
+
+def _model_name(model: str) -> str:
+    name = (model or "").strip()
+    if not name or len(name) > MAX_MODEL_NAME or not name.isprintable():
+        raise InvalidInput(
+            f"model must be 1-{MAX_MODEL_NAME} printable characters.", error="invalid_model", field="model"
+        )
+    return name
+
+
+def set_price(
+    session: Session, actor_id: str, model: str, input_per_1k: object, output_per_1k: object
+) -> ModelPrice:
+    """Add a new price version for ``model``, effective now; history is kept. Commits.
+
+    Prices are decimal strings or numbers, non-negative, at most 6 decimal places.
+
+    :raises InvalidInput: ``invalid_price`` / ``invalid_model``.
+    """
+    model = _model_name(model)
+    prices = {
+        name: parse_money(value, field=name, error="invalid_price", allow_zero=True, maximum=MAX_PRICE_PER_1K)
+        for name, value in (("input_per_1k", input_per_1k), ("output_per_1k", output_per_1k))
+    }
+    now = utcnow()
+    newest = session.scalar(select(func.max(ModelPrice.effective_from)).where(ModelPrice.model == model))
+    # Versions stay strictly ordered even for two PUTs within one clock tick.
+    effective_from = max(now, newest + timedelta(microseconds=1)) if newest else now
+    price = ModelPrice(model=model, effective_from=effective_from, created_by=actor_id, **prices)
+    session.add(price)
+    audit.record(
+        session,
+        actor_id,
+        "price.set",
+        target_type="model",
+        target=model,
+        details={key: format(value, "f") for key, value in prices.items()},
+    )
+    try:
+        session.commit()
+    except IntegrityError as exc:
+        session.rollback()
+        raise InvalidInput(
+            "Another price for this model was set at the same instant; retry.", error="price_conflict"
+        ) from exc
+    return price
+
+
+def list_current_prices(session: Session) -> list[ModelPrice]:
+    """The version in force now for every priced model (built-in ones included), by model name."""
+    for model in OFFLINE_MODELS:
+        price_in_force(session, model)
+    session.commit()
+    now = utcnow()
+    newest = (
+        select(ModelPrice.model, func.max(ModelPrice.effective_from).label("effective_from"))
+        .where(ModelPrice.effective_from <= now)
+        .group_by(ModelPrice.model)
+        .subquery()
+    )
+    return list(
+        session.scalars(
+            select(ModelPrice)
+            .join(
+                newest,
+                and_(
+                    ModelPrice.model == newest.c.model, ModelPrice.effective_from == newest.c.effective_from
+                ),
+            )
+            .order_by(ModelPrice.model)
+        )
+    )

@@ -1,0 +1,141 @@
+"""Rolling session summaries, with a deterministic extractive fallback.
+
+Context for a turn = the session summary + the last ``WINDOW_TURNS`` completed
+turns. Turns that have left the window and that the summary does not yet
+cover (``seq > summary_through_seq``) are folded into a new summary by a model
+call; if that call fails or times out, an extractive summary built from the
+turns' own sentences is used instead and the turn reports
+``summary_used_fallback``.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from shared.db import utcnow
+from shared.models import ChatSession, Turn
+from shared.providers import ProviderError
+
+log = logging.getLogger(__name__)
+
+WINDOW_TURNS = 6
+SUMMARY_MAX_OUTPUT_TOKENS = 256
+SUMMARY_TIMEOUT_SECONDS = 20.0
+SUMMARY_MAX_CHARS = 2000
+SUMMARY_PROMPT = (
+    "Summarize the conversation so far for a model that will continue it. Keep names, numbers, "
+    "decisions and open questions; at most 150 words."
+)
+
+
+@dataclass(frozen=True)
+class SummaryResult:
+    text: str
+    through_seq: int
+    used_fallback: bool
+    input_tokens: int = 0
+    output_tokens: int = 0
+
+
+def window(session: Session, chat_session_id: str, before_seq: int) -> tuple[list[Turn], list[Turn]]:
+    """``(recent, evicted)``: the completed turns inside the window, and those that left it."""
+    completed = session.scalars(
+        select(Turn)
+        .where(
+            Turn.session_id == chat_session_id,
+            Turn.kind == "chat",
+            Turn.status == "completed",
+            Turn.seq < before_seq,
+        )
+        .order_by(Turn.seq)
+    ).all()
+    split = max(len(completed) - WINDOW_TURNS, 0)
+    return list(completed[split:]), list(completed[:split])
+
+
+def uncovered(chat: ChatSession, evicted: list[Turn]) -> list[Turn]:
+    return [turn for turn in evicted if turn.seq > chat.summary_through_seq]
+
+
+def _first_sentence(text: str | None, limit: int = 160) -> str:
+    text = " ".join((text or "").split())
+    match = re.match(r"(.+?[.!?])(\s|$)", text)
+    sentence = match.group(1) if match else text
+    return sentence if len(sentence) <= limit else sentence[: limit - 1].rstrip() + "…"
+
+
+def extractive_summary(prior: str | None, turns: list[Turn]) -> str:
+    """Deterministic: the prior summary plus the first sentence of each side of each turn,
+    keeping the most recent ``SUMMARY_MAX_CHARS`` characters."""
+    lines = [prior.strip()] if prior and prior.strip() else []
+    for turn in turns:
+        lines.append(f"[{turn.seq}] User: {_first_sentence(turn.content)}")
+        if turn.reply:
+            lines.append(f"[{turn.seq}] Assistant: {_first_sentence(turn.reply)}")
+    text = "\n".join(lines)
+    if len(text) > SUMMARY_MAX_CHARS:
+        text = "…" + text[-(SUMMARY_MAX_CHARS - 1) :]
+    return text
+
+
+def _transcript(turns: list[Turn]) -> str:
+    return "\n".join(f"User: {turn.content}\nAssistant: {turn.reply or ''}" for turn in turns)
+
+
+def summarize(
+    provider, model: str, prior: str | None, turns: list[Turn], *, allow_fallback: bool
+) -> SummaryResult:
+    """Fold ``turns`` into ``prior`` with a model call.
+
+    :raises ProviderError: only when ``allow_fallback`` is false.
+    """
+    through_seq = turns[-1].seq
+    messages = [
+        {"role": "system", "content": SUMMARY_PROMPT},
+        {
+            "role": "user",
+            "content": (f"Summary so far:\n{prior}\n\n" if prior else "")
+            + "New turns:\n"
+            + _transcript(turns),
+        },
+    ]
+    try:
+        completion = provider.complete(
+            messages,
+            model=model,
+            max_output_tokens=SUMMARY_MAX_OUTPUT_TOKENS,
+            timeout=SUMMARY_TIMEOUT_SECONDS,
+        )
+        text = (completion.content or "").strip()
+        if not text:
+            raise ValueError("empty summary")
+        return SummaryResult(
+            text=text[:SUMMARY_MAX_CHARS],
+            through_seq=through_seq,
+            used_fallback=False,
+            input_tokens=completion.input_tokens,
+            output_tokens=completion.output_tokens,
+        )
+    except (ProviderError, ValueError) as exc:
+        if not allow_fallback:
+            raise
+        log.warning("summary generation failed (%s); using the extractive fallback", exc)
+        return SummaryResult(
+            text=extractive_summary(prior, turns), through_seq=through_seq, used_fallback=True
+        )
+
+
+def store(session: Session, chat_session_id: str, result: SummaryResult) -> bool:
+    """Save a summary unless a newer one is already stored (turn and refresh may race). Commits."""
+    stored = session.execute(
+        update(ChatSession)
+        .where(ChatSession.id == chat_session_id, ChatSession.summary_through_seq < result.through_seq)
+        .values(summary=result.text, summary_through_seq=result.through_seq, summary_updated_at=utcnow())
+    ).rowcount
+    session.commit()
+    return bool(stored)

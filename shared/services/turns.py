@@ -1,0 +1,262 @@
+"""Submitting turns: validation, the enforcement gate, idempotency, enqueue, wait.
+
+Crash safety: the turn row (and its hold, when enforcement is on) commit in
+one transaction *before* the task is sent. A crash after the commit leaves a
+``queued`` turn without a task; ``recover_stuck_turns`` (beat) re-sends it. A
+crash before the commit leaves nothing. ``run_turn`` is idempotent, so a task
+sent twice still runs and bills the turn once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass
+from decimal import Decimal
+
+from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from shared.errors import IdempotencyConflict, InvalidInput, NotFound
+from shared.models import ChatSession, ToolCallEvent, Turn, User
+from shared.pagination import Listing
+from shared.providers.tokens import count_tokens
+from shared.runtime import Runtime
+from shared.services import billing, enforcement, pricing
+from shared.services.rooms import _is_uuid, owned_session
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_OUTPUT_TOKENS = 512
+MAX_IDEMPOTENCY_KEY_LENGTH = 255
+# Allowance for what the pipeline adds around the user's text (system prompt,
+# summary, recent turns, tool schemas and results) in the worst-case estimate.
+CONTEXT_ALLOWANCE_TOKENS = 2048
+FINISHED = ("completed", "failed")
+
+
+@dataclass(frozen=True)
+class SubmitOutcome:
+    turn: Turn
+    finished: bool
+
+
+def _request_hash(chat_session_id: str, data: dict) -> str:
+    canonical = json.dumps(
+        {
+            "session_id": chat_session_id,
+            "content": data.get("content"),
+            "model": data.get("model"),
+            "max_output_tokens": data.get("max_output_tokens"),
+        },
+        sort_keys=True,
+    )
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def worst_case_cost(price, content: str, max_output_tokens: int) -> Decimal:
+    """What admission reserves: priced input estimate plus the full output budget."""
+    input_estimate = count_tokens(content) + CONTEXT_ALLOWANCE_TOKENS
+    return pricing.cost_of(price, input_estimate, max_output_tokens)
+
+
+def _validate(runtime: Runtime, data: dict) -> tuple[str, str, int]:
+    content = data["content"]
+    if not content or not content.strip():
+        raise InvalidInput("content must not be blank.", error="empty_content", field="content")
+    limit = runtime.settings.max_turn_chars
+    if len(content) > limit:
+        raise InvalidInput(
+            f"content is longer than {limit} characters.", error="content_too_long", field="content"
+        )
+    model = data.get("model") or runtime.settings.default_model
+    max_output_tokens = data.get("max_output_tokens") or DEFAULT_MAX_OUTPUT_TOKENS
+    return content, model, max_output_tokens
+
+
+def _existing_for_key(session: Session, user_id: str, key: str, request_hash: str) -> Turn | None:
+    turn = session.scalar(select(Turn).where(Turn.user_id == user_id, Turn.idempotency_key == key))
+    if turn is not None and turn.request_hash != request_hash:
+        raise IdempotencyConflict()
+    return turn
+
+
+def submit(
+    runtime: Runtime, session: Session, user: User, chat_session_id: str, data: dict, key: str | None
+) -> tuple[Turn, bool]:
+    """Create (or, for a replayed Idempotency-Key, find) a turn; returns ``(turn, created)``.
+
+    :raises NotFound: unknown or another user's session.
+    :raises InvalidInput: blank/oversize content (``empty_content``, ``content_too_long``),
+        unpriced model (``model_not_priced``), over-long idempotency key.
+    :raises IdempotencyConflict: the key was used with another body.
+    :raises InsufficientBalance: enforcement is on and ``available`` does not cover the worst case.
+    """
+    if key is not None and len(key) > MAX_IDEMPOTENCY_KEY_LENGTH:
+        raise InvalidInput("Idempotency-Key is too long (max 255).", error="invalid_idempotency_key")
+    chat = owned_session(session, user.id, chat_session_id)
+    request_hash = _request_hash(chat.id, data)
+    if key is not None:
+        existing = _existing_for_key(session, user.id, key, request_hash)
+        if existing is not None:
+            return existing, False
+    content, model, max_output_tokens = _validate(runtime, data)
+    price = pricing.price_in_force(session, model)
+    enforced = enforcement.is_enforced(runtime)
+    try:
+        # Lock the session row: seq allocation is serialised per session.
+        chat = session.scalar(select(ChatSession).where(ChatSession.id == chat.id).with_for_update())
+        seq = (session.scalar(select(func.max(Turn.seq)).where(Turn.session_id == chat.id)) or 0) + 1
+        turn = Turn(
+            session_id=chat.id,
+            room_id=chat.room_id,
+            user_id=user.id,
+            seq=seq,
+            status="queued",
+            content=content,
+            model=model,
+            max_output_tokens=max_output_tokens,
+            enforced=enforced,
+            idempotency_key=key,
+            request_hash=request_hash,
+        )
+        session.add(turn)
+        session.flush()
+        if enforced:
+            billing.place_hold(
+                session,
+                user_id=user.id,
+                turn_id=turn.id,
+                amount=worst_case_cost(price, content, max_output_tokens),
+                ttl_seconds=runtime.settings.hold_ttl_seconds,
+            )
+        session.commit()
+    except IntegrityError:
+        # A concurrent request with the same Idempotency-Key committed first.
+        session.rollback()
+        if key is None:
+            raise
+        existing = _existing_for_key(session, user.id, key, request_hash)
+        if existing is None:
+            raise
+        return existing, False
+    except Exception:
+        session.rollback()
+        raise
+    return turn, True
+
+
+def enqueue_run(celery_app, turn_id: str) -> bool:
+    """Send ``run_turn``; a broker outage is logged, not raised (the beat job re-sends)."""
+    try:
+        celery_app.send_task("tollgate.run_turn", args=[turn_id])
+        return True
+    except Exception:
+        log.warning("could not enqueue run_turn for %s; recover_stuck_turns will", turn_id, exc_info=True)
+        return False
+
+
+def wait_until_finished(session: Session, turn: Turn, timeout: float) -> Turn:
+    """Poll the turn's row until it finishes or ``timeout`` passes."""
+    deadline = time.monotonic() + timeout
+    delay = 0.02
+    while turn.status not in FINISHED and time.monotonic() < deadline:
+        time.sleep(min(delay, max(deadline - time.monotonic(), 0)))
+        delay = min(delay * 1.5, 0.25)
+        session.expire(turn)
+        session.refresh(turn)
+        session.commit()  # end the read transaction so the next poll sees new commits
+    return turn
+
+
+def submit_and_wait(
+    runtime: Runtime,
+    session: Session,
+    user: User,
+    chat_session_id: str,
+    data: dict,
+    key: str | None,
+    *,
+    celery_app,
+    wait: bool = True,
+) -> SubmitOutcome:
+    turn, created = submit(runtime, session, user, chat_session_id, data, key)
+    if created:
+        enqueue_run(celery_app, turn.id)
+    if wait and runtime.settings.turn_wait_seconds > 0:
+        turn = wait_until_finished(session, turn, runtime.settings.turn_wait_seconds)
+    return SubmitOutcome(turn=turn, finished=turn.status in FINISHED)
+
+
+def owned_turn(session: Session, user_id: str, turn_id: str) -> Turn:
+    """:raises NotFound: unknown, malformed, or another user's turn."""
+    turn = session.get(Turn, turn_id) if _is_uuid(turn_id) else None
+    if turn is None or turn.user_id != user_id:
+        raise NotFound("No such turn.")
+    return turn
+
+
+def list_turns(session: Session, user_id: str, chat_session_id: str) -> Listing:
+    chat = owned_session(session, user_id, chat_session_id)
+    return _PresentedListing(
+        session, select(Turn).where(Turn.session_id == chat.id, Turn.kind == "chat").order_by(Turn.seq)
+    )
+
+
+def present(session: Session, turn: Turn) -> dict:
+    """TurnRead as a dict, with its tool calls."""
+    events = session.scalars(
+        select(ToolCallEvent).where(ToolCallEvent.turn_id == turn.id).order_by(ToolCallEvent.created_at)
+    ).all()
+    return _as_read(turn, events)
+
+
+def _as_read(turn: Turn, events) -> dict:
+    return {
+        "id": turn.id,
+        "session_id": turn.session_id,
+        "room_id": turn.room_id,
+        "seq": turn.seq,
+        "status": turn.status,
+        "content": turn.content,
+        "reply": turn.reply,
+        "model": turn.model,
+        "usage": {"input_tokens": turn.input_tokens, "output_tokens": turn.output_tokens},
+        "cost": turn.cost,
+        "balance_after": turn.balance_after,
+        "low_balance": turn.low_balance,
+        "summary_used_fallback": turn.summary_used_fallback,
+        "tool_calls": [
+            {
+                "id": event.id,
+                "tool": event.tool,
+                "arguments": event.arguments,
+                "status": event.status,
+                "duration_ms": event.duration_ms,
+                "result_excerpt": event.result_excerpt,
+            }
+            for event in events
+        ],
+        "error": {"code": turn.error_code, "message": turn.error_message or ""} if turn.error_code else None,
+        "created_at": turn.created_at,
+        "completed_at": turn.completed_at,
+    }
+
+
+class _PresentedListing(Listing):
+    def __getitem__(self, window: slice) -> list:
+        page = super().__getitem__(window)
+        if not page:
+            return []
+        events = self.session.scalars(
+            select(ToolCallEvent)
+            .where(ToolCallEvent.turn_id.in_([t.id for t in page]))
+            .order_by(ToolCallEvent.created_at)
+        ).all()
+        by_turn: dict[str, list] = {}
+        for event in events:
+            by_turn.setdefault(event.turn_id, []).append(event)
+        return [_as_read(turn, by_turn.get(turn.id, [])) for turn in page]

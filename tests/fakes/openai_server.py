@@ -1,0 +1,370 @@
+"""A real HTTP server on 127.0.0.1 speaking OpenAI's ``/v1/chat/completions``.
+
+Scriptable from the test that owns it, callable by anything that speaks HTTP —
+the provider in the same process or a Celery worker in another one::
+
+    server.reply("Hello", usage={"prompt_tokens": 12, "completion_tokens": 3})
+    server.status(500, times=2)
+    server.status(429, retry_after=1)
+    server.hang(5)                      # answer nothing for 5 s
+    server.malformed()                  # 200 with a body that is not JSON
+    server.tool_calls([{"name": "search", "arguments": {"query": "x"}}])
+
+Each request pops the next behaviour; with the queue empty it gets
+``server.default`` (a plain reply unless replaced). Every request is recorded
+in ``server.requests``.
+
+Run on its own (e.g. for a manual ``MODEL_PROVIDER=openai`` demo)::
+
+    python -m tests.fakes.openai_server --port 8765
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import pytest
+
+from shared.providers.tokens import content_text, count_message_tokens, count_tokens
+
+CHAT_PATH = "/v1/chat/completions"
+
+
+@dataclass
+class RecordedRequest:
+    method: str
+    path: str
+    headers: dict[str, str]  # lower-cased names
+    body: Any  # decoded JSON, or None when the body was not JSON
+    raw_body: bytes
+
+
+@dataclass
+class Behaviour:
+    """What the server does for one request."""
+
+    kind: str  # "reply" | "status" | "hang" | "malformed" | "echo"
+    status: int = 200
+    payload: Any = None
+    headers: dict[str, str] = field(default_factory=dict)
+    seconds: float = 0.0
+    then: Behaviour | None = None  # for "hang": what to send after the wait, if the client is still there
+
+
+def _completion(
+    request: Any,
+    content: str | None,
+    *,
+    tool_calls: list[dict] | None = None,
+    usage: dict | None | bool = True,
+    model: str | None = None,
+    finish_reason: str | None = None,
+) -> dict:
+    message: dict[str, Any] = {"role": "assistant", "content": content}
+    if tool_calls:
+        message["tool_calls"] = tool_calls
+    body: dict[str, Any] = {
+        "id": "chatcmpl-fake",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model or (request.get("model") if isinstance(request, dict) else None) or "fake-model",
+        "choices": [
+            {
+                "index": 0,
+                "message": message,
+                "finish_reason": finish_reason or ("tool_calls" if tool_calls else "stop"),
+            }
+        ],
+    }
+    if usage is True:
+        messages = request.get("messages", []) if isinstance(request, dict) else []
+        emitted = (content or "") + "".join(
+            call["function"]["name"] + call["function"]["arguments"] for call in tool_calls or []
+        )
+        prompt_tokens = count_message_tokens(messages)
+        completion_tokens = count_tokens(emitted)
+        body["usage"] = {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        }
+    elif isinstance(usage, dict):
+        body["usage"] = usage
+    return body
+
+
+class FakeOpenAIServer:
+    """An OpenAI-compatible chat server in a background thread. Use as a context manager
+    or call ``start()`` / ``stop()``."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
+        self._host = host
+        self._port = port
+        self._queue: deque[Behaviour] = deque()
+        self._lock = threading.Lock()
+        self._arrived = threading.Condition(self._lock)
+        self._stopping = threading.Event()
+        self._requests: list[RecordedRequest] = []
+        self._httpd: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+        self.default = Behaviour("echo")
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def start(self) -> FakeOpenAIServer:
+        handler = type("Handler", (_Handler,), {"fake": self})
+        self._httpd = _QuietServer((self._host, self._port), handler)
+        self._stopping.clear()
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever, args=(0.05,), name="fake-openai", daemon=True
+        )
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stopping.set()  # wakes requests that are hanging
+        if self._httpd is not None:
+            self._httpd.shutdown()
+            self._httpd.server_close()
+            self._httpd = None
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+
+    def __enter__(self) -> FakeOpenAIServer:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    @property
+    def port(self) -> int:
+        assert self._httpd is not None, "server not started"
+        return self._httpd.server_address[1]
+
+    @property
+    def base_url(self) -> str:
+        """What ``OPENAI_BASE_URL`` should be set to."""
+        return f"http://{self._host}:{self.port}/v1"
+
+    # -- recorded traffic --------------------------------------------------------------
+
+    @property
+    def requests(self) -> list[RecordedRequest]:
+        with self._lock:
+            return list(self._requests)
+
+    def wait_for_requests(self, count: int, timeout: float = 10.0) -> list[RecordedRequest]:
+        """Block until at least ``count`` requests arrived (for callers in other processes)."""
+        deadline = time.monotonic() + timeout
+        with self._arrived:
+            while len(self._requests) < count:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError(f"expected {count} requests, got {len(self._requests)}")
+                self._arrived.wait(remaining)
+            return list(self._requests)
+
+    # -- scripting ---------------------------------------------------------------------
+
+    def push(self, behaviour: Behaviour, times: int = 1) -> FakeOpenAIServer:
+        with self._lock:
+            self._queue.extend([behaviour] * times)
+        return self
+
+    def clear(self) -> None:
+        """Forget queued behaviours and recorded requests."""
+        with self._lock:
+            self._queue.clear()
+            self._requests.clear()
+
+    def reply(
+        self,
+        content: str | None = "Hello from the fake model.",
+        *,
+        usage: dict | None | bool = True,
+        model: str | None = None,
+        finish_reason: str | None = None,
+        times: int = 1,
+    ) -> FakeOpenAIServer:
+        """A normal completion. ``usage=True`` computes it; a dict is sent as is; ``None`` omits it."""
+        return self.push(
+            Behaviour(
+                "reply",
+                payload={"content": content, "usage": usage, "model": model, "finish_reason": finish_reason},
+            ),
+            times,
+        )
+
+    def tool_calls(
+        self,
+        calls: list[dict],
+        *,
+        content: str | None = None,
+        usage: dict | None | bool = True,
+        times: int = 1,
+    ) -> FakeOpenAIServer:
+        """A completion asking for tools. Each call is ``{"name", "arguments", "id"?}``;
+        ``arguments`` is sent verbatim when a string (so it can be malformed), else JSON-encoded."""
+        wire = []
+        for index, call in enumerate(calls):
+            arguments = call.get("arguments", {})
+            wire.append(
+                {
+                    "id": call.get("id", f"call_fake_{index}"),
+                    "type": "function",
+                    "function": {
+                        "name": call["name"],
+                        "arguments": arguments if isinstance(arguments, str) else json.dumps(arguments),
+                    },
+                }
+            )
+        return self.push(
+            Behaviour("reply", payload={"content": content, "tool_calls": wire, "usage": usage}),
+            times,
+        )
+
+    def status(
+        self,
+        code: int,
+        *,
+        retry_after: float | str | None = None,
+        body: Any = None,
+        times: int = 1,
+    ) -> FakeOpenAIServer:
+        """An error status with an OpenAI-style error body and an optional ``Retry-After``."""
+        headers = {} if retry_after is None else {"Retry-After": str(retry_after)}
+        payload = body if body is not None else {"error": {"message": f"fake error {code}", "type": "fake"}}
+        return self.push(Behaviour("status", status=code, payload=payload, headers=headers), times)
+
+    def hang(self, seconds: float, *, times: int = 1) -> FakeOpenAIServer:
+        """Send nothing for ``seconds``, then a plain reply (if the client still listens)."""
+        return self.push(Behaviour("hang", seconds=seconds, then=Behaviour("echo")), times)
+
+    def malformed(self, body: str = '{"choices": [ this is not json', *, times: int = 1) -> FakeOpenAIServer:
+        """A 200 whose body is not valid JSON."""
+        return self.push(Behaviour("malformed", payload=body), times)
+
+    def json_body(self, payload: Any, *, status: int = 200, times: int = 1) -> FakeOpenAIServer:
+        """Any JSON body, e.g. a 200 without ``choices``."""
+        return self.push(Behaviour("status", status=status, payload=payload), times)
+
+    # -- serving -----------------------------------------------------------------------
+
+    def _record(self, request: RecordedRequest) -> Behaviour:
+        with self._arrived:
+            self._requests.append(request)
+            self._arrived.notify_all()
+            return self._queue.popleft() if self._queue else self.default
+
+    def _respond(self, handler: _Handler, behaviour: Behaviour, request: Any) -> None:
+        if behaviour.kind == "hang":
+            if self._stopping.wait(behaviour.seconds):
+                return
+            self._respond(handler, behaviour.then or self.default, request)
+        elif behaviour.kind == "echo":
+            messages = request.get("messages", []) if isinstance(request, dict) else []
+            last_user = next((m for m in reversed(messages) if m.get("role") == "user"), {})
+            text = content_text(last_user.get("content"))
+            handler.send_json(200, _completion(request, f"Fake reply to: {text}"[:500]))
+        elif behaviour.kind == "reply":
+            handler.send_json(200, _completion(request, **behaviour.payload))
+        elif behaviour.kind == "status":
+            handler.send_json(behaviour.status, behaviour.payload, behaviour.headers)
+        elif behaviour.kind == "malformed":
+            handler.send_raw(200, behaviour.payload.encode("utf-8"), "application/json")
+        else:
+            raise ValueError(f"unknown behaviour {behaviour.kind!r}")
+
+
+class _QuietServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # Clients that time out hang up mid-response; that is the point of some tests.
+        pass
+
+
+class _Handler(BaseHTTPRequestHandler):
+    fake: FakeOpenAIServer
+    server_version = "FakeOpenAI/1.0"
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+    def do_POST(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        raw = self.rfile.read(length) if length else b""
+        try:
+            body = json.loads(raw) if raw else None
+        except ValueError:
+            body = None
+        recorded = RecordedRequest(
+            method="POST",
+            path=self.path,
+            headers={name.lower(): value for name, value in self.headers.items()},
+            body=body,
+            raw_body=raw,
+        )
+        if self.path.rstrip("/") != CHAT_PATH:
+            self.send_json(404, {"error": {"message": f"no route {self.path}", "type": "not_found"}})
+            return
+        if not isinstance(body, dict):
+            self.send_json(
+                400, {"error": {"message": "body must be a JSON object", "type": "invalid_request"}}
+            )
+            return
+        self.fake._respond(self, self.fake._record(recorded), body)
+
+    def do_GET(self) -> None:
+        self.send_json(404, {"error": {"message": f"no route {self.path}", "type": "not_found"}})
+
+    def send_json(self, status: int, payload: Any, headers: dict[str, str] | None = None) -> None:
+        self.send_raw(status, json.dumps(payload).encode("utf-8"), "application/json", headers)
+
+    def send_raw(
+        self, status: int, data: bytes, content_type: str, headers: dict[str, str] | None = None
+    ) -> None:
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(data)))
+            for name, value in (headers or {}).items():
+                self.send_header(name, value)
+            self.end_headers()
+            self.wfile.write(data)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the client gave up (timeout) before the answer
+
+
+@pytest.fixture
+def fake_openai() -> Iterator[FakeOpenAIServer]:
+    """A started ``FakeOpenAIServer``, stopped after the test."""
+    with FakeOpenAIServer() as server:
+        yield server
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Serve a fake OpenAI chat completions API.")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8765)
+    args = parser.parse_args()
+    server = FakeOpenAIServer(args.host, args.port).start()
+    print(f"fake OpenAI server at {server.base_url}", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        server.stop()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,47 @@
+"""Thin tasks: load by id, call the turn runner."""
+
+from celery import shared_task
+from shared.tools.registry import build_registry
+
+from shared.providers import build_provider
+from shared.services import turn_runner
+
+
+def _provider(runtime):
+    return runtime.component("provider", build_provider)
+
+
+def _tools(runtime):
+    return runtime.component("tools", build_registry)
+
+
+@shared_task(name="tollgate.run_turn", bind=True, max_retries=3)
+def run_turn(self, turn_id: str, takeover: bool = False) -> str:
+    runtime = self.app.tollgate
+    # A redelivered message means the worker that had it died (acks_late +
+    # reject_on_worker_lost); its "running" status is stale.
+    redelivered = bool((self.request.delivery_info or {}).get("redelivered"))
+    try:
+        return turn_runner.run_turn(
+            runtime,
+            turn_id,
+            provider=_provider(runtime),
+            tools=_tools(runtime),
+            takeover=takeover or redelivered,
+            final_attempt=self.request.retries >= self.max_retries,
+            after_complete=lambda turn: self.app.send_task(
+                "tollgate.refresh_summary", args=[turn.session_id]
+            ),
+        )
+    except turn_runner.RetryLater as exc:
+        raise self.retry(countdown=exc.countdown, exc=exc) from exc
+
+
+@shared_task(name="tollgate.refresh_summary", bind=True, max_retries=0)
+def refresh_summary(self, session_id: str) -> bool:
+    return turn_runner.refresh_summary(self.app.tollgate, session_id, provider=_provider(self.app.tollgate))
+
+
+@shared_task(name="tollgate.recover_stuck_turns", bind=True, acks_late=False)
+def recover_stuck_turns(self) -> dict:
+    return turn_runner.recover_stuck_turns(self.app.tollgate, self.app)
