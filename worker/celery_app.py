@@ -30,9 +30,11 @@ TASK_MODULES = ["worker.tasks.system", "worker.tasks.turns", "worker.tasks.billi
 def _broker_options(settings: Settings) -> dict:
     if settings.broker_url.startswith("filesystem"):
         folder = settings.broker_folder
-        for sub in ("queue", "processed"):
+        for sub in ("queue", "processed", "control"):
             (folder / sub).mkdir(parents=True, exist_ok=True)
         return {
+            # Otherwise kombu puts its control exchange in ./control, wherever the process runs.
+            "control_folder": str(folder / "control"),
             "data_folder_in": str(folder / "queue"),
             "data_folder_out": str(folder / "queue"),
             "data_folder_processed": str(folder / "processed"),
