@@ -195,6 +195,19 @@ def test_the_fallback_flag_is_set_when_the_summary_generator_fails(pg_client, pg
     assert "Remember this." in session["summary"]
 
 
+def assert_completed_once_after_a_second_attempt(client, actor, pg_db, turn_id):
+    turn = wait_for(client, actor, turn_id, timeout=60)
+    assert turn["status"] == "completed"
+    pg_db.expire_all()
+    assert pg_db.scalar(select(Turn.attempts).where(Turn.id == turn_id)) == 2
+    entries = pg_db.scalars(
+        select(LedgerEntry).where(LedgerEntry.turn_id == turn_id, LedgerEntry.amount != 0)
+    ).all()
+    assert len(entries) == 1
+    assert ledger_check.find_mismatches(pg_db) == []
+    assert pg_db.scalar(select(func.count()).select_from(Hold).where(Hold.status == "active")) == 0
+
+
 def _children(pid: int) -> list[int]:
     out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
     return [int(p) for p in out.split()]
@@ -210,16 +223,7 @@ def test_a_worker_child_killed_mid_turn_still_ends_the_turn_exactly_once(
     wait_for(pg_client, pg_user, turn_id, statuses=("running",), timeout=15)
     for child in _children(live_worker.process.pid):
         os.kill(child, signal.SIGKILL)
-    turn = wait_for(pg_client, pg_user, turn_id, timeout=60)
-    assert turn["status"] == "completed"
-    pg_db.expire_all()
-    assert pg_db.scalar(select(Turn.attempts).where(Turn.id == turn_id)) == 2
-    entries = pg_db.scalars(
-        select(LedgerEntry).where(LedgerEntry.turn_id == turn_id, LedgerEntry.amount != 0)
-    ).all()
-    assert len(entries) == 1
-    assert ledger_check.find_mismatches(pg_db) == []
-    assert pg_db.scalar(select(func.count()).select_from(Hold).where(Hold.status == "active")) == 0
+    assert_completed_once_after_a_second_attempt(pg_client, pg_user, pg_db, turn_id)
 
 
 def test_a_turn_whose_whole_worker_died_is_recovered_by_the_beat_job(
@@ -246,15 +250,7 @@ def test_a_turn_whose_whole_worker_died_is_recovered_by_the_beat_job(
     counts = turn_runner.recover_stuck_turns(impatient, pg_app.extensions["celery"])
     impatient.close()
     assert counts["running"] == 1
-    turn = wait_for(pg_client, pg_user, turn_id, timeout=60)
-    assert turn["status"] == "completed"
-    pg_db.expire_all()
-    assert pg_db.scalar(select(Turn.attempts).where(Turn.id == turn_id)) == 2
-    entries = pg_db.scalars(
-        select(LedgerEntry).where(LedgerEntry.turn_id == turn_id, LedgerEntry.amount != 0)
-    ).all()
-    assert len(entries) == 1
-    assert ledger_check.find_mismatches(pg_db) == []
+    assert_completed_once_after_a_second_attempt(pg_client, pg_user, pg_db, turn_id)
 
 
 def test_a_queued_turn_whose_task_was_lost_is_re_sent(pg_app, pg_client, pg_user, chat, pg_db):
