@@ -108,8 +108,19 @@ def _truncate_all(pg_url: str) -> None:
                 "AND tablename <> 'alembic_version'"
             )
         ]
-        if tables:
-            conn.execute(f"TRUNCATE {', '.join(tables)} RESTART IDENTITY CASCADE")
+        if not tables:
+            return
+        # The live worker may still be finishing the previous test's task (e.g. a summary
+        # refresh); TRUNCATE waits for it, and retries if the two deadlock.
+        conn.execute("SET lock_timeout = '5s'")
+        for attempt in range(5):
+            try:
+                conn.execute(f"TRUNCATE {', '.join(tables)} RESTART IDENTITY CASCADE")
+                return
+            except (psycopg.errors.DeadlockDetected, psycopg.errors.LockNotAvailable):
+                if attempt == 4:
+                    raise
+                time.sleep(0.5)
 
 
 @pytest.fixture
