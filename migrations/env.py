@@ -29,12 +29,21 @@ def _url() -> str:
     return Settings.from_env().database_url
 
 
+# Postgres-only indexes created by hand in migrations, not declared on the models.
+UNMODELLED_INDEXES = {"ix_uploaded_files_text_search", "ix_turns_text_search"}
+
+
+def _include_object(obj, name, type_, reflected, compare_to) -> bool:
+    return not (type_ == "index" and reflected and name in UNMODELLED_INDEXES)
+
+
 def _configure(connection) -> None:
     context.configure(
         connection=connection,
         target_metadata=target_metadata,
         render_as_batch=connection.dialect.name == "sqlite",
         compare_type=True,
+        include_object=_include_object,
     )
 
 

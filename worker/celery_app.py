@@ -22,9 +22,10 @@ TASK_ROUTES = {
     "tollgate.expire_holds": {"queue": "turns"},
     "tollgate.sync_enforcement": {"queue": "turns"},
     "tollgate.recover_stuck_turns": {"queue": "turns"},
+    "tollgate.recover_pending_files": {"queue": "files"},
 }
 
-TASK_MODULES = ["worker.tasks.system", "worker.tasks.turns", "worker.tasks.billing"]
+TASK_MODULES = ["worker.tasks.system", "worker.tasks.turns", "worker.tasks.billing", "worker.tasks.files"]
 
 
 def _broker_options(settings: Settings) -> dict:
@@ -45,14 +46,38 @@ def _broker_options(settings: Settings) -> dict:
     return {"visibility_timeout": 3600}
 
 
+class TollgateCelery(Celery):
+    def send_task(self, name, args=None, kwargs=None, **options):
+        # Fire and forget unless the caller will read the result (only `ping` does):
+        # a result store that is down must not slow or fail an enqueue.
+        options.setdefault("ignore_result", True)
+        return super().send_task(name, args, kwargs, **options)
+
+
 def create_celery_app(settings: Settings | None = None, *, role: str = "worker") -> Celery:
     settings = settings or Settings.from_env()
-    app = Celery("tollgate", include=TASK_MODULES)
+    app = TollgateCelery("tollgate", include=TASK_MODULES)
     app.conf.update(
         broker_url=settings.broker_url,
         result_backend=settings.result_backend,
         broker_transport_options=_broker_options(settings),
         broker_connection_retry_on_startup=True,
+        # Publishing happens on the request path (POST turn, upload): with the broker down,
+        # fail within about a second and let the beat recovery jobs re-send, instead of
+        # holding the request for Celery's default ~20 s of retries.
+        task_publish_retry_policy={
+            "max_retries": 2,
+            "interval_start": 0,
+            "interval_step": 0.2,
+            "interval_max": 0.5,
+        },
+        broker_connection_timeout=2,
+        # Results are only read for `ping`; ignoring them elsewhere keeps a down result
+        # store off the request path (the Redis backend subscribes on every send).
+        task_ignore_result=True,
+        result_backend_transport_options={
+            "retry_policy": {"max_retries": 2, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.5}
+        },
         task_queues=[Queue(name) for name in QUEUES],
         task_default_queue="turns",
         task_routes=TASK_ROUTES,
@@ -73,6 +98,7 @@ def create_celery_app(settings: Settings | None = None, *, role: str = "worker")
         enable_utc=True,
         beat_schedule={
             "recover-stuck-turns": {"task": "tollgate.recover_stuck_turns", "schedule": 30.0},
+            "recover-pending-files": {"task": "tollgate.recover_pending_files", "schedule": 60.0},
             "expire-holds": {"task": "tollgate.expire_holds", "schedule": 60.0},
             "sync-enforcement": {"task": "tollgate.sync_enforcement", "schedule": 60.0},
         },

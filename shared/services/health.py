@@ -85,7 +85,7 @@ def _check_broker(celery_app) -> dict:
 
 def _check_worker(celery_app, timeout: float) -> dict:
     try:
-        reply = celery_app.send_task("tollgate.ping").get(timeout=timeout)
+        reply = celery_app.send_task("tollgate.ping", ignore_result=False).get(timeout=timeout)
         return {"ok": reply == "pong"}
     except Exception as exc:
         return {"ok": False, "detail": type(exc).__name__}

@@ -215,7 +215,7 @@ class WorkerProcess:
             if self.process.poll() is not None:
                 raise RuntimeError(f"worker exited early; see {self.log_path}")
             try:
-                if celery_app.send_task("tollgate.ping").get(timeout=2) == "pong":
+                if celery_app.send_task("tollgate.ping", ignore_result=False).get(timeout=2) == "pong":
                     return
             except Exception:
                 time.sleep(0.2)

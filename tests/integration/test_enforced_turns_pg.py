@@ -65,7 +65,9 @@ def test_64_concurrent_turns_never_overdraw_a_wallet_that_covers_a_few(
     admitted = [r.get_json()["id"] for r in responses if r.status_code == 202]
     refused = [r.get_json() for r in responses if r.status_code == 402]
     assert len(admitted) + len(refused) == 64, statuses
-    assert 1 <= len(admitted) <= 5
+    # Each admission reserves ~0.0031 (worst case); finished turns capture less and release
+    # the rest, so a few more than 0.015 / 0.0031 may get in during the burst — but never all.
+    assert admitted and refused
     assert all(body["error"] == "insufficient_balance" for body in refused)
     assert {"balance", "available", "required"} <= set(refused[0])
     assert pg_db.scalar(select(func.count()).select_from(Turn)) == len(admitted)  # refusals left no row
@@ -73,6 +75,11 @@ def test_64_concurrent_turns_never_overdraw_a_wallet_that_covers_a_few(
         assert wait_for(pg_client, pg_user, turn_id)["status"] == "completed"
     wallet = assert_no_credit_reserved(pg_db, pg_user.id)
     assert wallet.balance >= 0
+    charged = sum(
+        Decimal(pg_client.get(f"/api/v1/turns/{turn_id}", headers=pg_user.headers).get_json()["cost"])
+        for turn_id in admitted
+    )
+    assert wallet.balance == Decimal("0.015") - charged - _summary_charges(pg_db, pg_user.id)
 
 
 def test_every_way_a_turn_ends_leaves_no_credit_reserved(
