@@ -1,10 +1,10 @@
 """Thin tasks: load by id, call the turn runner."""
 
 from celery import shared_task
-from shared.tools.registry import build_registry
 
 from shared.providers import build_provider
 from shared.services import turn_runner
+from shared.tools.registry import build_registry
 
 
 def _provider(runtime):
