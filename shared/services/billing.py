@@ -33,7 +33,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from shared.db import MONEY_QUANT, new_id, utcnow
-from shared.errors import IdempotencyConflict, InsufficientBalance, InvalidInput, NotFound
+from shared.errors import Conflict, IdempotencyConflict, InsufficientBalance, InvalidInput, NotFound
 from shared.models import Hold, LedgerEntry, UsageRollup, User, Wallet
 from shared.pagination import Listing
 from shared.services import audit, pricing
@@ -415,21 +415,76 @@ def record_summary_usage(
 # -- admin grants (own their transaction) --------------------------------------------------
 
 
-def _check_replay(entry: LedgerEntry, user_id: str, amount: Decimal, reason: str | None) -> LedgerEntry:
-    if entry.kind != "grant" or entry.user_id != user_id or entry.amount != amount or entry.reason != reason:
-        raise IdempotencyConflict("This Idempotency-Key was already used for a different grant.")
+def _check_replay(
+    entry: LedgerEntry, kind: str, user_id: str, amount: Decimal, reason: str | None
+) -> LedgerEntry:
+    if entry.kind != kind or entry.user_id != user_id or entry.amount != amount or entry.reason != reason:
+        raise IdempotencyConflict(f"This Idempotency-Key was already used for a different {kind}.")
     return entry
 
 
-def _grant_key(idempotency_key: str | None) -> str:
+def _client_key(kind: str, idempotency_key: str | None) -> str:
     if idempotency_key is None:
-        return f"grant:{new_id()}"
+        return f"{kind}:{new_id()}"
     if len(idempotency_key) > MAX_CLIENT_KEY_LENGTH or not idempotency_key.isprintable():
         raise InvalidInput(
             f"Idempotency-Key must be 1-{MAX_CLIENT_KEY_LENGTH} printable characters.",
             error="invalid_idempotency_key",
         )
-    return f"grant:{idempotency_key}"
+    return f"{kind}:{idempotency_key}"
+
+
+def _admin_entry(
+    session: Session,
+    *,
+    kind: str,
+    actor_id: str,
+    user_id: str,
+    value: Decimal,
+    reason: str | None,
+    idempotency_key: str | None,
+) -> LedgerEntry:
+    """One admin-initiated balance change (grant or adjustment), replay-safe. Commits."""
+    key = _client_key(kind, idempotency_key)
+    if session.get(User, user_id) is None:
+        raise NotFound("No such user.")
+    existing = _entry_by_key(session, key)
+    if existing is not None:
+        session.commit()  # ends the read transaction; nothing was written
+        return _check_replay(existing, kind, user_id, value, reason)
+    try:
+        wallet = _lock_wallet(session, user_id=user_id)
+        if value < 0 and wallet.available + value < 0:
+            raise Conflict(
+                "A negative adjustment may not take the available balance below zero.",
+                error="adjustment_exceeds_available",
+                available=money_str(wallet.available),
+                amount=money_str(value),
+            )
+        entry = _append(
+            session, wallet, kind=kind, key=key, amount=value, initiated_by=actor_id, reason=reason
+        )
+        audit.record(
+            session,
+            actor_id,
+            f"wallet.{kind}",
+            target_type="user",
+            target=user_id,
+            details={"amount": money_str(value), "ledger_entry_id": entry.id, "reason": reason},
+        )
+        session.commit()
+    except IntegrityError:
+        # A concurrent request with the same key committed first.
+        session.rollback()
+        existing = _entry_by_key(session, key)
+        session.commit()
+        if existing is None:
+            raise
+        return _check_replay(existing, kind, user_id, value, reason)
+    except Conflict:
+        session.rollback()
+        raise
+    return entry
 
 
 def grant_credit(
@@ -453,37 +508,55 @@ def grant_credit(
     :raises IdempotencyConflict: the key was used for another grant.
     """
     value = pricing.parse_money(amount, field="amount", error="invalid_amount")
-    key = _grant_key(idempotency_key)
     reason = (reason.strip() or None) if reason else None
-    if session.get(User, user_id) is None:
-        raise NotFound("No such user.")
-    existing = _entry_by_key(session, key)
-    if existing is not None:
-        session.commit()  # ends the read transaction; nothing was written
-        return _check_replay(existing, user_id, value, reason)
-    try:
-        wallet = _lock_wallet(session, user_id=user_id)
-        entry = _append(
-            session, wallet, kind="grant", key=key, amount=value, initiated_by=actor_id, reason=reason
-        )
-        audit.record(
-            session,
-            actor_id,
-            "wallet.grant",
-            target_type="user",
-            target=user_id,
-            details={"amount": money_str(value), "ledger_entry_id": entry.id, "reason": reason},
-        )
-        session.commit()
-    except IntegrityError:
-        # A concurrent request with the same key committed first.
-        session.rollback()
-        existing = _entry_by_key(session, key)
-        session.commit()
-        if existing is None:
-            raise
-        return _check_replay(existing, user_id, value, reason)
-    return entry
+    return _admin_entry(
+        session,
+        kind="grant",
+        actor_id=actor_id,
+        user_id=user_id,
+        value=value,
+        reason=reason,
+        idempotency_key=idempotency_key,
+    )
+
+
+def adjust_credit(
+    session: Session,
+    *,
+    actor_id: str,
+    user_id: str,
+    amount: object,
+    reason: str | None,
+    idempotency_key: str | None,
+) -> LedgerEntry:
+    """An admin correction: a signed, non-zero ``amount`` with a required reason. Commits.
+
+    A negative adjustment may not take ``available`` below zero, so a correction
+    never overdraws a wallet (nor eats credit reserved by in-flight turns).
+
+    :raises InvalidInput: ``invalid_amount``, ``reason_required``, ``invalid_idempotency_key``.
+    :raises Conflict: ``adjustment_exceeds_available``.
+    :raises NotFound: no such user.
+    :raises IdempotencyConflict: the key was used for another adjustment.
+    """
+    negative = isinstance(amount, str) and amount.strip().startswith("-")
+    if isinstance(amount, int | float | Decimal) and not isinstance(amount, bool) and amount < 0:
+        negative, amount = True, -amount
+    elif negative:
+        amount = amount.strip()[1:]
+    value = pricing.parse_money(amount, field="amount", error="invalid_amount")
+    reason = reason.strip() if reason else ""
+    if not reason:
+        raise InvalidInput("An adjustment needs a reason.", error="reason_required", field="reason")
+    return _admin_entry(
+        session,
+        kind="adjustment",
+        actor_id=actor_id,
+        user_id=user_id,
+        value=-value if negative else value,
+        reason=reason,
+        idempotency_key=idempotency_key,
+    )
 
 
 # -- reads ---------------------------------------------------------------------------------

@@ -11,7 +11,13 @@ from web.schemas.admin import (
     AuditEventSchema,
     EnforcementUpdateSchema,
 )
-from web.schemas.billing import GrantCreateSchema, LedgerEntrySchema, ModelPriceSchema, PriceUpdateSchema
+from web.schemas.billing import (
+    AdjustmentCreateSchema,
+    GrantCreateSchema,
+    LedgerEntrySchema,
+    ModelPriceSchema,
+    PriceUpdateSchema,
+)
 from web.schemas.common import ErrorSchema
 
 blp = Blueprint(
@@ -47,6 +53,25 @@ class Grants(MethodView):
     def post(self, data, user_id):
         """Grant credit to a user (replay-safe with an Idempotency-Key header)"""
         return billing.grant_credit(
+            db(),
+            actor_id=current_user().id,
+            user_id=user_id,
+            amount=data["amount"],
+            reason=data["reason"],
+            idempotency_key=idempotency_key(),
+        )
+
+
+@blp.route("/users/<string:user_id>/adjustments")
+class Adjustments(MethodView):
+    @blp.arguments(AdjustmentCreateSchema)
+    @blp.response(201, LedgerEntrySchema)
+    @blp.alt_response(
+        409, schema=ErrorSchema, description="`adjustment_exceeds_available`, `idempotency_conflict`"
+    )
+    def post(self, data, user_id):
+        """Adjust a user's balance by a signed amount, with a reason (replay-safe)"""
+        return billing.adjust_credit(
             db(),
             actor_id=current_user().id,
             user_id=user_id,

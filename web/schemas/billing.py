@@ -41,6 +41,15 @@ class GrantCreateSchema(BaseSchema):
     reason = fields.String(load_default=None, allow_none=True, validate=validate.Length(max=500))
 
 
+class AdjustmentCreateSchema(BaseSchema):
+    amount = fields.Raw(
+        required=True,
+        allow_none=True,
+        metadata={"description": 'Signed decimal string, e.g. "-2.50" or "5"; not zero, at most 6 places'},
+    )
+    reason = fields.String(required=True, validate=validate.Length(min=1, max=500))
+
+
 class PriceUpdateSchema(BaseSchema):
     input_per_1k = fields.Raw(required=True, allow_none=True, metadata=PRICE_DOC)
     output_per_1k = fields.Raw(required=True, allow_none=True, metadata=PRICE_DOC)
