@@ -47,6 +47,18 @@ class IdempotencyConflict(Conflict):
     message = "This Idempotency-Key was already used with a different request body."
 
 
+class FileTooLarge(DomainError):
+    status_code = 413
+    error = "file_too_large"
+    message = "The file is larger than the upload limit."
+
+
+class UnsupportedMediaType(DomainError):
+    status_code = 415
+    error = "unsupported_media_type"
+    message = "Only .txt, .md, .csv, .json (UTF-8 text) and .pdf files can be uploaded."
+
+
 class InsufficientBalance(DomainError):
     status_code = 402
     error = "insufficient_balance"

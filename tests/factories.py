@@ -31,3 +31,23 @@ def make_actor(session: Session, role: str = "user", email: str | None = None) -
     email = email or f"{role}{next(_counter)}@example.test"
     user, issued = auth.create_user(session, email, role)
     return Actor(user=user, key=issued.secret)
+
+
+def make_completed_turn(db: Session, chat, seq: int, content: str, reply: str | None = None):
+    """A completed turn row in ``chat`` (a ChatSession), as the turn runner leaves one."""
+    from shared.models import Turn
+
+    turn = Turn(
+        session_id=chat.id,
+        room_id=chat.room_id,
+        user_id=chat.user_id,
+        seq=seq,
+        status="completed",
+        content=content,
+        reply=reply,
+        model="offline-small",
+        max_output_tokens=256,
+    )
+    db.add(turn)
+    db.commit()
+    return turn

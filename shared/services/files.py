@@ -23,7 +23,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session, undefer
 
 from shared.db import utcnow
-from shared.errors import DomainError, InvalidInput, NotFound
+from shared.errors import FileTooLarge, InvalidInput, NotFound, UnsupportedMediaType
 from shared.models import UploadedFile
 from shared.pagination import Listing
 from shared.services.rooms import owned_room
@@ -52,18 +52,6 @@ INGEST_GIVE_UP_AFTER = timedelta(hours=1)
 _PATH_SEPARATORS = re.compile(r"[/\\]")
 _RESERVED_CHARS = re.compile(r'[<>:"|?*]')
 _DROPPED_CATEGORIES = {"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"}
-
-
-class FileTooLarge(DomainError):
-    status_code = 413
-    error = "file_too_large"
-    message = "The file is larger than the upload limit."
-
-
-class UnsupportedMediaType(DomainError):
-    status_code = 415
-    error = "unsupported_media_type"
-    message = "Only .txt, .md, .csv, .json (UTF-8 text) and .pdf files can be uploaded."
 
 
 class ExtractionError(Exception):

@@ -9,11 +9,11 @@ import time
 import pytest
 from sqlalchemy import text
 
-from shared.models import ChatSession, Room, Turn, UploadedFile
+from shared.models import ChatSession, Room, UploadedFile
 from shared.services import files
 from shared.tools.registry import ToolContext, build_registry
 from shared.tools.search import FILE_VECTOR, TURN_VECTOR
-from tests.factories import make_actor
+from tests.factories import make_actor, make_completed_turn
 from tests.web.test_files import make_pdf
 
 TIMEOUT = 10.0
@@ -50,23 +50,6 @@ def add_file(db, room: Room, filename: str, body: str, status: str = "ready") ->
     db.add(stored)
     db.commit()
     return stored
-
-
-def add_turn(db, chat: ChatSession, seq: int, content: str, reply: str) -> Turn:
-    turn = Turn(
-        session_id=chat.id,
-        room_id=chat.room_id,
-        user_id=chat.user_id,
-        seq=seq,
-        status="completed",
-        content=content,
-        reply=reply,
-        model="offline-small",
-        max_output_tokens=256,
-    )
-    db.add(turn)
-    db.commit()
-    return turn
 
 
 def ctx_for(db, chat: ChatSession, before_seq: int | None = None) -> ToolContext:
@@ -128,15 +111,17 @@ def test_postgres_search_mixes_files_and_earlier_turns_and_isolates_everyone_els
     room, session = chat
     mine = add_file(pg_db, room, "kiwi.txt", "Kiwi orchard yields.")
     add_file(pg_db, room, "pending.txt", "kiwi pending", status="pending")
-    earlier = add_turn(pg_db, session, 1, "Tell me about kiwi harvests", "Kiwi harvests peak in May.")
-    add_turn(pg_db, session, 2, "kiwi again (the current turn)", "")
+    earlier = make_completed_turn(
+        pg_db, session, 1, "Tell me about kiwi harvests", "Kiwi harvests peak in May."
+    )
+    make_completed_turn(pg_db, session, 2, "kiwi again (the current turn)", "")
     other_room, other_session = add_room(pg_db, pg_user.id)
     add_file(pg_db, other_room, "other.txt", "kiwi in another room")
-    add_turn(pg_db, other_session, 1, "kiwi in another session", "kiwi")
+    make_completed_turn(pg_db, other_session, 1, "kiwi in another session", "kiwi")
     stranger = make_actor(pg_db)
     stranger_room, stranger_session = add_room(pg_db, stranger.id)
     add_file(pg_db, stranger_room, "stranger.txt", "kiwi of a stranger")
-    add_turn(pg_db, stranger_session, 1, "kiwi of a stranger", "kiwi")
+    make_completed_turn(pg_db, stranger_session, 1, "kiwi of a stranger", "kiwi")
 
     result = registry.call(
         "search", {"query": "kiwi"}, ctx_for(pg_db, session, before_seq=2), timeout=TIMEOUT

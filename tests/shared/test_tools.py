@@ -7,10 +7,10 @@ import time
 
 import pytest
 
-from shared.models import ChatSession, Room, Turn, UploadedFile
+from shared.models import ChatSession, Room, UploadedFile
 from shared.tools.base import Tool, ToolContext, ToolResult
 from shared.tools.registry import ArgumentError, ToolRegistry, build_registry, validate_arguments
-from tests.factories import make_actor
+from tests.factories import make_actor, make_completed_turn
 
 TIMEOUT = 5.0
 
@@ -47,23 +47,6 @@ def add_file(db, room: Room, filename: str, text: str | None, status: str = "rea
     db.add(stored)
     db.commit()
     return stored
-
-
-def add_turn(db, chat: ChatSession, seq: int, content: str, reply: str | None = None) -> Turn:
-    turn = Turn(
-        session_id=chat.id,
-        room_id=chat.room_id,
-        user_id=chat.user_id,
-        seq=seq,
-        status="completed",
-        content=content,
-        reply=reply,
-        model="offline-small",
-        max_output_tokens=256,
-    )
-    db.add(turn)
-    db.commit()
-    return turn
 
 
 def context(db, chat: ChatSession, before_seq: int | None = None) -> ToolContext:
@@ -188,10 +171,10 @@ def test_search_ranks_the_more_relevant_file_first_with_marked_snippets(db, chat
 
 def test_search_covers_earlier_turns_of_the_session_only(db, chat, registry):
     room, session = chat
-    earlier = add_turn(db, session, 1, "My favourite colour is turquoise.", "Noted: turquoise.")
-    add_turn(db, session, 2, "Turquoise again, in the current turn.")
+    earlier = make_completed_turn(db, session, 1, "My favourite colour is turquoise.", "Noted: turquoise.")
+    make_completed_turn(db, session, 2, "Turquoise again, in the current turn.")
     _, other_session = add_room(db, room.user_id, "elsewhere")
-    add_turn(db, other_session, 1, "Turquoise in another session.")
+    make_completed_turn(db, other_session, 1, "Turquoise in another session.")
 
     result = registry.call(
         "search", {"query": "turquoise"}, context(db, session, before_seq=2), timeout=TIMEOUT
@@ -212,7 +195,7 @@ def test_search_never_returns_other_rooms_users_or_files_that_are_not_ready(db, 
     stranger = make_actor(db)
     stranger_room, stranger_session = add_room(db, stranger.id)
     add_file(db, stranger_room, "stranger.txt", "zebra of a stranger")
-    add_turn(db, stranger_session, 1, "zebra said by a stranger")
+    make_completed_turn(db, stranger_session, 1, "zebra said by a stranger")
 
     result = registry.call("search", {"query": "zebra"}, context(db, session), timeout=TIMEOUT)
     assert [h.get("file_id") for h in result.data["results"]] == [mine.id]

@@ -5,6 +5,7 @@ from flask.views import MethodView
 from flask_smorest import Blueprint, Page
 from werkzeug.exceptions import RequestEntityTooLarge
 
+from shared.errors import FileTooLarge
 from shared.services import files
 from web.context import current_user, db, runtime
 from web.errors import error_body
@@ -19,7 +20,7 @@ def _body_too_large(_exc):
     # Werkzeug refuses bodies past MAX_CONTENT_LENGTH before the service sees them;
     # for an upload that is the same answer as the service's own size check.
     limit = runtime().settings.max_upload_bytes
-    body = error_body(413, files.FileTooLarge.message, files.FileTooLarge.error, max_bytes=limit)
+    body = error_body(413, FileTooLarge.message, FileTooLarge.error, max_bytes=limit)
     return body, 413
 
 
