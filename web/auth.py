@@ -10,7 +10,7 @@ from __future__ import annotations
 from apispec import BasePlugin
 from flask import g, request
 
-from shared.errors import Forbidden
+from shared.errors import Forbidden, NotFound
 from shared.services import auth as auth_service
 from web.context import db
 
@@ -40,6 +40,9 @@ def authenticate_request() -> None:
     """``before_request`` hook. Unrouted URLs fall through to a plain 404."""
     if request.url_rule is None:
         return
+    if any("\x00" in str(value) for value in (request.view_args or {}).values()):
+        # No id holds a NUL; refusing it here keeps it away from the database.
+        raise NotFound()
     role = required_role(request.url_rule.rule)
     if role is None:
         return

@@ -92,3 +92,24 @@ def test_the_app_factory_is_free_of_import_side_effects():
     import web.app
 
     assert not any(isinstance(value, Flask) for value in vars(web.app).values())
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/api/v1/rooms", {"name": "a\u0000b"}),
+        ("/api/v1/admin/users", {"email": "x\u0000@y.co"}),
+        ("/api/v1/admin/users", {"email": "x@y.co", "role": "user\u0000"}),
+    ],
+)
+def test_nul_characters_are_a_422_not_a_database_error(client, admin, path, body):
+    response = client.post(path, json=body, headers=admin.headers)
+    assert response.status_code == 422
+    assert response.get_json()["error"] == "validation_error"
+
+
+def test_nul_characters_in_path_ids_are_a_404(client, admin):
+    for path in ("/api/v1/admin/users/%00/api-keys", "/api/v1/turns/a%00b", "/api/v1/admin/users/%00/ledger"):
+        response = client.get(path, headers=admin.headers)
+        assert response.status_code == 404, path
+        assert response.get_json()["error"] == "not_found"

@@ -4,17 +4,36 @@ from __future__ import annotations
 
 from decimal import Decimal
 
-from marshmallow import RAISE, Schema, fields
+from marshmallow import RAISE, Schema, ValidationError, fields, pre_load
 
 from shared.db import MONEY_QUANT
 
 
+def _has_nul(value) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
+    if isinstance(value, list | tuple):
+        return any(_has_nul(v) for v in value)
+    return False
+
+
 class BaseSchema(Schema):
-    """Every schema rejects unknown fields."""
+    """Every schema rejects unknown fields, and NUL characters anywhere in its input
+    (Postgres text cannot hold them; they would otherwise fail at the database)."""
 
     class Meta:
         unknown = RAISE
         ordered = True
+
+    @pre_load
+    def _refuse_nul(self, data, **_kwargs):
+        if isinstance(data, dict):
+            bad = [str(key) for key, value in data.items() if _has_nul(key) or _has_nul(value)]
+            if bad:
+                raise ValidationError({key: ["NUL characters are not allowed."] for key in bad})
+        return data
 
 
 class Money(fields.Decimal):
