@@ -16,7 +16,7 @@ from web.errors import register_error_handlers
 from web.schemas.common import ErrorSchema
 from worker.celery_app import create_celery_app
 
-BLUEPRINT_MODULES = ("health", "me", "admin_users", "chat", "wallet", "admin_billing", "files")
+BLUEPRINT_MODULES = ("health", "me", "admin_users", "chat", "wallet", "admin_billing", "files", "admin_usage")
 
 # Bodies other than uploads are small; anything beyond this is refused with 413 early.
 REQUEST_OVERHEAD_BYTES = 64 * 1024

@@ -1,0 +1,568 @@
+"""Usage summaries: day / week / month buckets over the hourly rollups, and CSV export.
+
+Usage is pre-aggregated per (user, model, UTC hour) in ``usage_rollups`` by
+``services/billing.py`` in the same transaction as the debit, so a summary
+reads at most one row per user, model and hour, never the turns.
+
+**Bucketing rule (both dialects, every zone).** A rollup hour belongs to the
+local date of its *start*: ``hour_start`` converted to the requested zone.
+For zones whose offset is a whole number of hours (UTC, Europe/Berlin in
+winter and summer alike) this is exact. For zones with a half- or
+quarter-hour offset (Asia/Kolkata +05:30, Asia/Kathmandu +05:45) an hourly
+rollup straddles local midnight; the whole hour goes to the day it starts in,
+so up to 30 (45) minutes of usage just after local midnight is counted on the
+previous day. The rollups are hourly by schema, so no finer split is possible.
+``start``/``end`` select the same hours: those whose local start lies in
+``[start 00:00, end+1 00:00)``.
+
+Postgres buckets with ``date_trunc`` over ``hour_start AT TIME ZONE tz``;
+SQLite shifts ``hour_start`` by the zone's UTC offset with date modifiers
+(one ``CASE`` arm per offset in force during the range, computed here from
+the IANA database) and truncates with ``'weekday 0', '-6 days'`` /
+``'start of month'``. Both answer identically (tests run one suite on both).
+
+``summary_from_turns`` computes the same summary from the raw completed turns
+with a plain ``GROUP BY date_trunc``: the oracle of the tests and the baseline
+of ``bench/usage.py``. Summary-refresh tokens are billed into the rollups with
+``turns=0`` and have no turn row, so they appear only in ``summarize``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import re
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal
+from functools import lru_cache
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
+
+from sqlalchemy import Integer, case, cast, func, literal, literal_column, select
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.orm import Session
+
+from shared.db import MONEY_QUANT, UTCDateTime
+from shared.errors import InvalidInput
+from shared.models import Turn, UsageRollup
+
+BUCKETS = ("day", "week", "month")
+GROUP_BY = ("user", "model")
+DEFAULT_RANGE_DAYS = 30
+MAX_RANGE_DAYS = 3660  # ten years and change; beyond that a summary is a data export
+MIN_DATE = date(1970, 1, 1)
+MAX_DATE = date(9998, 12, 31)
+MAX_MODEL_LENGTH = 200
+EXPORT_BATCH = 1000
+_DATE_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+_HOUR = timedelta(hours=1)
+_DAY = timedelta(days=1)
+_MICRO = Decimal("0.000001")
+
+
+# -- the query --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class UsageQuery:
+    """A validated request. ``bucket`` may be unknown: totals only, no buckets."""
+
+    bucket: str
+    start: date
+    end: date
+    tz: str = "UTC"
+    user_id: str | None = None
+    model: str | None = None
+    group_by: str | None = None
+
+    @property
+    def zone(self) -> ZoneInfo:
+        return ZoneInfo(self.tz)
+
+    @property
+    def known_bucket(self) -> bool:
+        return self.bucket in BUCKETS
+
+
+@dataclass
+class UsageTotals:
+    turns: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cost: Decimal = Decimal("0.000000")
+
+    def add(self, other: UsageTotals) -> None:
+        self.turns += other.turns
+        self.input_tokens += other.input_tokens
+        self.output_tokens += other.output_tokens
+        self.cost += other.cost
+
+
+@dataclass
+class UsageBucket(UsageTotals):
+    bucket_start: date = MIN_DATE
+    user_id: str | None = None
+    model: str | None = None
+
+
+@dataclass
+class UsageSummary:
+    bucket: str
+    start: date
+    end: date
+    totals: UsageTotals
+    daily: list[UsageBucket] = field(default_factory=list)
+
+
+def _invalid(field_name: str, error: str, message: str) -> InvalidInput:
+    return InvalidInput(message, error=error, field=field_name, errors={"query": {field_name: [message]}})
+
+
+@lru_cache(maxsize=1)
+def _zone_names() -> frozenset[str]:
+    return frozenset(available_timezones())
+
+
+def parse_zone(name: str | None) -> str:
+    """The IANA zone name, ``UTC`` when absent. :raises InvalidInput: ``invalid_timezone``."""
+    if name is None or name == "":
+        return "UTC"
+    if name not in _zone_names():
+        raise _invalid("tz", "invalid_timezone", f"Unknown time zone {name[:64]!r}; use an IANA name.")
+    try:
+        ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError) as exc:
+        raise _invalid("tz", "invalid_timezone", f"Unknown time zone {name[:64]!r}.") from exc
+    return name
+
+
+def _parse_date(raw: str | None, field_name: str) -> date | None:
+    if raw is None or raw == "":
+        return None
+    message = f"{field_name} must be a date YYYY-MM-DD between {MIN_DATE} and {MAX_DATE}."
+    if not _DATE_RE.match(raw):
+        raise _invalid(field_name, "invalid_date", message)
+    try:
+        value = date.fromisoformat(raw)
+    except ValueError as exc:
+        raise _invalid(field_name, "invalid_date", message) from exc
+    if not MIN_DATE <= value <= MAX_DATE:
+        raise _invalid(field_name, "invalid_date", message)
+    return value
+
+
+def parse_query(
+    *,
+    bucket: str | None = None,
+    start: str | None = None,
+    end: str | None = None,
+    user_id: str | None = None,
+    model: str | None = None,
+    tz: str | None = None,
+    group_by: str | None = None,
+    today: date | None = None,
+) -> UsageQuery:
+    """Validate raw query-string values.
+
+    Defaults: ``bucket=day``, ``tz=UTC``, ``end`` = today in ``tz``, ``start`` =
+    ``end - 29 days``. An unknown ``bucket`` is kept (the summary then has totals only).
+
+    :raises InvalidInput: ``invalid_date``, ``invalid_range`` (start after end),
+        ``range_too_large``, ``invalid_user_id``, ``invalid_timezone``,
+        ``invalid_model``, ``invalid_group_by``.
+    """
+    tz_name = parse_zone(tz)
+    start_date = _parse_date(start, "start")
+    end_date = _parse_date(end, "end")
+    if end_date is None:
+        end_date = today or datetime.now(ZoneInfo(tz_name)).date()
+    if start_date is None:
+        start_date = end_date - timedelta(days=DEFAULT_RANGE_DAYS - 1)
+    if start_date > end_date:
+        raise _invalid("start", "invalid_range", f"start ({start_date}) is after end ({end_date}).")
+    if (end_date - start_date).days + 1 > MAX_RANGE_DAYS:
+        raise _invalid("end", "range_too_large", f"The range may span at most {MAX_RANGE_DAYS} days.")
+    if user_id is not None and user_id != "":
+        try:
+            parsed = uuid.UUID(user_id)
+        except (ValueError, AttributeError) as exc:
+            raise _invalid("user_id", "invalid_user_id", "user_id must be a UUID.") from exc
+        if len(user_id) != 36:
+            raise _invalid("user_id", "invalid_user_id", "user_id must be a UUID (36 characters).")
+        user_id = str(parsed)
+    else:
+        user_id = None
+    if model is not None and len(model) > MAX_MODEL_LENGTH:
+        raise _invalid("model", "invalid_model", f"model may be at most {MAX_MODEL_LENGTH} characters.")
+    if group_by is not None and group_by != "" and group_by not in GROUP_BY:
+        raise _invalid("group_by", "invalid_group_by", "group_by must be user or model.")
+    return UsageQuery(
+        bucket=bucket if bucket not in (None, "") else "day",
+        start=start_date,
+        end=end_date,
+        tz=tz_name,
+        user_id=user_id,
+        model=model or None,
+        group_by=group_by or None,
+    )
+
+
+# -- pure bucketing rules (the SQL below implements exactly these) -----------------------
+
+
+def ceil_hour(moment: datetime) -> datetime:
+    floor = moment.replace(minute=0, second=0, microsecond=0)
+    return floor if floor == moment else floor + _HOUR
+
+
+def utc_window(start: date, end: date, zone: ZoneInfo) -> tuple[datetime, datetime]:
+    """``[lo, hi)`` in UTC, hour-aligned: the hours whose local start lies in [start, end+1 day)."""
+
+    def midnight(day: date) -> datetime:
+        # A local midnight that does not exist (a DST gap at 00:00) resolves forward (fold=0
+        # gives the pre-transition offset, i.e. the instant just after the gap).
+        return datetime(day.year, day.month, day.day, tzinfo=zone).astimezone(UTC)
+
+    return ceil_hour(midnight(start)), ceil_hour(midnight(end + _DAY))
+
+
+def local_day(hour_start: datetime, zone: ZoneInfo) -> date:
+    """The local date a rollup hour counts on: the date of its start in ``zone``."""
+    return hour_start.astimezone(zone).date()
+
+
+def bucket_start(day: date, bucket: str) -> date:
+    """The first day of ``day``'s bucket: itself, its ISO week's Monday, or the 1st."""
+    if bucket == "day":
+        return day
+    if bucket == "week":
+        return day - timedelta(days=day.weekday())
+    if bucket == "month":
+        return day.replace(day=1)
+    raise ValueError(f"unknown bucket {bucket!r}")
+
+
+def _offset_minutes(moment: datetime, zone: ZoneInfo) -> int:
+    return int(moment.astimezone(zone).utcoffset().total_seconds() // 60)
+
+
+def offset_segments(zone: ZoneInfo, lo: datetime, hi: datetime) -> list[tuple[datetime | None, int]]:
+    """The zone's UTC offset (minutes) at each hour start in ``[lo, hi)``, as segments.
+
+    ``[(until, minutes), ...]``: ``minutes`` applies to hours before ``until``; the
+    last segment's ``until`` is ``None``. Walks day by day and scans the hours of
+    any day whose offset changed, so it finds every transition that lasts a day.
+    """
+    current = _offset_minutes(lo, zone)
+    segments: list[tuple[datetime | None, int]] = []
+    day_start = lo
+    while day_start < hi:
+        day_end = min(day_start + _DAY, hi)
+        if _offset_minutes(day_end - _HOUR, zone) != current:
+            moment = day_start
+            while moment < day_end:
+                minutes = _offset_minutes(moment, zone)
+                if minutes != current:
+                    segments.append((moment, current))
+                    current = minutes
+                moment += _HOUR
+        day_start = day_end
+    segments.append((None, current))
+    return segments
+
+
+# -- SQL --------------------------------------------------------------------------------
+
+
+def _sqlite_modifier(minutes: int) -> str:
+    return f"{minutes:+d} minutes"
+
+
+def _bucket_expr(dialect: str, query: UsageQuery, hour_expr, compare_col, lo: datetime, hi: datetime):
+    """SQL for the local bucket start of an hour.
+
+    ``hour_expr`` is the UTC hour start (timestamptz on Postgres, a UTC text
+    timestamp on SQLite); ``compare_col`` is a column comparable with bound
+    UTC datetimes that lies in the same hour (used for the SQLite offset arms).
+    """
+    if dialect == "postgresql":
+        return func.date_trunc(query.bucket, func.timezone(query.tz, hour_expr))
+    segments = offset_segments(query.zone, lo, hi)
+    if len(segments) == 1:
+        modifier = literal(_sqlite_modifier(segments[0][1]))
+    else:
+        modifier = case(
+            *[
+                (compare_col < literal(until, UTCDateTime()), _sqlite_modifier(minutes))
+                for until, minutes in segments[:-1]
+            ],
+            else_=_sqlite_modifier(segments[-1][1]),
+        )
+    truncation = {"day": (), "week": ("weekday 0", "-6 days"), "month": ("start of month",)}[query.bucket]
+    return func.date(hour_expr, modifier, *truncation)
+
+
+def _sum_cost(dialect: str, cost_col):
+    if dialect == "postgresql":
+        return func.sum(cost_col)
+    # SQLite keeps NUMERIC as REAL: sum whole micro-units so the total is exact.
+    return func.sum(cast(func.round(cost_col * 1_000_000), Integer))
+
+
+def _to_cost(dialect: str, value) -> Decimal:
+    if value is None:
+        return Decimal("0").quantize(MONEY_QUANT)
+    if dialect == "postgresql":
+        return Decimal(value).quantize(MONEY_QUANT)
+    return (Decimal(int(value)) * _MICRO).quantize(MONEY_QUANT)
+
+
+def _to_date(value) -> date:
+    if isinstance(value, datetime):
+        return value.date()
+    if isinstance(value, date):
+        return value
+    return date.fromisoformat(str(value)[:10])
+
+
+def _group_column(query: UsageQuery, source):
+    if query.group_by == "user":
+        return source.user_id
+    if query.group_by == "model":
+        return source.model
+    return None
+
+
+def _rollup_statement(dialect: str, query: UsageQuery, lo: datetime, hi: datetime):
+    """Two stages: sum per hour (and group key) first, then map the few distinct
+    hours to local buckets, so the zone arithmetic runs once per hour, not per row."""
+    key_col = _group_column(query, UsageRollup)
+    inner_cols = [
+        UsageRollup.hour_start.label("hour_start"),
+        func.sum(UsageRollup.turns).label("turns"),
+        func.sum(UsageRollup.input_tokens).label("input_tokens"),
+        func.sum(UsageRollup.output_tokens).label("output_tokens"),
+        _sum_cost(dialect, UsageRollup.cost).label("cost"),
+    ]
+    group = [UsageRollup.hour_start]
+    if key_col is not None:
+        inner_cols.append(key_col.label("group_key"))
+        group.append(key_col)
+    inner = select(*inner_cols).where(UsageRollup.hour_start >= lo, UsageRollup.hour_start < hi)
+    if query.user_id:
+        inner = inner.where(UsageRollup.user_id == query.user_id)
+    if query.model:
+        inner = inner.where(UsageRollup.model == query.model)
+    hourly = inner.group_by(*group).subquery("hourly")
+    if not query.known_bucket:
+        return select(
+            func.sum(hourly.c.turns),
+            func.sum(hourly.c.input_tokens),
+            func.sum(hourly.c.output_tokens),
+            func.sum(hourly.c.cost),
+        )
+    bucket = _bucket_expr(dialect, query, hourly.c.hour_start, hourly.c.hour_start, lo, hi).label("bucket")
+    keyed = [hourly.c.group_key] if key_col is not None else []
+    mapped = select(
+        bucket, *keyed, hourly.c.turns, hourly.c.input_tokens, hourly.c.output_tokens, hourly.c.cost
+    ).subquery("mapped")
+    outer_keys = [mapped.c.bucket] + ([mapped.c.group_key] if key_col is not None else [])
+    return (
+        select(
+            *outer_keys,
+            func.sum(mapped.c.turns),
+            func.sum(mapped.c.input_tokens),
+            func.sum(mapped.c.output_tokens),
+            func.sum(mapped.c.cost),
+        )
+        .group_by(*outer_keys)
+        .order_by(*outer_keys)
+    )
+
+
+def _turns_statement(dialect: str, query: UsageQuery, lo: datetime, hi: datetime):
+    """The baseline: one plain GROUP BY over the completed turns, each turn
+    counted in the UTC hour of its ``completed_at`` (the rollup's hour)."""
+    if dialect == "postgresql":
+        hour_expr = func.timezone("UTC", func.date_trunc("hour", func.timezone("UTC", Turn.completed_at)))
+    else:
+        hour_expr = func.strftime("%Y-%m-%d %H:00:00", Turn.completed_at)
+    key_col = _group_column(query, Turn)
+    measures = [
+        func.count(),
+        func.sum(Turn.input_tokens),
+        func.sum(Turn.output_tokens),
+        _sum_cost(dialect, func.coalesce(Turn.cost, 0)),
+    ]
+    keys = []
+    if query.known_bucket:
+        keys.append(_bucket_expr(dialect, query, hour_expr, Turn.completed_at, lo, hi).label("bucket"))
+    if key_col is not None and query.known_bucket:
+        keys.append(key_col.label("group_key"))
+    statement = select(*keys, *measures).where(
+        Turn.status == "completed", Turn.completed_at >= lo, Turn.completed_at < hi
+    )
+    if query.user_id:
+        statement = statement.where(Turn.user_id == query.user_id)
+    if query.model:
+        statement = statement.where(Turn.model == query.model)
+    if keys:
+        # Positional GROUP BY: the bucket expression carries bound parameters that
+        # Postgres would otherwise see twice, as different placeholders.
+        positions = [literal_column(str(index + 1)) for index in range(len(keys))]
+        statement = statement.group_by(*positions).order_by(*positions)
+    return statement
+
+
+def _rows(session: Session, statement, *, stream: bool = False):
+    if stream:
+        statement = statement.execution_options(stream_results=True, yield_per=EXPORT_BATCH)
+    try:
+        return session.execute(statement)
+    except DBAPIError as exc:
+        # Python and Postgres each carry an IANA database; a name only Python knows
+        # is still the caller's bad input, not a server error.
+        session.rollback()
+        if "time zone" in str(exc.orig).lower():
+            raise _invalid("tz", "invalid_timezone", "This time zone is unknown to the database.") from exc
+        raise
+
+
+def _bucket_rows(session: Session, query: UsageQuery, statement, *, stream: bool = False):
+    dialect = session.get_bind().dialect.name
+    keyed = query.group_by is not None
+    for row in _rows(session, statement, stream=stream):
+        values = list(row)
+        bucket_value = values.pop(0)
+        group_key = values.pop(0) if keyed else None
+        turns, input_tokens, output_tokens, cost = values
+        yield UsageBucket(
+            bucket_start=_to_date(bucket_value),
+            user_id=group_key if query.group_by == "user" else None,
+            model=group_key if query.group_by == "model" else None,
+            turns=int(turns or 0),
+            input_tokens=int(input_tokens or 0),
+            output_tokens=int(output_tokens or 0),
+            cost=_to_cost(dialect, cost),
+        )
+
+
+def _summary(session: Session, query: UsageQuery, build) -> UsageSummary:
+    dialect = session.get_bind().dialect.name
+    lo, hi = utc_window(query.start, query.end, query.zone)
+    statement = build(dialect, query, lo, hi)
+    totals = UsageTotals(cost=Decimal("0").quantize(MONEY_QUANT))
+    daily: list[UsageBucket] = []
+    if query.known_bucket:
+        for bucket in _bucket_rows(session, query, statement):
+            daily.append(bucket)
+            totals.add(bucket)
+    else:
+        turns, input_tokens, output_tokens, cost = _rows(session, statement).one()
+        totals = UsageTotals(
+            turns=int(turns or 0),
+            input_tokens=int(input_tokens or 0),
+            output_tokens=int(output_tokens or 0),
+            cost=_to_cost(dialect, cost),
+        )
+    return UsageSummary(bucket=query.bucket, start=query.start, end=query.end, totals=totals, daily=daily)
+
+
+def summarize(session: Session, query: UsageQuery) -> UsageSummary:
+    """Buckets and totals from the hourly rollups (see the module doc for the rules).
+
+    ``group_by`` is ignored here (the summary is one series); buckets are ascending
+    and only those with usage appear. An unknown bucket gives totals and no buckets.
+    """
+    return _summary(session, _ungrouped(query), _rollup_statement)
+
+
+def summary_from_turns(session: Session, query: UsageQuery) -> UsageSummary:
+    """The same summary from raw completed turns: the oracle and the benchmark baseline."""
+    return _summary(session, _ungrouped(query), _turns_statement)
+
+
+def _ungrouped(query: UsageQuery) -> UsageQuery:
+    if query.group_by is None:
+        return query
+    return UsageQuery(query.bucket, query.start, query.end, query.tz, query.user_id, query.model)
+
+
+def usage_summary(session: Session, **params: str | None) -> UsageSummary:
+    """Parse the query-string values and summarise. :raises InvalidInput: see ``parse_query``."""
+    return summarize(session, parse_query(**params))
+
+
+# -- CSV --------------------------------------------------------------------------------
+
+CSV_COLUMNS = ("bucket_start", "turns", "input_tokens", "output_tokens", "cost")
+
+
+def csv_header(group_by: str | None) -> list[str]:
+    key = {"user": ["user_id"], "model": ["model"]}.get(group_by or "", [])
+    return [CSV_COLUMNS[0], *key, *CSV_COLUMNS[1:]]
+
+
+def export_csv(session: Session, **params: str | None) -> Iterator[str]:
+    """Validate now, then stream CSV lines (RFC 4180 quoting, CRLF line ends).
+
+    Columns: ``bucket_start`` (local ISO date), then ``user_id`` or ``model``
+    with ``group_by``, then ``turns, input_tokens, output_tokens, cost``.
+    Rows ascend by bucket, then by the group key. An unknown bucket yields the
+    header alone (the summary's ``daily: []``).
+
+    :raises InvalidInput: as ``parse_query``, before the first line is produced.
+    """
+    query = parse_query(**params)
+    dialect = session.get_bind().dialect.name
+    lo, hi = utc_window(query.start, query.end, query.zone)
+    # Build (and so validate) the statement before the response starts streaming.
+    statement = _rollup_statement(dialect, query, lo, hi) if query.known_bucket else None
+    return _csv_lines(session, query, statement)
+
+
+def _csv_lines(session: Session, query: UsageQuery, statement) -> Iterator[str]:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\r\n")
+
+    def flush() -> str:
+        text = buffer.getvalue()
+        buffer.seek(0)
+        buffer.truncate()
+        return text
+
+    writer.writerow(csv_header(query.group_by))
+    yield flush()
+    if statement is None:
+        return
+    if session.get_bind().dialect.name == "postgresql":
+        buckets = _bucket_rows(session, query, statement, stream=True)  # server-side cursor
+    else:
+        # SQLite: a web transaction holds the database's write lock (BEGIN IMMEDIATE), so
+        # read everything and end the transaction before a slow client reads the body.
+        buckets = list(_bucket_rows(session, query, statement))
+        session.rollback()
+    pending = 0
+    try:
+        for bucket in buckets:
+            key = {"user": [bucket.user_id], "model": [bucket.model]}.get(query.group_by or "", [])
+            writer.writerow(
+                [
+                    bucket.bucket_start.isoformat(),
+                    *key,
+                    bucket.turns,
+                    bucket.input_tokens,
+                    bucket.output_tokens,
+                    format(bucket.cost, "f"),
+                ]
+            )
+            pending += 1
+            if pending >= EXPORT_BATCH:
+                pending = 0
+                yield flush()
+        if pending:
+            yield flush()
+    finally:
+        session.rollback()  # read-only; end the snapshot as soon as the body is written

@@ -1,0 +1,76 @@
+"""The usage suite of ``tests/web/test_usage_api.py`` again, on Postgres.
+
+The tests are imported, not copied: pytest collects them here too and resolves
+``usage_env`` from this module, so every expectation (literal buckets, totals,
+CSV rows) must hold on both dialects — one suite, identical answers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import date
+from zoneinfo import ZoneInfo
+
+import pytest
+from sqlalchemy import text
+
+from shared.errors import InvalidInput
+from shared.services import usage
+from tests.web.test_usage_api import (  # noqa: F401 - collected again with the Postgres usage_env
+    UsageEnv,
+    seed,
+    test_a_range_without_usage_is_empty_not_an_error,
+    test_a_well_formed_unknown_user_id_is_an_empty_filter,
+    test_an_unknown_bucket_gives_totals_without_buckets,
+    test_bad_queries_are_422_with_a_stable_code,
+    test_export_by_model_quotes_commas_and_quotes_per_rfc_4180,
+    test_export_by_user_in_a_zone,
+    test_export_rejects_an_unknown_group_by,
+    test_export_streams_the_summary_buckets_as_csv,
+    test_export_with_an_unknown_bucket_is_the_header_alone,
+    test_rollup_summary_equals_the_sum_over_raw_completed_turns,
+    test_rollups_written_by_billing_match_the_raw_turns,
+    test_summary_buckets_usage_by_local_calendar,
+    test_summary_tokens_count_as_usage_without_counting_as_turns,
+    test_the_default_range_is_the_last_30_days,
+    test_unknown_query_parameters_are_rejected,
+    test_usage_is_for_admins_only,
+)
+
+
+@pytest.fixture
+def usage_env(pg_client, pg_db, pg_admin) -> UsageEnv:
+    return seed(pg_db, pg_admin, pg_client)
+
+
+def test_postgres_buckets_with_date_trunc_at_the_requested_zone(usage_env):
+    """The SQL really is date_trunc over ``hour_start AT TIME ZONE tz`` and is
+    independent of the connection's own TimeZone setting."""
+    query = usage.parse_query(bucket="day", start="2026-03-28", end="2026-03-30", tz="Europe/Berlin")
+    lo, hi = usage.utc_window(query.start, query.end, query.zone)
+    statement = usage._rollup_statement("postgresql", query, lo, hi)
+    assert "date_trunc" in str(statement.compile(dialect=usage_env.session.get_bind().dialect))
+    baseline = usage.summarize(usage_env.session, query)
+    usage_env.session.execute(text("SET TIME ZONE 'Pacific/Chatham'"))
+    assert usage.summarize(usage_env.session, query) == baseline
+    assert usage.summary_from_turns(usage_env.session, query) == baseline
+    usage_env.session.rollback()
+
+
+def test_a_zone_python_knows_but_postgres_does_not_is_a_422_not_a_500(usage_env):
+    # Python and Postgres each carry an IANA database and their versions may differ.
+    query = _PythonThinksUtc(
+        bucket="day", start=date(2026, 1, 10), end=date(2026, 1, 11), tz="Nowhere/Atlantis"
+    )
+    with pytest.raises(InvalidInput) as caught:
+        usage.summarize(usage_env.session, query)
+    assert caught.value.error == "invalid_timezone"
+
+
+@dataclass(frozen=True)
+class _PythonThinksUtc(usage.UsageQuery):
+    """A query whose ``tz`` only Postgres checks (Python computes its window in UTC)."""
+
+    @property
+    def zone(self) -> ZoneInfo:
+        return ZoneInfo("UTC")

@@ -1,0 +1,162 @@
+"""The bucketing rules of ``services/usage.py`` as plain functions: no database."""
+
+from __future__ import annotations
+
+from datetime import UTC, date, datetime, timedelta
+from zoneinfo import ZoneInfo
+
+import pytest
+
+from shared.errors import InvalidInput
+from shared.services.usage import (
+    DEFAULT_RANGE_DAYS,
+    MAX_RANGE_DAYS,
+    bucket_start,
+    csv_header,
+    local_day,
+    offset_segments,
+    parse_query,
+    utc_window,
+)
+
+BERLIN = ZoneInfo("Europe/Berlin")
+KOLKATA = ZoneInfo("Asia/Kolkata")
+
+
+def z(text: str) -> datetime:
+    return datetime.fromisoformat(text).replace(tzinfo=UTC)
+
+
+@pytest.mark.parametrize(
+    ("day", "week_start"),
+    [
+        (date(2020, 12, 28), date(2020, 12, 28)),  # Monday of ISO 2020-W53
+        (date(2020, 12, 31), date(2020, 12, 28)),
+        (date(2021, 1, 1), date(2020, 12, 28)),
+        (date(2021, 1, 3), date(2020, 12, 28)),  # Sunday, still 2020-W53
+        (date(2021, 1, 4), date(2021, 1, 4)),  # 2021-W01
+        (date(2025, 12, 29), date(2025, 12, 29)),  # 2026-W01 starts in December
+        (date(2026, 1, 1), date(2025, 12, 29)),
+    ],
+)
+def test_weeks_start_on_the_iso_monday_even_across_the_year_end(day, week_start):
+    assert bucket_start(day, "week") == week_start
+    assert week_start.isocalendar().weekday == 1
+    assert day.isocalendar()[:2] == week_start.isocalendar()[:2]
+
+
+def test_days_are_themselves_and_months_start_on_the_first():
+    assert bucket_start(date(2024, 2, 29), "day") == date(2024, 2, 29)
+    assert bucket_start(date(2024, 2, 29), "month") == date(2024, 2, 1)
+    assert bucket_start(date(2020, 12, 31), "month") == date(2020, 12, 1)
+    with pytest.raises(ValueError):
+        bucket_start(date(2024, 2, 29), "fortnight")
+
+
+def test_an_hour_counts_on_the_local_date_it_starts():
+    assert local_day(z("2020-12-31T23:00"), ZoneInfo("UTC")) == date(2020, 12, 31)
+    assert local_day(z("2020-12-31T23:00"), BERLIN) == date(2021, 1, 1)
+    assert local_day(z("2026-03-29T21:00"), BERLIN) == date(2026, 3, 29)  # 23:00 CEST
+    assert local_day(z("2026-03-29T22:00"), BERLIN) == date(2026, 3, 30)
+    assert local_day(z("2026-10-25T22:00"), BERLIN) == date(2026, 10, 25)  # 23:00 CET
+    # Kolkata is +05:30: the UTC hour 18:00-19:00 is 23:30-00:30 local and counts on the first day.
+    assert local_day(z("2026-01-10T18:00"), KOLKATA) == date(2026, 1, 10)
+    assert local_day(z("2026-01-10T19:00"), KOLKATA) == date(2026, 1, 11)
+
+
+def test_the_utc_window_runs_from_local_midnight_to_local_midnight():
+    assert utc_window(date(2026, 1, 1), date(2026, 1, 31), ZoneInfo("UTC")) == (
+        z("2026-01-01T00:00"),
+        z("2026-02-01T00:00"),
+    )
+    # 29 March 2026 in Berlin is 23 hours long; 25 October is 25 hours long.
+    lo, hi = utc_window(date(2026, 3, 29), date(2026, 3, 29), BERLIN)
+    assert (lo, hi) == (z("2026-03-28T23:00"), z("2026-03-29T22:00")) and hi - lo == timedelta(hours=23)
+    lo, hi = utc_window(date(2026, 10, 25), date(2026, 10, 25), BERLIN)
+    assert (lo, hi) == (z("2026-10-24T22:00"), z("2026-10-25T23:00")) and hi - lo == timedelta(hours=25)
+
+
+def test_half_hour_zones_select_whole_hours_by_where_they_start():
+    # Local midnight 11 Jan is 18:30 UTC; the first hour starting on the 11th is 19:00 UTC.
+    assert utc_window(date(2026, 1, 11), date(2026, 1, 11), KOLKATA) == (
+        z("2026-01-10T19:00"),
+        z("2026-01-11T19:00"),
+    )
+
+
+def test_offset_segments_find_each_dst_change_at_the_hour():
+    lo, hi = utc_window(date(2026, 1, 1), date(2026, 12, 31), BERLIN)
+    assert offset_segments(BERLIN, lo, hi) == [
+        (z("2026-03-29T01:00"), 60),
+        (z("2026-10-25T01:00"), 120),
+        (None, 60),
+    ]
+    lo, hi = utc_window(date(2020, 1, 1), date(2026, 12, 31), KOLKATA)
+    assert offset_segments(KOLKATA, lo, hi) == [(None, 330)]
+    chatham = ZoneInfo("Pacific/Chatham")  # +13:45 / +12:45, changes at 02:45 / 03:45 local
+    lo, hi = utc_window(date(2026, 1, 1), date(2026, 12, 31), chatham)
+    assert [minutes for _, minutes in offset_segments(chatham, lo, hi)] == [825, 765, 825]
+
+
+def test_every_hour_gets_the_offset_in_force_at_its_start():
+    lo, hi = utc_window(date(2026, 3, 1), date(2026, 11, 30), BERLIN)
+    segments = offset_segments(BERLIN, lo, hi)
+    moment = lo
+    while moment < hi:
+        minutes = next(m for until, m in segments if until is None or moment < until)
+        assert minutes == moment.astimezone(BERLIN).utcoffset() // timedelta(minutes=1)
+        moment += timedelta(hours=1)
+
+
+def test_query_defaults_are_day_utc_and_the_last_30_days():
+    query = parse_query(today=date(2026, 3, 1))
+    assert (query.bucket, query.tz, query.start, query.end) == (
+        "day",
+        "UTC",
+        date(2026, 1, 31),
+        date(2026, 3, 1),
+    )
+    assert (query.end - query.start).days + 1 == DEFAULT_RANGE_DAYS
+    assert parse_query(end="2026-01-30").start == date(2026, 1, 1)
+    assert parse_query(start="2026-01-01", today=date(2026, 1, 5)).end == date(2026, 1, 5)
+
+
+def test_query_keeps_an_unknown_bucket_and_normalises_the_user_id():
+    query = parse_query(bucket="year", user_id="ABCDEF12-1234-5678-1234-567812345678", today=date(2026, 1, 1))
+    assert query.bucket == "year" and not query.known_bucket
+    assert query.user_id == "abcdef12-1234-5678-1234-567812345678"
+
+
+@pytest.mark.parametrize(
+    ("params", "error"),
+    [
+        ({"start": "2026-01-02", "end": "2026-01-01"}, "invalid_range"),
+        ({"start": "2026-1-2"}, "invalid_date"),
+        ({"start": "2026-01-01T00:00"}, "invalid_date"),
+        ({"end": "9999-12-31"}, "invalid_date"),
+        ({"start": "1969-12-31", "end": "1970-01-01"}, "invalid_date"),
+        ({"start": "2016-01-01", "end": "2026-12-31"}, "range_too_large"),
+        ({"user_id": "12345678123456781234567812345678"}, "invalid_user_id"),  # a UUID, not in 8-4-4-4-12
+        ({"tz": "Europe/Atlantis"}, "invalid_timezone"),
+        ({"tz": "europe/berlin"}, "invalid_timezone"),
+        ({"group_by": "team"}, "invalid_group_by"),
+    ],
+)
+def test_query_errors_carry_stable_codes(params, error):
+    with pytest.raises(InvalidInput) as caught:
+        parse_query(today=date(2026, 6, 1), **params)
+    assert caught.value.error == error
+    assert caught.value.status_code == 422
+
+
+def test_the_range_cap_is_inclusive():
+    start = date(2020, 1, 1)
+    parse_query(start=start.isoformat(), end=(start + timedelta(days=MAX_RANGE_DAYS - 1)).isoformat())
+    with pytest.raises(InvalidInput):
+        parse_query(start=start.isoformat(), end=(start + timedelta(days=MAX_RANGE_DAYS)).isoformat())
+
+
+def test_csv_header_names_the_group_column():
+    assert csv_header(None) == ["bucket_start", "turns", "input_tokens", "output_tokens", "cost"]
+    assert csv_header("user")[:2] == ["bucket_start", "user_id"]
+    assert csv_header("model")[:2] == ["bucket_start", "model"]
