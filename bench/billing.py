@@ -37,10 +37,11 @@ INSERT INTO ledger_entries (id, wallet_id, user_id, kind, amount, held_delta, ba
          'system', now()
   FROM wallets WHERE id = :wallet;
 UPDATE wallets SET balance = balance - :amount / 1000000.0, updated_at = now() WHERE id = :wallet;
-INSERT INTO usage_rollups (id, user_id, model, hour_start, turns, input_tokens, output_tokens, cost)
-  VALUES (gen_random_uuid()::text, :user, 'offline-small', date_trunc('hour', now()), 1, 100, 50,
+INSERT INTO usage_rollups (id, user_id, model, period_start, turns, input_tokens, output_tokens, cost)
+  VALUES (gen_random_uuid()::text, :user, 'offline-small',
+          date_bin('15 minutes', now(), timestamptz '2000-01-01 00:00:00+00'), 1, 100, 50,
           :amount / 1000000.0)
-  ON CONFLICT (user_id, model, hour_start) DO UPDATE SET turns = usage_rollups.turns + 1,
+  ON CONFLICT (user_id, model, period_start) DO UPDATE SET turns = usage_rollups.turns + 1,
     input_tokens = usage_rollups.input_tokens + 100, output_tokens = usage_rollups.output_tokens + 50,
     cost = usage_rollups.cost + EXCLUDED.cost;
 END;

@@ -3,7 +3,7 @@
 Loads one synthetic year (2025) into a fresh, migrated Postgres database with
 server-side SQL only (``INSERT … SELECT generate_series``): 1,000 users, a room
 and a session each, ``--turns`` completed turns (default 5,000,000) over 5
-models, then builds the hourly rollups from the turns with one
+models, then builds the quarter-hour rollups from the turns with one
 ``INSERT … SELECT … GROUP BY`` (what ``billing.settle_turn`` maintains live).
 Then, for month / week / day buckets over the whole year, for all users and for
 one user, it times ``usage.summarize`` (rollups) and ``usage.summary_from_turns``
@@ -119,15 +119,15 @@ def turns_sql(total: int) -> str:
 
 
 ROLLUP_SQL = f"""
-    INSERT INTO usage_rollups (id, user_id, model, hour_start, turns, input_tokens, output_tokens, cost)
-    SELECT {uuid_sql("row_number() OVER ()", 6)}, user_id, model, hour_start, turns, tin, tout, cost
+    INSERT INTO usage_rollups (id, user_id, model, period_start, turns, input_tokens, output_tokens, cost)
+    SELECT {uuid_sql("row_number() OVER ()", 6)}, user_id, model, period_start, turns, tin, tout, cost
     FROM (
         SELECT user_id, model,
-               date_trunc('hour', completed_at AT TIME ZONE 'UTC') AT TIME ZONE 'UTC' AS hour_start,
+               date_bin('15 minutes', completed_at, timestamptz '2000-01-01 00:00:00+00') AS period_start,
                count(*) AS turns, sum(input_tokens) AS tin, sum(output_tokens) AS tout, sum(cost) AS cost
         FROM turns WHERE status = 'completed'
         GROUP BY 1, 2, 3
-    ) hourly
+    ) periods
 """
 
 

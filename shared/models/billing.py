@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import TYPE_CHECKING
 
@@ -92,19 +92,27 @@ class ModelPrice(Base):
 
 
 class UsageRollup(Base):
-    """Usage pre-aggregated per user, model and UTC hour, written with the debit."""
+    """Usage pre-aggregated per user, model and UTC quarter hour, written with the debit."""
 
     __tablename__ = "usage_rollups"
     __table_args__ = (
-        UniqueConstraint("user_id", "model", "hour_start"),
-        Index("ix_usage_rollups_hour_start", "hour_start"),
+        UniqueConstraint("user_id", "model", "period_start"),
+        Index("ix_usage_rollups_period_start", "period_start"),
     )
 
     id: Mapped[str] = mapped_column(IdColumn(), primary_key=True, default=new_id)
     user_id: Mapped[str] = mapped_column(IdColumn(), ForeignKey("users.id"))
     model: Mapped[str] = mapped_column(String(200))
-    hour_start: Mapped[datetime] = mapped_column(UTCDateTime())
+    period_start: Mapped[datetime] = mapped_column(UTCDateTime())
     turns: Mapped[int] = mapped_column(Integer, default=0)
     input_tokens: Mapped[int] = mapped_column(Integer, default=0)
     output_tokens: Mapped[int] = mapped_column(Integer, default=0)
     cost: Mapped[Decimal] = mapped_column(MONEY, default=Decimal("0"))
+
+    PERIOD = timedelta(minutes=15)  # every UTC offset in use since 1972 is a multiple of it
+
+    @classmethod
+    def period_of(cls, at: datetime) -> datetime:
+        """The start of the UTC quarter hour holding ``at``."""
+        at = at.astimezone(UTC)
+        return at.replace(minute=at.minute - at.minute % 15, second=0, microsecond=0)

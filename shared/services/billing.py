@@ -23,7 +23,7 @@ Functions documented "does not commit" join the caller's open transaction.
 from __future__ import annotations
 
 import logging
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from decimal import Decimal
 
 from sqlalchemy import select
@@ -132,10 +132,6 @@ def _turn_key(turn_id: str, kind: str) -> str:
     return f"turn:{turn_id}:{kind}"
 
 
-def _hour(at: datetime) -> datetime:
-    return at.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
-
-
 def _add_usage(
     session: Session,
     *,
@@ -147,20 +143,20 @@ def _add_usage(
     output_tokens: int,
     cost: Decimal,
 ) -> None:
-    """Upsert the (user, model, UTC hour) rollup in the caller's transaction."""
+    """Upsert the (user, model, UTC quarter hour) rollup in the caller's transaction."""
     insert = pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
     statement = insert(UsageRollup).values(
         id=new_id(),
         user_id=user_id,
         model=model,
-        hour_start=_hour(at),
+        period_start=UsageRollup.period_of(at),
         turns=turns,
         input_tokens=input_tokens,
         output_tokens=output_tokens,
         cost=_q(cost),
     )
     statement = statement.on_conflict_do_update(
-        index_elements=["user_id", "model", "hour_start"],
+        index_elements=["user_id", "model", "period_start"],
         set_={
             "turns": UsageRollup.turns + statement.excluded.turns,
             "input_tokens": UsageRollup.input_tokens + statement.excluded.input_tokens,

@@ -1,30 +1,29 @@
-"""Usage summaries: day / week / month buckets over the hourly rollups, and CSV export.
+"""Usage summaries: day / week / month buckets over the rollups, and CSV export.
 
-Usage is pre-aggregated per (user, model, UTC hour) in ``usage_rollups`` by
-``services/billing.py`` in the same transaction as the debit, so a summary
-reads at most one row per user, model and hour, never the turns.
+Usage is pre-aggregated per (user, model, UTC quarter hour) in ``usage_rollups``
+by ``services/billing.py`` in the same transaction as the debit, so a summary
+reads at most one row per user, model and quarter hour, never the turns.
 
-**Bucketing rule (both dialects, every zone).** A rollup hour belongs to the
-local date of its *start*: ``hour_start`` converted to the requested zone.
-For zones whose offset is a whole number of hours (UTC, Europe/Berlin in
-winter and summer alike) this is exact. For zones with a half- or
-quarter-hour offset (Asia/Kolkata +05:30, Asia/Kathmandu +05:45) an hourly
-rollup straddles local midnight; the whole hour goes to the day it starts in,
-so up to 30 (45) minutes of usage just after local midnight is counted on the
-previous day. The rollups are hourly by schema, so no finer split is possible.
-``start``/``end`` select the same hours: those whose local start lies in
-``[start 00:00, end+1 00:00)``.
+**Bucketing rule (both dialects, every zone).** A rollup period belongs to the
+local date of its start: ``period_start`` converted to the requested zone.
+Every UTC offset in use since 1972 is a multiple of 15 minutes (Asia/Kolkata
++05:30, Asia/Kathmandu +05:45, Pacific/Chatham +12:45 included), so each local
+midnight starts a period and a local day, week or month is an exact union of
+periods: a turn counts on the local date of its ``completed_at``, across DST
+changes and fractional offsets alike. ``start``/``end`` select the periods
+whose local start lies in ``[start 00:00, end+1 00:00)``.
 
-Postgres buckets with ``date_trunc`` over ``hour_start AT TIME ZONE tz``;
-SQLite shifts ``hour_start`` by the zone's UTC offset with date modifiers
+Postgres buckets with ``date_trunc`` over ``period_start AT TIME ZONE tz``;
+SQLite shifts ``period_start`` by the zone's UTC offset with date modifiers
 (one ``CASE`` arm per offset in force during the range, computed here from
 the IANA database) and truncates with ``'weekday 0', '-6 days'`` /
 ``'start of month'``. Both answer identically (tests run one suite on both).
 
 ``summary_from_turns`` computes the same summary from the raw completed turns
-with a plain ``GROUP BY date_trunc``: the oracle of the tests and the baseline
-of ``bench/usage.py``. Summary-refresh tokens are billed into the rollups with
-``turns=0`` and have no turn row, so they appear only in ``summarize``.
+with a plain ``GROUP BY date_trunc`` over each turn's local ``completed_at``:
+the oracle of the tests and the baseline of ``bench/usage.py``. Summary-refresh
+tokens are billed into the rollups with ``turns=0`` and have no turn row, so
+they appear only in ``summarize``.
 """
 
 from __future__ import annotations
@@ -57,7 +56,7 @@ MAX_DATE = date(9998, 12, 31)
 MAX_MODEL_LENGTH = 200
 EXPORT_BATCH = 1000
 _DATE_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
-_HOUR = timedelta(hours=1)
+_PERIOD = UsageRollup.PERIOD
 _DAY = timedelta(days=1)
 _MICRO = Decimal("0.000001")
 
@@ -212,25 +211,27 @@ def parse_query(
 # -- pure bucketing rules (the SQL below implements exactly these) -----------------------
 
 
-def ceil_hour(moment: datetime) -> datetime:
-    floor = moment.replace(minute=0, second=0, microsecond=0)
-    return floor if floor == moment else floor + _HOUR
+def ceil_period(moment: datetime) -> datetime:
+    """The first rollup period starting at or after ``moment`` (itself for every
+    local midnight of a zone whose offset is a multiple of 15 minutes)."""
+    floor = UsageRollup.period_of(moment)
+    return floor if floor == moment else floor + _PERIOD
 
 
 def utc_window(start: date, end: date, zone: ZoneInfo) -> tuple[datetime, datetime]:
-    """``[lo, hi)`` in UTC, hour-aligned: the hours whose local start lies in [start, end+1 day)."""
+    """``[lo, hi)`` in UTC, period-aligned: the periods whose local start lies in [start, end+1 day)."""
 
     def midnight(day: date) -> datetime:
         # A local midnight that does not exist (a DST gap at 00:00) resolves forward (fold=0
         # gives the pre-transition offset, i.e. the instant just after the gap).
         return datetime(day.year, day.month, day.day, tzinfo=zone).astimezone(UTC)
 
-    return ceil_hour(midnight(start)), ceil_hour(midnight(end + _DAY))
+    return ceil_period(midnight(start)), ceil_period(midnight(end + _DAY))
 
 
-def local_day(hour_start: datetime, zone: ZoneInfo) -> date:
-    """The local date a rollup hour counts on: the date of its start in ``zone``."""
-    return hour_start.astimezone(zone).date()
+def local_day(period_start: datetime, zone: ZoneInfo) -> date:
+    """The local date a rollup period (or a turn) counts on: the date of its start in ``zone``."""
+    return period_start.astimezone(zone).date()
 
 
 def bucket_start(day: date, bucket: str) -> date:
@@ -249,10 +250,10 @@ def _offset_minutes(moment: datetime, zone: ZoneInfo) -> int:
 
 
 def offset_segments(zone: ZoneInfo, lo: datetime, hi: datetime) -> list[tuple[datetime | None, int]]:
-    """The zone's UTC offset (minutes) at each hour start in ``[lo, hi)``, as segments.
+    """The zone's UTC offset (minutes) at each period start in ``[lo, hi)``, as segments.
 
-    ``[(until, minutes), ...]``: ``minutes`` applies to hours before ``until``; the
-    last segment's ``until`` is ``None``. Walks day by day and scans the hours of
+    ``[(until, minutes), ...]``: ``minutes`` applies to instants before ``until``; the
+    last segment's ``until`` is ``None``. Walks day by day and scans the periods of
     any day whose offset changed, so it finds every transition that lasts a day.
     """
     current = _offset_minutes(lo, zone)
@@ -260,14 +261,14 @@ def offset_segments(zone: ZoneInfo, lo: datetime, hi: datetime) -> list[tuple[da
     day_start = lo
     while day_start < hi:
         day_end = min(day_start + _DAY, hi)
-        if _offset_minutes(day_end - _HOUR, zone) != current:
+        if _offset_minutes(day_end - _PERIOD, zone) != current:
             moment = day_start
             while moment < day_end:
                 minutes = _offset_minutes(moment, zone)
                 if minutes != current:
                     segments.append((moment, current))
                     current = minutes
-                moment += _HOUR
+                moment += _PERIOD
         day_start = day_end
     segments.append((None, current))
     return segments
@@ -280,28 +281,27 @@ def _sqlite_modifier(minutes: int) -> str:
     return f"{minutes:+d} minutes"
 
 
-def _bucket_expr(dialect: str, query: UsageQuery, hour_expr, compare_col, lo: datetime, hi: datetime):
-    """SQL for the local bucket start of an hour.
+def _bucket_expr(dialect: str, query: UsageQuery, moment, lo: datetime, hi: datetime):
+    """SQL for the local bucket start of a UTC instant.
 
-    ``hour_expr`` is the UTC hour start (timestamptz on Postgres, a UTC text
-    timestamp on SQLite); ``compare_col`` is a column comparable with bound
-    UTC datetimes that lies in the same hour (used for the SQLite offset arms).
+    ``moment`` is a UTC datetime column (timestamptz on Postgres, naive UTC text on
+    SQLite, where it is also compared with the bound transition instants).
     """
     if dialect == "postgresql":
-        return func.date_trunc(query.bucket, func.timezone(query.tz, hour_expr))
+        return func.date_trunc(query.bucket, func.timezone(query.tz, moment))
     segments = offset_segments(query.zone, lo, hi)
     if len(segments) == 1:
         modifier = literal(_sqlite_modifier(segments[0][1]))
     else:
         modifier = case(
             *[
-                (compare_col < literal(until, UTCDateTime()), _sqlite_modifier(minutes))
+                (moment < literal(until, UTCDateTime()), _sqlite_modifier(minutes))
                 for until, minutes in segments[:-1]
             ],
             else_=_sqlite_modifier(segments[-1][1]),
         )
     truncation = {"day": (), "week": ("weekday 0", "-6 days"), "month": ("start of month",)}[query.bucket]
-    return func.date(hour_expr, modifier, *truncation)
+    return func.date(moment, modifier, *truncation)
 
 
 def _sum_cost(dialect: str, cost_col):
@@ -336,37 +336,37 @@ def _group_column(query: UsageQuery, source):
 
 
 def _rollup_statement(dialect: str, query: UsageQuery, lo: datetime, hi: datetime):
-    """Two stages: sum per hour (and group key) first, then map the few distinct
-    hours to local buckets, so the zone arithmetic runs once per hour, not per row."""
+    """Two stages: sum per period (and group key) first, then map the few distinct
+    periods to local buckets, so the zone arithmetic runs once per period, not per row."""
     key_col = _group_column(query, UsageRollup)
     inner_cols = [
-        UsageRollup.hour_start.label("hour_start"),
+        UsageRollup.period_start.label("period_start"),
         func.sum(UsageRollup.turns).label("turns"),
         func.sum(UsageRollup.input_tokens).label("input_tokens"),
         func.sum(UsageRollup.output_tokens).label("output_tokens"),
         _sum_cost(dialect, UsageRollup.cost).label("cost"),
     ]
-    group = [UsageRollup.hour_start]
+    group = [UsageRollup.period_start]
     if key_col is not None:
         inner_cols.append(key_col.label("group_key"))
         group.append(key_col)
-    inner = select(*inner_cols).where(UsageRollup.hour_start >= lo, UsageRollup.hour_start < hi)
+    inner = select(*inner_cols).where(UsageRollup.period_start >= lo, UsageRollup.period_start < hi)
     if query.user_id:
         inner = inner.where(UsageRollup.user_id == query.user_id)
     if query.model:
         inner = inner.where(UsageRollup.model == query.model)
-    hourly = inner.group_by(*group).subquery("hourly")
+    periods = inner.group_by(*group).subquery("periods")
     if not query.known_bucket:
         return select(
-            func.sum(hourly.c.turns),
-            func.sum(hourly.c.input_tokens),
-            func.sum(hourly.c.output_tokens),
-            func.sum(hourly.c.cost),
+            func.sum(periods.c.turns),
+            func.sum(periods.c.input_tokens),
+            func.sum(periods.c.output_tokens),
+            func.sum(periods.c.cost),
         )
-    bucket = _bucket_expr(dialect, query, hourly.c.hour_start, hourly.c.hour_start, lo, hi).label("bucket")
-    keyed = [hourly.c.group_key] if key_col is not None else []
+    bucket = _bucket_expr(dialect, query, periods.c.period_start, lo, hi).label("bucket")
+    keyed = [periods.c.group_key] if key_col is not None else []
     mapped = select(
-        bucket, *keyed, hourly.c.turns, hourly.c.input_tokens, hourly.c.output_tokens, hourly.c.cost
+        bucket, *keyed, periods.c.turns, periods.c.input_tokens, periods.c.output_tokens, periods.c.cost
     ).subquery("mapped")
     outer_keys = [mapped.c.bucket] + ([mapped.c.group_key] if key_col is not None else [])
     return (
@@ -384,11 +384,7 @@ def _rollup_statement(dialect: str, query: UsageQuery, lo: datetime, hi: datetim
 
 def _turns_statement(dialect: str, query: UsageQuery, lo: datetime, hi: datetime):
     """The baseline: one plain GROUP BY over the completed turns, each turn
-    counted in the UTC hour of its ``completed_at`` (the rollup's hour)."""
-    if dialect == "postgresql":
-        hour_expr = func.timezone("UTC", func.date_trunc("hour", func.timezone("UTC", Turn.completed_at)))
-    else:
-        hour_expr = func.strftime("%Y-%m-%d %H:00:00", Turn.completed_at)
+    bucketed by its own ``completed_at`` in the zone (the rollups must agree)."""
     key_col = _group_column(query, Turn)
     measures = [
         func.count(),
@@ -398,7 +394,7 @@ def _turns_statement(dialect: str, query: UsageQuery, lo: datetime, hi: datetime
     ]
     keys = []
     if query.known_bucket:
-        keys.append(_bucket_expr(dialect, query, hour_expr, Turn.completed_at, lo, hi).label("bucket"))
+        keys.append(_bucket_expr(dialect, query, Turn.completed_at, lo, hi).label("bucket"))
     if key_col is not None and query.known_bucket:
         keys.append(key_col.label("group_key"))
     statement = select(*keys, *measures).where(
@@ -471,7 +467,7 @@ def _summary(session: Session, query: UsageQuery, build) -> UsageSummary:
 
 
 def summarize(session: Session, query: UsageQuery) -> UsageSummary:
-    """Buckets and totals from the hourly rollups (see the module doc for the rules).
+    """Buckets and totals from the rollups (see the module doc for the rules).
 
     ``group_by`` is ignored here (the summary is one series); buckets are ascending
     and only those with usage appear. An unknown bucket gives totals and no buckets.

@@ -243,16 +243,18 @@ def test_stale_holds_expire_and_give_their_credit_back(db, admin, user):
     assert_ledger_clean(db)
 
 
-def test_usage_rolls_up_per_user_model_and_utc_hour(db, admin, user):
+def test_usage_rolls_up_per_user_model_and_utc_quarter_hour(db, admin, user):
     fund(db, admin, user, "10")
     at = datetime(2025, 3, 1, 10, 15, tzinfo=UTC)
     settle(db, user, new_id(), "0.5", at=at)
-    settle(db, user, new_id(), "0.25", at=at + timedelta(minutes=30))
+    settle(db, user, new_id(), "0.25", at=at + timedelta(minutes=14, seconds=59))
+    settle(db, user, new_id(), "0.125", at=at + timedelta(minutes=15))
     settle(db, user, new_id(), "1", at=at + timedelta(hours=1))
-    rows = db.scalars(select(UsageRollup).order_by(UsageRollup.hour_start)).all()
-    assert [(r.hour_start, r.turns, r.input_tokens, r.output_tokens, r.cost) for r in rows] == [
-        (datetime(2025, 3, 1, 10, tzinfo=UTC), 2, 200, 100, D("0.75")),
-        (datetime(2025, 3, 1, 11, tzinfo=UTC), 1, 100, 50, D("1")),
+    rows = db.scalars(select(UsageRollup).order_by(UsageRollup.period_start)).all()
+    assert [(r.period_start, r.turns, r.input_tokens, r.output_tokens, r.cost) for r in rows] == [
+        (datetime(2025, 3, 1, 10, 15, tzinfo=UTC), 2, 200, 100, D("0.75")),
+        (datetime(2025, 3, 1, 10, 30, tzinfo=UTC), 1, 100, 50, D("0.125")),
+        (datetime(2025, 3, 1, 11, 15, tzinfo=UTC), 1, 100, 50, D("1")),
     ]
 
 

@@ -8,6 +8,7 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from shared.errors import InvalidInput
+from shared.models import UsageRollup
 from shared.services.usage import (
     DEFAULT_RANGE_DAYS,
     MAX_RANGE_DAYS,
@@ -53,15 +54,34 @@ def test_days_are_themselves_and_months_start_on_the_first():
         bucket_start(date(2024, 2, 29), "fortnight")
 
 
-def test_an_hour_counts_on_the_local_date_it_starts():
+def test_a_period_counts_on_the_local_date_it_starts():
     assert local_day(z("2020-12-31T23:00"), ZoneInfo("UTC")) == date(2020, 12, 31)
     assert local_day(z("2020-12-31T23:00"), BERLIN) == date(2021, 1, 1)
     assert local_day(z("2026-03-29T21:00"), BERLIN) == date(2026, 3, 29)  # 23:00 CEST
     assert local_day(z("2026-03-29T22:00"), BERLIN) == date(2026, 3, 30)
     assert local_day(z("2026-10-25T22:00"), BERLIN) == date(2026, 10, 25)  # 23:00 CET
-    # Kolkata is +05:30: the UTC hour 18:00-19:00 is 23:30-00:30 local and counts on the first day.
-    assert local_day(z("2026-01-10T18:00"), KOLKATA) == date(2026, 1, 10)
-    assert local_day(z("2026-01-10T19:00"), KOLKATA) == date(2026, 1, 11)
+    # Kolkata is +05:30: local midnight is 18:30 UTC, the start of a quarter-hour period.
+    assert local_day(z("2026-01-10T18:15"), KOLKATA) == date(2026, 1, 10)
+    assert local_day(z("2026-01-10T18:30"), KOLKATA) == date(2026, 1, 11)
+    # Kathmandu is +05:45: local midnight is 18:15 UTC.
+    assert local_day(z("2026-01-10T18:00"), ZoneInfo("Asia/Kathmandu")) == date(2026, 1, 10)
+    assert local_day(z("2026-01-10T18:15"), ZoneInfo("Asia/Kathmandu")) == date(2026, 1, 11)
+
+
+@pytest.mark.parametrize(
+    ("moment", "period"),
+    [
+        ("2026-01-10T18:00:00", "2026-01-10T18:00"),
+        ("2026-01-10T18:14:59.999999", "2026-01-10T18:00"),
+        ("2026-01-10T18:15:00", "2026-01-10T18:15"),
+        ("2026-01-10T18:44:10", "2026-01-10T18:30"),
+        ("2026-01-10T18:59:59", "2026-01-10T18:45"),
+    ],
+)
+def test_rollup_periods_are_utc_quarter_hours(moment, period):
+    assert UsageRollup.period_of(z(moment)) == z(period)
+    # The same instant given in another zone lands in the same UTC period.
+    assert UsageRollup.period_of(z(moment).astimezone(KOLKATA)) == z(period)
 
 
 def test_the_utc_window_runs_from_local_midnight_to_local_midnight():
@@ -76,12 +96,17 @@ def test_the_utc_window_runs_from_local_midnight_to_local_midnight():
     assert (lo, hi) == (z("2026-10-24T22:00"), z("2026-10-25T23:00")) and hi - lo == timedelta(hours=25)
 
 
-def test_half_hour_zones_select_whole_hours_by_where_they_start():
-    # Local midnight 11 Jan is 18:30 UTC; the first hour starting on the 11th is 19:00 UTC.
-    assert utc_window(date(2026, 1, 11), date(2026, 1, 11), KOLKATA) == (
-        z("2026-01-10T19:00"),
-        z("2026-01-11T19:00"),
-    )
+@pytest.mark.parametrize(
+    ("zone", "lo", "hi"),
+    [
+        ("Asia/Kolkata", "2026-01-10T18:30", "2026-01-11T18:30"),  # +05:30
+        ("Asia/Kathmandu", "2026-01-10T18:15", "2026-01-11T18:15"),  # +05:45
+        ("America/St_Johns", "2026-01-11T03:30", "2026-01-12T03:30"),  # -03:30
+        ("Pacific/Chatham", "2026-01-10T10:15", "2026-01-11T10:15"),  # +13:45 in January
+    ],
+)
+def test_fractional_offset_zones_get_exactly_their_local_day(zone, lo, hi):
+    assert utc_window(date(2026, 1, 11), date(2026, 1, 11), ZoneInfo(zone)) == (z(lo), z(hi))
 
 
 def test_offset_segments_find_each_dst_change_at_the_hour():
@@ -98,14 +123,14 @@ def test_offset_segments_find_each_dst_change_at_the_hour():
     assert [minutes for _, minutes in offset_segments(chatham, lo, hi)] == [825, 765, 825]
 
 
-def test_every_hour_gets_the_offset_in_force_at_its_start():
+def test_every_period_gets_the_offset_in_force_at_its_start():
     lo, hi = utc_window(date(2026, 3, 1), date(2026, 11, 30), BERLIN)
     segments = offset_segments(BERLIN, lo, hi)
     moment = lo
     while moment < hi:
         minutes = next(m for until, m in segments if until is None or moment < until)
         assert minutes == moment.astimezone(BERLIN).utcoffset() // timedelta(minutes=1)
-        moment += timedelta(hours=1)
+        moment += UsageRollup.PERIOD
 
 
 def test_query_defaults_are_day_utc_and_the_last_30_days():

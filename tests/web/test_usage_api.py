@@ -31,7 +31,7 @@ QUOTED_MODEL = 'beta, "quoted"'
 
 
 class UsageRecorder:
-    """Writes what billing writes for a completed turn: the turn row and its hourly rollup."""
+    """Writes what billing writes for a completed turn: the turn row and its quarter-hour rollup."""
 
     def __init__(self, session: Session) -> None:
         self.session = session
@@ -51,17 +51,17 @@ class UsageRecorder:
         return self._chats[user_id]
 
     def _rollup(self, user_id, model, at, turns, input_tokens, output_tokens, cost) -> None:
-        hour = at.replace(minute=0, second=0, microsecond=0)
+        period = UsageRollup.period_of(at)
         row = self.session.scalar(
             select(UsageRollup).where(
-                UsageRollup.user_id == user_id, UsageRollup.model == model, UsageRollup.hour_start == hour
+                UsageRollup.user_id == user_id, UsageRollup.model == model, UsageRollup.period_start == period
             )
         )
         if row is None:
             row = UsageRollup(
                 user_id=user_id,
                 model=model,
-                hour_start=hour,
+                period_start=period,
                 turns=0,
                 input_tokens=0,
                 output_tokens=0,
@@ -116,7 +116,7 @@ EVENTS: dict[int, tuple[str, str, datetime]] = {
     3: ("bob", "alpha", z("2021-01-01T00:10")),
     4: ("ann", QUOTED_MODEL, z("2021-01-03T12:00")),
     5: ("ann", "alpha", z("2021-01-04T08:00")),
-    6: ("ann", "alpha", z("2021-01-04T08:40")),  # same rollup hour as 5
+    6: ("ann", "alpha", z("2021-01-04T08:10")),  # same rollup period as 5
     # Berlin spring forward, 2026-03-29 01:00 UTC (02:00 CET -> 03:00 CEST).
     7: ("ann", "alpha", z("2026-03-28T22:30")),  # 23:30 CET, 28 March
     8: ("ann", "alpha", z("2026-03-28T23:00")),  # 00:00 CET, 29 March
@@ -131,9 +131,11 @@ EVENTS: dict[int, tuple[str, str, datetime]] = {
     16: ("bob", "alpha", z("2026-10-25T01:30")),  # 02:30 CET (second pass)
     17: ("ann", QUOTED_MODEL, z("2026-10-25T22:59")),  # 23:59 CET, 25 October
     18: ("ann", QUOTED_MODEL, z("2026-10-25T23:00")),  # 00:00 CET, 26 October
-    # Asia/Kolkata, +05:30: UTC hour 18:00 starts at 23:30 local, 19:00 at 00:30.
-    19: ("bob", "alpha", z("2026-01-10T18:20")),  # 23:50 IST, 10 January
-    20: ("bob", "alpha", z("2026-01-10T18:40")),  # 00:10 IST on the 11th, but its hour starts on the 10th
+    # Asia/Kolkata, +05:30: local midnight of 11 January is 18:30 UTC;
+    # Asia/Kathmandu, +05:45: at 18:15 UTC. One UTC hour, three local splits.
+    22: ("bob", "alpha", z("2026-01-10T18:10")),  # 23:40 IST / 23:55 NPT, 10 January
+    19: ("bob", "alpha", z("2026-01-10T18:20")),  # 23:50 IST, 10 January / 00:05 NPT, 11 January
+    20: ("bob", "alpha", z("2026-01-10T18:40")),  # 00:10 IST, 11 January (same UTC hour as 19)
     21: ("bob", "alpha", z("2026-01-10T19:05")),  # 00:35 IST, 11 January
 }
 
@@ -257,24 +259,29 @@ BOUNDARY_CASES = [
     ),
     pytest.param(
         {"bucket": "day", "start": "2026-01-10", "end": "2026-01-11", "tz": "Asia/Kolkata"},
-        [("2026-01-10", [19, 20]), ("2026-01-11", [21])],
-        id="kolkata-half-hour-offset-hour-counts-where-it-starts",
+        [("2026-01-10", [22, 19]), ("2026-01-11", [20, 21])],
+        id="kolkata-half-hour-offset-splits-at-local-midnight",
     ),
     pytest.param(
         {"bucket": "day", "start": "2026-01-11", "end": "2026-01-11", "tz": "Asia/Kolkata"},
-        [("2026-01-11", [21])],
-        id="kolkata-range-uses-the-same-rule",
+        [("2026-01-11", [20, 21])],
+        id="kolkata-range-starts-at-local-midnight",
+    ),
+    pytest.param(
+        {"bucket": "day", "start": "2026-01-10", "end": "2026-01-11", "tz": "Asia/Kathmandu"},
+        [("2026-01-10", [22]), ("2026-01-11", [19, 20, 21])],
+        id="kathmandu-quarter-hour-offset-splits-at-local-midnight",
     ),
     pytest.param(
         {"bucket": "day", "start": "2026-01-10", "end": "2026-01-11"},
-        [("2026-01-10", [19, 20, 21])],
+        [("2026-01-10", [22, 19, 20, 21])],
         id="utc-day-of-the-kolkata-events",
     ),
     pytest.param(
         {"bucket": "month", "start": "2020-01-01", "end": "2026-12-31", "user_id": "{bob}"},
         [
             ("2021-01-01", [3]),
-            ("2026-01-01", [19, 20, 21]),
+            ("2026-01-01", [22, 19, 20, 21]),
             ("2026-03-01", [9, 10]),
             ("2026-10-01", [15, 16]),
         ],
@@ -358,7 +365,7 @@ ZONES = ["UTC", "Europe/Berlin", "Asia/Kolkata", "America/St_Johns", "Asia/Kathm
 @pytest.mark.parametrize("bucket", ["day", "week", "month", "quarter"])
 def test_rollup_summary_equals_the_sum_over_raw_completed_turns(usage_env, tz, bucket):
     """The rollups and the raw turns agree in every zone and bucket, and both agree with a
-    plain-Python application of the attribution rule (the hour counts where it starts)."""
+    plain-Python application of the rule (a turn counts on the local date it completed)."""
     for filters in ({}, {"user_id": usage_env.users["bob"]}, {"model": QUOTED_MODEL}):
         query = usage.parse_query(bucket=bucket, start="2020-12-01", end="2026-12-31", tz=tz, **filters)
         from_rollups = usage.summarize(usage_env.session, query)
@@ -380,8 +387,7 @@ def _matching(env: UsageEnv, filters: dict) -> list[int]:
 def _python_buckets(env: UsageEnv, query, filters: dict) -> dict[date, int]:
     counts: dict[date, int] = {}
     for n in _matching(env, filters):
-        hour = EVENTS[n][2].replace(minute=0)
-        start = usage.bucket_start(usage.local_day(hour, query.zone), query.bucket)
+        start = usage.bucket_start(usage.local_day(EVENTS[n][2], query.zone), query.bucket)
         counts[start] = counts.get(start, 0) + 1
     return counts
 
@@ -427,7 +433,7 @@ def test_rollups_written_by_billing_match_the_raw_turns(usage_env):
             at=at,
         )
         session.commit()
-    for tz in ("UTC", "Asia/Kolkata"):
+    for tz in ("UTC", "Asia/Kolkata", "Asia/Kathmandu"):
         query = usage.parse_query(start="2027-02-01", end="2027-02-02", tz=tz)
         assert usage.summarize(session, query) == usage.summary_from_turns(session, query)
     body = usage_env.summary(start="2027-02-01", end="2027-02-01")
@@ -540,7 +546,7 @@ def test_export_by_model_quotes_commas_and_quotes_per_rfc_4180(usage_env):
     rows = read_csv(response)
     assert rows == [
         ["bucket_start", "model", "turns", "input_tokens", "output_tokens", "cost"],
-        _csv_row("2026-01-01", "alpha", [19, 20, 21]),
+        _csv_row("2026-01-01", "alpha", [22, 19, 20, 21]),
         _csv_row("2026-03-01", "alpha", [7, 8, 11, 12]),
         _csv_row("2026-03-01", QUOTED_MODEL, [9, 10]),
         _csv_row("2026-10-01", "alpha", [13, 14, 15, 16]),
