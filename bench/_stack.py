@@ -92,72 +92,110 @@ def env_for(settings: Settings, **extra: str) -> dict[str, str]:
     return env
 
 
-@contextmanager
-def running_stack(settings: Settings, *, web_workers: int = 2, worker_concurrency: int = 2, **extra_env: str):
-    """Yield the base URL of gunicorn + a worker on ``settings`` (already migrated here)."""
-    migrate(settings)
+# The Procfile's process sizing (WEB_CONCURRENCY, WEB_THREADS): gthread workers with keep-alive.
+GUNICORN_WORKERS = 2
+GUNICORN_THREADS = 4
+
+
+def stop(processes: list[subprocess.Popen]) -> None:
+    """SIGTERM each process group, then SIGKILL what has not left after 20 s."""
+    for process in processes:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)
+    for process in processes:
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def wait_ready(url: str, log_path: Path, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url, timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise RuntimeError(f"{url} did not answer 200; see {log_path}")
+
+
+def start_gunicorn(
+    app_spec: str,
+    env: dict[str, str],
+    log,
+    *,
+    workers: int = GUNICORN_WORKERS,
+    threads: int = GUNICORN_THREADS,
+    pythonpath: Path | None = None,
+) -> tuple[subprocess.Popen, int]:
+    """Start ``gunicorn app_spec`` on a free port with the same settings for every app; (process, port)."""
     port = free_port()
-    env = env_for(settings, **extra_env)
-    log = open(settings.var_dir / "stack.log", "wb")  # noqa: SIM115
-    processes = [
-        subprocess.Popen(
-            [
-                str(BIN / "gunicorn"),
-                "web.wsgi:app",
-                "--bind",
-                f"127.0.0.1:{port}",
-                "--workers",
-                str(web_workers),
-                "--threads",
-                "4",
-                "--timeout",
-                "120",
-            ],
-            cwd=ROOT,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        ),
-        subprocess.Popen(
-            [
-                str(BIN / "celery"),
-                "-A",
-                "worker.main",
-                "worker",
-                "-Q",
-                "turns,summaries,files",
-                "--concurrency",
-                str(worker_concurrency),
-                "--loglevel",
-                "WARNING",
-            ],
-            cwd=ROOT,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        ),
+    argv = [
+        str(BIN / "gunicorn"),
+        app_spec,
+        "--bind",
+        f"127.0.0.1:{port}",
+        "--workers",
+        str(workers),
+        "--threads",
+        str(threads),
+        "--timeout",
+        "120",
     ]
+    if pythonpath is not None:
+        argv += ["--pythonpath", str(pythonpath)]
+    process = subprocess.Popen(
+        argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    return process, port
+
+
+@contextmanager
+def running_stack(
+    settings: Settings,
+    *,
+    web_workers: int = GUNICORN_WORKERS,
+    worker_concurrency: int = 2,
+    celery_worker: bool = True,
+    **extra_env: str,
+):
+    """Yield the base URL of gunicorn (+ a Celery worker unless ``celery_worker=False``) on
+    ``settings``, migrated here."""
+    migrate(settings)
+    env = env_for(settings, **extra_env)
+    log_path = settings.var_dir / "stack.log"
+    log = open(log_path, "wb")  # noqa: SIM115
+    web, port = start_gunicorn("web.wsgi:app", env, log, workers=web_workers)
+    processes = [web]
+    if celery_worker:
+        processes.append(
+            subprocess.Popen(
+                [
+                    str(BIN / "celery"),
+                    "-A",
+                    "worker.main",
+                    "worker",
+                    "-Q",
+                    "turns,summaries,files",
+                    "--concurrency",
+                    str(worker_concurrency),
+                    "--loglevel",
+                    "WARNING",
+                ],
+                cwd=ROOT,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        )
     base = f"http://127.0.0.1:{port}/api/v1"
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{base}/health/ready?worker=true", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        else:
-            raise RuntimeError(f"stack did not become ready; see {settings.var_dir / 'stack.log'}")
+        wait_ready(f"{base}/health/ready" + ("?worker=true" if celery_worker else ""), log_path)
         yield base
     finally:
-        for process in processes:
-            os.killpg(process.pid, signal.SIGTERM)
-        for process in processes:
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
+        stop(processes)
         log.close()

@@ -15,6 +15,8 @@ from decimal import Decimal
 
 from sqlalchemy import DateTime, MetaData, Numeric, String, TypeDecorator, create_engine, event
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 
 from shared.settings import Settings, mask_url
@@ -72,6 +74,16 @@ class UTCDateTime(TypeDecorator[datetime]):
         if value.tzinfo is None:
             return value.replace(tzinfo=UTC)
         return value.astimezone(UTC)
+
+
+def is_database_unavailable(exc: BaseException) -> bool:
+    """The database could not serve this unit of work: a connection killed or dropped
+    (failover, restart, ``pg_terminate_backend``), refused, a pool with no free
+    connection, or a transaction the server aborted (deadlock, lock timeout). Retrying
+    later is the answer; none of these means the work itself was wrong."""
+    if isinstance(exc, OperationalError | InterfaceError | PoolTimeout):
+        return True
+    return isinstance(exc, DBAPIError) and exc.connection_invalidated
 
 
 class Base(DeclarativeBase):

@@ -8,6 +8,7 @@ worker process on the filesystem broker and gunicorn, until Ctrl-C.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -54,6 +55,9 @@ def run_dev(settings: Settings, *, port: int = 8000) -> int:
     settings.var_dir.mkdir(parents=True, exist_ok=True)
     migrate(settings)
     secret = ensure_dev_admin(settings)
+    # This command starts every process that writes samples, so it may clear the
+    # previous run's (docs/observability.md): counters restart from zero.
+    shutil.rmtree(settings.metrics_dir, ignore_errors=True)
     env = dict(os.environ, TOLLGATE_VAR_DIR=str(settings.var_dir))
     bin_dir = os.path.dirname(sys.executable)
     worker = subprocess.Popen(

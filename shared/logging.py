@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
+import uuid
 from contextvars import ContextVar
 from datetime import UTC, datetime
 
@@ -12,6 +14,19 @@ from shared.settings import Settings
 
 request_id_var: ContextVar[str | None] = ContextVar("request_id", default=None)
 turn_id_var: ContextVar[str | None] = ContextVar("turn_id", default=None)
+
+# A caller's X-Request-ID is kept only if it is short and made of safe characters:
+# it is echoed in a header, written to every log line and forwarded to tasks.
+_REQUEST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}")
+
+
+def sane_request_id(value: object) -> str | None:
+    """``value`` if it is an acceptable request id, else ``None``."""
+    return value if isinstance(value, str) and _REQUEST_ID.fullmatch(value) else None
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex
 
 
 class JsonFormatter(logging.Formatter):

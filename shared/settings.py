@@ -80,6 +80,8 @@ class Settings:
     model_provider: str = "offline"
     openai_base_url: str | None = None
     openai_api_key: str | None = None
+    # Per attempt (connect and each read); a call makes up to 3 attempts.
+    openai_timeout_seconds: float = 60.0
     default_model: str = "offline-small"
     turn_wait_seconds: float = 30.0
     max_upload_bytes: int = 10 * 1024 * 1024
@@ -91,6 +93,10 @@ class Settings:
     var_dir: Path = DEFAULT_VAR_DIR
     log_level: str = "INFO"
     code_version: str = "dev"
+    # Where every process on this host writes its Prometheus samples (docs/observability.md).
+    prometheus_multiproc_dir: Path | None = None
+    # If set, GET /metrics needs "Authorization: Bearer <token>".
+    metrics_token: str | None = None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -118,6 +124,9 @@ class Settings:
             model_provider=provider,
             openai_base_url=env.get("OPENAI_BASE_URL") or None,
             openai_api_key=env.get("OPENAI_API_KEY") or None,
+            openai_timeout_seconds=float(
+                _decimal(env.get("OPENAI_TIMEOUT_SECONDS", "60"), "OPENAI_TIMEOUT_SECONDS")
+            ),
             default_model=default_model,
             turn_wait_seconds=float(_decimal(env.get("TURN_WAIT_SECONDS", "30"), "TURN_WAIT_SECONDS")),
             max_upload_bytes=_int(env.get("MAX_UPLOAD_BYTES", str(10 * 1024 * 1024)), "MAX_UPLOAD_BYTES"),
@@ -129,6 +138,10 @@ class Settings:
             var_dir=var_dir,
             log_level=env.get("LOG_LEVEL", "INFO").upper(),
             code_version=env.get("TOLLGATE_VERSION") or env.get("SOURCE_VERSION") or _code_version(),
+            prometheus_multiproc_dir=Path(env["PROMETHEUS_MULTIPROC_DIR"])
+            if env.get("PROMETHEUS_MULTIPROC_DIR")
+            else None,
+            metrics_token=env.get("METRICS_TOKEN") or None,
         )
 
     def replace(self, **changes: object) -> Settings:
@@ -163,6 +176,11 @@ class Settings:
         if self.redis_url:
             return self.redis_url
         return f"db+sqlite:///{self.var_dir / 'celery-results.sqlite'}"
+
+    @property
+    def metrics_dir(self) -> Path:
+        """The Prometheus multiprocess directory: ``PROMETHEUS_MULTIPROC_DIR`` or ``<var>/metrics``."""
+        return self.prometheus_multiproc_dir or self.var_dir / "metrics"
 
     @property
     def broker_folder(self) -> Path:

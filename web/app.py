@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-import uuid
-
 from flask import Flask, g, request
 from flask_smorest import Api
+from flask_smorest.pagination import PaginationMetadataSchema
 
-from shared.logging import request_id_var
+from shared.logging import new_request_id, request_id_var, sane_request_id
 from shared.runtime import Runtime
 from shared.settings import Settings
 from web import auth
+from web import metrics as web_metrics
 from web.context import close_db
 from web.errors import register_error_handlers
-from web.schemas.common import ErrorSchema
+from web.schemas.common import ErrorSchema, nul_free_strings
 from worker.celery_app import create_celery_app
 
 BLUEPRINT_MODULES = ("health", "me", "admin_users", "chat", "wallet", "admin_billing", "files", "admin_usage")
@@ -24,6 +24,18 @@ REQUEST_OVERHEAD_BYTES = 64 * 1024
 
 class TollgateApi(Api):
     ERROR_SCHEMA = ErrorSchema
+
+    def _register_pagination_header(self):
+        # X-Pagination holds JSON. A header declared with `schema` is read in OpenAPI's
+        # `simple` style (k,v,k,v), which JSON is not; `content` says what it really is.
+        self.spec.components.header(
+            "PAGINATION",
+            {
+                "description": "Pagination metadata, JSON-encoded",
+                "content": {"application/json": {"schema": PaginationMetadataSchema}},
+            },
+            lazy=True,
+        )
 
 
 def create_app(settings: Settings | None = None, *, celery_app=None) -> Flask:
@@ -44,6 +56,7 @@ def create_app(settings: Settings | None = None, *, celery_app=None) -> Flask:
     app.extensions["celery"] = celery_app or create_celery_app(settings, role="web")
 
     api = TollgateApi(app)
+    api.ma_plugin.converter.add_attribute_function(nul_free_strings)
     auth_doc = auth.AuthDocPlugin()
     auth_doc.init_spec(api.spec)
     api.spec.plugins.append(auth_doc)
@@ -60,17 +73,24 @@ def create_app(settings: Settings | None = None, *, celery_app=None) -> Flask:
         api.register_blueprint(import_module(f"web.api.{module}").blp)
 
     register_error_handlers(app)
+    web_metrics.init_app(app)
     app.before_request(_bind_request_id)
     app.before_request(auth.authenticate_request)
     app.after_request(_echo_request_id)
+    app.teardown_request(_unbind_request_id)
     app.teardown_appcontext(close_db)
     return app
 
 
 def _bind_request_id() -> None:
-    incoming = request.headers.get("X-Request-ID", "")
-    g.request_id = incoming if 0 < len(incoming) <= 64 and incoming.isprintable() else uuid.uuid4().hex
+    # Logged and forwarded to the tasks this request sends (worker/celery_app.py).
+    g.request_id = sane_request_id(request.headers.get("X-Request-ID")) or new_request_id()
     request_id_var.set(g.request_id)
+
+
+def _unbind_request_id(_exc: BaseException | None = None) -> None:
+    # gunicorn threads are reused: the next request's logs must not inherit this id.
+    request_id_var.set(None)
 
 
 def _echo_request_id(response):

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import logging
+
 from flask import current_app, g, request
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from shared.models import User
 from shared.runtime import Runtime
+
+log = logging.getLogger(__name__)
 
 
 def runtime() -> Runtime:
@@ -22,7 +27,12 @@ def db() -> Session:
 def close_db(_exc: BaseException | None = None) -> None:
     session = g.pop("db_session", None)
     if session is not None:
-        session.close()
+        try:
+            session.close()
+        except DBAPIError as exc:
+            # The connection died after the response was built (e.g. killed by Postgres):
+            # SQLAlchemy has discarded it; raising here would turn that response into a 500.
+            log.warning("database session could not be closed cleanly: %s", exc)
 
 
 def current_user() -> User:

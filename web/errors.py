@@ -9,10 +9,9 @@ import logging
 from http import HTTPStatus
 
 from flask import Flask, jsonify
-from sqlalchemy.exc import OperationalError
-from sqlalchemy.exc import TimeoutError as PoolTimeout
 from werkzeug.exceptions import HTTPException
 
+from shared.db import is_database_unavailable
 from shared.errors import DomainError
 
 log = logging.getLogger(__name__)
@@ -84,7 +83,7 @@ def handle_http_exception(exc: HTTPException):
 
 def handle_unexpected(exc: Exception):
     # A dependency that vanished mid-request is a 503 the client can retry, not a 500.
-    if isinstance(exc, (OperationalError, PoolTimeout)) or _is_redis_error(exc):
+    if is_database_unavailable(exc) or _is_redis_error(exc):
         log.warning("dependency unavailable: %s", exc)
         return _respond(503, error_body(503, "A dependency is unavailable; try again shortly."))
     log.exception("unhandled error")

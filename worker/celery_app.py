@@ -6,14 +6,19 @@ the process entry point that calls it for the ``celery`` command line.
 
 from __future__ import annotations
 
+from contextvars import Token
+
 from celery import Celery
-from celery.signals import worker_process_init
+from celery.signals import before_task_publish, task_postrun, task_prerun, worker_process_init
 from kombu import Queue
 
+from shared.logging import request_id_var, sane_request_id
 from shared.runtime import Runtime
 from shared.settings import Settings
 
 QUEUES = ("turns", "summaries", "files")
+# Message header carrying the id of the HTTP request (or task) that sent a task.
+REQUEST_ID_HEADER = "tollgate_request_id"
 
 TASK_ROUTES = {
     "tollgate.run_turn": {"queue": "turns"},
@@ -89,6 +94,9 @@ def create_celery_app(settings: Settings | None = None, *, role: str = "worker")
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
+        # A lost broker connection leaves running turns running: their outcome goes to
+        # Postgres, not the broker, and a redelivered copy finds them finished.
+        worker_cancel_long_running_tasks_on_connection_loss=False,
         task_soft_time_limit=240,
         task_time_limit=300,
         result_expires=24 * 3600,
@@ -116,3 +124,33 @@ def _reset_connections(**_kwargs) -> None:
     runtime = getattr(current_app, "tollgate", None)
     if runtime is not None:
         runtime.reset_after_fork()
+
+
+# The request id follows the work: a task sent while handling a request (or while
+# running a task that request caused) carries the id in a header, and the worker
+# binds it for the task's log lines (docs/observability.md).
+_bound_request_ids: dict[str, Token] = {}
+
+
+@before_task_publish.connect
+def _forward_request_id(headers=None, **_kwargs) -> None:
+    request_id = request_id_var.get()
+    if request_id and headers is not None:
+        headers.setdefault(REQUEST_ID_HEADER, request_id)
+
+
+@task_prerun.connect
+def _bind_request_id(task_id=None, task=None, **_kwargs) -> None:
+    request_id = sane_request_id(getattr(task.request, REQUEST_ID_HEADER, None))
+    if request_id and task_id:
+        _bound_request_ids[task_id] = request_id_var.set(request_id)
+
+
+@task_postrun.connect
+def _unbind_request_id(task_id=None, **_kwargs) -> None:
+    token = _bound_request_ids.pop(task_id, None)
+    if token is not None:
+        try:
+            request_id_var.reset(token)
+        except ValueError:  # set in another context (should not happen): clear instead
+            request_id_var.set(None)

@@ -167,6 +167,7 @@ def build_provider(settings: Settings, **options: Any) -> Provider:
     if settings.model_provider == "openai":
         from shared.providers.openai import OpenAIProvider
 
+        options.setdefault("timeout", settings.openai_timeout_seconds)
         return OpenAIProvider(
             base_url=settings.openai_base_url or DEFAULT_OPENAI_BASE_URL,
             api_key=settings.openai_api_key,

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
+from shared import metrics
 from shared.db import utcnow
 from shared.models import ChatSession, Turn
 from shared.providers import ProviderError
@@ -125,6 +126,7 @@ def summarize(
         if not allow_fallback:
             raise
         log.warning("summary generation failed (%s); using the extractive fallback", exc)
+        metrics.summary_fell_back("provider_error" if isinstance(exc, ProviderError) else "empty_summary")
         return SummaryResult(
             text=extractive_summary(prior, turns), through_seq=through_seq, used_fallback=True
         )

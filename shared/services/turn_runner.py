@@ -17,6 +17,7 @@ from datetime import timedelta
 from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
+from shared import metrics
 from shared.db import utcnow
 from shared.errors import InsufficientBalance
 from shared.logging import turn_id_var
@@ -76,6 +77,24 @@ def _fail_locked(session: Session, turn: Turn, code: str, message: str) -> None:
     turn.completed_at = turn.updated_at = utcnow()
 
 
+def _ended(turn: Turn) -> None:
+    """Count and log a turn whose terminal state was just committed.
+
+    ``refused``: the worker's enforcement re-check failed it for insufficient credit.
+    """
+    outcome = "refused" if turn.error_code == InsufficientBalance.error else turn.status
+    seconds = None
+    if turn.completed_at is not None and turn.created_at is not None:
+        seconds = (turn.completed_at - turn.created_at).total_seconds()
+    metrics.turn_finished(outcome, seconds)
+    if outcome == "refused":
+        metrics.enforcement_refused("worker")
+    if turn.error_code:
+        log.info("turn %s: %s", outcome, turn.error_code)
+    else:
+        log.info("turn %s", outcome)
+
+
 def fail(runtime: Runtime, turn_id: str, code: str, message: str) -> bool:
     """Fail a turn that has not finished, releasing its hold. Returns whether it did."""
     with runtime.db.session() as session:
@@ -85,7 +104,7 @@ def fail(runtime: Runtime, turn_id: str, code: str, message: str) -> bool:
             return False
         _fail_locked(session, turn, code, message)
         session.commit()
-        log.info("turn failed: %s", code)
+        _ended(turn)
         return True
 
 
@@ -108,9 +127,11 @@ def claim(runtime: Runtime, turn_id: str, *, takeover: bool) -> Turn | None:
         if turn.attempts >= MAX_ATTEMPTS:
             _fail_locked(session, turn, "worker_lost", "The turn did not finish after repeated attempts.")
             session.commit()
+            _ended(turn)
             return None
         if not _admitted_now(runtime, session, turn):
             session.commit()
+            _ended(turn)
             return None
         turn.status = "running"
         turn.attempts += 1
@@ -118,6 +139,7 @@ def claim(runtime: Runtime, turn_id: str, *, takeover: bool) -> Turn | None:
         # A new attempt records its own tool calls.
         session.execute(delete(ToolCallEvent).where(ToolCallEvent.turn_id == turn.id))
         session.commit()
+        log.info("turn running (attempt %d)", turn.attempts)
         return turn
 
 
@@ -197,7 +219,10 @@ def _call_tool(session, tools, turn: Turn, name: str, arguments: dict, parse_err
             before_seq=turn.seq,
         )
         result = tools.call(name, arguments, ctx, timeout=TOOL_TIMEOUT_SECONDS)
-    _record_tool_call(session, turn, name, arguments, result, int((time.monotonic() - started) * 1000))
+    elapsed = time.monotonic() - started
+    # The model may name any tool: unknown names share one label, so the series stay few.
+    metrics.tool_called(name if name in tools.names() else "unknown", result.status, elapsed)
+    _record_tool_call(session, turn, name, arguments, result, int(elapsed * 1000))
     return result
 
 
@@ -306,6 +331,7 @@ def complete(runtime: Runtime, turn_id: str, result: Execution) -> bool:
         turn.error_code = turn.error_message = None
         turn.completed_at = turn.updated_at = now
         session.commit()
+        _ended(turn)
         return True
 
 
@@ -405,7 +431,8 @@ def refresh_summary(runtime: Runtime, chat_session_id: str, *, provider) -> bool
             output_tokens=summary.output_tokens,
             enforce=enforcement.is_enforced(runtime),
         ):
-            session.rollback()
+            session.rollback()  # enforcement on and the wallet cannot cover the summary
+            metrics.enforcement_refused("summary")
             return False
         session.commit()
         return summaries.store(session, chat.id, summary)

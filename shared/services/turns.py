@@ -20,7 +20,8 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from shared.errors import IdempotencyConflict, InvalidInput, NotFound
+from shared import metrics
+from shared.errors import IdempotencyConflict, InsufficientBalance, InvalidInput, NotFound
 from shared.models import ChatSession, ToolCallEvent, Turn, User
 from shared.pagination import Listing
 from shared.providers.tokens import count_tokens
@@ -126,13 +127,17 @@ def submit(
         session.add(turn)
         session.flush()
         if enforced:
-            billing.place_hold(
-                session,
-                user_id=user.id,
-                turn_id=turn.id,
-                amount=worst_case_cost(price, content, max_output_tokens),
-                ttl_seconds=runtime.settings.hold_ttl_seconds,
-            )
+            try:
+                billing.place_hold(
+                    session,
+                    user_id=user.id,
+                    turn_id=turn.id,
+                    amount=worst_case_cost(price, content, max_output_tokens),
+                    ttl_seconds=runtime.settings.hold_ttl_seconds,
+                )
+            except InsufficientBalance:
+                metrics.enforcement_refused("submit")
+                raise
         session.commit()
     except IntegrityError:
         # A concurrent request with the same Idempotency-Key committed first.

@@ -8,6 +8,7 @@ its timeout all come back as a ``ToolResult`` the model can read.
 
 from __future__ import annotations
 
+import contextvars
 import copy
 import logging
 import math
@@ -177,9 +178,10 @@ class ToolRegistry:
             return ToolResult("error", f"invalid arguments for {name}: {exc}")
 
         outcome: list[ToolResult] = []
+        # The caller's context (request and turn ids) goes along, for the tool's log lines.
         thread = threading.Thread(
-            target=self._run,
-            args=(tool, validated, ctx, timeout, outcome),
+            target=contextvars.copy_context().run,
+            args=(self._run, tool, validated, ctx, timeout, outcome),
             name=f"tool-{name}",
             daemon=True,
         )

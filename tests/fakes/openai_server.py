@@ -9,8 +9,11 @@ the provider in the same process or a Celery worker in another one::
     server.hang(5)                      # answer nothing for 5 s
     server.malformed()                  # 200 with a body that is not JSON
     server.tool_calls([{"name": "search", "arguments": {"query": "x"}}])
+    server.when("[[hang]]", Behaviour("hang", seconds=60))  # by content, every time
 
-Each request pops the next behaviour; with the queue empty it gets
+A request whose last user message contains a ``when`` marker gets that
+behaviour (so one conversation can hang while others are answered); any other
+request pops the next behaviour, and with the queue empty it gets
 ``server.default`` (a plain reply unless replaced). Every request is recorded
 in ``server.requests``.
 
@@ -109,6 +112,7 @@ class FakeOpenAIServer:
         self._host = host
         self._port = port
         self._queue: deque[Behaviour] = deque()
+        self._rules: list[tuple[str, Behaviour]] = []
         self._lock = threading.Lock()
         self._arrived = threading.Condition(self._lock)
         self._stopping = threading.Event()
@@ -181,10 +185,18 @@ class FakeOpenAIServer:
         return self
 
     def clear(self) -> None:
-        """Forget queued behaviours and recorded requests."""
+        """Forget queued behaviours, ``when`` rules and recorded requests."""
         with self._lock:
             self._queue.clear()
+            self._rules.clear()
             self._requests.clear()
+
+    def when(self, marker: str, behaviour: Behaviour) -> FakeOpenAIServer:
+        """Every request whose last user message contains ``marker`` gets ``behaviour``,
+        ahead of the queue and for as long as the server runs."""
+        with self._lock:
+            self._rules.append((marker, behaviour))
+        return self
 
     def reply(
         self,
@@ -263,6 +275,10 @@ class FakeOpenAIServer:
         with self._arrived:
             self._requests.append(request)
             self._arrived.notify_all()
+            text = _last_user_text(request.body)
+            for marker, behaviour in self._rules:
+                if marker in text:
+                    return behaviour
             return self._queue.popleft() if self._queue else self.default
 
     def _respond(self, handler: _Handler, behaviour: Behaviour, request: Any) -> None:
@@ -271,9 +287,7 @@ class FakeOpenAIServer:
                 return
             self._respond(handler, behaviour.then or self.default, request)
         elif behaviour.kind == "echo":
-            messages = request.get("messages", []) if isinstance(request, dict) else []
-            last_user = next((m for m in reversed(messages) if m.get("role") == "user"), {})
-            text = content_text(last_user.get("content"))
+            text = _last_user_text(request)
             handler.send_json(200, _completion(request, f"Fake reply to: {text}"[:500]))
         elif behaviour.kind == "reply":
             handler.send_json(200, _completion(request, **behaviour.payload))
@@ -283,6 +297,12 @@ class FakeOpenAIServer:
             handler.send_raw(200, behaviour.payload.encode("utf-8"), "application/json")
         else:
             raise ValueError(f"unknown behaviour {behaviour.kind!r}")
+
+
+def _last_user_text(request: Any) -> str:
+    messages = request.get("messages", []) if isinstance(request, dict) else []
+    last_user = next((m for m in reversed(messages) if isinstance(m, dict) and m.get("role") == "user"), {})
+    return content_text(last_user.get("content"))
 
 
 class _QuietServer(ThreadingHTTPServer):

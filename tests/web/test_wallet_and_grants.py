@@ -63,10 +63,16 @@ def test_an_admin_grant_is_a_201_ledger_entry_attributed_to_the_admin(client, ad
     }
 
 
-def test_a_json_number_amount_is_accepted_exactly(client, admin, user):
-    response = grant(client, admin, user.id, {"amount": 12.5})
+def test_a_json_integer_amount_is_accepted_exactly(client, admin, user):
+    response = grant(client, admin, user.id, {"amount": 12})
     assert response.status_code == 201
-    assert response.get_json()["amount"] == "12.500000"
+    assert response.get_json()["amount"] == "12.000000"
+
+
+def test_a_json_float_amount_is_refused_because_money_is_never_a_float(client, admin, user):
+    response = grant(client, admin, user.id, {"amount": 12.5})
+    assert response.status_code == 422
+    assert response.get_json()["error"] == "invalid_amount"
 
 
 def test_replaying_an_idempotency_key_returns_the_first_entry_without_a_second_credit(client, admin, user):
@@ -206,7 +212,7 @@ def test_pricing_lists_the_offline_model_out_of_the_box(client, admin):
 def test_a_price_put_adds_a_version_effective_now(client, admin):
     response = client.put(
         "/api/v1/admin/pricing/acme/chat-large",
-        json={"input_per_1k": "0.5", "output_per_1k": 1.25},
+        json={"input_per_1k": "0.5", "output_per_1k": "1.25"},
         headers=admin.headers,
     )
     assert response.status_code == 200

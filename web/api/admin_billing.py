@@ -1,9 +1,10 @@
 from flask import after_this_request
 from flask.views import MethodView
-from flask_smorest import Blueprint, Page
+from flask_smorest import Page
 
 from shared.pagination import Listing
 from shared.services import audit, billing, enforcement, pricing
+from web.api import Blueprint
 from web.context import current_user, db, idempotency_key, runtime
 from web.schemas.admin import (
     AdminEnforcementSchema,
@@ -12,11 +13,13 @@ from web.schemas.admin import (
     EnforcementUpdateSchema,
 )
 from web.schemas.billing import (
+    MODEL_PATH_PARAMETER,
     AdjustmentCreateSchema,
     GrantCreateSchema,
     LedgerEntrySchema,
     ModelPriceSchema,
     PriceUpdateSchema,
+    checked_model_name,
 )
 from web.schemas.common import ErrorSchema
 
@@ -98,12 +101,13 @@ class Prices(MethodView):
         return pricing.list_current_prices(db())
 
 
-@blp.route("/pricing/<path:model>")
+@blp.route("/pricing/<path:model>", parameters=[MODEL_PATH_PARAMETER])
 class Price(MethodView):
     @blp.arguments(PriceUpdateSchema)
     @blp.response(200, ModelPriceSchema)
     def put(self, data, model):
         """Add a new price version for a model, effective now (history is kept)"""
+        model = checked_model_name(model)
         return pricing.set_price(db(), current_user().id, model, data["input_per_1k"], data["output_per_1k"])
 
 

@@ -1,8 +1,10 @@
 from flask.views import MethodView
-from flask_smorest import Blueprint, Page
+from flask_smorest import Page
 
 from shared.services import auth
+from web.api import Blueprint
 from web.context import current_user, db
+from web.schemas.common import ErrorSchema
 from web.schemas.users import (
     ApiKeyCreateSchema,
     ApiKeySchema,
@@ -25,7 +27,8 @@ class Users(MethodView):
 
     @blp.arguments(UserCreateSchema)
     @blp.response(201, UserCreatedSchema)
-    @blp.alt_response(409, description="Email already registered (`email_taken`)")
+    @blp.alt_response(409, schema=ErrorSchema, description="Email already registered (`email_taken`)")
+    @blp.alt_response(422, schema=ErrorSchema, description="`invalid_email` or a validation error")
     def post(self, data):
         """Create a user with a wallet and a first API key"""
         user, issued = auth.create_user(db(), data["email"], data["role"], actor_id=current_user().id)

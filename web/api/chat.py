@@ -1,8 +1,9 @@
 from flask import current_app, request, url_for
 from flask.views import MethodView
-from flask_smorest import Blueprint, Page
+from flask_smorest import Page
 
 from shared.services import rooms, turns
+from web.api import Blueprint
 from web.context import current_user, db, idempotency_key, runtime
 from web.schemas.chat import (
     RoomCreateSchema,

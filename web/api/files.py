@@ -2,11 +2,12 @@ import io
 
 from flask import current_app, send_file
 from flask.views import MethodView
-from flask_smorest import Blueprint, Page
+from flask_smorest import Page
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from shared.errors import FileTooLarge
 from shared.services import files
+from web.api import Blueprint
 from web.context import current_user, db, runtime
 from web.errors import error_body
 from web.schemas.common import ErrorSchema

@@ -1,8 +1,9 @@
 from flask import current_app
 from flask.views import MethodView
-from flask_smorest import Blueprint
+from marshmallow import RAISE
 
 from shared.services import health
+from web.api import Blueprint
 from web.context import runtime
 from web.schemas.common import ErrorSchema
 from web.schemas.health import LivenessSchema, ReadinessQuerySchema, ReadinessSchema
@@ -20,7 +21,7 @@ class Liveness(MethodView):
 
 @blp.route("/ready")
 class Ready(MethodView):
-    @blp.arguments(ReadinessQuerySchema, location="query")
+    @blp.arguments(ReadinessQuerySchema, location="query", unknown=RAISE)
     @blp.response(200, ReadinessSchema)
     @blp.alt_response(503, schema=ErrorSchema, description="Not ready (`not_ready`); `down` names what is")
     def get(self, query):

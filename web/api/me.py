@@ -1,7 +1,7 @@
 from flask.views import MethodView
-from flask_smorest import Blueprint
 
 from shared.services import wallets
+from web.api import Blueprint
 from web.context import current_user, db, runtime
 from web.schemas.users import MeSchema
 

@@ -1,7 +1,8 @@
 from flask.views import MethodView
-from flask_smorest import Blueprint, Page
+from flask_smorest import Page
 
 from shared.services import billing, wallets
+from web.api import Blueprint
 from web.context import current_user, db, runtime
 from web.schemas.billing import LedgerEntrySchema
 from web.schemas.users import WalletSummarySchema

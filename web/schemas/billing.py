@@ -1,21 +1,33 @@
 """Wallet, ledger, grant and pricing schemas."""
 
+import re
+
 from marshmallow import fields, validate
 
-from web.schemas.common import BaseSchema, Money
+from shared.errors import InvalidInput
+from web.schemas.common import BaseSchema, Money, MoneyInput, NonBlankString
 
-AMOUNT_DOC = {
-    "description": "A decimal string (or JSON number) > 0 with at most 6 decimal places, at most 1e12. "
-    "Anything else is 422 `invalid_amount`.",
-    "type": "string",
-    "example": "25.00",
+AMOUNT_DOC = (
+    "A decimal string (no exponent, no leading zeros, at most 6 decimal places; trailing zeros "
+    "beyond are fine) or a JSON integer, > 0 and at most 1e12. JSON floats and anything else are "
+    "422 `invalid_amount`."
+)
+PRICE_DOC = (
+    "Credit per 1,000 tokens: a decimal string (at most 6 decimal places) or a JSON integer, "
+    ">= 0 and at most 1e6. JSON floats and anything else are 422 `invalid_price`."
+)
+# Model names as the pricing path accepts them: segments of letters, digits and ._:@+-,
+# joined by single slashes ("acme/chat-large", "meta-llama/Llama-3.1-8B:free").
+MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:@+-]*(?:/[A-Za-z0-9][A-Za-z0-9._:@+-]*)*$"
+MODEL_PATH_PARAMETER = {
+    "in": "path",
+    "name": "model",
+    "required": True,
+    "description": "Model name, at most 200 characters; anything else is 422 `invalid_model`.",
+    "schema": {"type": "string", "maxLength": 200, "pattern": MODEL_NAME_PATTERN},
 }
-PRICE_DOC = {
-    "description": "Credit per 1,000 tokens: a decimal string (or JSON number) >= 0 with at most 6 "
-    "decimal places. Anything else is 422 `invalid_price`.",
-    "type": "string",
-    "example": "0.150000",
-}
+MAX_AMOUNT = 10**12
+MAX_PRICE_PER_1K = 10**6
 
 
 class LedgerEntrySchema(BaseSchema):
@@ -35,24 +47,46 @@ class LedgerEntrySchema(BaseSchema):
 
 
 class GrantCreateSchema(BaseSchema):
-    # Raw on purpose: the service parses the amount so every bad amount gets one
-    # stable error code (`invalid_amount`) instead of marshmallow's generic one.
-    amount = fields.Raw(required=True, allow_none=True, metadata=AMOUNT_DOC)
+    # Every bad amount gets one stable error code (`invalid_amount`), not marshmallow's generic one.
+    amount = MoneyInput(required=True, error="invalid_amount", maximum=MAX_AMOUNT, description=AMOUNT_DOC)
     reason = fields.String(load_default=None, allow_none=True, validate=validate.Length(max=500))
 
 
 class AdjustmentCreateSchema(BaseSchema):
-    amount = fields.Raw(
+    amount = MoneyInput(
         required=True,
-        allow_none=True,
-        metadata={"description": 'Signed decimal string, e.g. "-2.50" or "5"; not zero, at most 6 places'},
+        error="invalid_amount",
+        maximum=MAX_AMOUNT,
+        signed=True,
+        description='Signed: a decimal string such as "-2.50" or "5", or a JSON integer; not zero, '
+        "at most 6 decimal places, magnitude at most 1e12.",
     )
-    reason = fields.String(required=True, validate=validate.Length(min=1, max=500))
+    reason = NonBlankString(
+        required=True,
+        error="reason_required",
+        message="An adjustment needs a reason.",
+        validate=validate.Length(min=1, max=500),
+    )
+
+
+def checked_model_name(model: str) -> str:
+    """The pricing path's model name. :raises InvalidInput: ``invalid_model``."""
+    if len(model) > 200 or not re.fullmatch(MODEL_NAME_PATTERN, model):
+        raise InvalidInput(
+            "model must be at most 200 letters, digits or ._:@+- in segments joined by '/'.",
+            error="invalid_model",
+            field="model",
+        )
+    return model
 
 
 class PriceUpdateSchema(BaseSchema):
-    input_per_1k = fields.Raw(required=True, allow_none=True, metadata=PRICE_DOC)
-    output_per_1k = fields.Raw(required=True, allow_none=True, metadata=PRICE_DOC)
+    input_per_1k = MoneyInput(
+        required=True, error="invalid_price", maximum=MAX_PRICE_PER_1K, allow_zero=True, description=PRICE_DOC
+    )
+    output_per_1k = MoneyInput(
+        required=True, error="invalid_price", maximum=MAX_PRICE_PER_1K, allow_zero=True, description=PRICE_DOC
+    )
 
 
 class ModelPriceSchema(BaseSchema):

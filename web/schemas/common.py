@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import re
+from collections.abc import Mapping
 from decimal import Decimal
 
-from marshmallow import RAISE, Schema, ValidationError, fields, pre_load
+from marshmallow import INCLUDE, RAISE, Schema, ValidationError, fields, pre_load
 
 from shared.db import MONEY_QUANT
+from shared.errors import InvalidInput
 
 
 def _has_nul(value) -> bool:
@@ -29,17 +32,23 @@ class BaseSchema(Schema):
 
     @pre_load
     def _refuse_nul(self, data, **_kwargs):
-        if isinstance(data, dict):
+        # Mapping, not dict: query strings arrive as webargs' MultiDictProxy.
+        if isinstance(data, Mapping):
             bad = [str(key) for key, value in data.items() if _has_nul(key) or _has_nul(value)]
             if bad:
                 raise ValidationError({key: ["NUL characters are not allowed."] for key in bad})
         return data
 
 
+MONEY_DOC = {"type": "string", "format": "decimal", "pattern": r"^-?\d+\.\d{6}$", "example": "12.500000"}
+
+
 class Money(fields.Decimal):
-    """A decimal string with exactly 6 places, never a float."""
+    """A decimal string with exactly 6 places, never a float (documented as such: a plain
+    ``fields.Decimal`` would be documented as a JSON number)."""
 
     def __init__(self, **kwargs):
+        kwargs["metadata"] = {**MONEY_DOC, **kwargs.get("metadata", {})}
         super().__init__(places=6, as_string=True, allow_nan=False, **kwargs)
 
     def _serialize(self, value, attr, obj, **kwargs):
@@ -56,10 +65,10 @@ class ErrorSchema(BaseSchema):
     errors = fields.Dict(metadata={"description": "Per-location, per-field validation messages"})
 
     class Meta:
-        unknown = RAISE
+        # Only ever dumped. Errors carry extra detail fields (balance, required, down, ...),
+        # which INCLUDE documents as `additionalProperties: true`.
+        unknown = INCLUDE
         ordered = True
-        # Errors may carry extra detail fields (balance, required, ...).
-        additional_properties = True
 
 
 class StrictInteger(fields.Integer):
@@ -72,3 +81,132 @@ class StrictInteger(fields.Integer):
         if isinstance(value, bool):
             raise self.make_error("invalid", input=value)
         return super()._validated(value)
+
+
+# Python's ``str.strip()`` whitespace, spelled out: ECMA's ``\s`` (the spec's regex dialect)
+# and Python's ``\s`` disagree on a few characters, and the services strip with Python's.
+WHITESPACE_CLASS = r"\t\n\x0b\x0c\r\x1c-\x1f \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+NOT_BLANK = f"[^{WHITESPACE_CLASS}]"
+# Documented form: no NUL (BaseSchema refuses it) and at least one non-whitespace character.
+NON_BLANK_PATTERN = rf"^[^\x00]*[^\x00{WHITESPACE_CLASS}][^\x00]*$"
+
+
+class NonBlankString(fields.String):
+    """A string with at least one non-whitespace character; documented as a ``pattern``
+    so the spec admits exactly what the service (which strips) accepts. A blank value is
+    422 with ``error`` when given (the service's own code), else a field validation error."""
+
+    default_error_messages = {"blank": "Must not be blank."}
+
+    def __init__(self, *, error: str | None = None, message: str = "Must not be blank.", **kwargs):
+        self.error_code, self.message = error, message
+        kwargs["metadata"] = {"pattern": NON_BLANK_PATTERN, **kwargs.get("metadata", {})}
+        super().__init__(**kwargs)
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        text = super()._deserialize(value, attr, data, **kwargs)
+        # "" is left to the Length validator, as before.
+        if text and not re.search(NOT_BLANK, text):
+            if self.error_code:
+                raise InvalidInput(self.message, error=self.error_code, field=attr)
+            raise self.make_error("blank")
+        return text
+
+
+def _decimal_pattern(integer_digits: int, maximum: str, *, allow_zero: bool, signed: bool) -> str:
+    """Decimal strings with at most 6 places (trailing zeros beyond are fine), no exponent,
+    no leading zeros, in [0 or >0, maximum]."""
+    fraction = r"(?:\.[0-9]{1,6}0*)?"
+    positive = [
+        rf"[1-9][0-9]{{0,{integer_digits - 1}}}{fraction}",
+        r"0\.[0-9]{0,5}[1-9]0*",
+        rf"{maximum}(?:\.0+)?",
+    ]
+    if allow_zero:
+        positive.append(r"0(?:\.0+)?")
+    sign = "-?" if signed else ""
+    return rf"^{sign}(?:{'|'.join(positive)})$"
+
+
+class MoneyInput(fields.Field):
+    """A money amount in a request: a decimal string (at most 6 places) or a JSON integer.
+
+    JSON floats are refused (money is never a float). The documented schema is exactly
+    what is accepted; anything else is 422 with the stable ``error`` code given (the
+    service re-checks the same rules).
+    """
+
+    def __init__(
+        self,
+        *,
+        error: str,
+        maximum: int,
+        allow_zero: bool = False,
+        signed: bool = False,
+        description: str = "",
+        **kwargs,
+    ):
+        self.error_code = error
+        self.pattern = _decimal_pattern(
+            len(str(maximum)) - 1, str(maximum), allow_zero=allow_zero, signed=signed
+        )
+        self.minimum = 0 if allow_zero else 1
+        self.maximum = maximum
+        self.signed = signed
+        integer_ranges = [{"type": "integer", "minimum": self.minimum, "maximum": maximum}]
+        if signed:
+            integer_ranges.append({"type": "integer", "minimum": -maximum, "maximum": -1})
+        kwargs["metadata"] = {
+            "description": description,
+            "anyOf": [{"type": "string", "pattern": self.pattern, "example": "25.50"}, *integer_ranges],
+            **kwargs.get("metadata", {}),
+        }
+        super().__init__(**kwargs)
+
+    def deserialize(self, value, attr=None, data=None, **kwargs):
+        # null gets the stable code too, not marshmallow's generic "may not be null".
+        if value is None:
+            self._refuse(attr)
+        return super().deserialize(value, attr, data, **kwargs)
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        # fullmatch: Python's `$` would also match before a trailing newline, ECMA's does not.
+        if isinstance(value, str) and re.fullmatch(self.pattern, value):
+            return value
+        if isinstance(value, int) and not isinstance(value, bool):
+            magnitude = abs(value) if self.signed else value
+            if self.minimum <= magnitude <= self.maximum:
+                return value
+        self._refuse(attr)
+
+    def _refuse(self, attr):
+        raise InvalidInput(
+            f'{attr} must be a decimal string such as "12.50" with at most 6 decimal places, '
+            f"or an integer, at most {self.maximum}{'' if self.minimum == 0 else ' and not zero'}.",
+            error=self.error_code,
+            field=attr,
+        )
+
+
+class PatternString(fields.String):
+    """A string that must fully match ``pattern`` (documented as is); anything else is
+    422 with the stable ``error`` code, as the service would answer."""
+
+    def __init__(self, *, pattern: str, error: str, message: str, **kwargs):
+        self.pattern, self.error_code, self.message = pattern, error, message
+        kwargs["metadata"] = {"pattern": pattern, **kwargs.get("metadata", {})}
+        super().__init__(**kwargs)
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        text = super()._deserialize(value, attr, data, **kwargs)
+        if not re.fullmatch(self.pattern, text):
+            raise InvalidInput(self.message, error=self.error_code, field=attr)
+        return text
+
+
+def nul_free_strings(self, field, ret, **kwargs) -> dict:
+    """apispec attribute function: BaseSchema refuses NUL anywhere, so every string the
+    spec documents without a pattern of its own says so."""
+    if isinstance(field, fields.String) and ret.get("type") == "string" and "pattern" not in ret:
+        return {"pattern": r"^[^\x00]*$"}
+    return {}

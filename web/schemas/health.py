@@ -8,8 +8,12 @@ class LivenessSchema(BaseSchema):
 
 
 class ReadinessQuerySchema(BaseSchema):
+    # Only the spellings a JSON-Schema boolean has on the wire; "yes" or "1" is a 422.
     worker = fields.Boolean(
-        load_default=False, metadata={"description": "Also round-trip a ping task through a worker"}
+        load_default=False,
+        truthy={"true"},
+        falsy={"false"},
+        metadata={"description": "Also round-trip a ping task through a worker"},
     )
 
 

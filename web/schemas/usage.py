@@ -27,18 +27,20 @@ class UsageQuerySchema(BaseSchema):
     start = fields.String(
         load_default=None,
         metadata={
-            "description": "First local date (inclusive), YYYY-MM-DD. Default: `end` − 29 days. "
+            "description": "First local date (inclusive), YYYY-MM-DD. Default (also when empty): "
+            "`end` − 29 days. "
             "Malformed → 422 `invalid_date`; after `end` → 422 `invalid_range`; "
             "more than 3660 days → 422 `range_too_large`.",
-            "format": "date",
+            "anyOf": [{"format": "date"}, {"maxLength": 0}],
             "example": "2026-01-01",
         },
     )
     end = fields.String(
         load_default=None,
         metadata={
-            "description": "Last local date (inclusive), YYYY-MM-DD. Default: today in `tz`.",
-            "format": "date",
+            "description": "Last local date (inclusive), YYYY-MM-DD. "
+            "Default (also when empty): today in `tz`.",
+            "anyOf": [{"format": "date"}, {"maxLength": 0}],
             "example": "2026-01-31",
         },
     )

@@ -1,6 +1,12 @@
 from marshmallow import fields, validate
 
-from web.schemas.common import BaseSchema, Money
+from web.schemas.common import WHITESPACE_CLASS, BaseSchema, Money, PatternString
+
+# What the service accepts: a local part, "@", a domain with a dot; no whitespace inside
+# (nor NUL); surrounding whitespace is stripped.
+_SPACE = f"[{WHITESPACE_CLASS}]"
+_NOT_SPACE = f"[^\\x00{WHITESPACE_CLASS}]"
+EMAIL_PATTERN = f"^{_SPACE}*[^@\\x00{WHITESPACE_CLASS}]+@{_NOT_SPACE}*\\.{_NOT_SPACE}*{_SPACE}*$"
 
 
 class WalletSummarySchema(BaseSchema):
@@ -22,7 +28,13 @@ class MeSchema(UserSchema):
 
 
 class UserCreateSchema(BaseSchema):
-    email = fields.String(required=True, validate=validate.Length(min=3, max=320))
+    email = PatternString(
+        required=True,
+        pattern=EMAIL_PATTERN,
+        error="invalid_email",
+        message="Not a valid email address.",
+        validate=validate.Length(max=320),
+    )
     role = fields.String(load_default="user", validate=validate.OneOf(["user", "admin"]))
 
 

@@ -1,10 +1,16 @@
 """Thin tasks: load by id, call the turn runner."""
 
 from celery import shared_task
+from celery.exceptions import SoftTimeLimitExceeded
 
+from shared.db import is_database_unavailable
 from shared.providers import build_provider
 from shared.services import turn_runner
 from shared.tools.registry import build_registry
+
+# Retries for a database outage (1, 2, 4 … 30 s apart: about 3 minutes in all); a longer
+# outage leaves the turn to the recover_stuck_turns beat job.
+DATABASE_RETRIES = 10
 
 
 def _provider(runtime):
@@ -35,6 +41,24 @@ def run_turn(self, turn_id: str, takeover: bool = False) -> str:
         )
     except turn_runner.RetryLater as exc:
         raise self.retry(countdown=exc.countdown, exc=exc) from exc
+    except SoftTimeLimitExceeded:
+        # Slow model rounds added up past the soft limit. Another run would likely do the
+        # same, and a turn left "running" would wait TURN_STALE_SECONDS for recovery: end it.
+        turn_runner.fail(runtime, turn_id, "turn_timeout", "The turn did not finish within the time limit.")
+        return "failed"
+    except Exception as exc:
+        if not is_database_unavailable(exc):
+            raise
+        # The database went away mid-task (failover, a killed connection, a deadlock). Every
+        # step is under the turn's row lock and billing is idempotent, so running the turn
+        # again is safe; it may be "running" under this very attempt, hence the takeover.
+        # Without this the turn would wait for recover_stuck_turns (up to TURN_STALE_SECONDS).
+        raise self.retry(
+            countdown=turn_runner.retry_countdown(1.0, self.request.retries + 1),
+            kwargs={"takeover": True},
+            max_retries=DATABASE_RETRIES,
+            exc=exc,
+        ) from exc
 
 
 @shared_task(name="tollgate.refresh_summary", bind=True, max_retries=0)
