@@ -91,3 +91,10 @@ def test_a_price_for_an_unprintable_model_name_is_422_invalid_model(pg_client, p
     )
     assert response.status_code == 422
     assert response.get_json()["error"] == "invalid_model"
+
+
+@pytest.mark.parametrize("path", ["/api/v1/rooms", "/api/v1/wallet/ledger", "/api/v1/admin/users"])
+def test_a_page_past_any_64_bit_offset_is_an_empty_page_not_a_500(pg_client, pg_admin, path):
+    response = pg_client.get(f"{path}?page_size=64&page=62567588472597569536", headers=pg_admin.headers)
+    assert response.status_code == 200
+    assert response.get_json() == []
