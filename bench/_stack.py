@@ -78,18 +78,8 @@ def bench_settings(database_url: str, **overrides) -> Settings:
 
 
 def env_for(settings: Settings, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("DATABASE_", "REDIS_", "CELERY_"))}
-    env.update(
-        DATABASE_URL=settings.database_url,
-        REDIS_URL=settings.redis_url or "",
-        CELERY_BROKER_URL=settings.broker_url,
-        CELERY_RESULT_BACKEND=settings.result_backend,
-        TOLLGATE_VAR_DIR=str(settings.var_dir),
-        LOG_LEVEL="WARNING",
-        PATH=f"{BIN}:{os.environ.get('PATH', '')}",
-    )
-    env.update(extra)
-    return env
+    path = f"{BIN}:{os.environ.get('PATH', '')}"
+    return settings.process_env(**{"LOG_LEVEL": "WARNING", "PATH": path, **extra})
 
 
 # The Procfile's process sizing (WEB_CONCURRENCY, WEB_THREADS): gthread workers with keep-alive.

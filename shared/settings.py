@@ -147,6 +147,26 @@ class Settings:
     def replace(self, **changes: object) -> Settings:
         return dataclasses.replace(self, **changes)
 
+    def process_env(self, **extra: str) -> dict[str, str]:
+        """The environment a Procfile process (gunicorn, celery) needs to load these
+        settings' connections and var dir: this process's environment without its own
+        database, Redis, Celery, billing and model variables, plus ``extra``. Used by the
+        integration tests and the benchmarks to start real processes."""
+        env = {
+            key: value
+            for key, value in os.environ.items()
+            if not key.startswith(("DATABASE_", "REDIS_", "CELERY_", "BILLING_", "MODEL_", "OPENAI_"))
+        }
+        env.update(
+            DATABASE_URL=self.database_url,
+            REDIS_URL=self.redis_url or "",
+            CELERY_BROKER_URL=self.broker_url,
+            CELERY_RESULT_BACKEND=self.result_backend,
+            TOLLGATE_VAR_DIR=str(self.var_dir),
+        )
+        env.update(extra)
+        return env
+
     @property
     def embedded(self) -> bool:
         """No Redis configured: the zero-server mode (SQLite, filesystem broker)."""

@@ -155,22 +155,9 @@ def pg_user(pg_db) -> Actor:
 
 
 def service_env(settings: Settings, **extra: str) -> dict[str, str]:
-    """The environment a Procfile process gets for these settings."""
-    env = {
-        key: value
-        for key, value in os.environ.items()
-        if not key.startswith(("DATABASE_", "REDIS_", "CELERY_", "BILLING_", "MODEL_", "OPENAI_"))
-    }
-    env.update(
-        DATABASE_URL=settings.database_url,
-        REDIS_URL=settings.redis_url or "",
-        CELERY_BROKER_URL=settings.broker_url,
-        CELERY_RESULT_BACKEND=settings.result_backend,
-        TOLLGATE_VAR_DIR=str(settings.var_dir),
-        PATH=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}",
-    )
-    env.update(extra)
-    return env
+    """The environment a Procfile process gets for these settings, with this venv on PATH."""
+    path = f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"
+    return settings.process_env(**{"PATH": path, **extra})
 
 
 class WorkerProcess:

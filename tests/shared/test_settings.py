@@ -88,3 +88,23 @@ def test_enforcement_default_reads_common_boolean_spellings():
     assert Settings.from_env({"BILLING_ENFORCEMENT_ENABLED": "true"}).billing_enforcement_enabled
     assert Settings.from_env({"BILLING_ENFORCEMENT_ENABLED": "1"}).billing_enforcement_enabled
     assert not Settings.from_env({"BILLING_ENFORCEMENT_ENABLED": "off"}).billing_enforcement_enabled
+
+
+def test_process_env_carries_the_connections_and_drops_this_process_own(monkeypatch, tmp_path):
+    monkeypatch.setenv("MODEL_PROVIDER", "openai")
+    monkeypatch.setenv("DATABASE_POOL_URL", "postgresql://elsewhere/db")
+    settings = Settings.from_env(
+        {
+            "DATABASE_URL": "postgresql://db/x",
+            "REDIS_URL": "redis://r:6379/3",
+            "TOLLGATE_VAR_DIR": str(tmp_path),
+        }
+    )
+    env = settings.process_env(LOG_LEVEL="WARNING")
+    assert Settings.from_env(env).database_url == settings.database_url
+    assert (env["REDIS_URL"], env["TOLLGATE_VAR_DIR"], env["LOG_LEVEL"]) == (
+        "redis://r:6379/3",
+        str(tmp_path),
+        "WARNING",
+    )
+    assert "MODEL_PROVIDER" not in env and "DATABASE_POOL_URL" not in env
