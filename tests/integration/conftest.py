@@ -160,6 +160,17 @@ def service_env(settings: Settings, **extra: str) -> dict[str, str]:
     return settings.process_env(**{"PATH": path, **extra})
 
 
+def stop_process(process: subprocess.Popen | None, timeout: float) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within ``timeout`` seconds."""
+    if process and process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
 class WorkerProcess:
     """A real ``celery worker`` subprocess, started as the Procfile does."""
 
@@ -209,13 +220,7 @@ class WorkerProcess:
         raise RuntimeError(f"worker did not answer ping in {timeout}s; see {self.log_path}")
 
     def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process, timeout=20)
         if getattr(self, "log", None):
             self.log.close()
 

@@ -20,7 +20,7 @@ import psycopg
 import redis as redis_lib
 
 from shared.settings import Settings
-from tests.integration.conftest import ROOT, service_env
+from tests.integration.conftest import ROOT, service_env, stop_process
 
 FINISHED = ("completed", "failed")
 CHARGE_KINDS = ("capture", "debit")
@@ -102,13 +102,7 @@ class RedisServer:
             (self.directory / "dump.rdb").unlink(missing_ok=True)
 
     def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process, timeout=10)
 
 
 def kill_process_group(process: subprocess.Popen) -> None:
