@@ -67,6 +67,7 @@ def measure_service(runtime: Runtime, user_id: str, total: int, concurrency: int
                 input_tokens=100,
                 output_tokens=50,
                 at=utcnow(),
+                enforced=False,
             )
             session.commit()
 

@@ -50,13 +50,22 @@ def cmd_ledger_check(_args, settings: Settings) -> int:
     runtime = _runtime(settings)
     with runtime.db.session() as session:
         mismatches = ledger_check.find_mismatches(session)
-    if not mismatches:
-        print("ok: every wallet's balance equals its ledger sum")
+        violations = ledger_check.find_violations(session)
+    if not mismatches and not violations:
+        print(
+            "ok: every wallet's balance equals its ledger sum and its held amount its active holds; "
+            "no enforced turn overdrew a wallet or was charged more than its hold"
+        )
         return 0
     for row in mismatches:
         print(
             f"MISMATCH wallet={row.wallet_id} user={row.user_id} balance={row.balance} "
             f"ledger_sum={row.ledger_sum} held={row.held} active_holds={row.active_holds}"
+        )
+    for violation in violations:
+        print(
+            f"VIOLATION {violation.rule} wallet={violation.wallet_id} turn={violation.turn_id} "
+            f"{violation.detail}"
         )
     return 1
 
@@ -78,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     create_admin = sub.add_parser("create-admin", help="create an admin and print its API key")
     create_admin.add_argument("--email", required=True)
     create_admin.set_defaults(func=cmd_create_admin)
-    sub.add_parser("ledger-check", help="verify balance == sum(ledger) for every wallet").set_defaults(
+    sub.add_parser("ledger-check", help="verify the ledger's invariants (docs/billing.md)").set_defaults(
         func=cmd_ledger_check
     )
     sub.add_parser("migrate", help="upgrade the database (DATABASE_URL) to head").set_defaults(

@@ -24,6 +24,7 @@ import os
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 
 from prometheus_client import (
@@ -64,6 +65,7 @@ class _Metrics:
     tool_duration: Histogram
     enforcement_refusals: Counter
     summary_fallbacks: Counter
+    uncovered_charges: Counter
 
 
 def _build() -> _Metrics:
@@ -121,6 +123,13 @@ def _build() -> _Metrics:
             "tollgate_summary_fallbacks",
             "Turns whose summary came from the extractive fallback because the model call failed, by reason.",
             ["reason"],
+            registry=registry,
+        ),
+        uncovered_charges=Counter(
+            "tollgate_uncovered_charge_micros",
+            "Cost of enforced work that was not charged because neither its hold nor the available "
+            "credit covered it (a provider counting more tokens than estimated; a hold that expired "
+            "under a dead worker), in micro-units of credit. Should stay at zero; see docs/billing.md.",
             registry=registry,
         ),
     )
@@ -194,6 +203,11 @@ def tool_called(tool: str, status: str, seconds: float) -> None:
     m = _get()
     m.tool_calls.labels(tool, status).inc()
     m.tool_duration.labels(tool).observe(max(seconds, 0.0))
+
+
+def hold_overrun(amount: Decimal) -> None:
+    """Enforced work cost ``amount`` more than its hold or the available credit covered."""
+    _get().uncovered_charges.inc(int(amount * 1_000_000))
 
 
 def enforcement_refused(stage: str) -> None:

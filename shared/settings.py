@@ -90,6 +90,13 @@ class Settings:
     # A turn running longer than this is presumed dead (above the task's hard time limit).
     turn_stale_seconds: int = 360
     turn_retry_base_seconds: float = 2.0
+    # Hold sizing (docs/billing.md "Holds that bound the turn"): model calls a hold funds
+    # besides the summary call (the answer plus one tool round), the tokens tool results
+    # may add between rounds, and the factor on input estimates for tokenizers that
+    # count more than our four-characters-per-token rule.
+    hold_model_rounds: int = 2
+    hold_tool_result_tokens: int = 2048
+    hold_token_margin: Decimal = Decimal("1.25")
     var_dir: Path = DEFAULT_VAR_DIR
     log_level: str = "INFO"
     code_version: str = "dev"
@@ -135,6 +142,11 @@ class Settings:
             turn_retry_base_seconds=float(
                 _decimal(env.get("TURN_RETRY_BASE_SECONDS", "2"), "TURN_RETRY_BASE_SECONDS")
             ),
+            hold_model_rounds=_int(env.get("HOLD_MODEL_ROUNDS", "2"), "HOLD_MODEL_ROUNDS"),
+            hold_tool_result_tokens=_int(
+                env.get("HOLD_TOOL_RESULT_TOKENS", "2048"), "HOLD_TOOL_RESULT_TOKENS"
+            ),
+            hold_token_margin=_decimal(env.get("HOLD_TOKEN_MARGIN", "1.25"), "HOLD_TOKEN_MARGIN"),
             var_dir=var_dir,
             log_level=env.get("LOG_LEVEL", "INFO").upper(),
             code_version=env.get("TOLLGATE_VERSION") or env.get("SOURCE_VERSION") or _code_version(),

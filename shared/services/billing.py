@@ -23,18 +23,20 @@ Functions documented "does not commit" join the caller's open transaction.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from shared import metrics
 from shared.db import MONEY_QUANT, new_id, utcnow
 from shared.errors import Conflict, IdempotencyConflict, InsufficientBalance, InvalidInput, NotFound
-from shared.models import Hold, LedgerEntry, UsageRollup, User, Wallet
+from shared.models import Hold, LedgerEntry, Turn, UsageRollup, User, Wallet
 from shared.pagination import Listing
 from shared.services import audit, pricing
 
@@ -217,6 +219,23 @@ def place_hold(session: Session, *, user_id: str, turn_id: str, amount: Decimal,
     return hold
 
 
+@dataclass(frozen=True)
+class Settlement:
+    """How a turn was billed: the balance right after, and what it was charged."""
+
+    balance_after: Decimal
+    charged: Decimal
+
+
+def _charged_so_far(session: Session, turn_id: str) -> Decimal:
+    total = session.scalar(
+        select(func.coalesce(func.sum(LedgerEntry.amount), 0)).where(
+            LedgerEntry.turn_id == turn_id, LedgerEntry.kind.in_(("capture", "debit"))
+        )
+    )
+    return _q(-Decimal(total or 0))
+
+
 def settle_turn(
     session: Session,
     *,
@@ -227,21 +246,32 @@ def settle_turn(
     input_tokens: int,
     output_tokens: int,
     at: datetime,
-) -> Decimal:
-    """Bill a finished turn and add it to the usage rollups. Does not commit. Returns ``balance_after``.
+    enforced: bool,
+    completed: bool = True,
+) -> Settlement:
+    """Bill a turn that ended (completed, or failed/cancelled after using tokens) and add it
+    to the usage rollups. Does not commit.
 
-    With an active hold: capture ``min(cost, hold)`` and release the rest (the
-    hold becomes ``captured``). Without one (enforcement off, or the hold was
-    already released/expired): a plain ``debit`` of ``cost``, which may take
-    the balance below zero. A second call for the same turn writes nothing and
-    returns the first ``balance_after``.
+    The charge is the actual ``cost`` (design §4):
+
+    - an **active hold** captures the cost and releases the rest. The runner keeps the
+      cost within the hold; should a provider still report more than was estimated, the
+      charge stops at the hold (an ``enforced`` wallet is never overdrawn) and the
+      difference is logged and counted (``tollgate_uncovered_charge_micros_total``);
+    - **no active hold** and ``enforced`` (the hold expired or was released while the
+      turn's worker was gone): a ``debit`` against what is available now, never below
+      zero, and never more than the hold was;
+    - not ``enforced``: a plain ``debit`` of the cost, which may take the balance below zero.
+
+    Rollups count the turn (``turns`` +1) only when ``completed``; tokens and the charge
+    always. A second call for the same turn writes nothing and returns the first result.
     """
     capture_key, debit_key = _turn_key(turn_id, "capture"), _turn_key(turn_id, "debit")
     wallet = _lock_wallet(session, user_id=user_id)
     # Checked under the lock: a concurrent settle of the same turn has committed by now.
     done = _entry_by_key(session, capture_key, debit_key)
     if done is not None:
-        return done.balance_after
+        return Settlement(done.balance_after, _charged_so_far(session, turn_id))
     cost = _q(cost)
     if cost < 0:
         raise ValueError("a turn cost cannot be negative")
@@ -278,19 +308,55 @@ def settle_turn(
         hold.resolved_at = now
     else:
         charged = cost
-        entry = _append(session, wallet, kind="debit", key=debit_key, amount=-cost, turn_id=turn_id, now=now)
+        if enforced:
+            charged = min(charged, max(wallet.available, ZERO))
+            if hold is not None:
+                charged = min(charged, hold.amount)
+        entry = _append(
+            session, wallet, kind="debit", key=debit_key, amount=-charged, turn_id=turn_id, now=now
+        )
+    if charged < cost:
+        metrics.hold_overrun(cost - charged)
+        log.warning("turn %s charged %s of its cost %s (enforced, not covered)", turn_id, charged, cost)
     _add_usage(
         session,
         user_id=user_id,
         model=model,
         at=at,
-        turns=1,
+        turns=1 if completed else 0,
         input_tokens=input_tokens,
         output_tokens=output_tokens,
         cost=charged,
     )
     session.flush()
-    return entry.balance_after
+    return Settlement(entry.balance_after, charged)
+
+
+def confirm_hold(session: Session, *, turn_id: str, ttl_seconds: int) -> bool:
+    """Under the wallet lock: is the turn's hold still active? If so its expiry moves to
+    ``ttl_seconds`` from now (a turn starting to run gets a full TTL). Does not commit.
+
+    Serialised with ``expire_stale_holds`` by the wallet lock, so a hold is never both
+    expired and confirmed for a run.
+    """
+    hold = session.scalar(select(Hold).where(Hold.turn_id == turn_id))
+    if hold is None:
+        return False
+    _lock_wallet(session, wallet_id=hold.wallet_id)
+    hold = _fresh_hold(session, turn_id)
+    if hold is None or hold.status != "active":
+        return False
+    hold.expires_at = max(hold.expires_at, utcnow() + timedelta(seconds=ttl_seconds))
+    session.flush()
+    return True
+
+
+def covers(session: Session, *, user_id: str, amount: Decimal) -> bool:
+    """Whether the wallet's available credit covers ``amount`` right now (no lock, no write)."""
+    wallet = session.scalar(
+        select(Wallet).where(Wallet.user_id == user_id).execution_options(populate_existing=True)
+    )
+    return wallet is not None and wallet.available >= amount
 
 
 def release_hold(session: Session, *, turn_id: str, reason: str) -> bool:
@@ -324,9 +390,16 @@ def release_hold(session: Session, *, turn_id: str, reason: str) -> bool:
     return True
 
 
-def expire_stale_holds(session: Session, now: datetime | None = None) -> int:
+def expire_stale_holds(
+    session: Session, now: datetime | None = None, *, live_after: datetime | None = None
+) -> int:
     """Expire every active hold past its ``expires_at``, one transaction (and ledger
     ``expiry`` entry) per hold, so a long backlog never holds many wallet locks. Commits.
+
+    A hold whose turn is ``running`` with an attempt started after ``live_after`` is
+    kept: it is paying for a model call in flight (design §4, "a hold cannot expire under a
+    running turn"). The turn's status is read after the wallet lock is taken, so a claim
+    (``confirm_hold``) and an expiry never both win.
 
     Returns how many holds this call expired.
     """
@@ -345,6 +418,13 @@ def expire_stale_holds(session: Session, now: datetime | None = None) -> int:
         if hold is None or hold.status != "active" or hold.expires_at > now:
             session.rollback()
             continue
+        if live_after is not None:
+            status, started_at = session.execute(
+                select(Turn.status, Turn.started_at).where(Turn.id == turn_id)
+            ).one_or_none() or (None, None)
+            if status == "running" and started_at is not None and started_at > live_after:
+                session.rollback()
+                continue
         _append(
             session,
             wallet,
@@ -375,13 +455,14 @@ def record_summary_usage(
     output_tokens: int,
     enforce: bool = False,
     at: datetime | None = None,
-) -> bool:
+) -> Decimal:
     """Bill the tokens of a background summary refresh as a ``debit``. Does not commit.
+    Returns the charge.
 
-    Idempotent per ``(chat_session_id, through_seq)``: a repeat returns True and
-    writes nothing. With ``enforce`` and an ``available`` balance below the cost,
-    returns False and writes nothing (the summary waits for the next turn).
-    Usage is added to the rollups with ``turns=0``.
+    Idempotent per ``(chat_session_id, through_seq)``: a repeat charges nothing. With
+    ``enforce`` the charge never takes ``available`` below zero (the caller checked
+    before the call that available covered its worst case; turns admitted since may
+    have reserved some of it). Usage is added to the rollups with ``turns=0``.
 
     :raises InvalidInput: ``model_not_priced``.
     """
@@ -390,10 +471,11 @@ def record_summary_usage(
     cost = pricing.cost_of(pricing.price_in_force(session, model, at), input_tokens, output_tokens)
     wallet = _lock_wallet(session, user_id=user_id)
     if _entry_by_key(session, key) is not None:
-        return True
-    if enforce and wallet.available < cost:
-        return False
-    _append(session, wallet, kind="debit", key=key, amount=-cost, reason="conversation summary")
+        return ZERO
+    charged = min(cost, max(wallet.available, ZERO)) if enforce else cost
+    if charged < cost:
+        metrics.hold_overrun(cost - charged)
+    _append(session, wallet, kind="debit", key=key, amount=-charged, reason="conversation summary")
     _add_usage(
         session,
         user_id=user_id,
@@ -402,10 +484,10 @@ def record_summary_usage(
         turns=0,
         input_tokens=input_tokens,
         output_tokens=output_tokens,
-        cost=cost,
+        cost=charged,
     )
     session.flush()
-    return True
+    return charged
 
 
 # -- admin grants (own their transaction) --------------------------------------------------

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
@@ -43,24 +43,32 @@ class SummaryResult:
     output_tokens: int = 0
 
 
-def window(session: Session, chat_session_id: str, before_seq: int) -> tuple[list[Turn], list[Turn]]:
-    """``(recent, evicted)``: the completed turns inside the window, and those that left it."""
-    completed = session.scalars(
-        select(Turn)
-        .where(
-            Turn.session_id == chat_session_id,
-            Turn.kind == "chat",
-            Turn.status == "completed",
-            Turn.seq < before_seq,
+def window(session: Session, chat: ChatSession, before_seq: int) -> tuple[list[Turn], list[Turn]]:
+    """``(recent, missing)``: the completed turns inside the window before ``before_seq``,
+    and those that have left it but are not yet in the summary (``seq > summary_through_seq``).
+
+    Two bounded reads: the window, then only the uncovered turns before it, never the
+    session's whole history.
+    """
+    completed = (Turn.session_id == chat.id, Turn.kind == "chat", Turn.status == "completed")
+    recent = list(
+        reversed(
+            session.scalars(
+                select(Turn)
+                .where(*completed, Turn.seq < before_seq)
+                .order_by(Turn.seq.desc())
+                .limit(WINDOW_TURNS)
+            ).all()
         )
+    )
+    if len(recent) < WINDOW_TURNS:
+        return recent, []
+    missing = session.scalars(
+        select(Turn)
+        .where(*completed, Turn.seq > chat.summary_through_seq, Turn.seq < recent[0].seq)
         .order_by(Turn.seq)
     ).all()
-    split = max(len(completed) - WINDOW_TURNS, 0)
-    return list(completed[split:]), list(completed[:split])
-
-
-def uncovered(chat: ChatSession, evicted: list[Turn]) -> list[Turn]:
-    return [turn for turn in evicted if turn.seq > chat.summary_through_seq]
+    return recent, list(missing)
 
 
 def _first_sentence(text: str | None, limit: int = 160) -> str:
@@ -88,15 +96,9 @@ def _transcript(turns: list[Turn]) -> str:
     return "\n".join(f"User: {turn.content}\nAssistant: {turn.reply or ''}" for turn in turns)
 
 
-def summarize(
-    provider, model: str, prior: str | None, turns: list[Turn], *, allow_fallback: bool
-) -> SummaryResult:
-    """Fold ``turns`` into ``prior`` with a model call.
-
-    :raises ProviderError: only when ``allow_fallback`` is false.
-    """
-    through_seq = turns[-1].seq
-    messages = [
+def request_messages(prior: str | None, turns: list[Turn]) -> list[dict]:
+    """The summary call's conversation (what it sends, so what a hold must cover)."""
+    return [
         {"role": "system", "content": SUMMARY_PROMPT},
         {
             "role": "user",
@@ -105,31 +107,51 @@ def summarize(
             + _transcript(turns),
         },
     ]
+
+
+def fallback(prior: str | None, turns: list[Turn], reason: str) -> SummaryResult:
+    """The extractive summary, free of model calls."""
+    metrics.summary_fell_back(reason)
+    return SummaryResult(text=extractive_summary(prior, turns), through_seq=turns[-1].seq, used_fallback=True)
+
+
+def summarize(
+    provider, model: str, prior: str | None, turns: list[Turn], *, allow_fallback: bool
+) -> SummaryResult:
+    """Fold ``turns`` into ``prior`` with a model call.
+
+    An empty answer still used tokens: the result is the extractive fallback
+    (``used_fallback``) carrying the tokens the call consumed, so they are billed.
+
+    :raises ProviderError: the call failed and ``allow_fallback`` is false.
+    """
     try:
         completion = provider.complete(
-            messages,
+            request_messages(prior, turns),
             model=model,
             max_output_tokens=SUMMARY_MAX_OUTPUT_TOKENS,
             timeout=SUMMARY_TIMEOUT_SECONDS,
         )
-        text = (completion.content or "").strip()
-        if not text:
-            raise ValueError("empty summary")
-        return SummaryResult(
-            text=text[:SUMMARY_MAX_CHARS],
-            through_seq=through_seq,
-            used_fallback=False,
+    except ProviderError as exc:
+        if not allow_fallback:
+            raise
+        log.warning("summary generation failed (%s); using the extractive fallback", exc.code)
+        return fallback(prior, turns, "provider_error")
+    text = (completion.content or "").strip()
+    if not text:
+        log.warning("summary generation returned nothing; using the extractive fallback")
+        return replace(
+            fallback(prior, turns, "empty_summary"),
             input_tokens=completion.input_tokens,
             output_tokens=completion.output_tokens,
         )
-    except (ProviderError, ValueError) as exc:
-        if not allow_fallback:
-            raise
-        log.warning("summary generation failed (%s); using the extractive fallback", exc)
-        metrics.summary_fell_back("provider_error" if isinstance(exc, ProviderError) else "empty_summary")
-        return SummaryResult(
-            text=extractive_summary(prior, turns), through_seq=through_seq, used_fallback=True
-        )
+    return SummaryResult(
+        text=text[:SUMMARY_MAX_CHARS],
+        through_seq=turns[-1].seq,
+        used_fallback=False,
+        input_tokens=completion.input_tokens,
+        output_tokens=completion.output_tokens,
+    )
 
 
 def store(session: Session, chat_session_id: str, result: SummaryResult) -> bool:

@@ -4,6 +4,15 @@ A turn ends exactly once. Every state change happens under the turn's row
 lock and checks the status first; billing is idempotent per turn. So a task
 delivered twice, retried, or taken over from a dead worker may run the model
 again but never completes, fails or bills the turn twice.
+
+Every turn ends (design §3): whatever goes wrong while it runs — a provider
+error, model output the pipeline cannot use, a bug — the turn ends ``failed``
+with a stable code and the tokens the provider already consumed are billed.
+Usage is saved on the turn row after every model call that more work follows,
+so a retry or a takeover of a dead worker's turn still bills what the earlier
+attempt used. Every call is checked against what is left of the hold first
+(``shared.services.turn_budget``), so an enforced turn never costs more than
+its hold.
 """
 
 from __future__ import annotations
@@ -18,21 +27,21 @@ from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
 from shared import metrics
-from shared.db import utcnow
+from shared.db import is_database_unavailable, utcnow
 from shared.errors import InsufficientBalance
 from shared.logging import turn_id_var
-from shared.models import ChatSession, Hold, ToolCallEvent, Turn, UploadedFile
+from shared.models import ChatSession, Hold, ToolCallEvent, Turn
 from shared.providers import (
     ProviderError,
-    ProviderPermanentError,
     ProviderTransientError,
     extract_search_query,
-    room_files_line,
 )
 from shared.runtime import Runtime
-from shared.services import billing, enforcement, pricing, summaries
-from shared.services.turns import FINISHED, worst_case_cost
-from shared.tools.registry import ToolContext
+from shared.services import billing, enforcement, pricing, summaries, turn_context
+from shared.services.text import clean_json, clean_text
+from shared.services.turn_budget import BudgetExhausted, HoldPolicy, TurnBudget
+from shared.services.turns import FINISHED, place_turn_hold
+from shared.tools.registry import ToolContext, ToolResult
 
 log = logging.getLogger(__name__)
 
@@ -40,11 +49,24 @@ MAX_TOOL_ROUNDS = 3
 TOOL_TIMEOUT_SECONDS = 10.0
 MAX_ATTEMPTS = 5
 EXCERPT_CHARS = 300
-ROOM_FILES_LISTED = 50
-SYSTEM_PROMPT = (
-    "You are Tollgate's assistant. Answer concisely. Use the `search` tool to look things up in "
-    "the room's files and earlier turns, and `file_read` to read a file."
-)
+
+# What users read in a failed turn's ``error.message``; details (upstream bodies,
+# tracebacks) go to the logs only.
+ERROR_MESSAGES = {
+    "bad_model_output": "The model returned output that could not be used.",
+    "internal_error": "The turn failed because of an internal error.",
+    "budget_exhausted": "The credit reserved for this turn ran out before the model could answer.",
+    "turn_timeout": "The turn did not finish within the time limit.",
+    "worker_lost": "The turn did not finish after repeated attempts.",
+    "hold_expired": "The credit reserved for this turn expired before it ran.",
+}
+
+
+def error_message(code: str, fallback: str | None = None) -> str:
+    """The user-facing message for a failure code."""
+    if code in ERROR_MESSAGES:
+        return ERROR_MESSAGES[code]
+    return fallback or ProviderError(code).message
 
 
 class RetryLater(Exception):
@@ -58,23 +80,84 @@ class RetryLater(Exception):
 
 @dataclass
 class Execution:
+    """One attempt's outcome so far; on failure, the usage in it is what gets billed.
+
+    Token counts include what earlier attempts of the same turn used.
+    """
+
     reply: str = ""
     input_tokens: int = 0
     output_tokens: int = 0
     summary_used_fallback: bool = False
+    # This turn pushes the oldest turn of a full window out: a background summary refresh is due.
+    summary_due_after: bool = False
     messages: list[dict] = field(default_factory=list)
+
+    def add(self, input_tokens: int, output_tokens: int) -> None:
+        self.input_tokens += input_tokens
+        self.output_tokens += output_tokens
 
 
 def _lock(session: Session, turn_id: str) -> Turn | None:
-    return session.scalar(select(Turn).where(Turn.id == turn_id).with_for_update())
+    # NO KEY UPDATE: tool-call rows referencing the turn (KEY SHARE) are not blocked by it.
+    return session.scalar(select(Turn).where(Turn.id == turn_id).with_for_update(key_share=True))
 
 
-def _fail_locked(session: Session, turn: Turn, code: str, message: str) -> None:
-    billing.release_hold(session, turn_id=turn.id, reason=code)
-    turn.status = "failed"
+def _end_locked(
+    runtime: Runtime,
+    session: Session,
+    turn: Turn,
+    *,
+    status: str,
+    input_tokens: int,
+    output_tokens: int,
+    now,
+) -> None:
+    """Bill what the turn used (nothing used: release its hold) and record it. Caller commits.
+
+    The turn row is written once, after billing: a second UPDATE of a row this transaction
+    already changed makes Postgres re-check its foreign keys (KEY SHARE on the session row).
+    """
+    cost = balance_after = None
+    if input_tokens or output_tokens:
+        price = pricing.price_in_force(session, turn.model, at=turn.created_at)
+        settled = billing.settle_turn(
+            session,
+            user_id=turn.user_id,
+            turn_id=turn.id,
+            model=turn.model,
+            cost=pricing.cost_of(price, input_tokens, output_tokens),
+            input_tokens=input_tokens,
+            output_tokens=output_tokens,
+            at=now,
+            enforced=turn.enforced,
+            completed=status == "completed",
+        )
+        cost, balance_after = settled.charged, settled.balance_after
+        turn.low_balance = balance_after < runtime.settings.low_balance_threshold
+    else:
+        billing.release_hold(session, turn_id=turn.id, reason=f"turn {status}")
+    turn.input_tokens, turn.output_tokens = input_tokens, output_tokens
+    turn.cost, turn.balance_after = cost, balance_after
+    turn.status = status
+    turn.completed_at = turn.updated_at = now
+
+
+def _fail_locked(
+    runtime: Runtime,
+    session: Session,
+    turn: Turn,
+    code: str,
+    message: str | None = None,
+    execution: Execution | None = None,
+) -> None:
+    used_in = max(turn.input_tokens, execution.input_tokens if execution else 0)
+    used_out = max(turn.output_tokens, execution.output_tokens if execution else 0)
+    _end_locked(
+        runtime, session, turn, status="failed", input_tokens=used_in, output_tokens=used_out, now=utcnow()
+    )
     turn.error_code = code
-    turn.error_message = message[:2000]
-    turn.completed_at = turn.updated_at = utcnow()
+    turn.error_message = clean_text(error_message(code, message))[:2000]
 
 
 def _ended(turn: Turn) -> None:
@@ -95,14 +178,21 @@ def _ended(turn: Turn) -> None:
         log.info("turn %s", outcome)
 
 
-def fail(runtime: Runtime, turn_id: str, code: str, message: str) -> bool:
-    """Fail a turn that has not finished, releasing its hold. Returns whether it did."""
+def fail(
+    runtime: Runtime,
+    turn_id: str,
+    code: str,
+    message: str | None = None,
+    execution: Execution | None = None,
+) -> bool:
+    """Fail a turn that has not finished: bill the tokens it consumed (``execution``'s or
+    those saved on the turn), release the rest of its hold. Returns whether it did."""
     with runtime.db.session() as session:
         turn = _lock(session, turn_id)
         if turn is None or turn.status in FINISHED:
             session.rollback()
             return False
-        _fail_locked(session, turn, code, message)
+        _fail_locked(runtime, session, turn, code, message, execution)
         session.commit()
         _ended(turn)
         return True
@@ -125,7 +215,7 @@ def claim(runtime: Runtime, turn_id: str, *, takeover: bool) -> Turn | None:
             session.rollback()  # another worker is on it
             return None
         if turn.attempts >= MAX_ATTEMPTS:
-            _fail_locked(session, turn, "worker_lost", "The turn did not finish after repeated attempts.")
+            _fail_locked(runtime, session, turn, "worker_lost")
             session.commit()
             _ended(turn)
             return None
@@ -144,43 +234,25 @@ def claim(runtime: Runtime, turn_id: str, *, takeover: bool) -> Turn | None:
 
 
 def _admitted_now(runtime: Runtime, session: Session, turn: Turn) -> bool:
-    """Re-check enforcement in the worker (design §4). Fails the turn and returns False if refused."""
+    """Re-check enforcement in the worker (design §4). Fails the turn and returns False if refused.
+
+    An enforced turn's hold is confirmed under the wallet lock and given a fresh
+    expiry, so the expiry job and this claim cannot both win.
+    """
     if turn.enforced:
-        hold = session.scalar(select(Hold).where(Hold.turn_id == turn.id))
-        if hold is not None and hold.status != "active":
-            _fail_locked(
-                session, turn, "hold_expired", "The credit reserved for this turn expired before it ran."
-            )
-            return False
-        return True
+        if billing.confirm_hold(session, turn_id=turn.id, ttl_seconds=runtime.settings.hold_ttl_seconds):
+            return True
+        _fail_locked(runtime, session, turn, "hold_expired")
+        return False
     if not enforcement.is_enforced(runtime):
         return True
-    price = pricing.price_in_force(session, turn.model)
     try:
-        billing.place_hold(
-            session,
-            user_id=turn.user_id,
-            turn_id=turn.id,
-            amount=worst_case_cost(price, turn.content, turn.max_output_tokens),
-            ttl_seconds=runtime.settings.hold_ttl_seconds,
-        )
+        place_turn_hold(runtime, session, turn)
     except InsufficientBalance as exc:
-        _fail_locked(session, turn, exc.error, exc.message)
+        _fail_locked(runtime, session, turn, exc.error, exc.message)
         return False
     turn.enforced = True
     return True
-
-
-def _room_files_line(session: Session, room_id: str) -> str | None:
-    files = session.execute(
-        select(UploadedFile.filename, UploadedFile.id)
-        .where(UploadedFile.room_id == room_id, UploadedFile.status == "ready")
-        .order_by(UploadedFile.created_at.desc())
-        .limit(ROOM_FILES_LISTED)
-    ).all()
-    if not files:
-        return None
-    return room_files_line(files)
 
 
 def _excerpt(text: str) -> str:
@@ -194,11 +266,11 @@ def _record_tool_call(
         ToolCallEvent(
             turn_id=turn.id,
             room_id=turn.room_id,
-            tool=name[:64],
-            arguments=arguments,
+            tool=clean_text(name)[:64],
+            arguments=clean_json(arguments),
             status=result.status,
             duration_ms=duration_ms,
-            result_excerpt=_excerpt(result.content),
+            result_excerpt=clean_text(_excerpt(result.content)),
         )
     )
     session.commit()
@@ -207,8 +279,6 @@ def _record_tool_call(
 def _call_tool(session, tools, turn: Turn, name: str, arguments: dict, parse_error: str | None):
     started = time.monotonic()
     if parse_error:
-        from shared.tools.registry import ToolResult
-
         result = ToolResult(status="error", content=f"invalid arguments: {parse_error}", data=None)
     else:
         ctx = ToolContext(
@@ -226,70 +296,102 @@ def _call_tool(session, tools, turn: Turn, name: str, arguments: dict, parse_err
     return result
 
 
-def execute(runtime: Runtime, turn: Turn, provider, tools) -> Execution:
-    """Build the context, refresh the summary if needed, run the model with tools.
+def _save_usage(session: Session, turn_id: str, result: Execution) -> None:
+    """Keep the usage so far on the running turn, for a retry or takeover to bill. Commits."""
+    session.execute(
+        update(Turn)
+        .where(Turn.id == turn_id, Turn.status == "running")
+        .values(input_tokens=result.input_tokens, output_tokens=result.output_tokens)
+    )
+    session.commit()
+
+
+def budget_for(runtime: Runtime, session: Session, turn: Turn) -> TurnBudget:
+    """The budget of this attempt: the turn's active hold (none: unbounded), at the turn's
+    price, less what earlier attempts used."""
+    price = pricing.price_in_force(session, turn.model, at=turn.created_at)
+    hold = session.scalar(select(Hold).where(Hold.turn_id == turn.id))
+    reserved = hold.amount if turn.enforced and hold is not None else None
+    return TurnBudget(
+        price,
+        HoldPolicy.from_settings(runtime.settings),
+        reserved,
+        spent_input_tokens=turn.input_tokens,
+        spent_output_tokens=turn.output_tokens,
+    )
+
+
+def execute(runtime: Runtime, turn: Turn, provider, tools, result: Execution | None = None) -> Execution:
+    """Build the context, refresh the summary if due, run the model with tools.
+
+    ``result`` is filled as the turn goes, so a caller catching an exception still
+    knows what was used.
 
     :raises ProviderError: from the turn's own model call (summary failures fall back).
+    :raises BudgetExhausted: what is left of the hold cannot pay for the next call.
     """
-    result = Execution()
+    result = result if result is not None else Execution()
+    result.input_tokens, result.output_tokens = turn.input_tokens, turn.output_tokens
     # No transaction stays open across a model call: each read block ends with a
     # commit (Postgres: no idle-in-transaction; SQLite: no write lock held).
     with runtime.db.session() as session:
         chat = session.get(ChatSession, turn.session_id)
-        recent, evicted = summaries.window(session, chat.id, turn.seq)
-        missing = summaries.uncovered(chat, evicted)
-        summary_text = chat.summary
+        context = turn_context.load(session, chat, turn.seq)
+        result.summary_due_after = len(context.recent) >= summaries.WINDOW_TURNS
+        budget = budget_for(runtime, session, turn)
         session.commit()
-        if missing:
-            summary = summaries.summarize(provider, turn.model, chat.summary, missing, allow_fallback=True)
-            summaries.store(session, chat.id, summary)
+        tool_schemas = tools.schemas() if provider.supports_tools else None
+        max_output = turn.max_output_tokens
+
+        summary_text = context.summary
+        if context.summary_due:
+            answer = budget.call_cost(
+                turn_context.messages(context, turn.content, summary=context.summary), None, 1
+            )
+            if budget.allows_summary(summaries.request_messages(context.summary, context.missing), answer):
+                summary = summaries.summarize(
+                    provider, turn.model, context.summary, context.missing, allow_fallback=True
+                )
+            else:
+                summary = summaries.fallback(context.summary, context.missing, "budget")
             summary_text = summary.text
             result.summary_used_fallback = summary.used_fallback
-            result.input_tokens += summary.input_tokens
-            result.output_tokens += summary.output_tokens
+            result.add(summary.input_tokens, summary.output_tokens)
+            budget.record(summary.input_tokens, summary.output_tokens)
+            if summary.input_tokens or summary.output_tokens:
+                _save_usage(session, turn.id, result)
+            summaries.store(session, chat.id, summary)
 
-        messages: list[dict] = [{"role": "system", "content": SYSTEM_PROMPT}]
-        files_line = _room_files_line(session, turn.room_id)
-        session.commit()
-        if files_line:
-            messages.append({"role": "system", "content": files_line})
-        if summary_text:
-            messages.append({"role": "system", "content": f"Conversation summary so far:\n{summary_text}"})
-        for earlier in recent:
-            messages.append({"role": "user", "content": earlier.content})
-            messages.append({"role": "assistant", "content": earlier.reply or ""})
+        search_results = None
         if not provider.supports_tools:
             query = extract_search_query(turn.content)
             if query:
                 found = _call_tool(session, tools, turn, "search", {"query": query[:500]}, None)
-                messages.append({"role": "system", "content": f"Search results:\n{found.content}"})
-        messages.append({"role": "user", "content": turn.content})
-        tool_schemas = tools.schemas() if provider.supports_tools else None
+                search_results = found.content
+        messages = turn_context.messages(
+            context, turn.content, summary=summary_text, search_results=search_results
+        )
+        history = turn_context.history_bounds(messages, context)
 
         for round_number in range(MAX_TOOL_ROUNDS + 1):
             offer_tools = tool_schemas if round_number < MAX_TOOL_ROUNDS else None
+            if offer_tools and not budget.allows_tool_round(messages, offer_tools, max_output):
+                offer_tools = None  # the hold pays for an answer, not another tool round
+            send, call_max_output = budget.fit(messages, offer_tools, max_output, history)
             completion = provider.complete(
-                messages, model=turn.model, max_output_tokens=turn.max_output_tokens, tools=offer_tools
+                send, model=turn.model, max_output_tokens=call_max_output, tools=offer_tools
             )
-            result.input_tokens += completion.input_tokens
-            result.output_tokens += completion.output_tokens
+            result.add(completion.input_tokens, completion.output_tokens)
+            budget.record(
+                completion.input_tokens,
+                completion.output_tokens,
+                estimated_input=budget.estimate_input(send, offer_tools),
+            )
             if not completion.tool_calls or offer_tools is None:
-                result.reply = completion.content or ""
+                result.reply = clean_text(completion.content or "")
                 break
-            messages.append(
-                {
-                    "role": "assistant",
-                    "content": completion.content,
-                    "tool_calls": [
-                        {
-                            "id": call.id,
-                            "type": "function",
-                            "function": {"name": call.name, "arguments": call.raw_arguments},
-                        }
-                        for call in completion.tool_calls
-                    ],
-                }
-            )
+            _save_usage(session, turn.id, result)
+            messages.append(completion.assistant_message())
             for call in completion.tool_calls:
                 found = _call_tool(session, tools, turn, call.name, call.arguments, call.parse_error)
                 messages.append({"role": "tool", "tool_call_id": call.id, "content": found.content})
@@ -304,32 +406,18 @@ def complete(runtime: Runtime, turn_id: str, result: Execution) -> bool:
         if turn is None or turn.status in FINISHED:
             session.rollback()
             return False
-        now = utcnow()
-        price = pricing.price_in_force(session, turn.model, at=turn.started_at or now)
-        cost = pricing.cost_of(price, result.input_tokens, result.output_tokens)
-        balance_after = billing.settle_turn(
+        _end_locked(
+            runtime,
             session,
-            user_id=turn.user_id,
-            turn_id=turn.id,
-            model=turn.model,
-            cost=cost,
+            turn,
+            status="completed",
             input_tokens=result.input_tokens,
             output_tokens=result.output_tokens,
-            at=now,
+            now=utcnow(),
         )
-        hold = session.scalar(select(Hold).where(Hold.turn_id == turn.id))
-        # A captured hold caps the charge at what admission reserved (docs/billing.md);
-        # a released or expired hold means the full cost was debited.
-        turn.cost = min(cost, hold.amount) if hold is not None and hold.status == "captured" else cost
-        turn.balance_after = balance_after
-        turn.low_balance = balance_after < runtime.settings.low_balance_threshold
         turn.reply = result.reply
-        turn.input_tokens = result.input_tokens
-        turn.output_tokens = result.output_tokens
         turn.summary_used_fallback = result.summary_used_fallback
-        turn.status = "completed"
         turn.error_code = turn.error_message = None
-        turn.completed_at = turn.updated_at = now
         session.commit()
         _ended(turn)
         return True
@@ -349,45 +437,77 @@ def run_turn(
     takeover: bool,
     final_attempt: bool,
     after_complete=None,
+    reraise: tuple[type[BaseException], ...] = (),
 ) -> str:
     """Run one turn to its end. Returns the outcome: ``completed``, ``failed`` or ``skipped``.
 
-    ``after_complete(turn)`` runs once the completion committed (e.g. to queue the summary refresh).
+    ``after_complete(turn)`` runs once the completion committed and a summary refresh is due.
+    ``reraise``: exceptions the caller handles itself (the task's time limit).
 
     :raises RetryLater: a transient provider failure with retries left; the turn is ``queued`` again.
+    :raises: a database outage (``shared.db.is_database_unavailable``), for the task to retry;
+        every other exception ends the turn ``failed``.
     """
     token = turn_id_var.set(turn_id)
     try:
         turn = claim(runtime, turn_id, takeover=takeover)
         if turn is None:
             return "skipped"
+        result = Execution()
         try:
-            result = execute(runtime, turn, provider, tools)
+            execute(runtime, turn, provider, tools, result)
         except ProviderTransientError as exc:
+            log.warning("model call failed: %s (%s)", exc.code, exc.message)
             if final_attempt:
-                fail(runtime, turn_id, exc.code, str(exc))
+                fail(runtime, turn_id, exc.code, execution=result)
                 return "failed"
-            _requeue(runtime, turn_id)
+            _requeue(runtime, turn_id, result)
             raise RetryLater(
                 exc.code, retry_countdown(runtime.settings.turn_retry_base_seconds, turn.attempts)
             ) from exc
-        except (ProviderPermanentError, ProviderError) as exc:
-            fail(runtime, turn_id, exc.code, str(exc))
+        except ProviderError as exc:
+            log.warning("model call failed: %s (%s)", exc.code, exc.message)
+            fail(runtime, turn_id, exc.code, execution=result)
             return "failed"
-        if not complete(runtime, turn_id, result):
-            return "skipped"
-        if after_complete is not None:
+        except BudgetExhausted as exc:
+            fail(runtime, turn_id, exc.code, execution=result)
+            return "failed"
+        except Exception as exc:
+            if isinstance(exc, reraise) or is_database_unavailable(exc):
+                raise
+            _fail_unexpected(runtime, turn_id, exc, result)
+            return "failed"
+        try:
+            if not complete(runtime, turn_id, result):
+                return "skipped"
+        except Exception as exc:
+            if isinstance(exc, reraise) or is_database_unavailable(exc):
+                raise
+            _fail_unexpected(runtime, turn_id, exc, result)
+            return "failed"
+        if after_complete is not None and result.summary_due_after:
             after_complete(turn)
         return "completed"
     finally:
         turn_id_var.reset(token)
 
 
-def _requeue(runtime: Runtime, turn_id: str) -> None:
+def _fail_unexpected(runtime: Runtime, turn_id: str, exc: Exception, result: Execution) -> None:
+    """Model output the pipeline could not handle (e.g. arguments nested past the recursion
+    limit, a value the database refuses) or a bug: end the turn, billing what it used."""
+    code = (
+        "bad_model_output" if isinstance(exc, RecursionError | ValueError | TypeError) else "internal_error"
+    )
+    log.exception("turn failed unexpectedly (%s)", code)
+    fail(runtime, turn_id, code, execution=result)
+
+
+def _requeue(runtime: Runtime, turn_id: str, result: Execution) -> None:
     with runtime.db.session() as session:
         turn = _lock(session, turn_id)
         if turn is not None and turn.status == "running":
             turn.status = "queued"
+            turn.input_tokens, turn.output_tokens = result.input_tokens, result.output_tokens
             turn.updated_at = utcnow()
         session.commit()
 
@@ -396,8 +516,9 @@ def refresh_summary(runtime: Runtime, chat_session_id: str, *, provider) -> bool
     """Fold turns that left the window into the summary ahead of the next turn.
 
     Model tokens are billed to the session's user. Failures leave the summary as
-    it is (the next turn falls back); with enforcement on, a wallet that cannot
-    cover the summary is not charged and the summary waits for the next turn.
+    it is (the next turn falls back). With enforcement on, the call is made only
+    when the wallet's available credit covers its worst case, and the charge never
+    takes available credit below zero.
     """
     with runtime.db.session() as session:
         chat = session.get(ChatSession, chat_session_id)
@@ -411,17 +532,27 @@ def refresh_summary(runtime: Runtime, chat_session_id: str, *, provider) -> bool
         )
         if latest is None:
             return False
-        _, evicted = summaries.window(session, chat.id, latest.seq + 1)
-        missing = summaries.uncovered(chat, evicted)
+        _, missing = summaries.window(session, chat, latest.seq + 1)
         if not missing:
             return False
         model = latest.model
+        enforced = enforcement.is_enforced(runtime)
+        if enforced:
+            price = pricing.price_in_force(session, model)
+            worst = TurnBudget(price, HoldPolicy.from_settings(runtime.settings), None).call_cost(
+                summaries.request_messages(chat.summary, missing), None, summaries.SUMMARY_MAX_OUTPUT_TOKENS
+            )
+            if not billing.covers(session, user_id=chat.user_id, amount=worst):
+                session.rollback()
+                metrics.enforcement_refused("summary")
+                return False
+        session.commit()
         try:
             summary = summaries.summarize(provider, model, chat.summary, missing, allow_fallback=False)
         except ProviderError as exc:
-            log.info("refresh_summary skipped: %s", exc)
+            log.info("refresh_summary skipped: %s", exc.code)
             return False
-        if not billing.record_summary_usage(
+        billing.record_summary_usage(
             session,
             user_id=chat.user_id,
             chat_session_id=chat.id,
@@ -429,12 +560,11 @@ def refresh_summary(runtime: Runtime, chat_session_id: str, *, provider) -> bool
             model=model,
             input_tokens=summary.input_tokens,
             output_tokens=summary.output_tokens,
-            enforce=enforcement.is_enforced(runtime),
-        ):
-            session.rollback()  # enforcement on and the wallet cannot cover the summary
-            metrics.enforcement_refused("summary")
-            return False
+            enforce=enforced,
+        )
         session.commit()
+        if summary.used_fallback:
+            return False  # the model answered nothing usable; the next turn tries again
         return summaries.store(session, chat.id, summary)
 
 

@@ -14,7 +14,6 @@ import json
 import logging
 import time
 from dataclasses import dataclass
-from decimal import Decimal
 
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
@@ -22,21 +21,18 @@ from sqlalchemy.orm import Session
 
 from shared import metrics
 from shared.errors import IdempotencyConflict, InsufficientBalance, InvalidInput, NotFound
-from shared.models import ChatSession, ToolCallEvent, Turn, User
+from shared.models import ChatSession, Hold, ToolCallEvent, Turn, User
 from shared.pagination import Listing
-from shared.providers.tokens import count_tokens
 from shared.runtime import Runtime
-from shared.services import billing, enforcement, pricing
+from shared.services import billing, enforcement, pricing, turn_budget, turn_context
 from shared.services.rooms import _is_uuid, owned_session
+from shared.tools.registry import build_registry
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_OUTPUT_TOKENS = 512
 MAX_IDEMPOTENCY_KEY_LENGTH = 255
-# Allowance for what the pipeline adds around the user's text (system prompt,
-# summary, recent turns, tool schemas and results) in the worst-case estimate.
-CONTEXT_ALLOWANCE_TOKENS = 2048
-FINISHED = ("completed", "failed")
+FINISHED = ("completed", "failed", "cancelled")
 
 
 @dataclass(frozen=True)
@@ -58,10 +54,30 @@ def _request_hash(chat_session_id: str, data: dict) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def worst_case_cost(price, content: str, max_output_tokens: int) -> Decimal:
-    """What admission reserves: priced input estimate plus the full output budget."""
-    input_estimate = count_tokens(content) + CONTEXT_ALLOWANCE_TOKENS
-    return pricing.cost_of(price, input_estimate, max_output_tokens)
+def place_turn_hold(runtime: Runtime, session: Session, turn: Turn) -> Hold:
+    """Reserve the worst case of ``turn`` (``turn_budget.worst_case`` over the context the
+    runner will build) — the one place a turn's hold is sized, at admission and at the
+    worker's re-check. Does not commit.
+
+    :raises InsufficientBalance: ``available`` does not cover it.
+    """
+    chat = session.get(ChatSession, turn.session_id)
+    price = pricing.price_in_force(session, turn.model, at=turn.created_at)
+    amount = turn_budget.worst_case(
+        price,
+        turn_budget.HoldPolicy.from_settings(runtime.settings),
+        turn_context.load(session, chat, turn.seq),
+        turn.content,
+        turn.max_output_tokens,
+        runtime.component("tools", build_registry).schemas(),
+    )
+    return billing.place_hold(
+        session,
+        user_id=turn.user_id,
+        turn_id=turn.id,
+        amount=amount,
+        ttl_seconds=runtime.settings.hold_ttl_seconds,
+    )
 
 
 def _validate(runtime: Runtime, data: dict) -> tuple[str, str, int]:
@@ -96,8 +112,11 @@ def submit(
     :raises IdempotencyConflict: the key was used with another body.
     :raises InsufficientBalance: enforcement is on and ``available`` does not cover the worst case.
     """
-    if key is not None and len(key) > MAX_IDEMPOTENCY_KEY_LENGTH:
-        raise InvalidInput("Idempotency-Key is too long (max 255).", error="invalid_idempotency_key")
+    if key is not None and (not key or len(key) > MAX_IDEMPOTENCY_KEY_LENGTH or not key.isprintable()):
+        raise InvalidInput(
+            f"Idempotency-Key must be 1-{MAX_IDEMPOTENCY_KEY_LENGTH} printable characters.",
+            error="invalid_idempotency_key",
+        )
     chat = owned_session(session, user.id, chat_session_id)
     request_hash = _request_hash(chat.id, data)
     if key is not None:
@@ -105,11 +124,16 @@ def submit(
         if existing is not None:
             return existing, False
     content, model, max_output_tokens = _validate(runtime, data)
-    price = pricing.price_in_force(session, model)
+    pricing.price_in_force(session, model)  # an unpriced model is refused before anything is written
     enforced = enforcement.is_enforced(runtime)
     try:
-        # Lock the session row: seq allocation is serialised per session.
-        chat = session.scalar(select(ChatSession).where(ChatSession.id == chat.id).with_for_update())
+        # Lock the session row: seq allocation is serialised per session. NO KEY UPDATE, not
+        # UPDATE: it must not block the foreign-key checks (KEY SHARE) of other transactions
+        # writing this session's turns, or a worker settling a turn (turn -> wallet) and this
+        # request (session -> wallet) could deadlock.
+        chat = session.scalar(
+            select(ChatSession).where(ChatSession.id == chat.id).with_for_update(key_share=True)
+        )
         seq = (session.scalar(select(func.max(Turn.seq)).where(Turn.session_id == chat.id)) or 0) + 1
         turn = Turn(
             session_id=chat.id,
@@ -128,13 +152,7 @@ def submit(
         session.flush()
         if enforced:
             try:
-                billing.place_hold(
-                    session,
-                    user_id=user.id,
-                    turn_id=turn.id,
-                    amount=worst_case_cost(price, content, max_output_tokens),
-                    ttl_seconds=runtime.settings.hold_ttl_seconds,
-                )
+                place_turn_hold(runtime, session, turn)
             except InsufficientBalance:
                 metrics.enforcement_refused("submit")
                 raise

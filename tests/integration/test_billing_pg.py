@@ -125,9 +125,10 @@ def test_sixty_four_concurrent_turns_on_a_small_wallet_never_overdraw(pg_app, pg
                 input_tokens=100,
                 output_tokens=100,
                 at=datetime.now(UTC),
+                enforced=True,
             )
             session.commit()
-            seen_balances.append(balance_after)
+            seen_balances.append(balance_after.balance_after)
             return "ran"
 
     outcomes = run_threads(64, turn)
@@ -172,6 +173,7 @@ def test_a_hold_raced_by_capture_release_and_expiry_resolves_exactly_once(pg_app
                     input_tokens=1,
                     output_tokens=1,
                     at=datetime.now(UTC),
+                    enforced=True,
                 )
             elif i % 3 == 1:
                 billing.release_hold(session, turn_id=turn_id, reason="cancelled")

@@ -43,8 +43,8 @@ def hold(db, user, amount, ttl=900, turn_id=None) -> Hold:
     return placed
 
 
-def settle(db, user, turn_id, cost, at=None) -> Decimal:
-    balance = billing.settle_turn(
+def settle(db, user, turn_id, cost, at=None, enforced=False) -> Decimal:
+    settled = billing.settle_turn(
         db,
         user_id=user.id,
         turn_id=turn_id,
@@ -53,9 +53,10 @@ def settle(db, user, turn_id, cost, at=None) -> Decimal:
         input_tokens=100,
         output_tokens=50,
         at=at or datetime.now(UTC),
+        enforced=enforced,
     )
     db.commit()
-    return balance
+    return settled.balance_after
 
 
 def assert_ledger_clean(db) -> None:
@@ -170,12 +171,36 @@ def test_settling_captures_the_actual_cost_and_releases_the_rest(db, admin, user
     assert_ledger_clean(db)
 
 
-def test_a_cost_above_the_hold_captures_only_the_hold(db, admin, user):
-    fund(db, admin, user, "10")
+def test_a_provider_counting_past_the_hold_is_charged_the_hold_and_never_overdraws(db, admin, user):
+    # The runner keeps a turn within its hold by its own estimate; a provider that still
+    # reports more is charged no more than the hold (counted in tollgate_uncovered_charge_micros).
+    fund(db, admin, user, "2")
     placed = hold(db, user, "2")
-    assert settle(db, user, placed.turn_id, "3") == D("8")
+    assert settle(db, user, placed.turn_id, "3", enforced=True) == D("0")
     assert wallet_of(db, user.id).held == D("0")
     assert_ledger_clean(db)
+    assert ledger_check.find_violations(db) == []
+
+
+def test_a_turn_whose_hold_expired_settles_only_against_available_credit(db, admin, user):
+    fund(db, admin, user, "1")
+    placed = hold(db, user, "1", ttl=0)
+    assert billing.expire_stale_holds(db, now=datetime.now(UTC) + timedelta(seconds=1)) == 1
+    # Another turn reserves most of the freed credit before the first one settles.
+    hold(db, user, "0.75")
+    assert settle(db, user, placed.turn_id, "0.5", enforced=True) == D("0.75")
+    wallet = wallet_of(db, user.id)
+    assert (wallet.balance, wallet.held) == (D("0.75"), D("0.75"))
+    assert entries(db, user.id)[-1].kind == "debit" and entries(db, user.id)[-1].amount == D("-0.25")
+    assert_ledger_clean(db)
+
+
+def test_an_unenforced_turn_settling_after_its_hold_was_released_pays_its_full_cost(db, admin, user):
+    fund(db, admin, user, "1")
+    placed = hold(db, user, "1")
+    billing.release_hold(db, turn_id=placed.turn_id, reason="test")
+    db.commit()
+    assert settle(db, user, placed.turn_id, "1.5") == D("-0.5")
 
 
 def test_without_a_hold_the_debit_may_take_the_balance_below_zero(db, admin, user):
@@ -258,19 +283,20 @@ def test_usage_rolls_up_per_user_model_and_utc_quarter_hour(db, admin, user):
     ]
 
 
-def test_summary_usage_is_billed_once_and_refused_under_enforcement_when_unaffordable(db, admin, user):
+def test_summary_usage_is_billed_once_and_never_overdraws_under_enforcement(db, admin, user):
     kwargs = dict(user_id=user.id, model="offline-small", input_tokens=1000, output_tokens=500)
-    assert (
-        billing.record_summary_usage(db, chat_session_id="s1", through_seq=4, enforce=True, **kwargs) is False
-    )
-    db.rollback()
-    assert billing.record_summary_usage(db, chat_session_id="s1", through_seq=4, enforce=False, **kwargs)
+    # Enforced with nothing available: the tokens are recorded, the charge stops at zero.
+    assert billing.record_summary_usage(db, chat_session_id="s0", through_seq=4, enforce=True, **kwargs) == 0
     db.commit()
-    assert billing.record_summary_usage(db, chat_session_id="s1", through_seq=4, enforce=False, **kwargs)
+    assert wallet_of(db, user.id).balance == D("0")
+    charged = billing.record_summary_usage(db, chat_session_id="s1", through_seq=4, enforce=False, **kwargs)
+    assert charged == D("0.002")
+    db.commit()
+    assert billing.record_summary_usage(db, chat_session_id="s1", through_seq=4, enforce=False, **kwargs) == 0
     db.commit()
     assert wallet_of(db, user.id).balance == D("-0.002")  # 1000 × 0.001/1k + 500 × 0.002/1k
     rollup = db.scalar(select(UsageRollup))
-    assert (rollup.turns, rollup.input_tokens, rollup.cost) == (0, 1000, D("0.002"))
+    assert (rollup.turns, rollup.input_tokens, rollup.cost) == (0, 2000, D("0.002"))
     assert_ledger_clean(db)
 
 

@@ -431,6 +431,7 @@ def test_rollups_written_by_billing_match_the_raw_turns(usage_env):
             input_tokens=turn.input_tokens,
             output_tokens=turn.output_tokens,
             at=at,
+            enforced=False,
         )
         session.commit()
     for tz in ("UTC", "Asia/Kolkata", "Asia/Kathmandu"):

@@ -179,6 +179,7 @@ def test_the_ledger_shows_holds_captures_and_releases_of_turns(client, admin, us
         input_tokens=10,
         output_tokens=10,
         at=billing.utcnow(),
+        enforced=True,
     )
     db.commit()
     ledger = client.get("/api/v1/wallet/ledger", headers=user.headers).get_json()

@@ -38,13 +38,14 @@ def run_turn(self, turn_id: str, takeover: bool = False) -> str:
             after_complete=lambda turn: self.app.send_task(
                 "tollgate.refresh_summary", args=[turn.session_id]
             ),
+            reraise=(SoftTimeLimitExceeded,),
         )
     except turn_runner.RetryLater as exc:
         raise self.retry(countdown=exc.countdown, exc=exc) from exc
     except SoftTimeLimitExceeded:
         # Slow model rounds added up past the soft limit. Another run would likely do the
         # same, and a turn left "running" would wait TURN_STALE_SECONDS for recovery: end it.
-        turn_runner.fail(runtime, turn_id, "turn_timeout", "The turn did not finish within the time limit.")
+        turn_runner.fail(runtime, turn_id, "turn_timeout")
         return "failed"
     except Exception as exc:
         if not is_database_unavailable(exc):

@@ -1,0 +1,309 @@
+"""Money that adds up (issue 11), on Postgres: holds that bound what a turn can spend, no
+expiry under a running turn, every turn ends, partial usage billed.
+
+The runner is called in-process (no Celery) so each step of a race can be placed exactly;
+the worker path is covered by test_enforced_turns_pg.py and test_faults_pg.py.
+"""
+
+from __future__ import annotations
+
+import io
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+
+import pytest
+from sqlalchemy import func, select
+
+from shared.errors import InsufficientBalance
+from shared.models import ChatSession, Hold, LedgerEntry, Room, Turn, Wallet
+from shared.providers import OfflineProvider, OpenAIProvider
+from shared.services import billing, files, ledger_check, pricing, turn_runner, turns
+from shared.tools.registry import build_registry
+
+pytest_plugins = ["tests.fakes.openai_server"]
+
+D = Decimal
+
+
+class NamedBytes(io.BytesIO):
+    def __init__(self, data: bytes, filename: str):
+        super().__init__(data)
+        self.filename = filename
+
+
+@pytest.fixture
+def runtime(pg_app):
+    return pg_app.extensions["tollgate"]
+
+
+@pytest.fixture
+def enforced(pg_client, pg_admin):
+    response = pg_client.patch(
+        "/api/v1/admin/settings/enforcement", json={"enabled": True}, headers=pg_admin.headers
+    )
+    assert response.status_code == 200
+
+
+@pytest.fixture
+def chat(pg_db, pg_user) -> ChatSession:
+    room = Room(user_id=pg_user.id, name="money")
+    pg_db.add(room)
+    pg_db.commit()
+    chat = ChatSession(room_id=room.id, user_id=pg_user.id)
+    pg_db.add(chat)
+    pg_db.commit()
+    return chat
+
+
+def grant(pg_db, admin, user, amount: str) -> None:
+    billing.grant_credit(
+        pg_db, actor_id=admin.id, user_id=user.id, amount=amount, reason="test", idempotency_key=None
+    )
+
+
+def submit(runtime, pg_db, user, chat, content: str, **extra) -> Turn:
+    turn, created = turns.submit(runtime, pg_db, user.user, chat.id, {"content": content, **extra}, None)
+    assert created
+    return turn
+
+
+def run(runtime, turn_id: str, provider=None) -> str:
+    return turn_runner.run_turn(
+        runtime,
+        turn_id,
+        provider=provider or OfflineProvider(),
+        tools=build_registry(),
+        takeover=False,
+        final_attempt=True,
+    )
+
+
+def fresh(pg_db, model, **where):
+    pg_db.expire_all()
+    return pg_db.scalar(select(model).filter_by(**where))
+
+
+def charged_for(pg_db, turn_id: str) -> Decimal:
+    total = pg_db.scalar(
+        select(func.coalesce(func.sum(LedgerEntry.amount), 0)).where(
+            LedgerEntry.turn_id == turn_id, LedgerEntry.kind.in_(("capture", "debit"))
+        )
+    )
+    return -D(total)
+
+
+def assert_books_clean(pg_db) -> None:
+    pg_db.expire_all()
+    assert ledger_check.find_mismatches(pg_db) == []
+    assert ledger_check.find_violations(pg_db) == []
+
+
+def test_a_long_context_turn_is_charged_its_real_usage(enforced, runtime, pg_db, pg_admin, pg_user, chat):
+    """Seven long turns, then "hi" with max_output_tokens=1: the turn sends the summary call
+    and six 30k-character turns (~50k input tokens). It used to be charged a flat
+    estimate (0.002051); now its hold covers the context and the charge is its cost."""
+    grant(pg_db, pg_admin, pg_user, "10")
+    for n in range(7):
+        long_turn = submit(runtime, pg_db, pg_user, chat, f"Part {n}. " + "lorem ipsum dolor " * 1700)
+        assert run(runtime, long_turn.id) == "completed"
+    hi = submit(runtime, pg_db, pg_user, chat, "hi", max_output_tokens=1)
+    hold = fresh(pg_db, Hold, turn_id=hi.id)
+    assert run(runtime, hi.id) == "completed"
+
+    done = fresh(pg_db, Turn, id=hi.id)
+    price = pricing.price_in_force(pg_db, "offline-small")
+    assert done.input_tokens > 45_000  # the summary call plus six long turns of context
+    assert done.summary_used_fallback is False  # the hold paid for the summary call too
+    assert done.cost == pricing.cost_of(price, done.input_tokens, done.output_tokens)
+    assert done.cost > D("0.045")
+    assert charged_for(pg_db, hi.id) == done.cost <= hold.amount
+    assert_books_clean(pg_db)
+
+
+def test_a_hold_does_not_expire_under_a_running_turn(enforced, runtime, pg_db, pg_admin, pg_user, chat):
+    """Balance just covers turn A. A is running when the expiry job passes: its hold stays,
+    so turn B is refused and A settles within its hold."""
+    grant(pg_db, pg_admin, pg_user, "0.01")
+    a = submit(runtime, pg_db, pg_user, chat, "first question")
+    hold = fresh(pg_db, Hold, turn_id=a.id)
+    billing.adjust_credit(
+        pg_db,
+        actor_id=pg_admin.id,
+        user_id=pg_user.id,
+        amount=str(-(D("0.01") - hold.amount)),
+        reason="leave exactly A's hold",
+        idempotency_key=None,
+    )
+    claimed = turn_runner.claim(runtime, a.id, takeover=False)
+    assert claimed is not None
+
+    later = datetime.now(UTC) + timedelta(hours=2)  # past every expires_at
+    live_after = datetime.now(UTC) - timedelta(seconds=runtime.settings.turn_stale_seconds)
+    assert billing.expire_stale_holds(pg_db, now=later, live_after=live_after) == 0
+    with pytest.raises(InsufficientBalance):
+        submit(runtime, pg_db, pg_user, chat, "second question")
+
+    result = turn_runner.execute(runtime, claimed, OfflineProvider(), build_registry())
+    assert turn_runner.complete(runtime, a.id, result)
+    wallet = fresh(pg_db, Wallet, user_id=pg_user.id)
+    assert wallet.balance >= 0 and wallet.held == 0
+    assert fresh(pg_db, Hold, turn_id=a.id).status == "captured"
+    assert_books_clean(pg_db)
+
+
+def test_a_turn_whose_hold_expired_never_takes_an_enforced_wallet_below_zero(
+    enforced, runtime, pg_db, pg_admin, pg_user, chat
+):
+    """The reproduction: A admitted and running, its hold expired (its worker was judged
+    dead), B admitted on the freed credit, then A completes after all. It used to write an
+    uncapped debit (balance -0.049410); now it is charged only what is still available."""
+    grant(pg_db, pg_admin, pg_user, "0.01")
+    a = submit(runtime, pg_db, pg_user, chat, "first question")
+    hold = fresh(pg_db, Hold, turn_id=a.id)
+    billing.adjust_credit(
+        pg_db,
+        actor_id=pg_admin.id,
+        user_id=pg_user.id,
+        amount=str(-(D("0.01") - hold.amount)),
+        reason="leave exactly A's hold",
+        idempotency_key=None,
+    )
+    claimed = turn_runner.claim(runtime, a.id, takeover=False)
+    result = turn_runner.execute(runtime, claimed, OfflineProvider(), build_registry())
+
+    now = datetime.now(UTC)
+    assert (
+        billing.expire_stale_holds(pg_db, now=now + timedelta(hours=2), live_after=now + timedelta(hours=1))
+        == 1
+    )
+    b = submit(runtime, pg_db, pg_user, chat, "second question")
+    assert turn_runner.complete(runtime, a.id, result)
+    assert run(runtime, b.id) == "completed"
+
+    wallet = fresh(pg_db, Wallet, user_id=pg_user.id)
+    assert wallet.balance >= 0 and wallet.held == 0
+    entries = pg_db.scalars(select(LedgerEntry).where(LedgerEntry.user_id == pg_user.id)).all()
+    assert min(entry.balance_after for entry in entries) >= 0
+    assert charged_for(pg_db, a.id) <= hold.amount
+    assert_books_clean(pg_db)
+
+
+def test_deeply_nested_tool_arguments_end_the_turn_failed_and_billed(
+    enforced, runtime, pg_db, pg_admin, pg_user, chat, fake_openai
+):
+    """Round 1: a search (usage reported). Round 2: arguments nested 100,000 deep, which
+    json.loads cannot parse (RecursionError). The turn used to stay ``running`` and be
+    re-run five times for free; now it ends ``failed`` with ``bad_model_output``, billed
+    for round 1, the rest of its hold released."""
+    grant(pg_db, pg_admin, pg_user, "10")
+    pricing.set_price(pg_db, pg_admin.id, "gpt-test", "1.000000", "2.000000")
+    fake_openai.tool_calls(
+        [{"name": "search", "arguments": {"query": "budget"}}],
+        usage={"prompt_tokens": 300, "completion_tokens": 20},
+    )
+    fake_openai.tool_calls(
+        [{"name": "search", "arguments": "[" * 100_000 + "]" * 100_000}],
+        usage={"prompt_tokens": 400, "completion_tokens": 50},
+    )
+    turn = submit(runtime, pg_db, pg_user, chat, "find the budget", model="gpt-test")
+    provider = OpenAIProvider(base_url=fake_openai.base_url, api_key="k", backoff_base=0)
+    assert run(runtime, turn.id, provider) == "failed"
+
+    done = fresh(pg_db, Turn, id=turn.id)
+    assert done.status == "failed" and done.error_code == "bad_model_output"
+    assert done.input_tokens >= 300 and done.output_tokens >= 20
+    price = pricing.price_in_force(pg_db, "gpt-test")
+    assert done.cost == pricing.cost_of(price, done.input_tokens, done.output_tokens) > 0
+    assert charged_for(pg_db, turn.id) == done.cost
+    assert fresh(pg_db, Hold, turn_id=turn.id).status == "captured"
+    wallet = fresh(pg_db, Wallet, user_id=pg_user.id)
+    assert wallet.held == 0 and wallet.balance == D("10") - done.cost
+    assert_books_clean(pg_db)
+
+
+def test_a_nul_in_a_model_reply_is_stored_without_it(runtime, pg_db, pg_admin, pg_user, chat, fake_openai):
+    pricing.set_price(pg_db, pg_admin.id, "gpt-test", "0.001000", "0.002000")
+    fake_openai.reply("before\x00after \ud800x", usage={"prompt_tokens": 10, "completion_tokens": 3})
+    turn = submit(runtime, pg_db, pg_user, chat, "say something", model="gpt-test")
+    provider = OpenAIProvider(base_url=fake_openai.base_url, api_key="k", backoff_base=0)
+    assert run(runtime, turn.id, provider) == "completed"
+    assert fresh(pg_db, Turn, id=turn.id).reply == "beforeafter \ufffdx"
+
+
+def test_a_provider_failure_after_a_tool_round_bills_the_round_and_hides_the_upstream_text(
+    enforced, runtime, pg_db, pg_admin, pg_user, chat, fake_openai
+):
+    grant(pg_db, pg_admin, pg_user, "10")
+    pricing.set_price(pg_db, pg_admin.id, "gpt-test", "1.000000", "2.000000")
+    fake_openai.tool_calls(
+        [{"name": "search", "arguments": {"query": "budget"}}],
+        usage={"prompt_tokens": 250, "completion_tokens": 10},
+    )
+    fake_openai.status(401, body={"error": {"message": "Incorrect API key provided: sk-abc***xyz"}})
+    turn = submit(runtime, pg_db, pg_user, chat, "find the budget", model="gpt-test")
+    provider = OpenAIProvider(base_url=fake_openai.base_url, api_key="k", backoff_base=0)
+    assert run(runtime, turn.id, provider) == "failed"
+
+    done = fresh(pg_db, Turn, id=turn.id)
+    assert (done.input_tokens, done.output_tokens) == (250, 10)
+    assert done.cost == D("0.270000")  # 250 × 1/1k + 10 × 2/1k
+    assert "sk-" not in (done.error_message or "") and done.error_message
+    assert fresh(pg_db, Wallet, user_id=pg_user.id).balance == D("9.73")
+    assert_books_clean(pg_db)
+
+
+def test_an_unenforced_failed_turn_is_billed_what_it_used(
+    runtime, pg_db, pg_admin, pg_user, chat, fake_openai
+):
+    pricing.set_price(pg_db, pg_admin.id, "gpt-test", "1.000000", "2.000000")
+    fake_openai.tool_calls(
+        [{"name": "search", "arguments": {"query": "budget"}}],
+        usage={"prompt_tokens": 100, "completion_tokens": 10},
+    )
+    fake_openai.status(400)
+    turn = submit(runtime, pg_db, pg_user, chat, "find the budget", model="gpt-test")
+    provider = OpenAIProvider(base_url=fake_openai.base_url, api_key="k", backoff_base=0)
+    assert run(runtime, turn.id, provider) == "failed"
+    assert fresh(pg_db, Turn, id=turn.id).cost == D("0.12")
+    assert fresh(pg_db, Wallet, user_id=pg_user.id).balance == D("-0.12")
+    assert_books_clean(pg_db)
+
+
+def test_a_failed_turn_that_used_nothing_is_not_billed(enforced, runtime, pg_db, pg_admin, pg_user, chat):
+    grant(pg_db, pg_admin, pg_user, "1")
+    turn = submit(runtime, pg_db, pg_user, chat, "[[offline:fail]]")
+    assert run(runtime, turn.id) == "failed"
+    done = fresh(pg_db, Turn, id=turn.id)
+    assert done.cost is None and done.error_code == "provider_rejected"
+    assert fresh(pg_db, Hold, turn_id=turn.id).status == "released"
+    assert fresh(pg_db, Wallet, user_id=pg_user.id).balance == D("1")
+    assert_books_clean(pg_db)
+
+
+def test_a_tool_round_past_the_hold_is_trimmed_to_fit_instead_of_overspending(
+    enforced, runtime, pg_db, pg_admin, pg_user, chat, fake_openai
+):
+    """The model reads 20,000 characters of a file every round (about 5,000 tokens, more than
+    the hold's allowance for tool results). The runner offers no further tool round once
+    the answer after it would not be covered, and cuts the tool results so the answer fits:
+    the charge stays within the hold."""
+    grant(pg_db, pg_admin, pg_user, "10")
+    pricing.set_price(pg_db, pg_admin.id, "gpt-test", "1.000000", "2.000000")
+    uploaded = files.upload(
+        pg_db, pg_user.id, chat.room_id, NamedBytes(("word " * 40_000).encode(), "big.txt"), max_bytes=1 << 20
+    )
+    assert files.ingest(pg_db, uploaded.id) == "ready"
+    read = {"name": "file_read", "arguments": {"filename": "big.txt", "max_chars": 20_000}}
+    fake_openai.tool_calls([read], times=4)
+    turn = submit(runtime, pg_db, pg_user, chat, "read big.txt", model="gpt-test", max_output_tokens=50)
+    hold = fresh(pg_db, Hold, turn_id=turn.id)
+    provider = OpenAIProvider(base_url=fake_openai.base_url, api_key="k", backoff_base=0)
+    assert run(runtime, turn.id, provider) == "completed"
+
+    done = fresh(pg_db, Turn, id=turn.id)
+    assert charged_for(pg_db, turn.id) == done.cost <= hold.amount
+    sent = [r.body for r in fake_openai.requests]
+    assert [bool(body.get("tools")) for body in sent] == [True, False]
+    tool_results = [m["content"] for m in sent[1]["messages"] if m["role"] == "tool"]
+    assert tool_results and all(text.endswith("[cut to fit the turn's budget]") for text in tool_results)
+    assert_books_clean(pg_db)
