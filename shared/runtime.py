@@ -51,6 +51,15 @@ class Runtime:
             health_check_interval=30,
         )
 
+    @cached_property
+    def turn_waiter(self):
+        """Where web requests wait for a turn's end to be pushed (``None`` in embedded mode)."""
+        if self.redis is None:
+            return None
+        from shared.services.turn_events import TurnWaiter
+
+        return TurnWaiter(self.redis)
+
     def component(self, name: str, factory):
         """A per-process singleton (provider, tool registry), built on first use."""
         with self._lock:
@@ -64,11 +73,15 @@ class Runtime:
             self._db.engine.dispose(close=False)
             self._db = None
         self.__dict__.pop("redis", None)
+        self.__dict__.pop("turn_waiter", None)
 
     def close(self) -> None:
         if self._db is not None:
             self._db.dispose()
             self._db = None
+        waiter = self.__dict__.pop("turn_waiter", None)
+        if waiter is not None:
+            waiter.close()
         client = self.__dict__.pop("redis", None)
         if client is not None:
             client.close()

@@ -37,7 +37,7 @@ from shared.providers import (
     extract_search_query,
 )
 from shared.runtime import Runtime
-from shared.services import billing, enforcement, pricing, summaries, turn_context
+from shared.services import billing, enforcement, pricing, summaries, turn_context, turn_events
 from shared.services.text import clean_json, clean_text
 from shared.services.turn_budget import BudgetExhausted, HoldPolicy, TurnBudget
 from shared.services.turns import FINISHED, place_turn_hold
@@ -160,11 +160,12 @@ def _fail_locked(
     turn.error_message = clean_text(error_message(code, message))[:2000]
 
 
-def _ended(turn: Turn) -> None:
-    """Count and log a turn whose terminal state was just committed.
+def _ended(runtime: Runtime, turn: Turn) -> None:
+    """Announce, count and log a turn whose terminal state was just committed.
 
     ``refused``: the worker's enforcement re-check failed it for insufficient credit.
     """
+    turn_events.publish_ended(runtime, turn.id)
     outcome = "refused" if turn.error_code == InsufficientBalance.error else turn.status
     seconds = None
     if turn.completed_at is not None and turn.created_at is not None:
@@ -194,7 +195,7 @@ def fail(
             return False
         _fail_locked(runtime, session, turn, code, message, execution)
         session.commit()
-        _ended(turn)
+        _ended(runtime, turn)
         return True
 
 
@@ -217,11 +218,11 @@ def claim(runtime: Runtime, turn_id: str, *, takeover: bool) -> Turn | None:
         if turn.attempts >= MAX_ATTEMPTS:
             _fail_locked(runtime, session, turn, "worker_lost")
             session.commit()
-            _ended(turn)
+            _ended(runtime, turn)
             return None
         if not _admitted_now(runtime, session, turn):
             session.commit()
-            _ended(turn)
+            _ended(runtime, turn)
             return None
         turn.status = "running"
         turn.attempts += 1
@@ -419,7 +420,7 @@ def complete(runtime: Runtime, turn_id: str, result: Execution) -> bool:
         turn.summary_used_fallback = result.summary_used_fallback
         turn.error_code = turn.error_message = None
         session.commit()
-        _ended(turn)
+        _ended(runtime, turn)
         return True
 
 

@@ -1,0 +1,104 @@
+"""A turn's end is pushed through real Redis: a waiting request wakes on the publish,
+without re-reading the turn in between; a lost push costs one safety re-read."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import redis as redis_lib
+
+from shared.services import turn_events
+from shared.services.turn_events import TurnWaiter
+
+
+class FakeRuntime:
+    def __init__(self, client):
+        self.redis = client
+
+
+@pytest.fixture
+def waiters():
+    made: list[TurnWaiter] = []
+    yield made
+    for waiter in made:
+        waiter.close()
+    time.sleep(1.1)  # their subscribers notice within a second
+
+
+@pytest.fixture
+def client(redis_server_url):
+    client = redis_lib.Redis.from_url(redis_server_url, socket_timeout=0.5, socket_connect_timeout=0.5)
+    yield client
+    client.close()
+
+
+def test_a_waiter_wakes_on_the_push_and_reads_the_turn_only_then(client, monkeypatch, waiters):
+    monkeypatch.setattr(turn_events, "SAFETY_POLL_SECONDS", 60.0)
+    waiter = TurnWaiter(client)
+    waiters.append(waiter)
+    done = threading.Event()
+    reads = []
+
+    def finished():
+        reads.append(time.monotonic())
+        return done.is_set()
+
+    def end_later():
+        time.sleep(0.3)
+        done.set()
+        turn_events.publish_ended(FakeRuntime(client), "turn-1")
+
+    threading.Thread(target=end_later).start()
+    assert waiter.wait("turn-1", timeout=30, finished=finished) is True
+    # One read after subscribing, one on the push: no polling in between.
+    assert len(reads) == 2
+
+
+def test_a_push_for_another_turn_does_not_end_the_wait(client, monkeypatch, waiters):
+    monkeypatch.setattr(turn_events, "SAFETY_POLL_SECONDS", 60.0)
+    waiter = TurnWaiter(client)
+    waiters.append(waiter)
+    reads = []
+
+    def other_turn_ends():
+        time.sleep(0.3)
+        turn_events.publish_ended(FakeRuntime(client), "turn-other")
+
+    threading.Thread(target=other_turn_ends).start()
+    assert waiter.wait("turn-2", timeout=1.0, finished=lambda: reads.append(1) and False) is False
+    assert len(reads) == 2  # the first read and the one at the deadline
+
+
+def test_a_lost_push_is_caught_by_the_safety_reread(client, monkeypatch, waiters):
+    monkeypatch.setattr(turn_events, "SAFETY_POLL_SECONDS", 0.2)
+    waiter = TurnWaiter(client)
+    waiters.append(waiter)
+    done = threading.Event()
+    threading.Timer(0.3, done.set).start()  # ends without publishing
+    assert waiter.wait("turn-3", timeout=10, finished=done.is_set) is True
+
+
+def test_many_waiters_in_one_process_share_one_subscription(client, monkeypatch, waiters):
+    monkeypatch.setattr(turn_events, "SAFETY_POLL_SECONDS", 60.0)
+    waiter = TurnWaiter(client)
+    waiters.append(waiter)
+    ended: set[str] = set()
+    results = {}
+
+    def wait(n):
+        results[n] = waiter.wait(f"turn-{n}", timeout=30, finished=lambda: f"turn-{n}" in ended)
+
+    threads = [threading.Thread(target=wait, args=(n,)) for n in range(50)]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.5)
+    for n in range(50):
+        ended.add(f"turn-{n}")
+        turn_events.publish_ended(FakeRuntime(client), f"turn-{n}")
+    for thread in threads:
+        thread.join(10)
+    assert results == {n: True for n in range(50)}
+    subscribers = client.pubsub_numsub(turn_events.CHANNEL)[0][1]
+    assert subscribers == 1
