@@ -9,6 +9,7 @@ import logging
 from logging.config import fileConfig
 
 from alembic import context
+from sqlalchemy import event
 
 import shared.models  # noqa: F401 - registers every table on Base.metadata
 from shared.db import Base, make_engine
@@ -47,6 +48,16 @@ def _configure(connection) -> None:
     )
 
 
+def _foreign_keys_off(dbapi_connection, _record) -> None:
+    dbapi_connection.execute("PRAGMA foreign_keys=OFF")
+
+
+def _check_foreign_keys(connection) -> None:
+    broken = connection.exec_driver_sql("PRAGMA foreign_key_check").all()
+    if broken:
+        raise RuntimeError(f"migration left rows pointing nowhere: {broken[:10]}")
+
+
 def run_migrations_offline() -> None:
     context.configure(url=_url(), target_metadata=target_metadata, literal_binds=True)
     with context.begin_transaction():
@@ -67,10 +78,19 @@ def run_migrations_online() -> None:
 
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     engine = make_engine(url)
+    sqlite = engine.dialect.name == "sqlite"
+    if sqlite:
+        # Batch mode rebuilds a SQLite table (create, copy, drop, rename), and with
+        # foreign keys on, dropping a table that other rows point at fails. SQLite
+        # ignores the pragma inside a transaction, so it is set as each connection
+        # opens; the whole database is checked before the migration commits.
+        event.listen(engine, "connect", _foreign_keys_off)
     with engine.connect() as conn:
         _configure(conn)
         with context.begin_transaction():
             context.run_migrations()
+            if sqlite:
+                _check_foreign_keys(conn)
     engine.dispose()
 
 

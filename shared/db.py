@@ -11,21 +11,34 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
-from decimal import Decimal
+from decimal import ROUND_HALF_UP, Decimal
+from enum import StrEnum
 
-from sqlalchemy import DateTime, MetaData, Numeric, String, TypeDecorator, create_engine, event
+from sqlalchemy import (
+    BigInteger,
+    CheckConstraint,
+    DateTime,
+    MetaData,
+    Numeric,
+    String,
+    TypeDecorator,
+    create_engine,
+    event,
+)
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
+from sqlalchemy.sql import operators
 
 from shared.settings import Settings, mask_url
 
 log = logging.getLogger(__name__)
 
 ID_LENGTH = 36  # one width for every id column: a UUID string
-MONEY = Numeric(20, 6)
-MONEY_QUANT = Decimal("0.000001")
+MONEY_SCALE = 6
+MONEY_QUANT = Decimal(1).scaleb(-MONEY_SCALE)  # 0.000001
+_SCALAR_OPERATORS = {operators.mul, operators.truediv, operators.floordiv, operators.mod}
 
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -74,6 +87,60 @@ class UTCDateTime(TypeDecorator[datetime]):
         if value.tzinfo is None:
             return value.replace(tzinfo=UTC)
         return value.astimezone(UTC)
+
+
+class Money(TypeDecorator[Decimal]):
+    """Credit amounts: ``NUMERIC(20,6)`` on Postgres, integer micro-units on SQLite.
+
+    SQLite has no decimal type: a NUMERIC column keeps a fraction as a float, so
+    ``123456789012.345678`` would read back as ``…345673``. There the column is a
+    BIGINT of millionths (exact up to 9,223,372,036,854.775807), and sums, ``+``,
+    ``-`` and comparisons in SQL stay exact integer arithmetic. Values always come
+    back as ``Decimal`` with 6 places.
+    """
+
+    impl = Numeric(20, MONEY_SCALE)
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect):
+        if dialect.name == "sqlite":
+            return dialect.type_descriptor(BigInteger())
+        return dialect.type_descriptor(Numeric(20, MONEY_SCALE))
+
+    def coerce_compared_value(self, op, value):
+        # A factor or divisor is a plain number, not an amount: ``cost * 2`` must not
+        # bind 2 as money (2,000,000 micro-units on SQLite).
+        if op in _SCALAR_OPERATORS:
+            return Numeric().coerce_compared_value(op, value)
+        return self
+
+    def process_bind_param(self, value, dialect) -> Decimal | int | None:
+        if value is None:
+            return None
+        if isinstance(value, float):
+            raise TypeError("money must be a Decimal or an int, not a float")
+        amount = Decimal(value).quantize(MONEY_QUANT, rounding=ROUND_HALF_UP)
+        if dialect.name == "sqlite":
+            return int(amount.scaleb(MONEY_SCALE))
+        return amount
+
+    def process_result_value(self, value, dialect) -> Decimal | None:
+        if value is None:
+            return None
+        if dialect.name == "sqlite":
+            micro_units = Decimal(value if isinstance(value, int) else str(value))
+            return micro_units.scaleb(-MONEY_SCALE).quantize(MONEY_QUANT)
+        return Decimal(value).quantize(MONEY_QUANT)
+
+
+MONEY = Money()
+
+
+def check_in(column: str, allowed: type[StrEnum]) -> CheckConstraint:
+    """``CHECK (column IN (...))`` over an enum's values, named ``ck_<table>_<column>``
+    by the naming convention: the database refuses a state the code does not know."""
+    values = ", ".join(f"'{member.value}'" for member in allowed)
+    return CheckConstraint(f"{column} IN ({values})", name=column)
 
 
 def is_database_unavailable(exc: BaseException) -> bool:

@@ -1,22 +1,29 @@
 """SQLAlchemy models, one module per aggregate. Importing this package registers them all."""
 
 from shared.models.audit import AdminAuditEvent, SettingEntry
-from shared.models.billing import Hold, LedgerEntry, ModelPrice, UsageRollup, Wallet
-from shared.models.chat import ChatSession, Room, ToolCallEvent, Turn
-from shared.models.files import UploadedFile
-from shared.models.users import ApiKey, User
+from shared.models.billing import Hold, HoldStatus, LedgerEntry, LedgerKind, ModelPrice, UsageRollup, Wallet
+from shared.models.chat import ChatSession, Room, ToolCallEvent, ToolCallStatus, Turn, TurnKind, TurnStatus
+from shared.models.files import FileStatus, UploadedFile
+from shared.models.users import ApiKey, Role, User
 
 __all__ = [
     "AdminAuditEvent",
     "ApiKey",
     "ChatSession",
+    "FileStatus",
     "Hold",
+    "HoldStatus",
     "LedgerEntry",
+    "LedgerKind",
     "ModelPrice",
+    "Role",
     "Room",
     "SettingEntry",
     "ToolCallEvent",
+    "ToolCallStatus",
     "Turn",
+    "TurnKind",
+    "TurnStatus",
     "UploadedFile",
     "UsageRollup",
     "User",

@@ -2,18 +2,33 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from enum import StrEnum
 from typing import TYPE_CHECKING
 
-from sqlalchemy import ForeignKey, Index, Integer, String, UniqueConstraint
+from sqlalchemy import DDL, ForeignKey, Index, Integer, String, UniqueConstraint, event
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
-from shared.db import MONEY, Base, IdColumn, UTCDateTime, new_id, utcnow
+from shared.db import MONEY, Base, IdColumn, UTCDateTime, check_in, new_id, utcnow
 
 if TYPE_CHECKING:
     from shared.models.users import User
 
-LEDGER_KINDS = ("grant", "adjustment", "hold", "capture", "release", "expiry", "debit")
-HOLD_STATUSES = ("active", "captured", "released", "expired")
+
+class LedgerKind(StrEnum):
+    GRANT = "grant"
+    ADJUSTMENT = "adjustment"
+    HOLD = "hold"
+    CAPTURE = "capture"
+    RELEASE = "release"
+    EXPIRY = "expiry"
+    DEBIT = "debit"
+
+
+class HoldStatus(StrEnum):
+    ACTIVE = "active"
+    CAPTURED = "captured"
+    RELEASED = "released"
+    EXPIRED = "expired"
 
 
 class Wallet(Base):
@@ -43,7 +58,10 @@ class LedgerEntry(Base):
     ``held_delta`` the change to the reserved amount."""
 
     __tablename__ = "ledger_entries"
-    __table_args__ = (Index("ix_ledger_entries_wallet_created", "wallet_id", "created_at"),)
+    __table_args__ = (
+        Index("ix_ledger_entries_wallet_created", "wallet_id", "created_at"),
+        check_in("kind", LedgerKind),
+    )
 
     id: Mapped[str] = mapped_column(IdColumn(), primary_key=True, default=new_id)
     wallet_id: Mapped[str] = mapped_column(IdColumn(), ForeignKey("wallets.id"))
@@ -60,17 +78,58 @@ class LedgerEntry(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 
+# Ledger rows are never updated or deleted (design §4), and the database holds
+# that rule whatever code runs: triggers refuse UPDATE and DELETE (TRUNCATE, an
+# operator's tool, stays possible on Postgres). ``create_all`` installs them from
+# here; migration 20261130_0001 installs the same for migrated databases.
+APPEND_ONLY_DDL = {
+    "postgresql": (
+        """CREATE FUNCTION ledger_entries_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION 'ledger_entries is append-only: % refused', TG_OP
+        USING ERRCODE = 'restrict_violation';
+END
+$$""",
+        "CREATE TRIGGER ledger_entries_append_only BEFORE UPDATE OR DELETE ON ledger_entries "
+        "FOR EACH ROW EXECUTE FUNCTION ledger_entries_append_only()",
+    ),
+    "sqlite": (
+        "CREATE TRIGGER ledger_entries_no_update BEFORE UPDATE ON ledger_entries "
+        "BEGIN SELECT RAISE(ABORT, 'ledger_entries is append-only: UPDATE refused'); END",
+        "CREATE TRIGGER ledger_entries_no_delete BEFORE DELETE ON ledger_entries "
+        "BEGIN SELECT RAISE(ABORT, 'ledger_entries is append-only: DELETE refused'); END",
+    ),
+}
+for _dialect, _statements in APPEND_ONLY_DDL.items():
+    for _statement in _statements:
+        # DDL() formats with %: a literal % is written %%.
+        event.listen(
+            LedgerEntry.__table__,
+            "after_create",
+            DDL(_statement.replace("%", "%%")).execute_if(dialect=_dialect),
+        )
+# DROP TABLE takes its triggers along; the Postgres function outlives it.
+event.listen(
+    LedgerEntry.__table__,
+    "after_drop",
+    DDL("DROP FUNCTION IF EXISTS ledger_entries_append_only()").execute_if(dialect="postgresql"),
+)
+
+
 class Hold(Base):
     """Credit reserved for one turn. Resolves at most once: captured, released or expired."""
 
     __tablename__ = "holds"
-    __table_args__ = (Index("ix_holds_status_expires", "status", "expires_at"),)
+    __table_args__ = (
+        Index("ix_holds_status_expires", "status", "expires_at"),
+        check_in("status", HoldStatus),
+    )
 
     id: Mapped[str] = mapped_column(IdColumn(), primary_key=True, default=new_id)
     wallet_id: Mapped[str] = mapped_column(IdColumn(), ForeignKey("wallets.id"), index=True)
     turn_id: Mapped[str] = mapped_column(IdColumn(), unique=True)
     amount: Mapped[Decimal] = mapped_column(MONEY)
-    status: Mapped[str] = mapped_column(String(16), default="active")
+    status: Mapped[str] = mapped_column(String(16), default=HoldStatus.ACTIVE)
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime())
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     resolved_at: Mapped[datetime | None] = mapped_column(UTCDateTime())

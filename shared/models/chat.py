@@ -2,14 +2,31 @@ from __future__ import annotations
 
 from datetime import datetime
 from decimal import Decimal
+from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import JSON, Boolean, ForeignKey, Index, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column
 
-from shared.db import MONEY, Base, IdColumn, UTCDateTime, new_id, utcnow
+from shared.db import MONEY, Base, IdColumn, UTCDateTime, check_in, new_id, utcnow
 
-TURN_STATUSES = ("queued", "running", "completed", "failed")
+
+class TurnStatus(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+class TurnKind(StrEnum):
+    CHAT = "chat"
+
+
+class ToolCallStatus(StrEnum):
+    OK = "ok"
+    ERROR = "error"
+    TIMEOUT = "timeout"
 
 
 class Room(Base):
@@ -44,6 +61,8 @@ class Turn(Base):
         UniqueConstraint("user_id", "idempotency_key"),
         Index("ix_turns_status_updated", "status", "updated_at"),
         Index("ix_turns_completed_at", "completed_at"),
+        check_in("status", TurnStatus),
+        check_in("kind", TurnKind),
     )
 
     id: Mapped[str] = mapped_column(IdColumn(), primary_key=True, default=new_id)
@@ -51,8 +70,8 @@ class Turn(Base):
     room_id: Mapped[str] = mapped_column(IdColumn(), ForeignKey("rooms.id"))
     user_id: Mapped[str] = mapped_column(IdColumn(), ForeignKey("users.id"), index=True)
     seq: Mapped[int] = mapped_column(Integer)
-    kind: Mapped[str] = mapped_column(String(16), default="chat")
-    status: Mapped[str] = mapped_column(String(16), default="queued")
+    kind: Mapped[str] = mapped_column(String(16), default=TurnKind.CHAT)
+    status: Mapped[str] = mapped_column(String(16), default=TurnStatus.QUEUED)
     content: Mapped[str] = mapped_column(Text)
     reply: Mapped[str | None] = mapped_column(Text)
     model: Mapped[str] = mapped_column(String(200))
@@ -77,6 +96,7 @@ class Turn(Base):
 
 class ToolCallEvent(Base):
     __tablename__ = "tool_call_events"
+    __table_args__ = (check_in("status", ToolCallStatus),)
 
     id: Mapped[str] = mapped_column(IdColumn(), primary_key=True, default=new_id)
     turn_id: Mapped[str] = mapped_column(IdColumn(), ForeignKey("turns.id"), index=True)

@@ -1,25 +1,30 @@
 from __future__ import annotations
 
 from datetime import datetime
+from enum import StrEnum
 from typing import TYPE_CHECKING
 
 from sqlalchemy import ForeignKey, String
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
-from shared.db import Base, IdColumn, UTCDateTime, new_id, utcnow
+from shared.db import Base, IdColumn, UTCDateTime, check_in, new_id, utcnow
 
 if TYPE_CHECKING:
     from shared.models.billing import Wallet
 
-ROLES = ("user", "admin")
+
+class Role(StrEnum):
+    USER = "user"
+    ADMIN = "admin"
 
 
 class User(Base):
     __tablename__ = "users"
+    __table_args__ = (check_in("role", Role),)
 
     id: Mapped[str] = mapped_column(IdColumn(), primary_key=True, default=new_id)
     email: Mapped[str] = mapped_column(String(320), unique=True)
-    role: Mapped[str] = mapped_column(String(16), default="user")
+    role: Mapped[str] = mapped_column(String(16), default=Role.USER)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
     wallet: Mapped[Wallet | None] = relationship(back_populates="user", uselist=False)
@@ -27,7 +32,7 @@ class User(Base):
 
     @property
     def is_admin(self) -> bool:
-        return self.role == "admin"
+        return self.role == Role.ADMIN
 
 
 class ApiKey(Base):

@@ -18,8 +18,7 @@ from sqlalchemy.orm import Session
 
 from shared.db import utcnow
 from shared.errors import Conflict, InvalidInput, NotFound, Unauthorized
-from shared.models import ApiKey, User, Wallet
-from shared.models.users import ROLES
+from shared.models import ApiKey, Role, User, Wallet
 from shared.pagination import Listing
 from shared.services import audit
 
@@ -64,8 +63,8 @@ def create_user(
     :raises Conflict: ``email_taken`` when the email is already registered.
     """
     email = normalize_email(email)
-    if role not in ROLES:
-        raise InvalidInput(f"role must be one of {', '.join(ROLES)}.", error="invalid_role")
+    if role not in set(Role):
+        raise InvalidInput(f"role must be one of {', '.join(Role)}.", error="invalid_role")
     if session.scalar(select(User.id).where(User.email == email)):
         raise Conflict("A user with this email already exists.", error="email_taken")
     try:

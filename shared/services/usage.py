@@ -39,13 +39,13 @@ from decimal import Decimal
 from functools import lru_cache
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
 
-from sqlalchemy import Integer, case, cast, func, literal, literal_column, select
+from sqlalchemy import case, func, literal, literal_column, select
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from shared.db import MONEY_QUANT, UTCDateTime
 from shared.errors import InvalidInput
-from shared.models import Turn, UsageRollup
+from shared.models import Turn, TurnStatus, UsageRollup
 
 BUCKETS = ("day", "week", "month")
 GROUP_BY = ("user", "model")
@@ -58,7 +58,6 @@ EXPORT_BATCH = 1000
 _DATE_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 _PERIOD = UsageRollup.PERIOD
 _DAY = timedelta(days=1)
-_MICRO = Decimal("0.000001")
 
 
 # -- the query --------------------------------------------------------------------------
@@ -304,19 +303,10 @@ def _bucket_expr(dialect: str, query: UsageQuery, moment, lo: datetime, hi: date
     return func.date(moment, modifier, *truncation)
 
 
-def _sum_cost(dialect: str, cost_col):
-    if dialect == "postgresql":
-        return func.sum(cost_col)
-    # SQLite keeps NUMERIC as REAL: sum whole micro-units so the total is exact.
-    return func.sum(cast(func.round(cost_col * 1_000_000), Integer))
-
-
-def _to_cost(dialect: str, value) -> Decimal:
-    if value is None:
-        return Decimal("0").quantize(MONEY_QUANT)
-    if dialect == "postgresql":
-        return Decimal(value).quantize(MONEY_QUANT)
-    return (Decimal(int(value)) * _MICRO).quantize(MONEY_QUANT)
+def _to_cost(value: Decimal | None) -> Decimal:
+    # A SUM over a MONEY column is MONEY too (exact: integer micro-units on SQLite),
+    # so it arrives as a Decimal; None when nothing was summed.
+    return Decimal("0").quantize(MONEY_QUANT) if value is None else value
 
 
 def _to_date(value) -> date:
@@ -344,7 +334,7 @@ def _rollup_statement(dialect: str, query: UsageQuery, lo: datetime, hi: datetim
         func.sum(UsageRollup.turns).label("turns"),
         func.sum(UsageRollup.input_tokens).label("input_tokens"),
         func.sum(UsageRollup.output_tokens).label("output_tokens"),
-        _sum_cost(dialect, UsageRollup.cost).label("cost"),
+        func.sum(UsageRollup.cost).label("cost"),
     ]
     group = [UsageRollup.period_start]
     if key_col is not None:
@@ -390,7 +380,7 @@ def _turns_statement(dialect: str, query: UsageQuery, lo: datetime, hi: datetime
         func.count(),
         func.sum(Turn.input_tokens),
         func.sum(Turn.output_tokens),
-        _sum_cost(dialect, func.coalesce(Turn.cost, 0)),
+        func.sum(func.coalesce(Turn.cost, 0)),
     ]
     keys = []
     if query.known_bucket:
@@ -398,7 +388,7 @@ def _turns_statement(dialect: str, query: UsageQuery, lo: datetime, hi: datetime
     if key_col is not None and query.known_bucket:
         keys.append(key_col.label("group_key"))
     statement = select(*keys, *measures).where(
-        Turn.status == "completed", Turn.completed_at >= lo, Turn.completed_at < hi
+        Turn.status == TurnStatus.COMPLETED, Turn.completed_at >= lo, Turn.completed_at < hi
     )
     if query.user_id:
         statement = statement.where(Turn.user_id == query.user_id)
@@ -427,7 +417,6 @@ def _rows(session: Session, statement, *, stream: bool = False):
 
 
 def _bucket_rows(session: Session, query: UsageQuery, statement, *, stream: bool = False):
-    dialect = session.get_bind().dialect.name
     keyed = query.group_by is not None
     for row in _rows(session, statement, stream=stream):
         values = list(row)
@@ -441,7 +430,7 @@ def _bucket_rows(session: Session, query: UsageQuery, statement, *, stream: bool
             turns=int(turns or 0),
             input_tokens=int(input_tokens or 0),
             output_tokens=int(output_tokens or 0),
-            cost=_to_cost(dialect, cost),
+            cost=_to_cost(cost),
         )
 
 
@@ -461,7 +450,7 @@ def _summary(session: Session, query: UsageQuery, build) -> UsageSummary:
             turns=int(turns or 0),
             input_tokens=int(input_tokens or 0),
             output_tokens=int(output_tokens or 0),
-            cost=_to_cost(dialect, cost),
+            cost=_to_cost(cost),
         )
     return UsageSummary(bucket=query.bucket, start=query.start, end=query.end, totals=totals, daily=daily)
 

@@ -11,7 +11,7 @@ import uuid
 
 from sqlalchemy import func, select
 
-from shared.models import UploadedFile
+from shared.models import FileStatus, UploadedFile
 from shared.tools.base import Tool, ToolContext, ToolError, ToolResult
 
 DEFAULT_MAX_CHARS = 2000
@@ -45,7 +45,7 @@ def _find(ctx: ToolContext, file_id: str | None, filename: str | None) -> Upload
         )
         # The exact spelling first, then a ready file, then the newest.
         candidates.sort(
-            key=lambda f: (f.filename == name, f.status == "ready", f.created_at, f.id), reverse=True
+            key=lambda f: (f.filename == name, f.status == FileStatus.READY, f.created_at, f.id), reverse=True
         )
         found = candidates[0] if candidates else None
     if found is None:
@@ -65,9 +65,9 @@ def file_read(
     if file_id is None and filename is None:
         raise ToolError("give file_id or filename")
     stored = _find(ctx, file_id, filename)
-    if stored.status == "pending":
+    if stored.status == FileStatus.PENDING:
         raise ToolError(f'file "{stored.filename}" is not ready yet: its text is still being extracted')
-    if stored.status != "ready":
+    if stored.status != FileStatus.READY:
         raise ToolError(f'file "{stored.filename}" could not be read: {stored.error or "extraction failed"}')
     max_chars = min(max_chars, MAX_CHARS_CAP)
     # Slice in the database: a 10 MiB text is not loaded to return 2,000 characters of it.

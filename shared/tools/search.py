@@ -25,7 +25,7 @@ from typing import Any
 from sqlalchemy import and_, func, or_, select, text
 from sqlalchemy.orm import Session
 
-from shared.models import Turn, UploadedFile
+from shared.models import FileStatus, Turn, UploadedFile
 from shared.tools.base import Tool, ToolContext, ToolError, ToolResult
 
 # Also written literally in the index definitions of migration 20261125_0002: the
@@ -110,7 +110,7 @@ def _pg_search(session: Session, ctx: ToolContext, tsquery: str, limit: int) -> 
                 SELECT f.id, f.filename, f.created_at,
                        ts_rank_cd({FILE_VECTOR}, CAST(:tsq AS tsquery), 1) AS rank
                 FROM uploaded_files f
-                WHERE f.room_id = :room_id AND f.user_id = :user_id AND f.status = 'ready'
+                WHERE f.room_id = :room_id AND f.user_id = :user_id AND f.status = '{FileStatus.READY}'
                   AND {FILE_VECTOR} @@ CAST(:tsq AS tsquery)
                 ORDER BY rank DESC, f.created_at DESC, f.id
                 LIMIT :limit
@@ -217,7 +217,7 @@ def _sqlite_search(
         select(UploadedFile.id, UploadedFile.filename, file_text.label("document")).where(
             UploadedFile.room_id == ctx.room_id,
             UploadedFile.user_id == ctx.user_id,
-            UploadedFile.status == "ready",
+            UploadedFile.status == FileStatus.READY,
             _matching(file_text, terms, excluded, every),
         )
     ).all()

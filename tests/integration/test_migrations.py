@@ -1,15 +1,19 @@
 """Alembic upgrades to head and back to base on both dialects, and models never drift from it."""
 
+import re
+from datetime import UTC, datetime
+from decimal import Decimal
 from pathlib import Path
 
 import pytest
 from alembic import command
 from alembic.config import Config
 from alembic.script import ScriptDirectory
-from sqlalchemy import inspect, text
+from sqlalchemy import CheckConstraint, func, insert, inspect, select, text
+from sqlalchemy.exc import IntegrityError
 
-import shared.models  # noqa: F401
 from shared.db import Base, make_engine
+from shared.models import LedgerEntry, Turn
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 
@@ -87,4 +91,259 @@ def test_quarter_hour_rollups_fold_back_into_hours_on_downgrade(empty_database_u
     command.upgrade(config, "head")
     with engine.connect() as conn:
         assert conn.execute(text("SELECT count(*) FROM usage_rollups")).scalar() == 1
+    engine.dispose()
+
+
+# -- 20261130_0001: CHECK constraints, the append-only ledger, SQLite micro-units ---------
+
+TURN_COLUMNS = (
+    "id, session_id, room_id, user_id, seq, kind, status, content, model, max_output_tokens, input_tokens,"
+    " output_tokens, cost, balance_after, low_balance, summary_used_fallback, enforced, attempts,"
+    " created_at, updated_at"
+)
+MONEY_ROWS_SQL = [
+    "INSERT INTO users (id, email, role, created_at) VALUES ('u1', 'a@x', 'user', :at)",
+    "INSERT INTO wallets (id, user_id, balance, held, updated_at) VALUES ('w1', 'u1', :big, 0.25, :at)",
+    "INSERT INTO model_prices (id, model, input_per_1k, output_per_1k, effective_from, created_by,"
+    " created_at) VALUES ('p1', 'm', 0.000150, 1234.567891, :at, 'u1', :at)",
+    "INSERT INTO rooms (id, user_id, name, created_at) VALUES ('r1', 'u1', 'r', :at)",
+    "INSERT INTO sessions (id, room_id, user_id, summary_through_seq, created_at)"
+    " VALUES ('s1', 'r1', 'u1', 0, :at)",
+    f"INSERT INTO turns ({TURN_COLUMNS}) VALUES ('t1', 's1', 'r1', 'u1', 1, 'chat', 'completed', 'x', 'm',"
+    " 10, 1, 1, 0.000001, -3.5, false, false, false, 1, :at, :at)",
+    f"INSERT INTO turns ({TURN_COLUMNS}) VALUES ('t2', 's1', 'r1', 'u1', 2, 'chat', 'queued', 'x', 'm',"
+    " 10, 0, 0, NULL, NULL, false, false, false, 0, :at, :at)",
+    "INSERT INTO holds (id, wallet_id, turn_id, amount, status, expires_at, created_at)"
+    " VALUES ('h1', 'w1', 't2', 0.25, 'active', :at, :at)",
+    "INSERT INTO ledger_entries (id, wallet_id, user_id, kind, amount, held_delta, balance_after,"
+    " idempotency_key, initiated_by, created_at)"
+    " VALUES ('l1', 'w1', 'u1', 'grant', :big, 0, :big, 'k1', 'u1', :at)",
+    "INSERT INTO usage_rollups (id, user_id, model, period_start, turns, input_tokens, output_tokens, cost)"
+    " VALUES ('g1', 'u1', 'm', :at, 1, 1, 1, 0.000001)",
+]
+# 15 significant digits: what a SQLite float held exactly enough before this migration.
+BIG = Decimal("987654321.123456")
+MONEY_VALUES = {
+    ("wallets", "balance"): BIG,
+    ("wallets", "held"): Decimal("0.25"),
+    ("model_prices", "input_per_1k"): Decimal("0.000150"),
+    ("model_prices", "output_per_1k"): Decimal("1234.567891"),
+    ("turns", "cost"): Decimal("0.000001"),
+    ("turns", "balance_after"): Decimal("-3.5"),
+    ("holds", "amount"): Decimal("0.25"),
+    ("ledger_entries", "amount"): BIG,
+    ("ledger_entries", "held_delta"): Decimal("0"),
+    ("ledger_entries", "balance_after"): BIG,
+    ("usage_rollups", "cost"): Decimal("0.000001"),
+}
+
+
+def _stamp(engine) -> str:
+    return (
+        "2026-01-10 18:00:00+00:00" if engine.dialect.name == "postgresql" else "2026-01-10 18:00:00.000000"
+    )
+
+
+def _raw_money(engine) -> dict:
+    """The money columns as stored, read without the model's types."""
+    with engine.connect() as conn:
+        return {
+            (table, column): conn.execute(
+                text(f"SELECT {column} FROM {table} WHERE {column} IS NOT NULL")
+            ).scalar()
+            for table, column in MONEY_VALUES
+        }
+
+
+def test_money_becomes_integer_micro_units_on_sqlite_and_back_on_downgrade(empty_database_url):
+    """Every money column converts with the data in it, on both dialects (Postgres keeps
+    NUMERIC(20,6) and its values untouched); the downgrade restores the old representation."""
+    config = alembic_config(empty_database_url)
+    command.upgrade(config, "20261125_0003")
+    engine = make_engine(empty_database_url)
+    sqlite = engine.dialect.name == "sqlite"
+    with engine.begin() as conn:
+        for statement in MONEY_ROWS_SQL:
+            # A literal, as the old NUMERIC column took it (sqlite3 binds no Decimal).
+            conn.execute(text(statement.replace(":big", str(BIG))), {"at": _stamp(engine)})
+
+    command.upgrade(config, "head")
+    stored = _raw_money(engine)
+    if sqlite:
+        assert stored == {key: int(value * 1_000_000) for key, value in MONEY_VALUES.items()}
+    else:
+        assert stored == MONEY_VALUES
+    with engine.connect() as conn:
+        for (table, column), value in MONEY_VALUES.items():
+            money = Base.metadata.tables[table].c[column]
+            assert conn.execute(select(money).where(money.is_not(None))).scalar_one() == value
+        assert conn.execute(select(Turn.id).where(Turn.cost.is_(None))).scalar_one() == "t2"
+        assert conn.execute(select(func.sum(LedgerEntry.amount))).scalar_one() == BIG
+
+    command.downgrade(config, "20261125_0003")
+    restored = _raw_money(engine)
+    assert {key: Decimal(str(value)).quantize(Decimal("0.000001")) for key, value in restored.items()} == {
+        key: value.quantize(Decimal("0.000001")) for key, value in MONEY_VALUES.items()
+    }
+    command.upgrade(config, "head")
+    engine.dispose()
+
+
+def _reflected_checks(engine) -> dict[str, set[str]]:
+    inspector = inspect(engine)
+    return {
+        check["name"]: set(re.findall(r"'([^']*)'", check["sqltext"]))
+        for table in inspector.get_table_names()
+        for check in inspector.get_check_constraints(table)
+    }
+
+
+def _model_checks() -> dict[str, set[str]]:
+    return {
+        constraint.name: set(re.findall(r"'([^']*)'", str(constraint.sqltext)))
+        for table in Base.metadata.tables.values()
+        for constraint in table.constraints
+        if isinstance(constraint, CheckConstraint)
+    }
+
+
+def _guards(engine) -> dict:
+    """The append-only triggers (and on Postgres, the function they call), as the database holds them."""
+    with engine.connect() as conn:
+        if engine.dialect.name == "sqlite":
+            rows = conn.execute(
+                text("SELECT name, sql FROM sqlite_master WHERE type = 'trigger' ORDER BY name")
+            )
+            return {"triggers": rows.all()}
+        triggers = conn.execute(
+            text(
+                "SELECT tgname, pg_get_triggerdef(oid) FROM pg_trigger WHERE NOT tgisinternal ORDER BY tgname"
+            )
+        ).all()
+        functions = conn.execute(
+            text(
+                "SELECT p.proname, p.prosrc FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace"
+                " WHERE n.nspname = 'public' ORDER BY p.proname"
+            )
+        ).all()
+        return {"triggers": triggers, "functions": functions}
+
+
+@pytest.fixture
+def second_empty_database_url(empty_database_url, tmp_path, new_pg_database):
+    if empty_database_url.startswith("sqlite"):
+        return f"sqlite:///{tmp_path / 'created.sqlite'}"
+    return new_pg_database()
+
+
+def test_migrations_install_the_same_checks_and_triggers_as_the_models(
+    empty_database_url, second_empty_database_url
+):
+    """The migration's frozen lists and trigger SQL agree with the models' enums and DDL
+    (``alembic check`` compares neither)."""
+    command.upgrade(alembic_config(empty_database_url), "head")
+    migrated = make_engine(empty_database_url)
+    created = make_engine(second_empty_database_url)
+    Base.metadata.create_all(created)
+    assert _reflected_checks(migrated) == _model_checks() == _reflected_checks(created)
+    guards = _guards(migrated)
+    assert len(guards["triggers"]) == (2 if migrated.dialect.name == "sqlite" else 1)
+    assert guards == _guards(created)
+    migrated.dispose()
+    created.dispose()
+
+
+BASE_ROWS = {
+    "users": {"id": "u1", "email": "a@x", "role": "user"},
+    "wallets": {"id": "w1", "user_id": "u1", "balance": Decimal("1"), "held": Decimal("0")},
+    "rooms": {"id": "r1", "user_id": "u1", "name": "r"},
+    "sessions": {"id": "s1", "room_id": "r1", "user_id": "u1"},
+    "turns": {
+        "id": "t1",
+        "session_id": "s1",
+        "room_id": "r1",
+        "user_id": "u1",
+        "seq": 1,
+        "content": "x",
+        "model": "m",
+        "max_output_tokens": 10,
+        "status": "cancelled",
+    },
+    "tool_call_events": {
+        "id": "c1",
+        "turn_id": "t1",
+        "room_id": "r1",
+        "tool": "search",
+        "arguments": {},
+        "status": "ok",
+    },
+    "uploaded_files": {
+        "id": "f1",
+        "room_id": "r1",
+        "user_id": "u1",
+        "filename": "a.txt",
+        "content_type": "text/plain",
+        "size_bytes": 0,
+        "sha256": "0" * 64,
+        "data": b"",
+    },
+    "holds": {
+        "id": "h1",
+        "wallet_id": "w1",
+        "turn_id": "t1",
+        "amount": Decimal("1"),
+        "expires_at": datetime.now(UTC),
+    },
+    "ledger_entries": {
+        "id": "l1",
+        "wallet_id": "w1",
+        "user_id": "u1",
+        "kind": "grant",
+        "amount": Decimal("1"),
+        "balance_after": Decimal("1"),
+        "idempotency_key": "k1",
+        "initiated_by": "u1",
+    },
+}
+# A second row must not collide with the first on a unique key.
+SECOND_ROW = {
+    "users": {"email": "b@x"},
+    "turns": {"seq": 2},
+    "holds": {"turn_id": "t2"},
+    "ledger_entries": {"idempotency_key": "k2"},
+}
+STATE_COLUMNS = [
+    ("users", "role"),
+    ("turns", "status"),
+    ("turns", "kind"),
+    ("tool_call_events", "status"),
+    ("uploaded_files", "status"),
+    ("holds", "status"),
+    ("ledger_entries", "kind"),
+]
+
+
+def _insert(engine, table: str, **changes) -> None:
+    row = {**BASE_ROWS[table], **changes}
+    with engine.begin() as conn:
+        conn.execute(insert(Base.metadata.tables[table]).values(**row))
+
+
+def test_a_migrated_database_refuses_unknown_states_and_ledger_rewrites(empty_database_url):
+    config = alembic_config(empty_database_url)
+    command.upgrade(config, "head")
+    engine = make_engine(empty_database_url)
+    for table in BASE_ROWS:  # every known state goes in (a cancelled turn among them)
+        _insert(engine, table)
+    for table, column in STATE_COLUMNS:
+        with pytest.raises(IntegrityError, match=f"ck_{table}_{column}"):
+            _insert(engine, table, id="bad", **SECOND_ROW.get(table, {}), **{column: "bogus"})
+    for statement in ("UPDATE ledger_entries SET amount = 0", "DELETE FROM ledger_entries"):
+        with pytest.raises(IntegrityError, match="ledger_entries is append-only"), engine.begin() as conn:
+            conn.execute(text(statement))
+
+    command.downgrade(config, "20261125_0003")  # and the downgrade takes the guards away
+    _insert(engine, "users", id="bad", email="b@x", role="bogus")
+    with engine.begin() as conn:
+        assert conn.execute(text("DELETE FROM ledger_entries")).rowcount == 1
     engine.dispose()

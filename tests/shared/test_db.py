@@ -1,12 +1,28 @@
 import logging
+import re
 from datetime import UTC, datetime, timedelta, timezone
+from decimal import Decimal
+from typing import get_args
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import CheckConstraint, func, select, text
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import IntegrityError
 
-from shared.db import ID_LENGTH, Base, Database
-from shared.models import User
+from shared.db import ID_LENGTH, Base, Database, Money
+from shared.models import (
+    FileStatus,
+    HoldStatus,
+    LedgerKind,
+    Role,
+    ToolCallStatus,
+    TurnKind,
+    TurnStatus,
+    User,
+    Wallet,
+)
 from shared.settings import Settings
+from shared.tools.base import ToolStatus
 
 
 def test_every_id_column_has_one_width():
@@ -21,16 +37,101 @@ def test_every_id_column_has_one_width():
     assert set(widths.values()) == {ID_LENGTH}, widths
 
 
-def test_money_columns_are_numeric_20_6():
+MONEY_COLUMN_NAMES = {"balance", "held", "amount", "held_delta", "balance_after", "cost"}
+
+# Every column holding a state, a kind or a role, and the names its values come from.
+STATE_COLUMNS = [
+    ("users", "role", Role),
+    ("turns", "status", TurnStatus),
+    ("turns", "kind", TurnKind),
+    ("tool_call_events", "status", ToolCallStatus),
+    ("uploaded_files", "status", FileStatus),
+    ("holds", "status", HoldStatus),
+    ("ledger_entries", "kind", LedgerKind),
+]
+
+
+@pytest.fixture
+def sqlite_db(tmp_path):
+    database = Database(f"sqlite:///{tmp_path / 'x.sqlite'}")
+    Base.metadata.create_all(database.engine)
+    yield database
+    database.dispose()
+
+
+def test_money_columns_are_numeric_20_6_on_postgres_and_integer_micro_units_on_sqlite():
     money = [
         column
         for table in Base.metadata.tables.values()
         for column in table.columns
-        if column.name in {"balance", "held", "amount", "held_delta", "balance_after", "cost"}
-        or column.name.endswith("_per_1k")
+        if column.name in MONEY_COLUMN_NAMES or column.name.endswith("_per_1k")
     ]
-    assert money
-    assert {(c.type.precision, c.type.scale) for c in money} == {(20, 6)}
+    assert len(money) == 11
+    assert all(isinstance(column.type, Money) for column in money)
+    assert {column.type.compile(dialect=postgresql.dialect()) for column in money} == {"NUMERIC(20, 6)"}
+    assert {column.type.compile(dialect=sqlite.dialect()) for column in money} == {"BIGINT"}
+
+
+def test_twelve_digit_amounts_stay_exact_on_sqlite_in_rows_sums_and_arithmetic(sqlite_db):
+    amount = Decimal("123456789012.345678")
+    with sqlite_db.session() as session:
+        for number in range(2):
+            user = User(email=f"u{number}@b.co")
+            session.add(user)
+            session.flush()
+            session.add(Wallet(user_id=user.id, balance=amount, held=Decimal("0.000001")))
+        session.commit()
+        assert session.scalars(select(Wallet.balance)).all() == [amount, amount]
+        assert session.scalar(select(func.sum(Wallet.balance))) == amount * 2
+        assert session.scalar(select(func.coalesce(func.sum(Wallet.held), 0))) == Decimal("0.000002")
+        assert session.scalar(select(func.min(Wallet.balance - Wallet.held))) == Decimal(
+            "123456789012.345677"
+        )
+        assert session.scalar(select(func.max(Wallet.balance * 3))) == Decimal("370370367037.037034")
+        assert (
+            session.scalar(select(func.count()).where(Wallet.balance > Decimal("123456789012.345677"))) == 2
+        )
+        stored = session.execute(text("SELECT balance, typeof(balance) FROM wallets")).first()
+    assert tuple(stored) == (123456789012345678, "integer")
+
+
+def test_amounts_round_half_up_to_six_places_and_floats_are_refused():
+    money = Money()
+    dialect = sqlite.dialect()
+    assert money.process_bind_param(Decimal("0.0000005"), dialect) == 1
+    assert money.process_bind_param(Decimal("-0.0000005"), dialect) == -1
+    assert money.process_bind_param(Decimal("-2.5"), postgresql.dialect()) == Decimal("-2.500000")
+    assert money.process_result_value(-2500000, dialect) == Decimal("-2.500000")
+    with pytest.raises(TypeError, match="float"):
+        money.process_bind_param(2.5, dialect)
+
+
+def test_every_state_column_is_held_by_a_check_built_from_its_enum():
+    checks = {
+        constraint.name: constraint
+        for table in Base.metadata.tables.values()
+        for constraint in table.constraints
+        if isinstance(constraint, CheckConstraint)
+    }
+    assert set(checks) == {f"ck_{table}_{column}" for table, column, _ in STATE_COLUMNS}
+    for table, column, names in STATE_COLUMNS:
+        sql = str(checks[f"ck_{table}_{column}"].sqltext)
+        assert sql.startswith(f"{column} IN (")
+        assert set(re.findall(r"'([^']*)'", sql)) == {member.value for member in names}
+
+
+def test_a_tool_result_status_is_a_tool_call_status():
+    assert set(get_args(ToolStatus)) == set(ToolCallStatus)
+
+
+def test_create_all_installs_the_checks_and_the_ledger_triggers_on_sqlite(sqlite_db):
+    with sqlite_db.session() as session:
+        session.add(User(email="a@b.co", role="owner"))
+        with pytest.raises(IntegrityError, match="ck_users_role"):
+            session.commit()
+    with sqlite_db.engine.begin() as conn:
+        triggers = conn.execute(text("SELECT name FROM sqlite_master WHERE type = 'trigger' ORDER BY name"))
+        assert triggers.scalars().all() == ["ledger_entries_no_delete", "ledger_entries_no_update"]
 
 
 def test_datetimes_come_back_as_utc_aware_on_sqlite(tmp_path):

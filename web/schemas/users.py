@@ -1,5 +1,6 @@
 from marshmallow import fields, validate
 
+from shared.models import Role
 from web.schemas.common import WHITESPACE_CLASS, BaseSchema, Money, PatternString
 
 # What the service accepts: a local part, "@", a domain with a dot; no whitespace inside
@@ -35,7 +36,7 @@ class UserCreateSchema(BaseSchema):
         message="Not a valid email address.",
         validate=validate.Length(max=320),
     )
-    role = fields.String(load_default="user", validate=validate.OneOf(["user", "admin"]))
+    role = fields.String(load_default=Role.USER.value, validate=validate.OneOf([role.value for role in Role]))
 
 
 class ApiKeySchema(BaseSchema):
