@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shlex
 import signal
 import socket
 import subprocess
@@ -82,9 +84,15 @@ def env_for(settings: Settings, **extra: str) -> dict[str, str]:
     return settings.process_env(**{"LOG_LEVEL": "WARNING", "PATH": path, **extra})
 
 
-# The Procfile's process sizing (WEB_CONCURRENCY, WEB_THREADS): gthread workers with keep-alive.
-GUNICORN_WORKERS = 2
-GUNICORN_THREADS = 4
+def procfile_argv(name: str, env: dict[str, str]) -> list[str]:
+    """The Procfile's ``name`` line as an argv, ``${VAR:-default}`` expanded from ``env``:
+    benchmarks run the processes exactly as ops do (pools, sizes, worker classes)."""
+    lines = (ROOT / "Procfile").read_text().splitlines()
+    commands = dict(line.split(": ", 1) for line in lines if line.strip() and not line.startswith("#"))
+    command = re.sub(r"\$\{(\w+):-([^}]*)\}", lambda m: env.get(m.group(1)) or m.group(2), commands[name])
+    argv = shlex.split(command)
+    argv[0] = str(BIN / argv[0])
+    return argv
 
 
 def stop(processes: list[subprocess.Popen]) -> None:
@@ -113,28 +121,14 @@ def wait_ready(url: str, log_path: Path, timeout: float = 60) -> None:
 
 
 def start_gunicorn(
-    app_spec: str,
-    env: dict[str, str],
-    log,
-    *,
-    workers: int = GUNICORN_WORKERS,
-    threads: int = GUNICORN_THREADS,
-    pythonpath: Path | None = None,
+    app_spec: str, env: dict[str, str], log, *, pythonpath: Path | None = None
 ) -> tuple[subprocess.Popen, int]:
-    """Start ``gunicorn app_spec`` on a free port with the same settings for every app; (process, port)."""
+    """Start the Procfile's ``web`` line on a free port, serving ``app_spec`` (so every app
+    benchmarked runs under the same server settings); (process, port)."""
     port = free_port()
-    argv = [
-        str(BIN / "gunicorn"),
-        app_spec,
-        "--bind",
-        f"127.0.0.1:{port}",
-        "--workers",
-        str(workers),
-        "--threads",
-        str(threads),
-        "--timeout",
-        "120",
-    ]
+    env = {**env, "PORT": str(port)}
+    argv = procfile_argv("web", env)
+    argv[argv.index("web.wsgi:app")] = app_spec
     if pythonpath is not None:
         argv += ["--pythonpath", str(pythonpath)]
     process = subprocess.Popen(
@@ -144,47 +138,26 @@ def start_gunicorn(
 
 
 @contextmanager
-def running_stack(
-    settings: Settings,
-    *,
-    web_workers: int = GUNICORN_WORKERS,
-    worker_concurrency: int = 2,
-    celery_worker: bool = True,
-    **extra_env: str,
-):
-    """Yield the base URL of gunicorn (+ a Celery worker unless ``celery_worker=False``) on
-    ``settings``, migrated here."""
+def running_stack(settings: Settings, *, celery_worker: bool = True, **extra_env: str):
+    """Yield the base URL of the Procfile's ``web`` (+ its turn ``worker`` unless
+    ``celery_worker=False``) on ``settings``, migrated here."""
     migrate(settings)
     env = env_for(settings, **extra_env)
     log_path = settings.var_dir / "stack.log"
     log = open(log_path, "wb")  # noqa: SIM115
-    web, port = start_gunicorn("web.wsgi:app", env, log, workers=web_workers)
+    web, port = start_gunicorn("web.wsgi:app", env, log)
     processes = [web]
     if celery_worker:
+        argv = procfile_argv("worker", env)
+        argv[argv.index("INFO")] = "WARNING"
         processes.append(
             subprocess.Popen(
-                [
-                    str(BIN / "celery"),
-                    "-A",
-                    "worker.main",
-                    "worker",
-                    "-Q",
-                    "turns,summaries,files",
-                    "--concurrency",
-                    str(worker_concurrency),
-                    "--loglevel",
-                    "WARNING",
-                ],
-                cwd=ROOT,
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
+                argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
             )
         )
     base = f"http://127.0.0.1:{port}/api/v1"
     try:
-        wait_ready(f"{base}/health/ready" + ("?worker=true" if celery_worker else ""), log_path)
+        wait_ready(f"{base}/health/ready", log_path)
         yield base
     finally:
         stop(processes)

@@ -157,11 +157,18 @@ class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
 
 
-def _engine_kwargs(url: str, pooled: bool) -> dict:
+def _engine_kwargs(url: str, pooled: bool, pool_size: int, max_overflow: int) -> dict:
     if url.startswith("sqlite"):
         # Web threads and the worker share the file; wait on locks instead of failing.
         return {"connect_args": {"timeout": 30, "check_same_thread": False}}
-    kwargs: dict = {"pool_pre_ping": True, "pool_size": 10, "max_overflow": 20}
+    # Bounded: hundreds of turns in flight in one process share these connections, each
+    # holding one only while it talks to the database (never across a model call).
+    kwargs: dict = {
+        "pool_pre_ping": True,
+        "pool_size": pool_size,
+        "max_overflow": max_overflow,
+        "pool_timeout": 30,
+    }
     if pooled:
         # PgBouncer in transaction mode hands each transaction a different server
         # connection, so server-side prepared statements would dangle.
@@ -183,10 +190,17 @@ def _sqlite_begin_immediate(conn) -> None:
     conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
-def make_engine(url: str, *, pooled: bool = False, sqlite_immediate: bool = True) -> Engine:
+def make_engine(
+    url: str,
+    *,
+    pooled: bool = False,
+    sqlite_immediate: bool = True,
+    pool_size: int = 10,
+    max_overflow: int = 10,
+) -> Engine:
     """``sqlite_immediate=False`` is for read-mostly observers (tests) that must not
     take SQLite's write lock with every transaction."""
-    engine = create_engine(url, **_engine_kwargs(url, pooled))
+    engine = create_engine(url, **_engine_kwargs(url, pooled, pool_size, max_overflow))
     if engine.dialect.name == "sqlite":
         event.listen(engine, "connect", _sqlite_pragmas)
         # Let us issue BEGIN ourselves (pysqlite's implicit BEGIN is deferred).
@@ -199,9 +213,23 @@ def make_engine(url: str, *, pooled: bool = False, sqlite_immediate: bool = True
 class Database:
     """The engine and session factory of one process."""
 
-    def __init__(self, url: str, *, pooled: bool = False, sqlite_immediate: bool = True) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        pooled: bool = False,
+        sqlite_immediate: bool = True,
+        pool_size: int = 10,
+        max_overflow: int = 10,
+    ) -> None:
         self.url = url
-        self.engine = make_engine(url, pooled=pooled, sqlite_immediate=sqlite_immediate)
+        self.engine = make_engine(
+            url,
+            pooled=pooled,
+            sqlite_immediate=sqlite_immediate,
+            pool_size=pool_size,
+            max_overflow=max_overflow,
+        )
         self.sessionmaker = sessionmaker(self.engine, expire_on_commit=False)
 
     @classmethod
@@ -210,7 +238,12 @@ class Database:
         url = settings.runtime_database_url
         source = "DATABASE_POOL_URL" if settings.runtime_url_is_pooled else "DATABASE_URL"
         log.info("%s database: %s (from %s)", role, mask_url(url), source)
-        return cls(url, pooled=settings.runtime_url_is_pooled)
+        return cls(
+            url,
+            pooled=settings.runtime_url_is_pooled,
+            pool_size=settings.database_pool_size,
+            max_overflow=settings.database_max_overflow,
+        )
 
     @property
     def dialect(self) -> str:

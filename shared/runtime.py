@@ -60,6 +60,13 @@ class Runtime:
 
         return TurnWaiter(self.redis)
 
+    @cached_property
+    def leases(self):
+        """This process's heartbeat for the leases of the turns it runs."""
+        from shared.services.leases import LeaseKeeper
+
+        return LeaseKeeper(self)
+
     def component(self, name: str, factory):
         """A per-process singleton (provider, tool registry), built on first use."""
         with self._lock:
@@ -74,14 +81,16 @@ class Runtime:
             self._db = None
         self.__dict__.pop("redis", None)
         self.__dict__.pop("turn_waiter", None)
+        self.__dict__.pop("leases", None)
 
     def close(self) -> None:
         if self._db is not None:
             self._db.dispose()
             self._db = None
-        waiter = self.__dict__.pop("turn_waiter", None)
-        if waiter is not None:
-            waiter.close()
+        for name in ("turn_waiter", "leases"):
+            component = self.__dict__.pop(name, None)
+            if component is not None:
+                component.close()
         client = self.__dict__.pop("redis", None)
         if client is not None:
             client.close()

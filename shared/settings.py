@@ -72,6 +72,9 @@ def mask_url(url: str) -> str:
 class Settings:
     database_url: str
     database_pool_url: str | None = None
+    # Connections per process: a pool of this many, plus this many more under bursts.
+    database_pool_size: int = 10
+    database_max_overflow: int = 10
     redis_url: str | None = None
     celery_broker_url: str | None = None
     celery_result_backend: str | None = None
@@ -87,8 +90,8 @@ class Settings:
     max_upload_bytes: int = 10 * 1024 * 1024
     max_turn_chars: int = 32_000
     hold_ttl_seconds: int = 900
-    # A turn running longer than this is presumed dead (above the task's hard time limit).
-    turn_stale_seconds: int = 360
+    # A running turn whose worker stopped renewing its lease this long ago is taken over.
+    turn_lease_seconds: int = 20
     turn_retry_base_seconds: float = 2.0
     # Hold sizing (docs/billing.md "Holds that bound the turn"): model calls a hold funds
     # besides the summary call (the answer plus one tool round), the tokens tool results
@@ -121,6 +124,8 @@ class Settings:
             database_pool_url=normalize_database_url(env["DATABASE_POOL_URL"])
             if env.get("DATABASE_POOL_URL")
             else None,
+            database_pool_size=_int(env.get("DATABASE_POOL_SIZE", "10"), "DATABASE_POOL_SIZE"),
+            database_max_overflow=_int(env.get("DATABASE_MAX_OVERFLOW", "10"), "DATABASE_MAX_OVERFLOW"),
             redis_url=env.get("REDIS_URL") or None,
             celery_broker_url=env.get("CELERY_BROKER_URL") or None,
             celery_result_backend=env.get("CELERY_RESULT_BACKEND") or None,
@@ -138,7 +143,7 @@ class Settings:
             turn_wait_seconds=float(_decimal(env.get("TURN_WAIT_SECONDS", "30"), "TURN_WAIT_SECONDS")),
             max_upload_bytes=_int(env.get("MAX_UPLOAD_BYTES", str(10 * 1024 * 1024)), "MAX_UPLOAD_BYTES"),
             hold_ttl_seconds=_int(env.get("HOLD_TTL_SECONDS", "900"), "HOLD_TTL_SECONDS"),
-            turn_stale_seconds=_int(env.get("TURN_STALE_SECONDS", "360"), "TURN_STALE_SECONDS"),
+            turn_lease_seconds=_int(env.get("TURN_LEASE_SECONDS", "20"), "TURN_LEASE_SECONDS"),
             turn_retry_base_seconds=float(
                 _decimal(env.get("TURN_RETRY_BASE_SECONDS", "2"), "TURN_RETRY_BASE_SECONDS")
             ),

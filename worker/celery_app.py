@@ -105,7 +105,8 @@ def create_celery_app(settings: Settings | None = None, *, role: str = "worker")
         task_track_started=False,
         enable_utc=True,
         beat_schedule={
-            "recover-stuck-turns": {"task": "tollgate.recover_stuck_turns", "schedule": 30.0},
+            # Every 10 s: a dead worker's turns are re-sent within TURN_LEASE_SECONDS + 10 s.
+            "recover-stuck-turns": {"task": "tollgate.recover_stuck_turns", "schedule": 10.0},
             "recover-pending-files": {"task": "tollgate.recover_pending_files", "schedule": 60.0},
             "expire-holds": {"task": "tollgate.expire_holds", "schedule": 60.0},
             "sync-enforcement": {"task": "tollgate.sync_enforcement", "schedule": 60.0},

@@ -61,6 +61,7 @@ class Turn(Base):
         UniqueConstraint("user_id", "idempotency_key"),
         Index("ix_turns_status_updated", "status", "updated_at"),
         Index("ix_turns_completed_at", "completed_at"),
+        Index("ix_turns_status_lease", "status", "lease_expires_at"),
         check_in("status", TurnStatus),
         check_in("kind", TurnKind),
     )
@@ -92,6 +93,10 @@ class Turn(Base):
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # The running attempt's lease: its worker renews it every few seconds; once it lapses
+    # the turn may be taken over (shared/services/leases.py). The owner is the attempt's task id.
+    lease_owner: Mapped[str | None] = mapped_column(String(64))
+    lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
 
 class ToolCallEvent(Base):

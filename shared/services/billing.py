@@ -396,10 +396,11 @@ def expire_stale_holds(
     """Expire every active hold past its ``expires_at``, one transaction (and ledger
     ``expiry`` entry) per hold, so a long backlog never holds many wallet locks. Commits.
 
-    A hold whose turn is ``running`` with an attempt started after ``live_after`` is
-    kept: it is paying for a model call in flight (design §4, "a hold cannot expire under a
-    running turn"). The turn's status is read after the wallet lock is taken, so a claim
-    (``confirm_hold``) and an expiry never both win.
+    A hold whose turn is ``running`` under a live lease (its worker is renewing it:
+    shared/services/leases.py) is kept: it is paying for a model call in flight (design §4,
+    "a hold cannot expire under a running turn"); ``live_after`` also keeps a running turn
+    whose attempt started after it. The turn is read after the wallet lock is taken, so a
+    claim (``confirm_hold``) and an expiry never both win.
 
     Returns how many holds this call expired.
     """
@@ -418,13 +419,15 @@ def expire_stale_holds(
         if hold is None or hold.status != "active" or hold.expires_at > now:
             session.rollback()
             continue
-        if live_after is not None:
-            status, started_at = session.execute(
-                select(Turn.status, Turn.started_at).where(Turn.id == turn_id)
-            ).one_or_none() or (None, None)
-            if status == "running" and started_at is not None and started_at > live_after:
-                session.rollback()
-                continue
+        status, started_at, lease_expires_at = session.execute(
+            select(Turn.status, Turn.started_at, Turn.lease_expires_at).where(Turn.id == turn_id)
+        ).one_or_none() or (None, None, None)
+        if status == "running" and (
+            (lease_expires_at is not None and lease_expires_at > now)
+            or (live_after is not None and started_at is not None and started_at > live_after)
+        ):
+            session.rollback()
+            continue
         _append(
             session,
             wallet,

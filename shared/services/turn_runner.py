@@ -23,14 +23,14 @@ import time
 from dataclasses import dataclass, field
 from datetime import timedelta
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import and_, delete, or_, select, update
 from sqlalchemy.orm import Session
 
 from shared import metrics
-from shared.db import is_database_unavailable, utcnow
+from shared.db import is_database_unavailable, new_id, utcnow
 from shared.errors import InsufficientBalance
 from shared.logging import turn_id_var
-from shared.models import ChatSession, Hold, ToolCallEvent, Turn
+from shared.models import ChatSession, Hold, ToolCallEvent, Turn, TurnStatus
 from shared.providers import (
     ProviderError,
     ProviderTransientError,
@@ -48,6 +48,8 @@ log = logging.getLogger(__name__)
 MAX_TOOL_ROUNDS = 3
 TOOL_TIMEOUT_SECONDS = 10.0
 MAX_ATTEMPTS = 5
+# A running turn from before leases existed is presumed dead after this long.
+LEGACY_STALE = timedelta(seconds=360)
 EXCERPT_CHARS = 300
 
 # What users read in a failed turn's ``error.message``; details (upstream bodies,
@@ -199,20 +201,23 @@ def fail(
         return True
 
 
-def claim(runtime: Runtime, turn_id: str, *, takeover: bool) -> Turn | None:
-    """Mark the turn ``running`` for this attempt, or return ``None`` when there is nothing to do.
+def claim(runtime: Runtime, turn_id: str, *, takeover: bool, owner: str | None = None) -> Turn | None:
+    """Mark the turn ``running`` under a lease for this attempt (``owner``: the task id), or
+    return ``None`` when there is nothing to do.
 
-    ``takeover``: the task was redelivered (its previous run died) or re-sent by
-    ``recover_stuck_turns``, so a ``running`` status is stale and may be taken over.
+    A ``running`` turn is taken over only once its lease lapsed (its worker stopped renewing
+    it: shared/services/leases.py) or by its own owner (a task retried after a database
+    outage). ``takeover`` lets a redelivered or re-sent task take over a running turn that
+    has no lease at all (rows from before leases existed).
     """
     now = utcnow()
+    owner = owner or new_id()
     with runtime.db.session() as session:
         turn = _lock(session, turn_id)
         if turn is None or turn.status in FINISHED:
             session.rollback()
             return None
-        stale_before = now - timedelta(seconds=runtime.settings.turn_stale_seconds)
-        if turn.status == "running" and not takeover and turn.started_at and turn.started_at > stale_before:
+        if turn.status == TurnStatus.RUNNING and not _may_take_over(turn, owner, takeover, now):
             session.rollback()  # another worker is on it
             return None
         if turn.attempts >= MAX_ATTEMPTS:
@@ -224,14 +229,23 @@ def claim(runtime: Runtime, turn_id: str, *, takeover: bool) -> Turn | None:
             session.commit()
             _ended(runtime, turn)
             return None
-        turn.status = "running"
+        if turn.attempts:
+            # A new attempt records its own tool calls.
+            session.execute(delete(ToolCallEvent).where(ToolCallEvent.turn_id == turn.id))
+        turn.status = TurnStatus.RUNNING
         turn.attempts += 1
         turn.started_at = turn.updated_at = now
-        # A new attempt records its own tool calls.
-        session.execute(delete(ToolCallEvent).where(ToolCallEvent.turn_id == turn.id))
+        turn.lease_owner = owner
+        turn.lease_expires_at = now + timedelta(seconds=runtime.settings.turn_lease_seconds)
         session.commit()
         log.info("turn running (attempt %d)", turn.attempts)
         return turn
+
+
+def _may_take_over(turn: Turn, owner: str, takeover: bool, now) -> bool:
+    if turn.lease_expires_at is None:
+        return takeover or (turn.started_at is not None and turn.started_at < now - LEGACY_STALE)
+    return turn.lease_expires_at <= now or turn.lease_owner == owner
 
 
 def _admitted_now(runtime: Runtime, session: Session, turn: Turn) -> bool:
@@ -439,11 +453,14 @@ def run_turn(
     final_attempt: bool,
     after_complete=None,
     reraise: tuple[type[BaseException], ...] = (),
+    owner: str | None = None,
 ) -> str:
     """Run one turn to its end. Returns the outcome: ``completed``, ``failed`` or ``skipped``.
 
     ``after_complete(turn)`` runs once the completion committed and a summary refresh is due.
     ``reraise``: exceptions the caller handles itself (the task's time limit).
+    ``owner``: the attempt's lease owner (the task id; a fresh id when not given). The
+    process's heartbeat renews the turn's lease while it runs.
 
     :raises RetryLater: a transient provider failure with retries left; the turn is ``queued`` again.
     :raises: a database outage (``shared.db.is_database_unavailable``), for the task to retry;
@@ -451,46 +468,55 @@ def run_turn(
     """
     token = turn_id_var.set(turn_id)
     try:
-        turn = claim(runtime, turn_id, takeover=takeover)
+        turn = claim(runtime, turn_id, takeover=takeover, owner=owner)
         if turn is None:
             return "skipped"
-        result = Execution()
-        try:
-            execute(runtime, turn, provider, tools, result)
-        except ProviderTransientError as exc:
-            log.warning("model call failed: %s (%s)", exc.code, exc.message)
-            if final_attempt:
-                fail(runtime, turn_id, exc.code, execution=result)
-                return "failed"
-            _requeue(runtime, turn_id, result)
-            raise RetryLater(
-                exc.code, retry_countdown(runtime.settings.turn_retry_base_seconds, turn.attempts)
-            ) from exc
-        except ProviderError as exc:
-            log.warning("model call failed: %s (%s)", exc.code, exc.message)
-            fail(runtime, turn_id, exc.code, execution=result)
-            return "failed"
-        except BudgetExhausted as exc:
-            fail(runtime, turn_id, exc.code, execution=result)
-            return "failed"
-        except Exception as exc:
-            if isinstance(exc, reraise) or is_database_unavailable(exc):
-                raise
-            _fail_unexpected(runtime, turn_id, exc, result)
-            return "failed"
-        try:
-            if not complete(runtime, turn_id, result):
-                return "skipped"
-        except Exception as exc:
-            if isinstance(exc, reraise) or is_database_unavailable(exc):
-                raise
-            _fail_unexpected(runtime, turn_id, exc, result)
-            return "failed"
-        if after_complete is not None and result.summary_due_after:
-            after_complete(turn)
-        return "completed"
+        with runtime.leases.holding(turn_id, turn.lease_owner):
+            return _run_claimed(runtime, turn, provider, tools, final_attempt, after_complete, reraise)
     finally:
         turn_id_var.reset(token)
+
+
+def _run_claimed(
+    runtime: Runtime, turn: Turn, provider, tools, final_attempt, after_complete, reraise
+) -> str:
+    """``run_turn`` after a successful claim, under the turn's lease."""
+    turn_id = turn.id
+    result = Execution()
+    try:
+        execute(runtime, turn, provider, tools, result)
+    except ProviderTransientError as exc:
+        log.warning("model call failed: %s (%s)", exc.code, exc.message)
+        if final_attempt:
+            fail(runtime, turn_id, exc.code, execution=result)
+            return "failed"
+        _requeue(runtime, turn_id, result)
+        raise RetryLater(
+            exc.code, retry_countdown(runtime.settings.turn_retry_base_seconds, turn.attempts)
+        ) from exc
+    except ProviderError as exc:
+        log.warning("model call failed: %s (%s)", exc.code, exc.message)
+        fail(runtime, turn_id, exc.code, execution=result)
+        return "failed"
+    except BudgetExhausted as exc:
+        fail(runtime, turn_id, exc.code, execution=result)
+        return "failed"
+    except Exception as exc:
+        if isinstance(exc, reraise) or is_database_unavailable(exc):
+            raise
+        _fail_unexpected(runtime, turn_id, exc, result)
+        return "failed"
+    try:
+        if not complete(runtime, turn_id, result):
+            return "skipped"
+    except Exception as exc:
+        if isinstance(exc, reraise) or is_database_unavailable(exc):
+            raise
+        _fail_unexpected(runtime, turn_id, exc, result)
+        return "failed"
+    if after_complete is not None and result.summary_due_after:
+        after_complete(turn)
+    return "completed"
 
 
 def _fail_unexpected(runtime: Runtime, turn_id: str, exc: Exception, result: Execution) -> None:
@@ -507,7 +533,8 @@ def _requeue(runtime: Runtime, turn_id: str, result: Execution) -> None:
     with runtime.db.session() as session:
         turn = _lock(session, turn_id)
         if turn is not None and turn.status == "running":
-            turn.status = "queued"
+            turn.status = TurnStatus.QUEUED
+            turn.lease_owner = turn.lease_expires_at = None
             turn.input_tokens, turn.output_tokens = result.input_tokens, result.output_tokens
             turn.updated_at = utcnow()
         session.commit()
@@ -569,9 +596,18 @@ def refresh_summary(runtime: Runtime, chat_session_id: str, *, provider) -> bool
         return summaries.store(session, chat.id, summary)
 
 
+def _lapsed(now):
+    """A running turn's lease has lapsed (or, from before leases, it started long ago)."""
+    return or_(
+        Turn.lease_expires_at < now,
+        and_(Turn.lease_expires_at.is_(None), Turn.started_at < now - LEGACY_STALE),
+    )
+
+
 def recover_stuck_turns(runtime: Runtime, celery_app, *, queued_grace_seconds: float = 30.0) -> dict:
     """Beat job: re-send turns whose task was lost (queued too long) or whose worker died
-    (running past the stale limit). Safe because ``run_turn`` is idempotent."""
+    (running with a lapsed lease). Safe because ``run_turn`` is idempotent and a claim
+    takes over only a lapsed lease."""
     now = utcnow()
     counts = {"queued": 0, "running": 0}
     with runtime.db.session() as session:
@@ -580,12 +616,7 @@ def recover_stuck_turns(runtime: Runtime, celery_app, *, queued_grace_seconds: f
                 Turn.status == "queued", Turn.updated_at < now - timedelta(seconds=queued_grace_seconds)
             )
         ).all()
-        stale = session.scalars(
-            select(Turn.id).where(
-                Turn.status == "running",
-                Turn.started_at < now - timedelta(seconds=runtime.settings.turn_stale_seconds),
-            )
-        ).all()
+        stale = session.scalars(select(Turn.id).where(Turn.status == TurnStatus.RUNNING, _lapsed(now))).all()
     for turn_id in queued:
         celery_app.send_task("tollgate.run_turn", args=[turn_id])
         counts["queued"] += 1
@@ -597,8 +628,24 @@ def recover_stuck_turns(runtime: Runtime, celery_app, *, queued_grace_seconds: f
             )
             session.commit()
     for turn_id in stale:
-        celery_app.send_task("tollgate.run_turn", args=[turn_id], kwargs={"takeover": True})
-        counts["running"] += 1
+        # The re-sent task owns the lease from now: it alone may take the turn over, and the
+        # turn is not re-sent again before that lease lapses too.
+        task_id = new_id()
+        with runtime.db.session() as session:
+            handed = session.execute(
+                update(Turn)
+                .where(Turn.id == turn_id, Turn.status == TurnStatus.RUNNING, _lapsed(now))
+                .values(
+                    lease_owner=task_id,
+                    lease_expires_at=now + timedelta(seconds=runtime.settings.turn_lease_seconds),
+                )
+            ).rowcount
+            session.commit()
+        if handed:
+            celery_app.send_task(
+                "tollgate.run_turn", args=[turn_id], kwargs={"takeover": True}, task_id=task_id
+            )
+            counts["running"] += 1
     if queued or stale:
         log.warning("recover_stuck_turns re-sent %s", json.dumps(counts))
     return counts

@@ -120,6 +120,11 @@ class FakeOpenAIServer:
         self._httpd: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
         self.default = Behaviour("echo")
+        # Model name -> seconds to wait before answering by default (benchmarks' upstream latency).
+        self.latency_by_model: dict[str, float] = {}
+        self.record = True  # a long benchmark turns recording off
+        self._in_flight = 0
+        self.peak_in_flight = 0  # the most requests being answered at once, ever
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -273,13 +278,26 @@ class FakeOpenAIServer:
 
     def _record(self, request: RecordedRequest) -> Behaviour:
         with self._arrived:
-            self._requests.append(request)
+            self._in_flight += 1
+            self.peak_in_flight = max(self.peak_in_flight, self._in_flight)
+            if self.record:
+                self._requests.append(request)
             self._arrived.notify_all()
             text = _last_user_text(request.body)
             for marker, behaviour in self._rules:
                 if marker in text:
                     return behaviour
-            return self._queue.popleft() if self._queue else self.default
+            if self._queue:
+                return self._queue.popleft()
+            model = request.body.get("model") if isinstance(request.body, dict) else None
+            latency = self.latency_by_model.get(model or "")
+            if latency:
+                return Behaviour("hang", seconds=latency, then=self.default)
+            return self.default
+
+    def _done(self) -> None:
+        with self._lock:
+            self._in_flight -= 1
 
     def _respond(self, handler: _Handler, behaviour: Behaviour, request: Any) -> None:
         if behaviour.kind == "hang":
@@ -307,6 +325,7 @@ def _last_user_text(request: Any) -> str:
 
 class _QuietServer(ThreadingHTTPServer):
     daemon_threads = True
+    request_queue_size = 1024  # hundreds of clients connect at once in the benchmarks
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         # Clients that time out hang up mid-response; that is the point of some tests.
@@ -316,6 +335,9 @@ class _QuietServer(ThreadingHTTPServer):
 class _Handler(BaseHTTPRequestHandler):
     fake: FakeOpenAIServer
     server_version = "FakeOpenAI/1.0"
+    # Headers and body go out as separate writes: without TCP_NODELAY, Nagle's algorithm
+    # and the client's delayed ACK add ~40 ms to every keep-alive answer.
+    disable_nagle_algorithm = True
 
     def log_message(self, format: str, *args: Any) -> None:
         pass
@@ -342,7 +364,11 @@ class _Handler(BaseHTTPRequestHandler):
                 400, {"error": {"message": "body must be a JSON object", "type": "invalid_request"}}
             )
             return
-        self.fake._respond(self, self.fake._record(recorded), body)
+        behaviour = self.fake._record(recorded)
+        try:
+            self.fake._respond(self, behaviour, body)
+        finally:
+            self.fake._done()
 
     def do_GET(self) -> None:
         self.send_json(404, {"error": {"message": f"no route {self.path}", "type": "not_found"}})
@@ -376,8 +402,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="Serve a fake OpenAI chat completions API.")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8765)
+    parser.add_argument(
+        "--latency",
+        action="append",
+        default=[],
+        metavar="MODEL=SECONDS",
+        help="answer requests for MODEL after SECONDS (repeatable); others at once",
+    )
+    parser.add_argument("--keepalive", action="store_true", help="HTTP/1.1 keep-alive (benchmarks)")
     args = parser.parse_args()
-    server = FakeOpenAIServer(args.host, args.port).start()
+    server = FakeOpenAIServer(args.host, args.port)
+    for item in args.latency:
+        model, _, seconds = item.partition("=")
+        server.latency_by_model[model] = float(seconds)
+    server.record = False
+    if args.keepalive:
+        _Handler.protocol_version = "HTTP/1.1"
+    server.start()
     print(f"fake OpenAI server at {server.base_url}", flush=True)
     try:
         while True:

@@ -174,11 +174,22 @@ def stop_process(process: subprocess.Popen | None, timeout: float) -> None:
 class WorkerProcess:
     """A real ``celery worker`` subprocess, started as the Procfile does."""
 
-    def __init__(self, settings: Settings, log_path: Path, concurrency: int = 2, **env: str):
+    def __init__(
+        self,
+        settings: Settings,
+        log_path: Path,
+        concurrency: int = 2,
+        *,
+        pool: str = "prefork",
+        queues: str = "turns,summaries,files",
+        **env: str,
+    ):
         self.settings = settings
         self.log_path = log_path
         self.env = service_env(settings, **env)
         self.concurrency = concurrency
+        self.pool = pool
+        self.queues = queues
         self.process: subprocess.Popen | None = None
 
     def start(self, timeout: float = 60.0) -> None:
@@ -190,7 +201,9 @@ class WorkerProcess:
                 "worker.main",
                 "worker",
                 "-Q",
-                "turns,summaries,files",
+                self.queues,
+                "--pool",
+                self.pool,
                 "--concurrency",
                 str(self.concurrency),
                 "--loglevel",
@@ -229,7 +242,10 @@ class WorkerProcess:
 def live_worker(pg_settings, tmp_path_factory):
     """One Celery worker process for the session, on the session's Postgres and Redis."""
     worker = WorkerProcess(
-        pg_settings, tmp_path_factory.mktemp("worker") / "worker.log", TURN_RETRY_BASE_SECONDS="0.2"
+        pg_settings,
+        tmp_path_factory.mktemp("worker") / "worker.log",
+        TURN_RETRY_BASE_SECONDS="0.2",
+        TURN_LEASE_SECONDS="3",
     )
     worker.start()
     yield worker

@@ -84,6 +84,8 @@ def start_worker(fault_settings, tmp_path):
             tmp_path / f"worker-{len(started)}.log",
             concurrency,
             TURN_RETRY_BASE_SECONDS="0.2",
+            # Short leases: a killed worker's turns are taken over within seconds.
+            TURN_LEASE_SECONDS="2",
             **env,
         )
         started.append(worker)
@@ -148,7 +150,7 @@ def wait_for_status(settings, turn_ids, status, timeout=30.0) -> None:
 
 def recovery_job(app, settings=None, every: float = 1.0):
     """``recover_stuck_turns`` as beat runs it, but with a 1 s grace instead of 30 s, at most
-    once per ``every`` seconds. ``settings`` may shorten TURN_STALE_SECONDS for the job."""
+    once per ``every`` seconds."""
     runtime = app.extensions["tollgate"] if settings is None else Runtime(settings, role="beat")
     last = [0.0]
 
@@ -352,8 +354,8 @@ def test_a_worker_killed_mid_turn_is_taken_over_and_the_turn_billed_once(
     assert turn_states(fault_settings, [turn_id])[turn_id][0] == "running"
 
     start_worker(concurrency=1)
-    # Beat's recovery job takes over a turn running past TURN_STALE_SECONDS (2 s here).
-    recover = recovery_job(fault_app, fault_settings.replace(turn_stale_seconds=2))
+    # Beat's recovery job re-sends the turn once its lease (2 s here) lapsed.
+    recover = recovery_job(fault_app)
     states = wait_until_finished(fault_settings, [turn_id], timeout=60, nudge=recover)
     assert states[turn_id] == ("completed", None)
     assert query(fault_settings, "SELECT attempts FROM turns WHERE id = %s", turn_id) == [(2,)]

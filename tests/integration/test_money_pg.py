@@ -8,11 +8,11 @@ the worker path is covered by test_enforced_turns_pg.py and test_faults_pg.py.
 from __future__ import annotations
 
 import io
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from decimal import Decimal
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
 from shared.errors import InsufficientBalance
 from shared.models import ChatSession, Hold, LedgerEntry, Room, Turn, Wallet
@@ -137,9 +137,10 @@ def test_a_hold_does_not_expire_under_a_running_turn(enforced, runtime, pg_db, p
     claimed = turn_runner.claim(runtime, a.id, takeover=False)
     assert claimed is not None
 
-    later = datetime.now(UTC) + timedelta(hours=2)  # past every expires_at
-    live_after = datetime.now(UTC) - timedelta(seconds=runtime.settings.turn_stale_seconds)
-    assert billing.expire_stale_holds(pg_db, now=later, live_after=live_after) == 0
+    # The hold's expires_at has passed; A's lease is live (its worker renews it): kept.
+    pg_db.execute(update(Hold).where(Hold.turn_id == a.id).values(expires_at=datetime.now(UTC)))
+    pg_db.commit()
+    assert billing.expire_stale_holds(pg_db) == 0
     with pytest.raises(InsufficientBalance):
         submit(runtime, pg_db, pg_user, chat, "second question")
 
@@ -171,11 +172,11 @@ def test_a_turn_whose_hold_expired_never_takes_an_enforced_wallet_below_zero(
     claimed = turn_runner.claim(runtime, a.id, takeover=False)
     result = turn_runner.execute(runtime, claimed, OfflineProvider(), build_registry())
 
-    now = datetime.now(UTC)
-    assert (
-        billing.expire_stale_holds(pg_db, now=now + timedelta(hours=2), live_after=now + timedelta(hours=1))
-        == 1
-    )
+    # A's worker stopped renewing: its lease lapsed, and so did its hold.
+    pg_db.execute(update(Turn).where(Turn.id == a.id).values(lease_expires_at=datetime.now(UTC)))
+    pg_db.execute(update(Hold).where(Hold.turn_id == a.id).values(expires_at=datetime.now(UTC)))
+    pg_db.commit()
+    assert billing.expire_stale_holds(pg_db) == 1
     b = submit(runtime, pg_db, pg_user, chat, "second question")
     assert turn_runner.complete(runtime, a.id, result)
     assert run(runtime, b.id) == "completed"

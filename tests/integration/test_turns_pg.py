@@ -246,10 +246,17 @@ def test_a_turn_whose_whole_worker_died_is_recovered_by_the_beat_job(
         pg_client.get(f"/api/v1/turns/{turn_id}", headers=pg_user.headers).get_json()["status"] == "running"
     )
 
-    impatient = Runtime(pg_app.extensions["tollgate"].settings.replace(turn_stale_seconds=1), role="test")
-    counts = turn_runner.recover_stuck_turns(impatient, pg_app.extensions["celery"])
-    impatient.close()
+    # Nobody renews the turn's lease (3 s for the live worker): the recovery job re-sends it
+    # once it lapses, and only once per lease.
+    runtime = Runtime(pg_app.extensions["tollgate"].settings, role="test")
+    deadline = time.monotonic() + 15
+    counts = turn_runner.recover_stuck_turns(runtime, pg_app.extensions["celery"])
+    while counts["running"] == 0 and time.monotonic() < deadline:
+        time.sleep(0.5)
+        counts = turn_runner.recover_stuck_turns(runtime, pg_app.extensions["celery"])
     assert counts["running"] == 1
+    assert turn_runner.recover_stuck_turns(runtime, pg_app.extensions["celery"])["running"] == 0
+    runtime.close()
     assert_completed_once_after_a_second_attempt(pg_client, pg_user, pg_db, turn_id)
 
 

@@ -174,5 +174,13 @@ def test_a_pooled_url_disables_server_side_prepared_statements():
     assert pooled.engine.pool._creator  # noqa: SLF001 - sanity: engine built lazily
     from shared.db import _engine_kwargs
 
-    assert _engine_kwargs(pooled.url, True)["connect_args"] == {"prepare_threshold": None}
-    assert "connect_args" not in _engine_kwargs(direct.url, False)
+    assert _engine_kwargs(pooled.url, True, 10, 10)["connect_args"] == {"prepare_threshold": None}
+    assert "connect_args" not in _engine_kwargs(direct.url, False, 10, 10)
+
+
+def test_the_connection_pool_is_bounded_by_settings():
+    settings = Settings(
+        database_url="postgresql+psycopg://u@db/app", database_pool_size=7, database_max_overflow=3
+    )
+    pool = Database.from_settings(settings, role="test").engine.pool
+    assert (pool.size(), pool._max_overflow) == (7, 3)  # noqa: SLF001

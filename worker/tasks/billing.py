@@ -1,21 +1,16 @@
 """Billing housekeeping on beat: expire stale holds, keep Redis's enforcement copy current."""
 
-from datetime import timedelta
-
 from celery import shared_task
 
-from shared.db import utcnow
 from shared.services import billing, enforcement
 
 
 @shared_task(name="tollgate.expire_holds", bind=True, acks_late=False)
 def expire_holds(self) -> int:
     """Expire active holds past their ``expires_at`` (no failure path leaks reserved credit),
-    except under turns still running on a live attempt."""
-    runtime = self.app.tollgate
-    live_after = utcnow() - timedelta(seconds=runtime.settings.turn_stale_seconds)
-    with runtime.db.session() as session:
-        return billing.expire_stale_holds(session, live_after=live_after)
+    except under turns still running on a live lease."""
+    with self.app.tollgate.db.session() as session:
+        return billing.expire_stale_holds(session)
 
 
 @shared_task(name="tollgate.sync_enforcement", bind=True, acks_late=False)

@@ -39,12 +39,13 @@ def run_turn(self, turn_id: str, takeover: bool = False) -> str:
                 "tollgate.refresh_summary", args=[turn.session_id]
             ),
             reraise=(SoftTimeLimitExceeded,),
+            owner=self.request.id,
         )
     except turn_runner.RetryLater as exc:
         raise self.retry(countdown=exc.countdown, exc=exc) from exc
     except SoftTimeLimitExceeded:
         # Slow model rounds added up past the soft limit. Another run would likely do the
-        # same, and a turn left "running" would wait TURN_STALE_SECONDS for recovery: end it.
+        # same, and a turn left "running" would wait for its lease to lapse and a takeover: end it.
         turn_runner.fail(runtime, turn_id, "turn_timeout")
         return "failed"
     except Exception as exc:
@@ -53,7 +54,7 @@ def run_turn(self, turn_id: str, takeover: bool = False) -> str:
         # The database went away mid-task (failover, a killed connection, a deadlock). Every
         # step is under the turn's row lock and billing is idempotent, so running the turn
         # again is safe; it may be "running" under this very attempt, hence the takeover.
-        # Without this the turn would wait for recover_stuck_turns (up to TURN_STALE_SECONDS).
+        # Without this the turn would wait for recover_stuck_turns (a lease and a beat interval).
         raise self.retry(
             countdown=turn_runner.retry_countdown(1.0, self.request.retries + 1),
             kwargs={"takeover": True},
