@@ -36,8 +36,15 @@ def fresh_settings(pg_settings, new_pg_database, tmp_path):
     return pg_settings.replace(database_url=new_pg_database(), var_dir=tmp_path)
 
 
-def test_procfile_has_the_four_process_types():
-    assert set(procfile()) == {"release", "web", "worker", "beat"}
+def test_procfile_has_a_process_type_per_pool():
+    lines = procfile()
+    assert set(lines) == {"release", "web", "worker", "worker_files", "beat"}
+    # I/O pools for the turn path, a process pool for CPU-bound extraction, each sized by env.
+    assert "--worker-class gevent" in lines["web"] and "${WEB_CONNECTIONS:-" in lines["web"]
+    assert "-Q turns,summaries --pool gevent" in lines["worker"]
+    assert "${TURN_WORKER_CONCURRENCY:-" in lines["worker"]
+    assert "-Q files --pool prefork" in lines["worker_files"]
+    assert "${FILE_WORKER_CONCURRENCY:-" in lines["worker_files"]
 
 
 def test_release_web_and_worker_serve_readiness_and_ping(fresh_settings, tmp_path):
@@ -48,8 +55,14 @@ def test_release_web_and_worker_serve_readiness_and_ping(fresh_settings, tmp_pat
         expand(lines["release"], env), cwd=ROOT, env=env, capture_output=True, timeout=120
     )
     assert release.returncode == 0, release.stderr.decode()[-2000:]
+    admin = subprocess.run(
+        ["tollgate", "create-admin", "--email", "ops@example.test"], cwd=ROOT, env=env, capture_output=True
+    )
+    assert admin.returncode == 0, admin.stderr.decode()[-2000:]
+    admin_key = admin.stdout.decode().strip().splitlines()[-1]
 
-    logs = {name: open(tmp_path / f"{name}.log", "wb") for name in ("web", "worker")}  # noqa: SIM115
+    names = ("web", "worker", "worker_files")
+    logs = {name: open(tmp_path / f"{name}.log", "wb") for name in names}  # noqa: SIM115
     processes = {
         name: subprocess.Popen(
             expand(lines[name], env),
@@ -59,7 +72,7 @@ def test_release_web_and_worker_serve_readiness_and_ping(fresh_settings, tmp_pat
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-        for name in ("web", "worker")
+        for name in names
     }
     try:
         url = f"http://127.0.0.1:{port}/api/v1/health/ready?worker=true"
@@ -67,7 +80,7 @@ def test_release_web_and_worker_serve_readiness_and_ping(fresh_settings, tmp_pat
         last = None
         while time.monotonic() < deadline:
             try:
-                last = httpx.get(url, timeout=10)
+                last = httpx.get(url, timeout=10, headers={"Authorization": f"Bearer {admin_key}"})
                 if last.status_code == 200:
                     break
             except httpx.HTTPError:
@@ -79,6 +92,7 @@ def test_release_web_and_worker_serve_readiness_and_ping(fresh_settings, tmp_pat
         body = last.json()
         assert body["checks"]["worker"] == {"ok": True}
         assert body["checks"]["migrations"]["ok"] is True
+        assert all(process.poll() is None for process in processes.values())  # every pool is up
         # The web process logged which database URL it chose, password masked.
         assert "from DATABASE_URL" in (tmp_path / "web.log").read_text()
     finally:
