@@ -332,23 +332,22 @@ def settle_turn(
     return Settlement(entry.balance_after, charged)
 
 
-def confirm_hold(session: Session, *, turn_id: str, ttl_seconds: int) -> bool:
-    """Under the wallet lock: is the turn's hold still active? If so its expiry moves to
-    ``ttl_seconds`` from now (a turn starting to run gets a full TTL). Does not commit.
+def confirm_hold(session: Session, *, turn_id: str) -> bool:
+    """Is the turn's hold still active? Locks the hold row for the rest of the caller's
+    transaction (one statement). Does not commit.
 
-    Serialised with ``expire_stale_holds`` by the wallet lock, so a hold is never both
-    expired and confirmed for a run.
+    ``expire_stale_holds`` locks the same row before it expires a hold and then reads the
+    turn, so a claim (which commits the turn ``running`` under a fresh lease in this
+    transaction) and an expiry never both win; a running turn's hold is then kept by its
+    lease, renewed for as long as the turn runs.
     """
-    hold = session.scalar(select(Hold).where(Hold.turn_id == turn_id))
-    if hold is None:
-        return False
-    _lock_wallet(session, wallet_id=hold.wallet_id)
-    hold = _fresh_hold(session, turn_id)
-    if hold is None or hold.status != "active":
-        return False
-    hold.expires_at = max(hold.expires_at, utcnow() + timedelta(seconds=ttl_seconds))
-    session.flush()
-    return True
+    hold = session.scalar(
+        select(Hold)
+        .where(Hold.turn_id == turn_id)
+        .with_for_update(key_share=True)
+        .execution_options(populate_existing=True)
+    )
+    return hold is not None and hold.status == "active"
 
 
 def covers(session: Session, *, user_id: str, amount: Decimal) -> bool:
@@ -414,7 +413,13 @@ def expire_stale_holds(
     expired = 0
     for turn_id, wallet_id in candidates:
         wallet = _lock_wallet(session, wallet_id=wallet_id)
-        hold = _fresh_hold(session, turn_id)
+        # The hold row too: a claim confirming this hold holds it until its turn is running.
+        hold = session.scalar(
+            select(Hold)
+            .where(Hold.turn_id == turn_id)
+            .with_for_update(key_share=True)
+            .execution_options(populate_existing=True)
+        )
         # Re-checked under the lock: the turn may have captured or released it meanwhile.
         if hold is None or hold.status != "active" or hold.expires_at > now:
             session.rollback()

@@ -251,11 +251,11 @@ def _may_take_over(turn: Turn, owner: str, takeover: bool, now) -> bool:
 def _admitted_now(runtime: Runtime, session: Session, turn: Turn) -> bool:
     """Re-check enforcement in the worker (design §4). Fails the turn and returns False if refused.
 
-    An enforced turn's hold is confirmed under the wallet lock and given a fresh
-    expiry, so the expiry job and this claim cannot both win.
+    An enforced turn's hold is confirmed under its row lock, so the expiry job and this
+    claim cannot both win; the turn's lease keeps it from expiring while it runs.
     """
     if turn.enforced:
-        if billing.confirm_hold(session, turn_id=turn.id, ttl_seconds=runtime.settings.hold_ttl_seconds):
+        if billing.confirm_hold(session, turn_id=turn.id):
             return True
         _fail_locked(runtime, session, turn, "hold_expired")
         return False
@@ -325,8 +325,10 @@ def budget_for(runtime: Runtime, session: Session, turn: Turn) -> TurnBudget:
     """The budget of this attempt: the turn's active hold (none: unbounded), at the turn's
     price, less what earlier attempts used."""
     price = pricing.price_in_force(session, turn.model, at=turn.created_at)
-    hold = session.scalar(select(Hold).where(Hold.turn_id == turn.id))
-    reserved = hold.amount if turn.enforced and hold is not None else None
+    reserved = None
+    if turn.enforced:
+        hold = session.scalar(select(Hold).where(Hold.turn_id == turn.id))
+        reserved = hold.amount if hold is not None else None
     return TurnBudget(
         price,
         HoldPolicy.from_settings(runtime.settings),

@@ -54,7 +54,7 @@ def _request_hash(chat_session_id: str, data: dict) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def place_turn_hold(runtime: Runtime, session: Session, turn: Turn) -> Hold:
+def place_turn_hold(runtime: Runtime, session: Session, turn: Turn, price=None) -> Hold:
     """Reserve the worst case of ``turn`` (``turn_budget.worst_case`` over the context the
     runner will build) — the one place a turn's hold is sized, at admission and at the
     worker's re-check. Does not commit.
@@ -62,7 +62,7 @@ def place_turn_hold(runtime: Runtime, session: Session, turn: Turn) -> Hold:
     :raises InsufficientBalance: ``available`` does not cover it.
     """
     chat = session.get(ChatSession, turn.session_id)
-    price = pricing.price_in_force(session, turn.model, at=turn.created_at)
+    price = price or pricing.price_in_force(session, turn.model, at=turn.created_at)
     amount = turn_budget.worst_case(
         price,
         turn_budget.HoldPolicy.from_settings(runtime.settings),
@@ -124,7 +124,7 @@ def submit(
         if existing is not None:
             return existing, False
     content, model, max_output_tokens = _validate(runtime, data)
-    pricing.price_in_force(session, model)  # an unpriced model is refused before anything is written
+    price = pricing.price_in_force(session, model)  # unpriced: refused before anything is written
     enforced = enforcement.is_enforced(runtime)
     try:
         # Lock the session row: seq allocation is serialised per session. NO KEY UPDATE, not
@@ -152,7 +152,7 @@ def submit(
         session.flush()
         if enforced:
             try:
-                place_turn_hold(runtime, session, turn)
+                place_turn_hold(runtime, session, turn, price)
             except InsufficientBalance:
                 metrics.enforcement_refused("submit")
                 raise
