@@ -1,18 +1,24 @@
 """Who may call what, decided in one place for both the code and the OpenAPI spec.
 
-- ``/api/v1/health*`` and the spec/docs are public;
+- ``/api/v1/health*`` and the spec/docs are public (readiness tells an admin key
+  more: :func:`admin_caller`);
 - ``/api/v1/admin/*`` needs an admin key (403 for a user key);
 - everything else under ``/api/v1`` needs any valid key.
 """
 
 from __future__ import annotations
 
+import logging
+
 from apispec import BasePlugin
 from flask import g, request
+from sqlalchemy.exc import SQLAlchemyError
 
-from shared.errors import Forbidden, NotFound
+from shared.errors import Forbidden, NotFound, ServiceUnavailable, Unauthorized
 from shared.services import auth as auth_service
 from web.context import db
+
+log = logging.getLogger(__name__)
 
 API_PREFIX = "/api/v1"
 PUBLIC_PREFIXES = (f"{API_PREFIX}/health", f"{API_PREFIX}/openapi.json", "/api/docs", "/metrics")
@@ -50,6 +56,44 @@ def authenticate_request() -> None:
     if role == "admin" and not user.is_admin:
         raise Forbidden()
     g.current_user = user
+
+
+def admin_caller(*, required: bool = False) -> bool:
+    """On a public endpoint: did the caller send a valid admin key?
+
+    Not required: a missing, unknown, revoked or non-admin key, or one that cannot be
+    checked (the database is down or not migrated: readiness must still answer), is
+    simply "no" — the caller is answered as anyone would be. Required: 401 without a
+    valid key, 403 for a non-admin key, 503 when the key cannot be checked.
+
+    :raises Unauthorized: (required only)
+    :raises Forbidden: (required only)
+    :raises ServiceUnavailable: (required only)
+    """
+    token = bearer_token()
+    if token is None:
+        if required:
+            raise Unauthorized()
+        return False
+    session = db()
+    try:
+        is_admin = auth_service.authenticate(session, token).is_admin
+    except Unauthorized:
+        if required:
+            raise
+        return False
+    except SQLAlchemyError as exc:
+        log.warning("could not check an API key on a public endpoint: %s", exc)
+        if required:
+            raise ServiceUnavailable("The API key could not be checked; try again shortly.") from exc
+        return False
+    finally:
+        # End the read now: readiness opens connections of its own, and on SQLite this
+        # session's BEGIN IMMEDIATE would lock them out until the request ends.
+        session.rollback()
+    if required and not is_admin:
+        raise Forbidden()
+    return is_admin
 
 
 class AuthDocPlugin(BasePlugin):

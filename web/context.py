@@ -8,6 +8,7 @@ from flask import current_app, g, request
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
+from shared.errors import InvalidInput
 from shared.models import User
 from shared.runtime import Runtime
 
@@ -40,5 +41,16 @@ def current_user() -> User:
 
 
 def idempotency_key() -> str | None:
+    """The ``Idempotency-Key`` header, stripped; ``None`` when absent or blank.
+
+    :raises InvalidInput: ``invalid_idempotency_key`` for control characters (a NUL
+        cannot be stored in Postgres text; it would surface as a 500). The services
+        check the length, which differs by use.
+    """
     value = request.headers.get("Idempotency-Key")
-    return value.strip() if value and value.strip() else None
+    if not value or not value.strip():
+        return None
+    value = value.strip()
+    if not value.isprintable():
+        raise InvalidInput("Idempotency-Key must be printable characters.", error="invalid_idempotency_key")
+    return value

@@ -66,14 +66,13 @@ def handle_domain_error(exc: DomainError):
 def handle_http_exception(exc: HTTPException):
     status = exc.code or 500
     details = {}
-    error = None
     data = getattr(exc, "data", None) or {}
+    # The request parser (web/api/__init__.py) names its own code, e.g. invalid_json.
+    error = data.get("error")
     messages = data.get("messages")
     if messages:
         # webargs/marshmallow: {"json": {"field": ["msg"]}} -> errors per location.
         details["errors"] = messages
-        if status == 400 and "json" in messages and "Invalid JSON body." in str(messages["json"]):
-            error = "invalid_json"
     message = data.get("message") or exc.description or HTTPStatus(status).phrase
     if status == 422 and not data.get("message"):
         message = "The request failed validation; see errors."

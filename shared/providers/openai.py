@@ -32,6 +32,10 @@ logger = logging.getLogger(__name__)
 
 # The statuses OpenAI's own SDK retries; other 4xx mean the request itself is wrong.
 RETRYABLE_STATUSES = frozenset({408, 409, 429})
+# An upstream error body may echo what we sent (OpenAI's 401 quotes part of the API key,
+# others the prompt): it is logged, this much of it, and never put in a ProviderError,
+# whose message a turn's `error.message` shows to users.
+MAX_LOGGED_BODY_CHARS = 500
 
 
 def _parse_retry_after(value: str | None) -> float | None:
@@ -50,19 +54,13 @@ def _parse_retry_after(value: str | None) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
-def _server_message(response: httpx.Response) -> str:
-    """The server's own error message when it sent one (OpenAI: ``{"error": {"message": ...}}``)."""
+def _body_excerpt(response: httpx.Response) -> str:
+    """The start of an error response's body, for the log."""
     try:
-        body = response.json()
-    except ValueError:
-        return response.text[:200]
-    if isinstance(body, dict):
-        error = body.get("error")
-        if isinstance(error, dict) and isinstance(error.get("message"), str):
-            return error["message"][:500]
-        if isinstance(error, str):
-            return error[:500]
-    return response.text[:200]
+        text = response.text
+    except Exception:  # an undecodable body is no reason to lose the status
+        return "<undecodable body>"
+    return text[:MAX_LOGGED_BODY_CHARS] + ("…" if len(text) > MAX_LOGGED_BODY_CHARS else "")
 
 
 class OpenAIProvider:
@@ -176,25 +174,25 @@ class OpenAIProvider:
 
     @staticmethod
     def _status_error(response: httpx.Response) -> ProviderError:
+        """The error for a non-2xx answer: the code's generic message only (see
+        ``MAX_LOGGED_BODY_CHARS``); the status and the body's start go to the log."""
         status = response.status_code
-        detail = f"HTTP {status} from the model provider: {_server_message(response)}"
+        logger.warning("model provider answered HTTP %d: %r", status, _body_excerpt(response))
         if status == 429:
             return ProviderTransientError(
                 "provider_rate_limited",
-                detail,
                 status_code=status,
                 retry_after=_parse_retry_after(response.headers.get("Retry-After")),
             )
         if status >= 500 or status in RETRYABLE_STATUSES:
             return ProviderTransientError(
                 "provider_unavailable",
-                detail,
                 status_code=status,
                 retry_after=_parse_retry_after(response.headers.get("Retry-After")),
             )
         if 400 <= status < 500:
-            return ProviderPermanentError("provider_rejected", detail, status_code=status)
-        return ProviderPermanentError("provider_bad_response", detail, status_code=status)
+            return ProviderPermanentError("provider_rejected", status_code=status)
+        return ProviderPermanentError("provider_bad_response", status_code=status)
 
     @staticmethod
     def _parse(

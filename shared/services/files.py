@@ -14,11 +14,14 @@ import json
 import logging
 import os
 import re
+import time
 import unicodedata
 import uuid
 from datetime import timedelta
+from enum import StrEnum
 from typing import Protocol
 
+from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, undefer
 
@@ -48,14 +51,83 @@ MAX_ERROR_CHARS = 500
 INGEST_RESEND_AFTER = timedelta(minutes=2)
 # ... and given up on after this long (a file that kills its worker must not loop forever).
 INGEST_GIVE_UP_AFTER = timedelta(hours=1)
+# Extracted text is stored and searched, and a small upload can expand enormously: a 13 KB
+# PDF whose 8 pages share one 5 MB content stream gave 38.9 M characters in 13.5 s.
+# Past this many characters extraction stops and the file fails (MAX_EXTRACTED_CHARS).
+MAX_EXTRACTED_CHARS = 2_000_000
+# Per file, checked between pages and between a page's operators
+# (EXTRACTION_TIME_LIMIT_SECONDS). One operation that never returns (a huge content
+# stream being parsed) is left to the files task's Celery soft time limit.
+EXTRACTION_TIME_LIMIT_SECONDS = 30.0
 
 _PATH_SEPARATORS = re.compile(r"[/\\]")
 _RESERVED_CHARS = re.compile(r'[<>:"|?*]')
 _DROPPED_CATEGORIES = {"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"}
 
 
+class ExtractionFailure(StrEnum):
+    """Why a file ended ``failed``: the stable code that starts its ``error``."""
+
+    UNSUPPORTED_TYPE = "unsupported_type"
+    NOT_UTF8 = "not_utf8"
+    PDF_ENCRYPTED = "pdf_encrypted"
+    PDF_UNREADABLE = "pdf_unreadable"
+    NO_TEXT = "no_text"
+    TOO_LARGE = "too_large_when_extracted"
+    TIMEOUT = "extraction_timeout"
+    ABANDONED = "extraction_abandoned"
+
+
 class ExtractionError(Exception):
-    """The file's text could not be extracted; the message is the reason stored on the file."""
+    """The file's text could not be extracted. ``str()`` is what the file's ``error``
+    stores: ``"<code>: <reason>"``, a stable code then a reason for people."""
+
+    def __init__(self, code: ExtractionFailure, reason: str) -> None:
+        super().__init__(f"{code}: {reason}")
+        self.code = code
+        self.reason = reason
+
+
+class _ExtractionStopped(BaseException):
+    """Raised from inside pypdf's callbacks to stop an extraction. A ``BaseException``
+    because pypdf catches ``Exception`` around parts of a page (form XObjects, among
+    others) and would carry on past the limit."""
+
+    def __init__(self, failure: ExtractionError) -> None:
+        super().__init__(str(failure))
+        self.failure = failure
+
+
+class _Budget:
+    """The characters and the time one file's extraction may still use."""
+
+    def __init__(self, max_chars: int, time_limit_seconds: float) -> None:
+        self.max_chars = max_chars
+        self.time_limit_seconds = time_limit_seconds
+        self.deadline = time.monotonic() + time_limit_seconds
+        self.used_chars = 0
+
+    def spend(self, chars: int) -> None:
+        """:raises _ExtractionStopped: past ``max_chars``."""
+        self.used_chars += chars
+        if self.used_chars > self.max_chars:
+            raise _ExtractionStopped(too_large(self.max_chars))
+
+    def check_time(self) -> None:
+        """:raises _ExtractionStopped: past the deadline."""
+        if time.monotonic() >= self.deadline:
+            raise _ExtractionStopped(timed_out(self.time_limit_seconds))
+
+
+def too_large(max_chars: int) -> ExtractionError:
+    return ExtractionError(
+        ExtractionFailure.TOO_LARGE, f"the extracted text is longer than {max_chars:,} characters"
+    )
+
+
+def timed_out(time_limit_seconds: float | None = None) -> ExtractionError:
+    limit = f" ({time_limit_seconds:g} s)" if time_limit_seconds is not None else ""
+    return ExtractionError(ExtractionFailure.TIMEOUT, f"text extraction took longer than allowed{limit}")
 
 
 class IncomingFile(Protocol):
@@ -229,58 +301,101 @@ def _kind(content_type: str) -> str:
         return "json"
     if main in {"text/plain", "text/markdown", "text/csv"}:
         return "text"
-    raise ExtractionError(f"no text extractor for {main}")
+    raise ExtractionError(ExtractionFailure.UNSUPPORTED_TYPE, f"no text extractor for {main}")
 
 
 def _decode(data: bytes) -> str:
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        raise ExtractionError("the file is not valid UTF-8 text") from exc
+        raise ExtractionError(ExtractionFailure.NOT_UTF8, "the file is not valid UTF-8 text") from exc
 
 
-def _pdf_text(data: bytes) -> str:
+def _pdf_text(data: bytes, budget: _Budget) -> str:
     from pypdf import PdfReader
+
+    # pypdf calls these for every operator and every piece of text it finds, so a page
+    # is stopped part-way, as soon as the text passes the budget or time runs out.
+    def before_operator(*_args) -> None:
+        budget.check_time()
+
+    def on_text(text, *_args) -> None:
+        budget.spend(len(text))
 
     try:
         reader = PdfReader(io.BytesIO(data))
         if reader.is_encrypted and not reader.decrypt(""):
-            raise ExtractionError("the PDF is encrypted with a password")
-        pages = [(page.extract_text() or "").strip() for page in reader.pages]
-    except ExtractionError:
+            raise ExtractionError(ExtractionFailure.PDF_ENCRYPTED, "the PDF is encrypted with a password")
+        pages = []
+        for page in reader.pages:
+            budget.check_time()
+            page_text = page.extract_text(visitor_operand_before=before_operator, visitor_text=on_text)
+            pages.append((page_text or "").strip())
+    except (ExtractionError, SoftTimeLimitExceeded):
         raise
     except Exception as exc:  # pypdf raises many types on malformed input
-        raise ExtractionError(f"could not read the PDF ({type(exc).__name__}: {exc})") from exc
+        raise ExtractionError(
+            ExtractionFailure.PDF_UNREADABLE, f"could not read the PDF ({type(exc).__name__}: {exc})"
+        ) from exc
     text = "\n\n".join(page for page in pages if page)
     if not text.strip():
-        raise ExtractionError("the PDF has no extractable text (scanned pages are not OCR'd)")
+        raise ExtractionError(
+            ExtractionFailure.NO_TEXT, "the PDF has no extractable text (scanned pages are not OCR'd)"
+        )
     return text
 
 
-def extract_text(content_type: str, data: bytes) -> str:
-    """The searchable text of a file.
+def extract_text(
+    content_type: str,
+    data: bytes,
+    *,
+    max_chars: int = MAX_EXTRACTED_CHARS,
+    time_limit_seconds: float = EXTRACTION_TIME_LIMIT_SECONDS,
+) -> str:
+    """The searchable text of a file, at most ``max_chars`` characters.
 
     txt/md/csv: the UTF-8 text as is; json: pretty-printed (2-space indent) when it
     parses, else the raw text; pdf: each page's text, pages separated by a blank line.
 
-    :raises ExtractionError: with the reason to store on the file.
+    :raises ExtractionError: with the code and reason to store on the file;
+        ``too_large_when_extracted`` past ``max_chars`` (a PDF stops there, part-way
+        through a page), ``extraction_timeout`` past ``time_limit_seconds``.
     """
-    kind = _kind(content_type)
-    if kind == "pdf":
-        text = _pdf_text(data)
-    else:
-        text = _decode(data)
-        if kind == "json":
-            try:
-                text = json.dumps(json.loads(text), indent=2, ensure_ascii=False)
-            except (ValueError, RecursionError):
-                pass  # not valid JSON: still text worth searching
+    budget = _Budget(max_chars, time_limit_seconds)
+    try:
+        kind = _kind(content_type)
+        if kind == "pdf":
+            text = _pdf_text(data, budget)
+        else:
+            text = _decode(data)
+            if kind == "json":
+                try:
+                    text = json.dumps(json.loads(text), indent=2, ensure_ascii=False)
+                except (ValueError, RecursionError):
+                    pass  # not valid JSON: still text worth searching
+    except _ExtractionStopped as stopped:
+        raise stopped.failure from None
     # Postgres text cannot hold NUL characters.
-    return text.replace("\x00", "")
+    text = text.replace("\x00", "")
+    # pypdf's callbacks see most of a PDF's text, not its line breaks; the text stored is what counts.
+    if len(text) > max_chars:
+        raise too_large(max_chars)
+    return text
 
 
-def ingest(session: Session, file_id: str) -> str | None:
-    """Extract a pending file's text: ``pending -> ready`` or ``failed`` with the reason.
+def ingest(
+    session: Session,
+    file_id: str,
+    *,
+    max_chars: int = MAX_EXTRACTED_CHARS,
+    time_limit_seconds: float = EXTRACTION_TIME_LIMIT_SECONDS,
+) -> str | None:
+    """Extract a pending file's text: ``pending -> ready`` or ``failed`` with the reason
+    (``"<code>: <reason>"``, see :class:`ExtractionFailure`).
+
+    The stored text is at most ``max_chars`` characters: past that the file fails with
+    ``too_large_when_extracted`` and no text. Past ``time_limit_seconds``, or when the
+    worker's soft time limit interrupts it, the file fails with ``extraction_timeout``.
 
     Idempotent: a file that is already ready or failed is left alone and its status
     returned; two concurrent runs extract twice but only the first write lands.
@@ -301,11 +416,12 @@ def ingest(session: Session, file_id: str) -> str | None:
     session.rollback()  # end the read before the (possibly slow) extraction
 
     try:
-        text = extract_text(content_type, data)
+        text = extract_text(content_type, data, max_chars=max_chars, time_limit_seconds=time_limit_seconds)
         values = {"status": "ready", "text": text, "error": None, "ready_at": utcnow()}
-    except ExtractionError as exc:
-        log.info("file %s failed extraction: %s", file_id, exc)
-        values = {"status": "failed", "text": None, "error": str(exc)[:MAX_ERROR_CHARS]}
+    except (ExtractionError, SoftTimeLimitExceeded) as exc:
+        failure = exc if isinstance(exc, ExtractionError) else timed_out()
+        log.info("file %s failed extraction: %s", file_id, failure)
+        values = {"status": "failed", "text": None, "error": str(failure)[:MAX_ERROR_CHARS]}
 
     result = session.execute(
         update(UploadedFile)
@@ -327,7 +443,10 @@ def recover_pending_files(session: Session, celery_app) -> dict[str, int]:
     gave_up = session.execute(
         update(UploadedFile)
         .where(UploadedFile.status == "pending", UploadedFile.created_at < now - INGEST_GIVE_UP_AFTER)
-        .values(status="failed", error="text extraction did not complete in time")
+        .values(
+            status="failed",
+            error=f"{ExtractionFailure.ABANDONED}: text extraction did not complete in time",
+        )
         .execution_options(synchronize_session=False)
     ).rowcount
     session.commit()

@@ -15,6 +15,8 @@ from shared.runtime import Runtime
 log = logging.getLogger(__name__)
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent.parent / "migrations"
+# The ping holds the caller's web thread while it waits for a worker's answer.
+WORKER_PING_TIMEOUT_SECONDS = 3.0
 
 
 @lru_cache(maxsize=1)
@@ -91,15 +93,27 @@ def _check_worker(celery_app, timeout: float) -> dict:
         return {"ok": False, "detail": type(exc).__name__}
 
 
-def readiness(runtime: Runtime, celery_app, *, check_worker: bool = False) -> Readiness:
-    """Run every check; :raises ServiceUnavailable: (``not_ready``) naming what is down."""
+def readiness(
+    runtime: Runtime, celery_app, *, check_worker: bool = False, with_details: bool = False
+) -> Readiness:
+    """Run every check (the worker ping only when asked: it waits on a worker).
+
+    What is down is always logged; only ``with_details`` (an admin caller) puts it in
+    the error, so anonymous callers learn nothing about the deployment but "not ready".
+
+    :raises ServiceUnavailable: ``not_ready``; with details: the version, the
+        ``checks`` and the names of what is ``down``.
+    """
     result = Readiness(version=runtime.settings.code_version)
     result.checks["database"], result.checks["migrations"] = _check_database(runtime)
     result.checks["redis"] = _check_redis(runtime)
     result.checks["broker"] = _check_broker(celery_app)
     if check_worker:
-        result.checks["worker"] = _check_worker(celery_app, timeout=3.0)
+        result.checks["worker"] = _check_worker(celery_app, timeout=WORKER_PING_TIMEOUT_SECONDS)
     if not result.ready:
+        log.warning("readiness: not ready, down: %s", ", ".join(result.down))
+        if not with_details:
+            raise ServiceUnavailable("Not ready.", error="not_ready")
         raise ServiceUnavailable(
             f"Not ready: {', '.join(result.down)} down.",
             error="not_ready",

@@ -113,7 +113,7 @@ def test_with_redis_unreachable_settings_answer_200_from_the_database_copy_marke
         runtime = cut_off.extensions["tollgate"]
         assert enforcement.is_enforced(runtime) is True
         assert enforcement.redis_status(runtime)["ok"] is False
-        ready = client.get("/api/v1/health/ready")
+        ready = client.get("/api/v1/health/ready", headers=pg_admin.headers)
         assert ready.status_code == 503 and "redis" in ready.get_json()["down"]
     finally:
         cut_off.extensions["tollgate"].close()

@@ -168,10 +168,10 @@ def assert_ledger_check_passes(settings) -> None:
     assert result.stdout.startswith("ok:")
 
 
-def wait_until_ready(client, timeout=30.0) -> dict:
+def wait_until_ready(client, admin, timeout=30.0) -> dict:
     deadline = time.monotonic() + timeout
     while True:
-        response = client.get("/api/v1/health/ready?worker=true")
+        response = client.get("/api/v1/health/ready?worker=true", headers=admin.headers)
         if response.status_code == 200:
             return response.get_json()
         assert time.monotonic() < deadline, response.get_json()
@@ -204,7 +204,7 @@ def test_a_redis_crash_mid_flight_loses_no_turn_and_bills_none_twice(
         "/api/v1/admin/settings/enforcement", json={"enabled": False}, headers=pg_admin.headers
     )
     assert_json_error(toggle, 503, "enforcement_store_unavailable")
-    ready = client.get("/api/v1/health/ready")
+    ready = client.get("/api/v1/health/ready", headers=pg_admin.headers)
     assert_json_error(ready, 503, "not_ready")
     assert {"redis", "broker"} <= set(ready.get_json()["down"])
 
@@ -223,7 +223,7 @@ def test_a_redis_crash_mid_flight_loses_no_turn_and_bills_none_twice(
 
     # The same web app and worker process serve again.
     assert worker.process.poll() is None
-    wait_until_ready(client)
+    wait_until_ready(client, pg_admin)
     after = post_turn(client, pg_user, chats[1], "asked after the restart", wait=True)
     assert after.status_code == 201 and after.get_json()["status"] == "completed", after.get_json()
     toggle = client.patch(

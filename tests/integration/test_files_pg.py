@@ -14,7 +14,7 @@ from shared.services import files
 from shared.tools.registry import ToolContext, build_registry
 from shared.tools.search import FILE_VECTOR, TURN_VECTOR
 from tests.factories import make_actor, make_completed_turn
-from tests.web.test_files import make_pdf
+from tests.web.test_files import make_pdf, make_pdf_bomb
 
 TIMEOUT = 10.0
 
@@ -229,6 +229,26 @@ def test_a_live_worker_ingests_uploads_end_to_end(pg_client, pg_user, pg_db, cha
     assert [h["filename"] for h in found.data["results"]] == ["runbook.pdf"]
     listed = pg_client.get(f"/api/v1/rooms/{room.id}/files", headers=pg_user.headers).get_json()
     assert {f["filename"]: f["status"] for f in listed} == {"runbook.pdf": "ready", "broken.pdf": "failed"}
+
+
+@pytest.mark.usefixtures("live_worker")
+def test_a_live_worker_fails_a_pdf_bomb_without_storing_its_text(pg_client, pg_user, pg_db, chat):
+    room, _ = chat
+    uploaded = pg_client.post(
+        f"/api/v1/rooms/{room.id}/files",
+        data={"file": (io.BytesIO(make_pdf_bomb()), "bomb.pdf")},
+        headers=pg_user.headers,
+    )
+    assert uploaded.status_code == 201, uploaded.get_json()
+
+    failed = wait_for_status(pg_client, pg_user, uploaded.get_json()["id"])
+
+    assert failed["status"] == "failed"
+    assert failed["error"].startswith("too_large_when_extracted: ")
+    stored = pg_db.scalar(
+        text("SELECT length(text) FROM uploaded_files WHERE id = :id"), {"id": failed["id"]}
+    )
+    assert stored is None
 
 
 @pytest.mark.usefixtures("live_worker")

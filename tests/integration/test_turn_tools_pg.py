@@ -189,3 +189,17 @@ def test_a_provider_that_can_call_tools_gets_no_heuristic(
     assert run(pg_app, turn, OpenAIProvider(fake_openai.base_url, backoff_base=0.01)) == "completed"
     assert events(pg_db, turn) == []
     assert json.dumps(fake_openai.requests[0].body).count("Search results:") == 0
+
+
+def test_an_upstream_error_body_never_reaches_the_turns_error_message(
+    pg_app, pg_db, pg_user, room_with_file, fake_openai
+):
+    _, chat, _ = room_with_file
+    fake_openai.status(401, body={"error": {"message": "Incorrect API key provided: sk-proj-Ab12****wxYz."}})
+    turn = make_turn(pg_db, pg_user, chat, "What is the budget?")
+
+    assert run(pg_app, turn, OpenAIProvider(fake_openai.base_url, backoff_base=0.01)) == "failed"
+
+    pg_db.expire_all()
+    shown = turns.present(pg_db, pg_db.get(Turn, turn.id))["error"]
+    assert shown == {"code": "provider_rejected", "message": "The model provider rejected the request."}

@@ -284,3 +284,9 @@ def test_a_queued_turn_whose_task_was_lost_is_re_sent(pg_app, pg_client, pg_user
     assert turn_runner.recover_stuck_turns(runtime, pg_app.extensions["celery"])["queued"] == 1
     runtime.close()
     assert wait_for(pg_client, pg_user, turn.id)["status"] == "completed"
+
+
+def test_an_idempotency_key_holding_a_nul_is_a_422_not_a_database_error(pg_client, pg_user, chat):
+    # Postgres text cannot hold a NUL; the key is refused before it reaches the database.
+    response = post_turn(pg_client, pg_user, chat, "hi", headers={"Idempotency-Key": "a\x00b"})
+    assert response.status_code == 422 and response.get_json()["error"] == "invalid_idempotency_key"

@@ -13,6 +13,7 @@ import pytest
 
 from shared.providers import (
     OpenAIProvider,
+    ProviderError,
     ProviderPermanentError,
     ProviderTransientError,
     build_provider,
@@ -256,8 +257,60 @@ def test_client_errors_fail_at_once_without_retrying(fake_openai, provider, stat
 
     assert caught.value.code == "provider_rejected"
     assert caught.value.status_code == status
-    assert "Incorrect API key provided." in str(caught.value)
+    assert str(caught.value) == "The model provider rejected the request."
     assert len(fake_openai.requests) == 1
+
+
+# What OpenAI answers to a wrong key: part of the key, echoed back.
+MASKED_KEY_BODY = {
+    "error": {
+        "message": "Incorrect API key provided: sk-proj-Ab12************************wxYz. "
+        "You can find your API key at https://platform.openai.com/account/api-keys.",
+        "type": "invalid_request_error",
+        "code": "invalid_api_key",
+    }
+}
+
+
+@pytest.mark.parametrize(
+    ("status", "code", "message"),
+    [
+        (401, "provider_rejected", "The model provider rejected the request."),
+        (429, "provider_rate_limited", "The model provider is rate limiting requests."),
+        (500, "provider_unavailable", "The model provider is unavailable."),
+        (302, "provider_bad_response", "The model provider sent a response that is not a valid completion."),
+    ],
+)
+def test_upstream_error_bodies_go_to_the_log_never_into_the_error_message(
+    fake_openai, status, code, message, caplog
+):
+    provider = OpenAIProvider(fake_openai.base_url, api_key="sk-test", timeout=5, max_attempts=1)
+    fake_openai.status(status, body=MASKED_KEY_BODY)
+
+    with caplog.at_level("WARNING", logger="shared.providers.openai"):
+        with pytest.raises(ProviderError) as caught:
+            complete(provider)
+
+    error = caught.value
+    assert (error.code, error.message, str(error)) == (code, message, message)
+    assert "sk-proj" not in repr(error.args) and "Incorrect API key" not in repr(error.args)
+    # The message survives the trip through Celery's result serialisation unchanged.
+    assert pickle.loads(pickle.dumps(error)).message == message
+    (logged,) = [r for r in caplog.records if r.name == "shared.providers.openai"]
+    assert f"HTTP {status}" in logged.getMessage() and "sk-proj-Ab12" in logged.getMessage()
+    provider.close()
+
+
+def test_a_long_upstream_error_body_is_logged_truncated(fake_openai, provider, caplog):
+    fake_openai.status(400, body={"error": {"message": "x" * 20_000}})
+
+    with caplog.at_level("WARNING", logger="shared.providers.openai"):
+        with pytest.raises(ProviderPermanentError):
+            complete(provider)
+
+    (logged,) = [r for r in caplog.records if r.name == "shared.providers.openai"]
+    assert "HTTP 400" in logged.getMessage()
+    assert len(logged.getMessage()) < 700
 
 
 def test_the_api_key_never_appears_in_an_error_message(fake_openai, provider):

@@ -113,3 +113,55 @@ def test_nul_characters_in_path_ids_are_a_404(client, admin):
         response = client.get(path, headers=admin.headers)
         assert response.status_code == 404, path
         assert response.get_json()["error"] == "not_found"
+
+
+# -- hostile JSON bodies: one parser for every endpoint (web/api/__init__.py) ----------------
+
+DEEPLY_NESTED = b"[" * 200_000
+HOSTILE_JSON = [
+    pytest.param(DEEPLY_NESTED, "nested deeper than 64 levels", id="200000-brackets"),
+    pytest.param(b'{"name": ' + b"[" * 65 + b"]" * 65 + b"}", "nested deeper than 64 levels", id="65-levels"),
+    pytest.param(b'{"name": "\\ud800", "content": "\\udc80x"}', "unpaired UTF-16 surrogate", id="surrogate"),
+    pytest.param(b'{"name": ' + b"9" * 5000 + b"}", "too many digits", id="5000-digit-integer"),
+    pytest.param(b'{"name": "caf\xe9"}', "not UTF-8", id="latin-1"),
+]
+
+
+@pytest.fixture
+def chat_session(client, user) -> dict:
+    room = client.post("/api/v1/rooms", json={"name": "r"}, headers=user.headers).get_json()
+    return client.post(f"/api/v1/rooms/{room['id']}/sessions", json={}, headers=user.headers).get_json()
+
+
+@pytest.mark.parametrize(("body", "reason"), HOSTILE_JSON)
+def test_hostile_json_bodies_are_a_400_invalid_json_naming_the_reason(
+    client, user, chat_session, body, reason
+):
+    for path in ("/api/v1/rooms", f"/api/v1/sessions/{chat_session['id']}/turns"):
+        response = client.post(path, data=body, content_type="application/json", headers=user.headers)
+        error = assert_json_error(response, 400, "invalid_json")
+        assert reason in error["message"], (path, error)
+
+
+def test_nesting_up_to_64_levels_is_parsed_and_left_to_the_schema(client, user):
+    body = b'{"name": ' + b"[" * 63 + b"]" * 63 + b"}"  # the object plus 63 lists: 64 levels
+    response = client.post("/api/v1/rooms", data=body, content_type="application/json", headers=user.headers)
+    assert_json_error(response, 422, "validation_error")
+
+
+def test_surrogate_pairs_and_escaped_backslashes_are_ordinary_text(client, user):
+    # A proper pair (😀 as \ud83d\ude00) and a literal backslash-u are not lone surrogates.
+    body = b'{"name": "smile \\ud83d\\ude00 and \\\\ud800"}'
+    response = client.post("/api/v1/rooms", data=body, content_type="application/json", headers=user.headers)
+    assert response.status_code == 201, response.get_json()
+    assert response.get_json()["name"] == "smile \U0001f600 and \\ud800"
+
+
+def test_an_idempotency_key_with_control_characters_is_a_422(client, user, chat_session):
+    for key in ("a\x00b", "tab\there", "del\x7f"):
+        response = client.post(
+            f"/api/v1/sessions/{chat_session['id']}/turns",
+            json={"content": "hi"},
+            headers={**user.headers, "Idempotency-Key": key},
+        )
+        assert_json_error(response, 422, "invalid_idempotency_key")

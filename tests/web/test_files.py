@@ -5,8 +5,10 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import zlib
 
 import pytest
+from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy import select
 
 from shared.models import Room, UploadedFile
@@ -36,6 +38,35 @@ def make_pdf(*pages: str) -> bytes:
             f"/Resources << /Font << /F1 3 0 R >> >> /Contents {5 + 2 * index} 0 R >>".encode()
         )
         objects.append(b"<< /Length %d >>\nstream\n" % len(stream) + stream + b"\nendstream")
+    out = b"%PDF-1.4\n"
+    offsets = []
+    for number, body in enumerate(objects, 1):
+        offsets.append(len(out))
+        out += f"{number} 0 obj\n".encode() + body + b"\nendobj\n"
+    xref_at = len(out)
+    out += f"xref\n0 {len(objects) + 1}\n0000000000 65535 f \n".encode()
+    out += b"".join(f"{offset:010d} 00000 n \n".encode() for offset in offsets)
+    out += f"trailer\n<< /Size {len(objects) + 1} /Root 1 0 R >>\nstartxref\n{xref_at}\n%%EOF\n".encode()
+    return out
+
+
+def make_pdf_bomb(pages: int = 8, stream_chars: int = 5_000_000) -> bytes:
+    """Issue 11's PDF: a few KB on disk, every page drawing the same Flate-compressed
+    content stream, which inflates to ``stream_chars`` characters of text per page."""
+    line = b"(" + b"A" * 4000 + b") Tj T* "
+    drawn = b"BT /F1 12 Tf 14 TL 72 720 Td " + line * (stream_chars // 4000) + b" ET"
+    stream = zlib.compress(drawn, 9)
+    kids = " ".join(f"{5 + i} 0 R" for i in range(pages))
+    objects = [
+        b"<< /Type /Catalog /Pages 2 0 R >>",
+        f"<< /Type /Pages /Kids [{kids}] /Count {pages} >>".encode(),
+        b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>",
+        b"<< /Length %d /Filter /FlateDecode >>\nstream\n" % len(stream) + stream + b"\nendstream",
+    ]
+    objects += [
+        b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] "
+        b"/Resources << /Font << /F1 3 0 R >> >> /Contents 4 0 R >>"
+    ] * pages
     out = b"%PDF-1.4\n"
     offsets = []
     for number, body in enumerate(objects, 1):
@@ -312,19 +343,99 @@ def test_pdf_text_is_extracted_page_by_page(client, user, room, db):
 
 
 @pytest.mark.parametrize(
-    ("data", "reason"),
+    ("data", "error"),
     [
-        (b"%PDF-1.4\n1 0 obj << /Type /Catalog >> garbage without xref", "could not read the PDF"),
-        (make_pdf("Hello")[:60], "could not read the PDF"),
-        (make_pdf(""), "no extractable text"),
+        (
+            b"%PDF-1.4\n1 0 obj << /Type /Catalog >> garbage without xref",
+            "pdf_unreadable: could not read the PDF",
+        ),
+        (make_pdf("Hello")[:60], "pdf_unreadable: could not read the PDF"),
+        (make_pdf(""), "no_text: the PDF has no extractable text"),
     ],
 )
-def test_an_unreadable_pdf_fails_with_a_reason_instead_of_crashing(client, user, room, db, data, reason):
+def test_an_unreadable_pdf_fails_with_a_reason_instead_of_crashing(client, user, room, db, data, error):
     created = upload(client, user, room.id, data, "broken.pdf").get_json()
     body = ingest_and_get(client, user, db, created["id"])
     assert body["status"] == "failed"
-    assert reason in body["error"]
+    assert body["error"].startswith(error)
     assert extracted_text(db, created["id"]) is None
+
+
+def store_large(db, actor, room, data: bytes, filename: str) -> dict:
+    """Stored through the service: the bombs are larger than this module's upload cap."""
+    incoming = io.BytesIO(data)
+    incoming.filename = filename
+    return {"id": files.upload(db, actor.id, room.id, incoming, max_bytes=1 << 20).id}
+
+
+def test_a_pdf_bomb_stops_at_the_text_cap_and_fails_without_storing_text(client, user, room, db, monkeypatch):
+    from pypdf import PageObject
+
+    bomb = make_pdf_bomb()
+    assert len(bomb) < 16_000  # 8 pages x 5 M characters from a few KB
+    pages_read = []
+    extract_page = PageObject.extract_text
+
+    def counting(page, *args, **kwargs):
+        pages_read.append(page)
+        return extract_page(page, *args, **kwargs)
+
+    monkeypatch.setattr(PageObject, "extract_text", counting)
+    created = store_large(db, user, room, bomb, "bomb.pdf")
+
+    body = ingest_and_get(client, user, db, created["id"])
+
+    assert body["status"] == "failed"
+    assert body["error"] == (
+        "too_large_when_extracted: the extracted text is longer than 2,000,000 characters"
+    )
+    assert extracted_text(db, created["id"]) is None
+    # Stopped part-way through the first page, not after reading all eight.
+    assert len(pages_read) == 1
+
+
+def test_text_files_and_pretty_printed_json_are_held_to_the_same_cap(client, user, room, db):
+    cases = {
+        "exact.txt": (b"x" * 20, "ready"),
+        "over.txt": (b"x" * 21, "failed"),
+        # 11 characters as sent, 27 once pretty-printed.
+        "grows.json": (b"[1,2,3,4,5]", "failed"),
+    }
+    for filename, (data, status) in cases.items():
+        created = upload(client, user, room.id, data, filename).get_json()
+        assert files.ingest(db, created["id"], max_chars=20) == status, filename
+        body = client.get(f"/api/v1/files/{created['id']}", headers=user.headers).get_json()
+        if status == "failed":
+            assert body["error"].startswith("too_large_when_extracted: "), filename
+            assert extracted_text(db, created["id"]) is None
+        else:
+            assert extracted_text(db, created["id"]) == "x" * 20
+
+
+def test_an_extraction_past_its_time_limit_fails_with_extraction_timeout(client, user, room, db):
+    # Parsing its one 1 MB content stream alone takes longer than the limit.
+    created = store_large(db, user, room, make_pdf_bomb(pages=2, stream_chars=1_000_000), "slow.pdf")
+
+    # No character cap to speak of: only the clock stops this one.
+    assert files.ingest(db, created["id"], max_chars=10**9, time_limit_seconds=0.05) == "failed"
+
+    body = client.get(f"/api/v1/files/{created['id']}", headers=user.headers).get_json()
+    assert body["error"] == "extraction_timeout: text extraction took longer than allowed (0.05 s)"
+    assert extracted_text(db, created["id"]) is None
+
+
+def test_the_workers_soft_time_limit_fails_the_file_with_extraction_timeout(
+    client, user, room, db, monkeypatch
+):
+    def interrupted(*_args, **_kwargs):
+        raise SoftTimeLimitExceeded()
+
+    monkeypatch.setattr(files, "extract_text", interrupted)
+    created = upload(client, user, room.id, make_pdf("Hello"), "stuck.pdf").get_json()
+
+    assert files.ingest(db, created["id"]) == "failed"
+    body = client.get(f"/api/v1/files/{created['id']}", headers=user.headers).get_json()
+    assert body["error"].startswith("extraction_timeout: ")
 
 
 def test_text_types_are_extracted_as_text_and_json_is_pretty_printed(client, user, room, db):
@@ -389,5 +500,6 @@ def test_pending_files_whose_extraction_was_lost_are_resent_and_eventually_faile
     assert outcome == {"resent": 1, "failed": 1}
     assert queued_tasks(settings) == [{"task": "tollgate.ingest_file", "args": repr([stale["id"]])}]
     gave_up = client.get(f"/api/v1/files/{abandoned['id']}", headers=user.headers).get_json()
-    assert gave_up["status"] == "failed" and "did not complete" in gave_up["error"]
+    assert gave_up["status"] == "failed"
+    assert gave_up["error"] == "extraction_abandoned: text extraction did not complete in time"
     assert client.get(f"/api/v1/files/{fresh['id']}", headers=user.headers).get_json()["status"] == "pending"

@@ -70,3 +70,28 @@ def test_no_operation_answers_5xx_to_hostile_input_as_a_user(sweep, user):
 
 def test_no_operation_answers_5xx_without_a_key(sweep):
     assert sweep({}) == []
+
+
+RAW_JSON_BODIES = [
+    b"[" * 200_000,
+    b"{" * 100_000,
+    b'{"a": ' + b"[" * 65 + b"]" * 65 + b"}",
+    b'{"content": "\\ud800", "name": "\\udfff", "email": "\\ud800@x.co"}',
+    b'{"amount": ' + b"1" * 5000 + b"}",
+    b"\xff\xfe{}",
+]
+
+
+def test_every_operation_answers_hostile_raw_json_with_a_4xx(client, admin):
+    failures = []
+    for path, method in operations(client):
+        if method not in {"post", "put", "patch"}:
+            continue
+        url = re.sub(r"{\w+}", "00000000-0000-0000-0000-000000000000", path)
+        for body in RAW_JSON_BODIES:
+            response = getattr(client, method)(
+                url, data=body, content_type="application/json", headers=admin.headers
+            )
+            if not (400 <= response.status_code < 500 and response.mimetype == "application/json"):
+                failures.append((method, url, body[:20], response.status_code))
+    assert failures == []

@@ -13,12 +13,19 @@ class ReadinessQuerySchema(BaseSchema):
         load_default=False,
         truthy={"true"},
         falsy={"false"},
-        metadata={"description": "Also round-trip a ping task through a worker"},
+        metadata={
+            "description": "Also round-trip a ping task through a worker (waits up to 3 s). "
+            "Admin key only: 401 without one, 403 for a non-admin key"
+        },
     )
 
 
 class ReadinessSchema(BaseSchema):
-    status = fields.String(required=True, metadata={"description": "ok | unavailable"})
-    version = fields.String(required=True)
-    checks = fields.Dict(keys=fields.String(), values=fields.Dict(), required=True)
-    down = fields.List(fields.String(), required=True)
+    status = fields.String(required=True, metadata={"description": "`ok`"})
+    version = fields.String(metadata={"description": "The code version (admin key only)"})
+    checks = fields.Dict(
+        keys=fields.String(),
+        values=fields.Dict(),
+        metadata={"description": "Each dependency's check (admin key only)"},
+    )
+    down = fields.List(fields.String(), metadata={"description": "What is down: `[]` (admin key only)"})

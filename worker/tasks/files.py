@@ -10,15 +10,27 @@ from shared.services import files
     name="tollgate.ingest_file",
     bind=True,
     max_retries=5,
-    # Below the app-wide limits: a PDF that takes minutes is failed, not left to block the queue.
+    # The service stops at its own limit (EXTRACTION_TIME_LIMIT_SECONDS, default 30 s),
+    # checked between a PDF's operators. These catch one operation that never returns:
+    # the soft limit fails the file with `extraction_timeout`; the hard one kills the
+    # process (redelivered; the hourly give-up ends a file that always does that).
     soft_time_limit=120,
     time_limit=150,
 )
 def ingest_file(self, file_id: str) -> str | None:
     """Extract a file's text; a ready or failed file is left alone. Returns the file's status."""
+    settings = self.app.tollgate.settings
     try:
         with self.app.tollgate.db.session() as session:
-            return files.ingest(session, file_id)
+            return files.ingest(
+                session,
+                file_id,
+                # Until Settings has these fields, the service's defaults apply.
+                max_chars=getattr(settings, "max_extracted_chars", files.MAX_EXTRACTED_CHARS),
+                time_limit_seconds=getattr(
+                    settings, "extraction_time_limit_seconds", files.EXTRACTION_TIME_LIMIT_SECONDS
+                ),
+            )
     except OperationalError as exc:  # the database went away: try again later
         raise self.retry(countdown=2 ** (self.request.retries + 1), exc=exc) from exc
 
