@@ -89,6 +89,9 @@ class Settings:
     turn_wait_seconds: float = 30.0
     max_upload_bytes: int = 10 * 1024 * 1024
     max_turn_chars: int = 32_000
+    # Extraction bounds per uploaded file (a PDF bomb must not fill the database or a worker).
+    max_extracted_chars: int = 2_000_000
+    extraction_time_limit_seconds: float = 30.0
     hold_ttl_seconds: int = 900
     # A running turn whose worker stopped renewing its lease this long ago is taken over.
     turn_lease_seconds: int = 20
@@ -143,6 +146,10 @@ class Settings:
             turn_wait_seconds=float(_decimal(env.get("TURN_WAIT_SECONDS", "30"), "TURN_WAIT_SECONDS")),
             max_upload_bytes=_int(env.get("MAX_UPLOAD_BYTES", str(10 * 1024 * 1024)), "MAX_UPLOAD_BYTES"),
             hold_ttl_seconds=_int(env.get("HOLD_TTL_SECONDS", "900"), "HOLD_TTL_SECONDS"),
+            max_extracted_chars=_int(env.get("MAX_EXTRACTED_CHARS", "2000000"), "MAX_EXTRACTED_CHARS"),
+            extraction_time_limit_seconds=float(
+                _decimal(env.get("EXTRACTION_TIME_LIMIT_SECONDS", "30"), "EXTRACTION_TIME_LIMIT_SECONDS")
+            ),
             turn_lease_seconds=_int(env.get("TURN_LEASE_SECONDS", "20"), "TURN_LEASE_SECONDS"),
             turn_retry_base_seconds=float(
                 _decimal(env.get("TURN_RETRY_BASE_SECONDS", "2"), "TURN_RETRY_BASE_SECONDS")

@@ -64,6 +64,7 @@ _DEFAULT_MESSAGES = {
     "provider_unavailable": "The model provider is unavailable.",
     "provider_bad_response": "The model provider sent a response that is not a valid completion.",
     "provider_rejected": "The model provider rejected the request.",
+    "bad_model_output": "The model returned output that could not be used.",
 }
 
 
@@ -81,12 +82,18 @@ class ProviderError(Exception):
         *,
         status_code: int | None = None,
         retry_after: float | None = None,
+        input_tokens: int = 0,
+        output_tokens: int = 0,
     ) -> None:
         if code:
             self.code = code
         self.message = message or _DEFAULT_MESSAGES.get(self.code, "The model call failed.")
         self.status_code = status_code
         self.retry_after = retry_after
+        # What the failed call still consumed (a completion that arrived but cannot be
+        # used was paid for): the turn bills it.
+        self.input_tokens = input_tokens
+        self.output_tokens = output_tokens
         # args are the constructor's own arguments, so pickling and Celery's result
         # serialisation rebuild the same error rather than one with the message as code.
         super().__init__(self.code, self.message)

@@ -54,6 +54,11 @@ def _parse_retry_after(value: str | None) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
+def _reported(usage: dict, field: str) -> int:
+    value = usage.get(field)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+
+
 def _body_excerpt(response: httpx.Response) -> str:
     """The start of an error response's body, for the log."""
     try:
@@ -222,6 +227,7 @@ class OpenAIProvider:
         if content is not None and not isinstance(content, str):
             raise bad("choices[0].message.content is not a string")
 
+        usage = payload.get("usage") if isinstance(payload.get("usage"), dict) else {}
         raw_calls = message.get("tool_calls") or []
         if not isinstance(raw_calls, list):
             raise bad("choices[0].message.tool_calls is not a list")
@@ -232,9 +238,20 @@ class OpenAIProvider:
             if not isinstance(name, str) or not name:
                 raise bad(f"tool_calls[{index}] has no function name")
             call_id = raw.get("id") if isinstance(raw.get("id"), str) and raw.get("id") else f"call_{index}"
-            tool_calls.append(tool_call_from_raw(call_id, name, function.get("arguments")))
+            try:
+                tool_calls.append(tool_call_from_raw(call_id, name, function.get("arguments")))
+            except RecursionError:
+                # Arguments nested past the parser's recursion limit: not a call anyone can
+                # run, and not one to feed back (it would come again). The answer was still
+                # produced, so the tokens it reports are billed with the failed turn.
+                raise ProviderPermanentError(
+                    "bad_model_output",
+                    f"tool_calls[{index}] arguments are nested too deeply to parse",
+                    status_code=response.status_code,
+                    input_tokens=_reported(usage, "prompt_tokens"),
+                    output_tokens=_reported(usage, "completion_tokens"),
+                ) from None
 
-        usage = payload.get("usage") if isinstance(payload.get("usage"), dict) else {}
         input_tokens = usage.get("prompt_tokens")
         output_tokens = usage.get("completion_tokens")
         # Servers that leave usage out still get billed: estimate with the offline rule.

@@ -489,6 +489,7 @@ def _run_claimed(
         execute(runtime, turn, provider, tools, result)
     except ProviderTransientError as exc:
         log.warning("model call failed: %s (%s)", exc.code, exc.message)
+        result.add(exc.input_tokens, exc.output_tokens)
         if final_attempt:
             fail(runtime, turn_id, exc.code, execution=result)
             return "failed"
@@ -498,6 +499,7 @@ def _run_claimed(
         ) from exc
     except ProviderError as exc:
         log.warning("model call failed: %s (%s)", exc.code, exc.message)
+        result.add(exc.input_tokens, exc.output_tokens)
         fail(runtime, turn_id, exc.code, execution=result)
         return "failed"
     except BudgetExhausted as exc:

@@ -25,11 +25,8 @@ def ingest_file(self, file_id: str) -> str | None:
             return files.ingest(
                 session,
                 file_id,
-                # Until Settings has these fields, the service's defaults apply.
-                max_chars=getattr(settings, "max_extracted_chars", files.MAX_EXTRACTED_CHARS),
-                time_limit_seconds=getattr(
-                    settings, "extraction_time_limit_seconds", files.EXTRACTION_TIME_LIMIT_SECONDS
-                ),
+                max_chars=settings.max_extracted_chars,
+                time_limit_seconds=settings.extraction_time_limit_seconds,
             )
     except OperationalError as exc:  # the database went away: try again later
         raise self.retry(countdown=2 ** (self.request.retries + 1), exc=exc) from exc
