@@ -12,15 +12,18 @@ import signal
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 import pytest
+import redis as redis_lib
 
-from shared.services import pricing
+from shared.services import pricing, turn_runner
 from tests.integration.conftest import ROOT, WorkerProcess, service_env, stop_process
 from tests.integration.faults import assert_each_turn_billed_once, query, wait_until_finished
-from tests.integration.test_faults_pg import assert_ledger_check_passes, recovery_job
+from tests.integration.test_faults_pg import assert_ledger_check_passes
 from tests.integration.test_procfile import free_port, procfile
+from worker.celery_app import create_celery_app
 
 pytest_plugins = ["tests.fakes.openai_server"]
 
@@ -40,6 +43,16 @@ def upstream(fake_openai):
 
 
 @pytest.fixture
+def io_settings(pg_settings):
+    """The session's database and app Redis, with a broker of their own: the session's live
+    (prefork, offline-model) worker must not take these turns."""
+    app_db = int(urlsplit(pg_settings.redis_url).path.strip("/") or 15)
+    broker = urlunsplit(urlsplit(pg_settings.redis_url)._replace(path=f"/{app_db - 2}"))
+    redis_lib.Redis.from_url(broker).flushdb()
+    return pg_settings.replace(celery_broker_url=broker, celery_result_backend=broker)
+
+
+@pytest.fixture
 def io_env(pg_settings, upstream):
     return dict(
         MODEL_PROVIDER="openai",
@@ -51,13 +64,13 @@ def io_env(pg_settings, upstream):
 
 
 @pytest.fixture
-def turn_worker(pg_settings, tmp_path, io_env):
+def turn_worker(io_settings, tmp_path, io_env):
     """The Procfile's ``worker`` line: a gevent pool on turns and summaries."""
     started: list[WorkerProcess] = []
 
     def start() -> WorkerProcess:
         worker = WorkerProcess(
-            pg_settings,
+            io_settings,
             tmp_path / f"turn-worker-{len(started)}.log",
             concurrency=200,
             pool="gevent",
@@ -74,10 +87,10 @@ def turn_worker(pg_settings, tmp_path, io_env):
 
 
 @pytest.fixture
-def web(pg_settings, tmp_path, io_env):
+def web(io_settings, tmp_path, io_env):
     """The Procfile's ``web`` line with one gevent worker process."""
     port = free_port()
-    env = service_env(pg_settings, PORT=str(port), WEB_CONCURRENCY="1", **io_env)
+    env = service_env(io_settings, PORT=str(port), WEB_CONCURRENCY="1", **io_env)
     log = open(tmp_path / "web.log", "wb")  # noqa: SIM115
     process = subprocess.Popen(
         expand(procfile()["web"], env),
@@ -148,7 +161,7 @@ def test_one_web_and_one_worker_process_keep_every_sync_turn_s_model_call_in_fli
 
 
 def test_sigkill_of_the_turn_worker_with_50_turns_in_flight_strands_none(
-    pg_app, pg_settings, web, turn_worker, upstream, funded_slow_model, pg_user
+    pg_settings, io_settings, web, turn_worker, upstream, funded_slow_model, pg_user
 ):
     """50 turns are waiting on the upstream when the worker's main process is SIGKILLed.
     Leases lapse (3 s here), the recovery job re-sends the turns, a new worker takes them
@@ -173,7 +186,17 @@ def test_sigkill_of_the_turn_worker_with_50_turns_in_flight_strands_none(
     upstream.latency_by_model[SLOW_MODEL] = 0.5
     turn_worker()
     started = time.monotonic()
-    states = wait_until_finished(pg_settings, turn_ids, timeout=60, nudge=recovery_job(pg_app))
+    # Beat's recovery job, on this test's broker.
+    celery_app = create_celery_app(io_settings, role="beat")
+    last = [0.0]
+
+    def recover() -> None:
+        if time.monotonic() - last[0] >= 1.0:
+            last[0] = time.monotonic()
+            turn_runner.recover_stuck_turns(celery_app.tollgate, celery_app, queued_grace_seconds=1.0)
+
+    states = wait_until_finished(pg_settings, turn_ids, timeout=60, nudge=recover)
+    celery_app.tollgate.close()
     assert time.monotonic() - started < 60
     assert {state for state, _ in states.values()} <= {"completed", "failed"}
     assert_each_turn_billed_once(pg_settings, turn_ids)
