@@ -93,6 +93,9 @@ class Settings:
     max_extracted_chars: int = 2_000_000
     extraction_time_limit_seconds: float = 30.0
     hold_ttl_seconds: int = 900
+    # A task (a turn: every model round, tool and retry of one attempt) gets this long before
+    # it is stopped (turn_timeout); the hard limit is 60 s later.
+    task_soft_time_limit_seconds: int = 240
     # A running turn whose worker stopped renewing its lease this long ago is taken over.
     turn_lease_seconds: int = 20
     turn_retry_base_seconds: float = 2.0
@@ -151,6 +154,9 @@ class Settings:
                 _decimal(env.get("EXTRACTION_TIME_LIMIT_SECONDS", "30"), "EXTRACTION_TIME_LIMIT_SECONDS")
             ),
             turn_lease_seconds=_int(env.get("TURN_LEASE_SECONDS", "20"), "TURN_LEASE_SECONDS"),
+            task_soft_time_limit_seconds=_int(
+                env.get("TASK_SOFT_TIME_LIMIT_SECONDS", "240"), "TASK_SOFT_TIME_LIMIT_SECONDS"
+            ),
             turn_retry_base_seconds=float(
                 _decimal(env.get("TURN_RETRY_BASE_SECONDS", "2"), "TURN_RETRY_BASE_SECONDS")
             ),

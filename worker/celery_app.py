@@ -97,8 +97,8 @@ def create_celery_app(settings: Settings | None = None, *, role: str = "worker")
         # A lost broker connection leaves running turns running: their outcome goes to
         # Postgres, not the broker, and a redelivered copy finds them finished.
         worker_cancel_long_running_tasks_on_connection_loss=False,
-        task_soft_time_limit=240,
-        task_time_limit=300,
+        task_soft_time_limit=settings.task_soft_time_limit_seconds,
+        task_time_limit=settings.task_soft_time_limit_seconds + 60,
         result_expires=24 * 3600,
         worker_hijack_root_logger=False,
         worker_send_task_events=False,

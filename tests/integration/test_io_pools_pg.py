@@ -68,14 +68,14 @@ def turn_worker(io_settings, tmp_path, io_env):
     """The Procfile's ``worker`` line: a gevent pool on turns and summaries."""
     started: list[WorkerProcess] = []
 
-    def start() -> WorkerProcess:
+    def start(**env: str) -> WorkerProcess:
         worker = WorkerProcess(
             io_settings,
             tmp_path / f"turn-worker-{len(started)}.log",
             concurrency=200,
             pool="gevent",
             queues="turns,summaries",
-            **io_env,
+            **{**io_env, **env},
         )
         started.append(worker)
         worker.start()
@@ -202,3 +202,20 @@ def test_sigkill_of_the_turn_worker_with_50_turns_in_flight_strands_none(
     assert_each_turn_billed_once(pg_settings, turn_ids)
     assert query(pg_settings, "SELECT count(*) FROM holds WHERE status = 'active'") == [(0,)]
     assert_ledger_check_passes(pg_settings)
+
+
+def test_a_turn_past_the_soft_time_limit_fails_under_the_gevent_pool_too(
+    pg_settings, io_settings, web, turn_worker, upstream, funded_slow_model, pg_user
+):
+    """Celery's gevent pool only enforces hard limits; the task raises the soft one itself,
+    so the turn ends ``turn_timeout`` (not left ``running`` for a takeover)."""
+    turn_worker(TASK_SOFT_TIME_LIMIT_SECONDS="3")
+    (session,) = new_sessions(web, pg_user, 1)
+    with httpx.Client(base_url=web, headers={**pg_user.headers, "Prefer": "respond-async"}, timeout=30) as c:
+        turn_id = c.post(
+            f"/sessions/{session}/turns", json={"content": "a slow one", "model": SLOW_MODEL}
+        ).json()["id"]
+    states = wait_until_finished(pg_settings, [turn_id], timeout=30)
+    assert states[turn_id] == ("failed", "turn_timeout")
+    assert_each_turn_billed_once(pg_settings, [turn_id])
+    assert query(pg_settings, "SELECT count(*) FROM holds WHERE status = 'active'") == [(0,)]

@@ -1,5 +1,7 @@
 """Thin tasks: load by id, call the turn runner."""
 
+from contextlib import nullcontext
+
 from celery import shared_task
 from celery.exceptions import SoftTimeLimitExceeded
 
@@ -21,6 +23,19 @@ def _tools(runtime):
     return runtime.component("tools", build_registry)
 
 
+def _soft_time_limit(seconds: float | None):
+    """Celery's gevent pool enforces only the hard time limit (a ``gevent.Timeout``, which no
+    ``except Exception`` sees, so the turn would be left ``running``). Under gevent the soft
+    limit is raised here instead, as the ``SoftTimeLimitExceeded`` the prefork pool sends."""
+    try:
+        from gevent import Timeout, monkey
+    except ImportError:  # pragma: no cover - gevent is a dependency
+        return nullcontext()
+    if not seconds or not monkey.is_module_patched("socket"):
+        return nullcontext()
+    return Timeout(seconds, SoftTimeLimitExceeded())
+
+
 @shared_task(name="tollgate.run_turn", bind=True, max_retries=3)
 def run_turn(self, turn_id: str, takeover: bool = False) -> str:
     runtime = self.app.tollgate
@@ -28,19 +43,20 @@ def run_turn(self, turn_id: str, takeover: bool = False) -> str:
     # reject_on_worker_lost); its "running" status is stale.
     redelivered = bool((self.request.delivery_info or {}).get("redelivered"))
     try:
-        return turn_runner.run_turn(
-            runtime,
-            turn_id,
-            provider=_provider(runtime),
-            tools=_tools(runtime),
-            takeover=takeover or redelivered,
-            final_attempt=self.request.retries >= self.max_retries,
-            after_complete=lambda turn: self.app.send_task(
-                "tollgate.refresh_summary", args=[turn.session_id]
-            ),
-            reraise=(SoftTimeLimitExceeded,),
-            owner=self.request.id,
-        )
+        with _soft_time_limit(self.soft_time_limit or self.app.conf.task_soft_time_limit):
+            return turn_runner.run_turn(
+                runtime,
+                turn_id,
+                provider=_provider(runtime),
+                tools=_tools(runtime),
+                takeover=takeover or redelivered,
+                final_attempt=self.request.retries >= self.max_retries,
+                after_complete=lambda turn: self.app.send_task(
+                    "tollgate.refresh_summary", args=[turn.session_id]
+                ),
+                reraise=(SoftTimeLimitExceeded,),
+                owner=self.request.id,
+            )
     except turn_runner.RetryLater as exc:
         raise self.retry(countdown=exc.countdown, exc=exc) from exc
     except SoftTimeLimitExceeded:
