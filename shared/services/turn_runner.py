@@ -311,11 +311,14 @@ def _call_tool(session, tools, turn: Turn, name: str, arguments: dict, parse_err
     return result
 
 
-def _save_usage(session: Session, turn_id: str, result: Execution) -> None:
-    """Keep the usage so far on the running turn, for a retry or takeover to bill. Commits."""
+def _save_usage(session: Session, turn: Turn, result: Execution) -> None:
+    """Keep the usage so far on the running turn, for a retry or takeover to bill. Commits.
+
+    Only while this attempt still owns the turn's lease: a stalled attempt that lost the
+    turn to a takeover must not overwrite the usage the new attempt has saved."""
     session.execute(
         update(Turn)
-        .where(Turn.id == turn_id, Turn.status == "running")
+        .where(Turn.id == turn.id, Turn.status == TurnStatus.RUNNING, Turn.lease_owner == turn.lease_owner)
         .values(input_tokens=result.input_tokens, output_tokens=result.output_tokens)
     )
     session.commit()
@@ -376,7 +379,7 @@ def execute(runtime: Runtime, turn: Turn, provider, tools, result: Execution | N
             result.add(summary.input_tokens, summary.output_tokens)
             budget.record(summary.input_tokens, summary.output_tokens)
             if summary.input_tokens or summary.output_tokens:
-                _save_usage(session, turn.id, result)
+                _save_usage(session, turn, result)
             summaries.store(session, chat.id, summary)
 
         search_results = None
@@ -407,7 +410,7 @@ def execute(runtime: Runtime, turn: Turn, provider, tools, result: Execution | N
             if not completion.tool_calls or offer_tools is None:
                 result.reply = clean_text(completion.content or "")
                 break
-            _save_usage(session, turn.id, result)
+            _save_usage(session, turn, result)
             messages.append(completion.assistant_message())
             for call in completion.tool_calls:
                 found = _call_tool(session, tools, turn, call.name, call.arguments, call.parse_error)
