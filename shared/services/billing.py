@@ -77,10 +77,12 @@ def _lock_wallet(session: Session, *, user_id: str | None = None, wallet_id: str
     return wallet
 
 
-def _fresh_hold(session: Session, turn_id: str) -> Hold | None:
-    return session.scalar(
-        select(Hold).where(Hold.turn_id == turn_id).execution_options(populate_existing=True)
-    )
+def _fresh_hold(session: Session, turn_id: str, *, lock: bool = False) -> Hold | None:
+    """The turn's hold, re-read; ``lock`` also locks its row (NO KEY UPDATE) for the transaction."""
+    statement = select(Hold).where(Hold.turn_id == turn_id).execution_options(populate_existing=True)
+    if lock:
+        statement = statement.with_for_update(key_share=True)
+    return session.scalar(statement)
 
 
 def _entry_by_key(session: Session, *keys: str) -> LedgerEntry | None:
@@ -341,12 +343,7 @@ def confirm_hold(session: Session, *, turn_id: str) -> bool:
     transaction) and an expiry never both win; a running turn's hold is then kept by its
     lease, renewed for as long as the turn runs.
     """
-    hold = session.scalar(
-        select(Hold)
-        .where(Hold.turn_id == turn_id)
-        .with_for_update(key_share=True)
-        .execution_options(populate_existing=True)
-    )
+    hold = _fresh_hold(session, turn_id, lock=True)
     return hold is not None and hold.status == "active"
 
 
@@ -414,12 +411,7 @@ def expire_stale_holds(
     for turn_id, wallet_id in candidates:
         wallet = _lock_wallet(session, wallet_id=wallet_id)
         # The hold row too: a claim confirming this hold holds it until its turn is running.
-        hold = session.scalar(
-            select(Hold)
-            .where(Hold.turn_id == turn_id)
-            .with_for_update(key_share=True)
-            .execution_options(populate_existing=True)
-        )
+        hold = _fresh_hold(session, turn_id, lock=True)
         # Re-checked under the lock: the turn may have captured or released it meanwhile.
         if hold is None or hold.status != "active" or hold.expires_at > now:
             session.rollback()

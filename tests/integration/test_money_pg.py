@@ -120,9 +120,9 @@ def test_a_long_context_turn_is_charged_its_real_usage(enforced, runtime, pg_db,
     assert_books_clean(pg_db)
 
 
-def test_a_hold_does_not_expire_under_a_running_turn(enforced, runtime, pg_db, pg_admin, pg_user, chat):
-    """Balance just covers turn A. A is running when the expiry job passes: its hold stays,
-    so turn B is refused and A settles within its hold."""
+def admit_with_nothing_left(runtime, pg_db, pg_admin, pg_user, chat) -> tuple[Turn, Hold]:
+    """Turn A admitted, then the wallet trimmed so its available credit is exactly zero:
+    A's hold is all the credit there is."""
     grant(pg_db, pg_admin, pg_user, "0.01")
     a = submit(runtime, pg_db, pg_user, chat, "first question")
     hold = fresh(pg_db, Hold, turn_id=a.id)
@@ -134,6 +134,13 @@ def test_a_hold_does_not_expire_under_a_running_turn(enforced, runtime, pg_db, p
         reason="leave exactly A's hold",
         idempotency_key=None,
     )
+    return a, hold
+
+
+def test_a_hold_does_not_expire_under_a_running_turn(enforced, runtime, pg_db, pg_admin, pg_user, chat):
+    """Balance just covers turn A. A is running when the expiry job passes: its hold stays,
+    so turn B is refused and A settles within its hold."""
+    a, hold = admit_with_nothing_left(runtime, pg_db, pg_admin, pg_user, chat)
     claimed = turn_runner.claim(runtime, a.id, takeover=False)
     assert claimed is not None
 
@@ -158,17 +165,7 @@ def test_a_turn_whose_hold_expired_never_takes_an_enforced_wallet_below_zero(
     """The reproduction: A admitted and running, its hold expired (its worker was judged
     dead), B admitted on the freed credit, then A completes after all. It used to write an
     uncapped debit (balance -0.049410); now it is charged only what is still available."""
-    grant(pg_db, pg_admin, pg_user, "0.01")
-    a = submit(runtime, pg_db, pg_user, chat, "first question")
-    hold = fresh(pg_db, Hold, turn_id=a.id)
-    billing.adjust_credit(
-        pg_db,
-        actor_id=pg_admin.id,
-        user_id=pg_user.id,
-        amount=str(-(D("0.01") - hold.amount)),
-        reason="leave exactly A's hold",
-        idempotency_key=None,
-    )
+    a, hold = admit_with_nothing_left(runtime, pg_db, pg_admin, pg_user, chat)
     claimed = turn_runner.claim(runtime, a.id, takeover=False)
     result = turn_runner.execute(runtime, claimed, OfflineProvider(), build_registry())
 
