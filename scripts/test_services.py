@@ -1,9 +1,12 @@
-"""Find or start the Postgres and Redis the test suite needs; print shell exports.
+"""Find or start the Postgres, Redis and PgBouncer the test suite needs; print shell exports.
 
 Used as ``eval "$(python scripts/test_services.py)"``. A server that answers at
-TEST_DATABASE_URL / TEST_REDIS_URL (defaults: 127.0.0.1) is used as it is.
-Otherwise a private one is started under var/test-services from Debian's
-binaries, installing the package with apt-get when it is missing.
+TEST_DATABASE_URL / TEST_REDIS_URL / TEST_PGBOUNCER_URL (defaults: 127.0.0.1)
+is used as it is. Otherwise a private one is started under var/test-services
+from Debian's binaries, installing the package with apt-get when it is missing.
+The private PgBouncer runs in transaction mode in front of the Postgres found
+here, with a small server pool (``PGBOUNCER_POOL_SIZE``) so that the tests
+through it prove a bounded number of server connections.
 Progress goes to stderr; only ``export`` lines go to stdout.
 """
 
@@ -24,6 +27,8 @@ DEFAULT_PG = "postgresql://postgres@127.0.0.1:5432/postgres"
 DEFAULT_REDIS = "redis://127.0.0.1:6379/15"
 PRIVATE_PG_PORT = 55432
 PRIVATE_REDIS_PORT = 56379
+PRIVATE_PGBOUNCER_PORT = 56432
+PGBOUNCER_POOL_SIZE = 4
 
 
 def say(message: str) -> None:
@@ -73,6 +78,12 @@ def run_as(user: str | None, argv: list[str]) -> None:
     subprocess.run(argv, check=True, stdout=sys.stderr, stderr=sys.stderr)
 
 
+def system_user(name: str) -> str:
+    if subprocess.run(["id", "-u", name], capture_output=True).returncode != 0:
+        subprocess.run(["useradd", "--system", "--no-create-home", name], check=True)
+    return name
+
+
 def start_private_postgres() -> str:
     url = f"postgresql://postgres@127.0.0.1:{PRIVATE_PG_PORT}/postgres"
     if pg_answers(url):
@@ -81,9 +92,7 @@ def start_private_postgres() -> str:
     data = STATE / "pg"
     user = None
     if os.geteuid() == 0:  # initdb refuses to run as root
-        user = "postgres"
-        if subprocess.run(["id", "-u", user], capture_output=True).returncode != 0:
-            subprocess.run(["useradd", "--system", "--no-create-home", user], check=True)
+        user = system_user("postgres")
     STATE.mkdir(parents=True, exist_ok=True)
     if not (data / "PG_VERSION").exists():
         data.mkdir(parents=True, exist_ok=True)
@@ -149,6 +158,59 @@ def start_private_redis() -> str:
     raise SystemExit("private redis did not come up")
 
 
+def pgbouncer_url_for(pg_url: str, port: int) -> str:
+    """``pg_url`` with PgBouncer's address: same user and database names."""
+    parts = urlsplit(pg_url)
+    auth = f"{parts.username}@" if parts.username else ""
+    return parts._replace(netloc=f"{auth}127.0.0.1:{port}").geturl()
+
+
+def start_private_pgbouncer(pg_url: str) -> str:
+    """PgBouncer in transaction mode on PRIVATE_PGBOUNCER_PORT, forwarding every database
+    name to the Postgres at ``pg_url`` (trust auth, as that server uses)."""
+    url = pgbouncer_url_for(pg_url, PRIVATE_PGBOUNCER_PORT)
+    state = STATE / "pgbouncer"
+    pg = urlsplit(pg_url)
+    config = (
+        "[databases]\n"
+        f"* = host={pg.hostname or '127.0.0.1'} port={pg.port or 5432}\n"
+        "[pgbouncer]\n"
+        f"listen_addr = 127.0.0.1\nlisten_port = {PRIVATE_PGBOUNCER_PORT}\n"
+        "unix_socket_dir =\n"
+        "auth_type = trust\n"
+        f"auth_file = {state / 'users.txt'}\n"
+        f"admin_users = {pg.username or 'postgres'}\n"
+        "pool_mode = transaction\n"
+        f"default_pool_size = {PGBOUNCER_POOL_SIZE}\nmin_pool_size = 0\nreserve_pool_size = 0\n"
+        "max_client_conn = 2000\n"
+        # Test databases come and go: drop their server connections soon after.
+        "server_idle_timeout = 10\n"
+        f"logfile = {state / 'pgbouncer.log'}\npidfile = {state / 'pgbouncer.pid'}\n"
+    )
+    if pg_answers(url):  # one started earlier (by this script in any checkout): the tests read its settings
+        return url
+    binary = Path("/usr/sbin/pgbouncer")
+    if not binary.exists():
+        apt_install("pgbouncer")
+    state.mkdir(parents=True, exist_ok=True)
+    (state / "users.txt").write_text(f'"{pg.username or "postgres"}" ""\n')
+    (state / "pgbouncer.ini").write_text(config)
+    argv = [str(binary), "-d", str(state / "pgbouncer.ini")]
+    if os.geteuid() == 0:  # PgBouncer refuses to run as root
+        user = system_user("postgres")
+        shutil.chown(state, user)
+        for path in state.iterdir():
+            shutil.chown(path, user)
+        argv[1:1] = ["-u", user]
+    say(f"starting private pgbouncer on 127.0.0.1:{PRIVATE_PGBOUNCER_PORT} (transaction mode)")
+    subprocess.run(argv, check=True, stdout=sys.stderr, stderr=sys.stderr)
+    for _ in range(50):
+        if pg_answers(url):
+            return url
+        time.sleep(0.1)
+    raise SystemExit("private pgbouncer did not come up")
+
+
 def main() -> int:
     pg_url = os.environ.get("TEST_DATABASE_URL") or DEFAULT_PG
     if not pg_answers(pg_url):
@@ -156,10 +218,15 @@ def main() -> int:
     redis_url = os.environ.get("TEST_REDIS_URL") or DEFAULT_REDIS
     if not redis_answers(redis_url):
         redis_url = start_private_redis()
+    bouncer_url = os.environ.get("TEST_PGBOUNCER_URL")
+    if not (bouncer_url and pg_answers(bouncer_url)):
+        bouncer_url = start_private_pgbouncer(pg_url)
     say(f"postgres: {pg_url}")
     say(f"redis: {redis_url}")
+    say(f"pgbouncer: {bouncer_url}")
     print(f"export TEST_DATABASE_URL='{pg_url}'")
     print(f"export TEST_REDIS_URL='{redis_url}'")
+    print(f"export TEST_PGBOUNCER_URL='{bouncer_url}'")
     return 0
 
 

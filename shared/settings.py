@@ -194,6 +194,8 @@ class Settings:
             CELERY_RESULT_BACKEND=self.result_backend,
             TOLLGATE_VAR_DIR=str(self.var_dir),
         )
+        if self.database_pool_url:
+            env["DATABASE_POOL_URL"] = self.database_pool_url
         env.update(extra)
         return env
 

@@ -80,6 +80,11 @@ def create_celery_app(settings: Settings | None = None, *, role: str = "worker")
         # Results are only read for `ping`; ignoring them elsewhere keeps a down result
         # store off the request path (the Redis backend subscribes on every send).
         task_ignore_result=True,
+        # One result backend per process, not one per thread: under gevent every greenlet is a
+        # thread to Celery, which otherwise built a new Redis backend (and pool) for each task
+        # run and each request that enqueued one. Redis clients and Celery's gevent result
+        # drainer are safe to share between greenlets.
+        result_backend_thread_safe=True,
         result_backend_transport_options={
             "retry_policy": {"max_retries": 2, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.5}
         },

@@ -1,11 +1,17 @@
 """Rolling session summaries, with a deterministic extractive fallback.
 
 Context for a turn = the session summary + the last ``WINDOW_TURNS`` completed
-turns. Turns that have left the window and that the summary does not yet
-cover (``seq > summary_through_seq``) are folded into a new summary by a model
-call; if that call fails or times out, an extractive summary built from the
-turns' own sentences is used instead and the turn reports
-``summary_used_fallback``.
+turns, plus the turns that have left the window but that the summary does not
+cover yet (``seq > summary_through_seq``) while there are fewer than
+``SUMMARY_BATCH_TURNS`` of them. Once that many have left, they are folded into
+a new summary by one model call; if that call fails or times out, an extractive
+summary built from the turns' own sentences is used instead and the turn
+reports ``summary_used_fallback``.
+
+Folding in batches makes one summary call per ``SUMMARY_BATCH_TURNS`` turns
+instead of one per turn once a session is past its window: a quarter of the
+model calls (and of their cost to the user) for a context that keeps at most
+three more turns verbatim.
 """
 
 from __future__ import annotations
@@ -25,6 +31,8 @@ from shared.providers import ProviderError
 log = logging.getLogger(__name__)
 
 WINDOW_TURNS = 6
+# Turns that left the window are summarised this many at a time (see the module docstring).
+SUMMARY_BATCH_TURNS = 4
 SUMMARY_MAX_OUTPUT_TOKENS = 256
 SUMMARY_TIMEOUT_SECONDS = 20.0
 SUMMARY_MAX_CHARS = 2000
@@ -44,31 +52,46 @@ class SummaryResult:
 
 
 def window(session: Session, chat: ChatSession, before_seq: int) -> tuple[list[Turn], list[Turn]]:
-    """``(recent, missing)``: the completed turns inside the window before ``before_seq``,
-    and those that have left it but are not yet in the summary (``seq > summary_through_seq``).
+    """``(recent, missing)`` for the turn at ``before_seq``.
 
-    Two bounded reads: the window, then only the uncovered turns before it, never the
-    session's whole history.
+    ``recent``: the completed turns sent verbatim: the last ``WINDOW_TURNS``, preceded
+    by the uncovered ones (``seq > summary_through_seq``) that left the window while
+    they are fewer than ``SUMMARY_BATCH_TURNS``. ``missing``: once there are that many
+    uncovered turns before the window, all of them (a summary call is due) and
+    ``recent`` is the window alone.
+
+    One bounded read; a second, only of the uncovered turns, when a batch may be
+    complete. Never the session's whole history.
     """
     completed = (Turn.session_id == chat.id, Turn.kind == "chat", Turn.status == "completed")
-    recent = list(
+    latest = list(
         reversed(
             session.scalars(
                 select(Turn)
                 .where(*completed, Turn.seq < before_seq)
                 .order_by(Turn.seq.desc())
-                .limit(WINDOW_TURNS)
+                .limit(WINDOW_TURNS + SUMMARY_BATCH_TURNS - 1)
             ).all()
         )
     )
-    if len(recent) < WINDOW_TURNS:
-        return recent, []
+    in_window = latest[-WINDOW_TURNS:]
+    left = [turn for turn in latest[:-WINDOW_TURNS] if turn.seq > chat.summary_through_seq]
+    if len(left) < SUMMARY_BATCH_TURNS - 1:
+        return left + in_window, []  # older turns are all covered: no batch yet
     missing = session.scalars(
         select(Turn)
-        .where(*completed, Turn.seq > chat.summary_through_seq, Turn.seq < recent[0].seq)
+        .where(*completed, Turn.seq > chat.summary_through_seq, Turn.seq < in_window[0].seq)
         .order_by(Turn.seq)
     ).all()
-    return recent, list(missing)
+    if len(missing) < SUMMARY_BATCH_TURNS:
+        return left + in_window, []
+    return in_window, list(missing)
+
+
+def due_after(recent: list[Turn]) -> bool:
+    """Once the turn whose context held ``recent`` completes, the next turn's context
+    would need a summary call: the moment to send a refresh ahead of it."""
+    return len(recent) + 1 >= WINDOW_TURNS + SUMMARY_BATCH_TURNS
 
 
 def _first_sentence(text: str | None, limit: int = 160) -> str:

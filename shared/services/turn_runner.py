@@ -357,7 +357,7 @@ def execute(runtime: Runtime, turn: Turn, provider, tools, result: Execution | N
     with runtime.db.session() as session:
         chat = session.get(ChatSession, turn.session_id)
         context = turn_context.load(session, chat, turn.seq)
-        result.summary_due_after = len(context.recent) >= summaries.WINDOW_TURNS
+        result.summary_due_after = summaries.due_after(context.recent)
         budget = budget_for(runtime, session, turn)
         session.commit()
         tool_schemas = tools.schemas() if provider.supports_tools else None

@@ -92,7 +92,8 @@ OPERATOR_ACTIONS = {
     "enforcement": ["on", "off", "clear"],
     "price": [("0.001", "0.002"), ("0.002", "0.004"), ("0.003", "0.0015")],
 }
-HISTORY_TURNS = summaries.WINDOW_TURNS + 1  # chat 1's earlier turns: one has left the window
+# Chat 1's earlier turns: a batch has left the window, so its next turn or a refresh summarises.
+HISTORY_TURNS = summaries.WINDOW_TURNS + summaries.SUMMARY_BATCH_TURNS
 MAX_IN_FLIGHT = 4  # turns not yet ended; a client with more waits
 # One to three turns: (chat session, kind, max_output_tokens).
 BATCH = st.lists(
@@ -665,11 +666,11 @@ class MoneyModel(RuleBasedStateMachine):
         self.balance -= charged
 
     def summary_chats(self) -> list[int]:
-        """Chats past the window with a turn completed since their last refresh."""
+        """Chats with a batch past the window and a turn completed since their last refresh."""
         return [
             chat
             for chat, done in enumerate(self.completed)
-            if done > summaries.WINDOW_TURNS and self.refresh_due[chat]
+            if done >= summaries.WINDOW_TURNS + summaries.SUMMARY_BATCH_TURNS and self.refresh_due[chat]
         ]
 
     def entry_ids(self) -> set[str]:

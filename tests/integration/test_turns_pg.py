@@ -12,7 +12,7 @@ import pytest
 from sqlalchemy import func, select
 
 from shared.models import ChatSession, Hold, LedgerEntry, Turn
-from shared.services import ledger_check
+from shared.services import ledger_check, summaries
 
 pytestmark = pytest.mark.usefixtures("live_worker")
 
@@ -171,7 +171,8 @@ def test_a_transient_provider_failure_is_retried_then_fails(pg_client, pg_user, 
 
 
 def test_a_summary_is_generated_once_turns_leave_the_window(pg_client, pg_user, chat, pg_db):
-    for n in range(1, 9):
+    # The last turn needs a batch summarised (in the turn, or by the refresh sent before it).
+    for n in range(1, summaries.WINDOW_TURNS + summaries.SUMMARY_BATCH_TURNS + 2):
         turn = post_turn(pg_client, pg_user, chat, f"Message number {n}. It mentions topic {n}.").get_json()
         assert turn["status"] == "completed"
         assert turn["summary_used_fallback"] is False
@@ -185,12 +186,16 @@ def test_a_summary_is_generated_once_turns_leave_the_window(pg_client, pg_user, 
 def test_the_fallback_flag_is_set_when_the_summary_generator_fails(pg_client, pg_user, chat):
     first = post_turn(pg_client, pg_user, chat, "Remember this. [[offline:fail-summary]]").get_json()
     assert first["summary_used_fallback"] is False
-    turns = [post_turn(pg_client, pg_user, chat, f"Filler turn {n}.").get_json() for n in range(2, 9)]
+    first_due = summaries.WINDOW_TURNS + summaries.SUMMARY_BATCH_TURNS + 1
+    turns = [
+        post_turn(pg_client, pg_user, chat, f"Filler turn {n}.").get_json() for n in range(2, first_due + 1)
+    ]
     assert all(t["status"] == "completed" for t in turns)
     flags = [t["summary_used_fallback"] for t in turns]
-    # Turn 8 is the first whose context needs turn 1 summarised; the generator fails on it.
-    assert flags[:6] == [False] * 6
-    assert flags[6] is True
+    # Turn 11 is the first whose context needs a batch (turns 1-4) summarised; the generator
+    # fails on turn 1's marker, there and in the refresh sent after turn 10.
+    assert flags[:-1] == [False] * (len(turns) - 1)
+    assert flags[-1] is True
     session = pg_client.get(f"/api/v1/sessions/{chat['id']}", headers=pg_user.headers).get_json()
     assert "Remember this." in session["summary"]
 

@@ -54,3 +54,43 @@ def test_a_failing_generator_falls_back_or_raises_as_asked():
         pass
     else:
         raise AssertionError("expected the provider error")
+
+
+def test_turns_leave_the_window_in_batches_and_stay_verbatim_until_a_batch_is_complete(db, user):
+    """One summary call per SUMMARY_BATCH_TURNS turns: fewer uncovered turns than a batch
+    stay in the context verbatim; a full batch is returned as ``missing``, the window alone
+    as ``recent``; once summarised, the covered turns leave the context."""
+    from shared.models import ChatSession, Room
+    from tests.factories import make_completed_turn
+
+    room = Room(user_id=user.id, name="batches")
+    db.add(room)
+    db.flush()
+    chat = ChatSession(room_id=room.id, user_id=user.id)
+    db.add(chat)
+    db.commit()
+    window, batch = summaries.WINDOW_TURNS, summaries.SUMMARY_BATCH_TURNS
+    for seq in range(1, window + 2 * batch + 1):
+        make_completed_turn(db, chat, seq, f"Question {seq}.", "Answer.")
+
+    def seqs(before_seq):
+        recent, missing = summaries.window(db, chat, before_seq)
+        return [t.seq for t in recent], [t.seq for t in missing]
+
+    assert seqs(window + 1) == (list(range(1, window + 1)), [])
+    # Up to batch - 1 turns past the window stay verbatim, and the next turn is due a refresh.
+    last_verbatim = window + batch
+    assert seqs(last_verbatim) == (list(range(1, last_verbatim)), [])
+    assert summaries.due_after(summaries.window(db, chat, last_verbatim)[0])
+    assert not summaries.due_after(summaries.window(db, chat, last_verbatim - 1)[0])
+    # A full batch has left: it is missing, the context is the window alone.
+    assert seqs(last_verbatim + 1) == (list(range(batch + 1, last_verbatim + 1)), list(range(1, batch + 1)))
+    # Summarised through the batch: those turns are gone from the context.
+    chat.summary, chat.summary_through_seq = "Earlier.", batch
+    db.commit()
+    assert seqs(last_verbatim + 1) == (list(range(batch + 1, last_verbatim + 1)), [])
+    # A lagging summary: every uncovered turn before the window is missing, not only a batch.
+    chat.summary_through_seq = 0
+    db.commit()
+    end = window + 2 * batch + 1
+    assert seqs(end) == (list(range(end - window, end)), list(range(1, end - window)))
