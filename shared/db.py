@@ -7,6 +7,7 @@ from its ``Settings``; nothing connects at import time.
 from __future__ import annotations
 
 import logging
+import select
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -26,7 +27,7 @@ from sqlalchemy import (
     event,
 )
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import DBAPIError, DisconnectionError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 from sqlalchemy.sql import operators
@@ -164,7 +165,8 @@ def _engine_kwargs(url: str, pooled: bool, pool_size: int, max_overflow: int) ->
     # Bounded: hundreds of turns in flight in one process share these connections, each
     # holding one only while it talks to the database (never across a model call).
     kwargs: dict = {
-        "pool_pre_ping": True,
+        # No SELECT 1 round trip per checkout: `_drop_dead_connection` checks the socket.
+        "pool_pre_ping": False,
         "pool_size": pool_size,
         "max_overflow": max_overflow,
         "pool_timeout": 30,
@@ -174,6 +176,23 @@ def _engine_kwargs(url: str, pooled: bool, pool_size: int, max_overflow: int) ->
         # connection, so server-side prepared statements would dangle.
         kwargs["connect_args"] = {"prepare_threshold": None}
     return kwargs
+
+
+def _drop_dead_connection(dbapi_connection, _record, _proxy) -> None:
+    """Checkout check without a round trip (instead of ``pool_pre_ping``'s ``SELECT 1``).
+
+    An idle connection between transactions has nothing to read: when its socket is
+    readable, the server has closed it or sent its last words (``pg_terminate_backend``,
+    a restart, a failover, PgBouncer closing it). The pool then discards it and checks out
+    another (SQLAlchemy retries on ``DisconnectionError``). A connection cut off without
+    the server's word (a partition) fails on first use instead: a 503 and a fresh pool.
+    """
+    if dbapi_connection.closed:
+        raise DisconnectionError("connection closed")
+    poller = select.poll()
+    poller.register(dbapi_connection.fileno(), select.POLLIN | select.POLLERR | select.POLLHUP)
+    if poller.poll(0):
+        raise DisconnectionError("the server closed the connection")
 
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:
@@ -201,6 +220,8 @@ def make_engine(
     """``sqlite_immediate=False`` is for read-mostly observers (tests) that must not
     take SQLite's write lock with every transaction."""
     engine = create_engine(url, **_engine_kwargs(url, pooled, pool_size, max_overflow))
+    if engine.dialect.name == "postgresql":
+        event.listen(engine, "checkout", _drop_dead_connection)
     if engine.dialect.name == "sqlite":
         event.listen(engine, "connect", _sqlite_pragmas)
         # Let us issue BEGIN ourselves (pysqlite's implicit BEGIN is deferred).

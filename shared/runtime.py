@@ -61,6 +61,15 @@ class Runtime:
         return TurnWaiter(self.redis)
 
     @cached_property
+    def key_cache(self):
+        """API keys this process already checked (``None`` in embedded mode or when off)."""
+        if self.redis is None or self.settings.auth_cache_seconds <= 0:
+            return None
+        from shared.services.key_cache import KeyCache
+
+        return KeyCache(self.redis, self.settings.auth_cache_seconds)
+
+    @cached_property
     def leases(self):
         """This process's heartbeat for the leases of the turns it runs."""
         from shared.services.leases import LeaseKeeper
@@ -80,14 +89,14 @@ class Runtime:
             self._db.engine.dispose(close=False)
             self._db = None
         self.__dict__.pop("redis", None)
-        self.__dict__.pop("turn_waiter", None)
-        self.__dict__.pop("leases", None)
+        for name in ("turn_waiter", "key_cache", "leases"):
+            self.__dict__.pop(name, None)
 
     def close(self) -> None:
         if self._db is not None:
             self._db.dispose()
             self._db = None
-        for name in ("turn_waiter", "leases"):
+        for name in ("turn_waiter", "key_cache", "leases"):
             component = self.__dict__.pop(name, None)
             if component is not None:
                 component.close()

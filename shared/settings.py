@@ -87,6 +87,8 @@ class Settings:
     openai_timeout_seconds: float = 60.0
     default_model: str = "offline-small"
     turn_wait_seconds: float = 30.0
+    # How long a web process may reuse an API key it checked (0: check every request).
+    auth_cache_seconds: float = 60.0
     max_upload_bytes: int = 10 * 1024 * 1024
     max_turn_chars: int = 32_000
     # Extraction bounds per uploaded file (a PDF bomb must not fill the database or a worker).
@@ -147,6 +149,7 @@ class Settings:
             ),
             default_model=default_model,
             turn_wait_seconds=float(_decimal(env.get("TURN_WAIT_SECONDS", "30"), "TURN_WAIT_SECONDS")),
+            auth_cache_seconds=float(_decimal(env.get("AUTH_CACHE_SECONDS", "60"), "AUTH_CACHE_SECONDS")),
             max_upload_bytes=_int(env.get("MAX_UPLOAD_BYTES", str(10 * 1024 * 1024)), "MAX_UPLOAD_BYTES"),
             hold_ttl_seconds=_int(env.get("HOLD_TTL_SECONDS", "900"), "HOLD_TTL_SECONDS"),
             max_extracted_chars=_int(env.get("MAX_EXTRACTED_CHARS", "2000000"), "MAX_EXTRACTED_CHARS"),

@@ -16,7 +16,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from shared.errors import Forbidden, NotFound, ServiceUnavailable, Unauthorized
 from shared.services import auth as auth_service
-from web.context import db
+from web.context import db, runtime
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ def authenticate_request() -> None:
     role = required_role(request.url_rule.rule)
     if role is None:
         return
-    user = auth_service.authenticate(db(), bearer_token())
+    user = auth_service.authenticate(db(), bearer_token(), cache=runtime().key_cache)
     if role == "admin" and not user.is_admin:
         raise Forbidden()
     g.current_user = user

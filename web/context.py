@@ -9,8 +9,8 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from shared.errors import InvalidInput
-from shared.models import User
 from shared.runtime import Runtime
+from shared.services.auth import Caller
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ def close_db(_exc: BaseException | None = None) -> None:
             log.warning("database session could not be closed cleanly: %s", exc)
 
 
-def current_user() -> User:
+def current_user() -> Caller:
     return g.current_user
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 from dataclasses import dataclass
+from datetime import datetime
 from decimal import Decimal
 
 from sqlalchemy import select
@@ -20,7 +21,8 @@ from shared.db import utcnow
 from shared.errors import Conflict, InvalidInput, NotFound, Unauthorized
 from shared.models import ApiKey, Role, User, Wallet
 from shared.pagination import Listing
-from shared.services import audit
+from shared.services import audit, key_cache
+from shared.services.key_cache import KeyCache
 
 KEY_PREFIX = "tg_"
 
@@ -29,6 +31,21 @@ KEY_PREFIX = "tg_"
 class IssuedKey:
     api_key: ApiKey
     secret: str  # the only time the full key exists outside the client
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who a request's key belongs to: the user as authentication found it, and the key."""
+
+    id: str
+    email: str
+    role: str
+    created_at: datetime
+    key_id: str
+
+    @property
+    def is_admin(self) -> bool:
+        return self.role == Role.ADMIN
 
 
 def hash_key(secret: str) -> str:
@@ -108,8 +125,9 @@ def issue_api_key(session: Session, actor_id: str, user_id: str, name: str | Non
     return issued
 
 
-def revoke_api_key(session: Session, actor_id: str, key_id: str) -> ApiKey:
+def revoke_api_key(runtime, session: Session, actor_id: str, key_id: str) -> ApiKey:
     """Revoke a key; revoking a revoked key is a no-op that returns it (idempotent DELETE).
+    Every web process stops accepting it at once (``key_cache``).
 
     :raises NotFound: no such key.
     """
@@ -127,24 +145,33 @@ def revoke_api_key(session: Session, actor_id: str, key_id: str) -> ApiKey:
             details={"user_id": key.user_id},
         )
         session.commit()
+        key_cache.publish_revoked(runtime.redis, key.key_hash)
     return key
 
 
-def authenticate(session: Session, secret: str | None) -> User:
-    """The user owning an active key.
+def authenticate(session: Session, secret: str | None, *, cache: KeyCache | None = None) -> Caller:
+    """The caller owning an active key: from ``cache`` when it has the key, else from the
+    database (one indexed lookup), remembered in ``cache``.
 
     :raises Unauthorized: missing, unknown or revoked key.
     """
     if not secret or not secret.startswith(KEY_PREFIX) or len(secret) > 200:
         raise Unauthorized()
+    key_hash = hash_key(secret)
+    if cache is not None and (caller := cache.lookup(key_hash)) is not None:
+        return caller
+    generation = cache.generation() if cache is not None else None
     row = session.execute(
-        select(User, ApiKey)
+        select(User.id, User.email, User.role, User.created_at, ApiKey.id)
         .join(ApiKey, ApiKey.user_id == User.id)
-        .where(ApiKey.key_hash == hash_key(secret), ApiKey.revoked_at.is_(None))
+        .where(ApiKey.key_hash == key_hash, ApiKey.revoked_at.is_(None))
     ).first()
     if row is None:
         raise Unauthorized()
-    return row[0]
+    caller = Caller(*row)
+    if cache is not None:
+        cache.store(key_hash, caller, generation)
+    return caller
 
 
 def list_users(session: Session) -> Listing:

@@ -19,11 +19,12 @@ import threading
 import time
 from collections.abc import Callable
 
+from shared.services.pubsub import ChannelListener
+
 log = logging.getLogger(__name__)
 
 CHANNEL = "tollgate:turn-ended"
 SAFETY_POLL_SECONDS = 2.0
-RECONNECT_SECONDS = 1.0
 
 
 def publish_ended(runtime, turn_id: str) -> None:
@@ -41,22 +42,21 @@ class TurnWaiter:
     """One per web process: a Redis subscriber fanning turn ends out to waiting requests."""
 
     def __init__(self, redis_client) -> None:
-        self._redis = redis_client
         self._lock = threading.Lock()
         self._waiting: dict[str, list[threading.Event]] = {}
-        self._listener: threading.Thread | None = None
-        self._subscribed = threading.Event()
-        self._closed = threading.Event()
+        self._listener = ChannelListener(redis_client, CHANNEL, self._wake, name="turn-ended-listener")
 
     def close(self) -> None:
         """Stop the subscriber (within about a second)."""
-        self._closed.set()
+        self._listener.close()
 
     def wait(self, turn_id: str, timeout: float, finished: Callable[[], bool]) -> bool:
         """Block until ``finished()`` is true or ``timeout`` passes; returns ``finished()``'s
         last answer. ``finished`` reads the turn (a database query): it runs once after
         subscribing, on each push for this turn, and every ``SAFETY_POLL_SECONDS``."""
-        self._ensure_listener()
+        # The first waiter gives the subscription a moment, so its push is not published
+        # before anyone listens; the safety re-read covers a slower start.
+        self._listener.start()
         event = threading.Event()
         with self._lock:
             self._waiting.setdefault(turn_id, []).append(event)
@@ -79,45 +79,7 @@ class TurnWaiter:
                 if not events:
                     self._waiting.pop(turn_id, None)
 
-    def _ensure_listener(self) -> None:
-        if self._listener is not None and self._listener.is_alive():
-            return
-        with self._lock:
-            if self._listener is None or not self._listener.is_alive():
-                self._listener = threading.Thread(
-                    target=self._listen, name="turn-ended-listener", daemon=True
-                )
-                self._listener.start()
-        # The first waiter gives the subscription a moment, so its push is not published
-        # before anyone listens; the safety re-read covers a slower start.
-        self._subscribed.wait(0.5)
-
-    def _listen(self) -> None:
-        while not self._closed.is_set():
-            pubsub = None
-            try:
-                pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
-                pubsub.subscribe(CHANNEL)
-                self._subscribed.set()
-                while not self._closed.is_set():
-                    message = pubsub.get_message(timeout=1.0)
-                    if message and message.get("type") == "message":
-                        self._wake(message["data"])
-            except Exception:
-                self._subscribed.clear()
-                if self._closed.is_set():
-                    return
-                log.warning("turn-ended subscriber lost Redis; retrying", exc_info=True)
-                self._closed.wait(RECONNECT_SECONDS)
-            finally:
-                if pubsub is not None:
-                    try:
-                        pubsub.close()
-                    except Exception:
-                        pass
-
-    def _wake(self, data) -> None:
-        turn_id = data.decode() if isinstance(data, bytes) else str(data)
+    def _wake(self, turn_id: str) -> None:
         with self._lock:
             events = list(self._waiting.get(turn_id, ()))
         for event in events:

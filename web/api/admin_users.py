@@ -3,7 +3,7 @@ from flask_smorest import Page
 
 from shared.services import auth
 from web.api import Blueprint
-from web.context import current_user, db
+from web.context import current_user, db, runtime
 from web.schemas.common import ErrorSchema
 from web.schemas.users import (
     ApiKeyCreateSchema,
@@ -55,4 +55,4 @@ class ApiKeyItem(MethodView):
     @blp.response(200, ApiKeySchema)
     def delete(self, key_id):
         """Revoke an API key (idempotent)"""
-        return auth.revoke_api_key(db(), current_user().id, key_id)
+        return auth.revoke_api_key(runtime(), db(), current_user().id, key_id)
