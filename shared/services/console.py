@@ -146,7 +146,7 @@ def usage_chart(session: Session, *, bucket: str, tz: str, split: str, today: da
     keys = {bucket.user_id if split == "user" else bucket.model for bucket in buckets}
     labels = {key: key for key in keys if key}
     if split == "user" and keys:
-        labels.update(session.execute(select(User.id, User.email).where(User.id.in_(keys))).tuples().all())
+        labels.update(emails(session, list(keys)))
     return Chart(query=query, buckets=buckets, labels=labels)
 
 
@@ -163,4 +163,6 @@ def emails(session: Session, user_ids: list[str | None]) -> dict[str, str]:
     wanted = {user_id for user_id in user_ids if user_id}
     if not wanted:
         return {}
-    return dict(session.execute(select(User.id, User.email).where(User.id.in_(wanted))).tuples().all())
+    return {
+        row.id: row.email for row in session.execute(select(User.id, User.email).where(User.id.in_(wanted)))
+    }
