@@ -3,7 +3,9 @@
 Used as ``eval "$(python scripts/test_services.py)"``. A server that answers at
 TEST_DATABASE_URL / TEST_REDIS_URL (defaults: 127.0.0.1) is used as it is.
 Otherwise a private one is started under var/test-services from Debian's
-binaries, installing the package with apt-get when it is missing.
+binaries, installing the package with apt-get when it is missing. The admin
+console's browser tests need Debian's chromium and chromium-driver: installed
+the same way when missing, and exported as TEST_CHROMIUM / TEST_CHROMEDRIVER.
 Progress goes to stderr; only ``export`` lines go to stdout.
 """
 
@@ -149,6 +151,17 @@ def start_private_redis() -> str:
     raise SystemExit("private redis did not come up")
 
 
+def browser() -> tuple[str, str]:
+    """Headless Chromium and its WebDriver, from Debian's packages."""
+    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if chromium is None or driver is None:
+        apt_install("chromium", "chromium-driver")
+        chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if chromium is None or driver is None:
+        raise SystemExit("chromium / chromedriver are still missing after apt-get install")
+    return chromium, driver
+
+
 def main() -> int:
     pg_url = os.environ.get("TEST_DATABASE_URL") or DEFAULT_PG
     if not pg_answers(pg_url):
@@ -160,6 +173,10 @@ def main() -> int:
     say(f"redis: {redis_url}")
     print(f"export TEST_DATABASE_URL='{pg_url}'")
     print(f"export TEST_REDIS_URL='{redis_url}'")
+    chromium, driver = browser()
+    say(f"browser: {chromium} with {driver}")
+    print(f"export TEST_CHROMIUM='{chromium}'")
+    print(f"export TEST_CHROMEDRIVER='{driver}'")
     return 0
 
 
