@@ -175,6 +175,9 @@ def test_an_admin_toggles_enforcement_grants_credit_and_reads_the_charts(
     wallet = pg_client.get("/api/v1/auth/me", headers=pg_user.headers).get_json()["wallet"]
     assert wallet["balance"] == "25.500000"
     shot(browser, "user")
+    browser.find_element(By.CSS_SELECTOR, "section[aria-labelledby=wallet-heading]").screenshot(
+        str(SCREENSHOTS / "user-wallet.png")
+    )
 
     for page in ("pricing", "audit"):
         browser.get(f"{live_url}/admin/{page}")
