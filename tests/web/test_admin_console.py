@@ -317,3 +317,27 @@ def test_no_page_or_asset_references_another_host(client, admin, user):
             assert not ABSOLUTE.findall(text), (path, ABSOLUTE.findall(text))
     # Swagger UI's validator badge would send the spec's URL to validator.swagger.io.
     assert '"validatorUrl": null' in client.get("/api/docs").get_data(as_text=True)
+
+
+def test_the_chart_stacks_the_five_largest_series_and_draws_the_rest_as_others():
+    from datetime import date
+
+    from shared.services.console import Chart
+    from shared.services.usage import UsageBucket, UsageQuery
+    from web.console import chart as chart_view
+
+    query = UsageQuery(bucket="week", start=date(2026, 11, 2), end=date(2026, 11, 22), group_by="model")
+    buckets = [
+        UsageBucket(bucket_start=date(2026, 11, 9), model=f"m{n}", turns=1, cost=Decimal(n) / 1000)
+        for n in range(1, 9)
+    ]
+    view = chart_view.build(
+        Chart(query=query, buckets=buckets, labels={f"m{n}": f"m{n}" for n in range(1, 9)})
+    )
+    assert [series.label for series in view.series] == ["m8", "m7", "m6", "m5", "m4", "3 others"]
+    assert view.series[-1].total == Decimal("0.006")  # m1 + m2 + m3, exact
+    assert [bar.label for bar in view.bars] == ["11-02", "11-09", "11-16"]  # empty weeks drawn too
+    tallest = view.bars[1]
+    assert tallest.total == Decimal("0.036") and view.peak == "0.036000"
+    assert sum(segment.height for segment in tallest.segments) == pytest.approx(chart_view.PLOT_HEIGHT, abs=6)
+    assert view.bars[0].segments == [] and view.total == "0.036000"
