@@ -7,6 +7,9 @@ from Debian's binaries, installing the package with apt-get when it is missing.
 The private PgBouncer runs in transaction mode in front of the Postgres found
 here, with a small server pool (``PGBOUNCER_POOL_SIZE``) so that the tests
 through it prove a bounded number of server connections.
+The admin console's browser tests need Debian's chromium and chromium-driver:
+installed the same way when missing, and exported as TEST_CHROMIUM /
+TEST_CHROMEDRIVER.
 Progress goes to stderr; only ``export`` lines go to stdout.
 """
 
@@ -211,6 +214,17 @@ def start_private_pgbouncer(pg_url: str) -> str:
     raise SystemExit("private pgbouncer did not come up")
 
 
+def browser() -> tuple[str, str]:
+    """Headless Chromium and its WebDriver, from Debian's packages."""
+    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if chromium is None or driver is None:
+        apt_install("chromium", "chromium-driver")
+        chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if chromium is None or driver is None:
+        raise SystemExit("chromium / chromedriver are still missing after apt-get install")
+    return chromium, driver
+
+
 def main() -> int:
     pg_url = os.environ.get("TEST_DATABASE_URL") or DEFAULT_PG
     if not pg_answers(pg_url):
@@ -227,6 +241,10 @@ def main() -> int:
     print(f"export TEST_DATABASE_URL='{pg_url}'")
     print(f"export TEST_REDIS_URL='{redis_url}'")
     print(f"export TEST_PGBOUNCER_URL='{bouncer_url}'")
+    chromium, driver = browser()
+    say(f"browser: {chromium} with {driver}")
+    print(f"export TEST_CHROMIUM='{chromium}'")
+    print(f"export TEST_CHROMEDRIVER='{driver}'")
     return 0
 
 

@@ -115,6 +115,9 @@ class Settings:
     prometheus_multiproc_dir: Path | None = None
     # If set, GET /metrics needs "Authorization: Bearer <token>".
     metrics_token: str | None = None
+    # Proxies in front of the web process whose X-Forwarded-For/Proto/Host/Port are
+    # trusted (0: none). Behind a TLS-terminating proxy, 1 makes the console's cookie Secure.
+    trusted_proxies: int = 0
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -175,6 +178,7 @@ class Settings:
             if env.get("PROMETHEUS_MULTIPROC_DIR")
             else None,
             metrics_token=env.get("METRICS_TOKEN") or None,
+            trusted_proxies=_int(env.get("TRUSTED_PROXIES", "0"), "TRUSTED_PROXIES"),
         )
 
     def replace(self, **changes: object) -> Settings:

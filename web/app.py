@@ -5,12 +5,14 @@ from __future__ import annotations
 from flask import Flask, g, request
 from flask_smorest import Api
 from flask_smorest.pagination import PaginationMetadataSchema
+from werkzeug.middleware.proxy_fix import ProxyFix
 
 from shared.logging import new_request_id, request_id_var, sane_request_id
 from shared.runtime import Runtime
 from shared.settings import Settings
-from web import auth
+from web import api_docs, auth
 from web import metrics as web_metrics
+from web.console.views import blp as console_blueprint
 from web.context import close_db
 from web.errors import register_error_handlers
 from web.schemas.common import ErrorSchema, nul_free_strings
@@ -48,7 +50,10 @@ def create_app(settings: Settings | None = None, *, celery_app=None) -> Flask:
         OPENAPI_URL_PREFIX="/api",
         OPENAPI_JSON_PATH="v1/openapi.json",
         OPENAPI_SWAGGER_UI_PATH="docs",
-        OPENAPI_SWAGGER_UI_URL="https://cdn.jsdelivr.net/npm/swagger-ui-dist/",
+        # Served by this app (web/api_docs.py): no CDN. No validator badge either: Swagger UI
+        # would send the spec's URL to validator.swagger.io.
+        OPENAPI_SWAGGER_UI_URL=api_docs.ASSETS_URL,
+        OPENAPI_SWAGGER_UI_CONFIG={"validatorUrl": None},
         MAX_CONTENT_LENGTH=settings.max_upload_bytes + REQUEST_OVERHEAD_BYTES,
         JSON_SORT_KEYS=False,
     )
@@ -71,6 +76,14 @@ def create_app(settings: Settings | None = None, *, celery_app=None) -> Flask:
 
     for module in BLUEPRINT_MODULES:
         api.register_blueprint(import_module(f"web.api.{module}").blp)
+
+    app.register_blueprint(api_docs.blp)
+    app.register_blueprint(console_blueprint)
+    if settings.trusted_proxies:
+        # Behind TLS-terminating proxies: their X-Forwarded-* headers say the request was
+        # HTTPS, so request.is_secure (and the console's Secure cookie) follow it.
+        hops = settings.trusted_proxies
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=hops, x_host=hops, x_port=hops)
 
     register_error_handlers(app)
     web_metrics.init_app(app)

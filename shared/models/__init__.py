@@ -4,10 +4,11 @@ from shared.models.audit import AdminAuditEvent, SettingEntry
 from shared.models.billing import Hold, HoldStatus, LedgerEntry, LedgerKind, ModelPrice, UsageRollup, Wallet
 from shared.models.chat import ChatSession, Room, ToolCallEvent, ToolCallStatus, Turn, TurnKind, TurnStatus
 from shared.models.files import FileStatus, UploadedFile
-from shared.models.users import ApiKey, Role, User
+from shared.models.users import AdminSession, ApiKey, Role, User
 
 __all__ = [
     "AdminAuditEvent",
+    "AdminSession",
     "ApiKey",
     "ChatSession",
     "FileStatus",

@@ -50,3 +50,18 @@ class ApiKey(Base):
     last_used_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
     user: Mapped[User] = relationship(back_populates="api_keys")
+
+
+class AdminSession(Base):
+    """A signed-in admin console session (web/console). The browser holds only a random
+    token; this row holds its SHA-256, the CSRF token and the API key it was opened with,
+    so revoking that key (or demoting the user) ends the session too."""
+
+    __tablename__ = "admin_sessions"
+
+    token_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    user_id: Mapped[str] = mapped_column(IdColumn(), ForeignKey("users.id"), index=True)
+    api_key_id: Mapped[str] = mapped_column(IdColumn(), ForeignKey("api_keys.id"))
+    csrf_token: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)

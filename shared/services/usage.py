@@ -469,6 +469,16 @@ def summary_from_turns(session: Session, query: UsageQuery) -> UsageSummary:
     return _summary(session, _ungrouped(query), _turns_statement)
 
 
+def grouped_buckets(session: Session, query: UsageQuery) -> list[UsageBucket]:
+    """The buckets per user or per model (``query.group_by``), as the CSV export lists them:
+    ascending by bucket, then by the group key. An unknown bucket gives none."""
+    if not query.known_bucket:
+        return []
+    dialect = session.get_bind().dialect.name
+    lo, hi = utc_window(query.start, query.end, query.zone)
+    return list(_bucket_rows(session, query, _rollup_statement(dialect, query, lo, hi)))
+
+
 def _ungrouped(query: UsageQuery) -> UsageQuery:
     if query.group_by is None:
         return query
