@@ -52,10 +52,11 @@ def authenticate_request() -> None:
     role = required_role(request.url_rule.rule)
     if role is None:
         return
-    user = auth_service.authenticate(db(), bearer_token())
+    user, key = auth_service.authenticate_key(db(), bearer_token())
     if role == "admin" and not user.is_admin:
         raise Forbidden()
     g.current_user = user
+    g.api_key_id = key.id
 
 
 def admin_caller(*, required: bool = False) -> bool:

@@ -40,6 +40,11 @@ def current_user() -> User:
     return g.current_user
 
 
+def current_api_key_id() -> str | None:
+    """The id of the API key the request authenticated with."""
+    return g.get("api_key_id")
+
+
 def idempotency_key() -> str | None:
     """The ``Idempotency-Key`` header, stripped; ``None`` when absent or blank.
 

@@ -135,6 +135,14 @@ def authenticate(session: Session, secret: str | None) -> User:
 
     :raises Unauthorized: missing, unknown or revoked key.
     """
+    return authenticate_key(session, secret)[0]
+
+
+def authenticate_key(session: Session, secret: str | None) -> tuple[User, ApiKey]:
+    """The user owning an active key, and the key.
+
+    :raises Unauthorized: missing, unknown or revoked key.
+    """
     if not secret or not secret.startswith(KEY_PREFIX) or len(secret) > 200:
         raise Unauthorized()
     row = session.execute(
@@ -144,7 +152,7 @@ def authenticate(session: Session, secret: str | None) -> User:
     ).first()
     if row is None:
         raise Unauthorized()
-    return row[0]
+    return row[0], row[1]
 
 
 def list_users(session: Session) -> Listing:

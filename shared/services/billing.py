@@ -36,7 +36,7 @@ from sqlalchemy.orm import Session
 from shared import metrics
 from shared.db import MONEY_QUANT, new_id, utcnow
 from shared.errors import Conflict, IdempotencyConflict, InsufficientBalance, InvalidInput, NotFound
-from shared.models import Hold, LedgerEntry, Turn, UsageRollup, User, Wallet
+from shared.models import ApiKeySpend, Hold, LedgerEntry, Turn, UsageRollup, User, Wallet
 from shared.pagination import Listing
 from shared.services import audit, pricing
 
@@ -167,6 +167,23 @@ def _add_usage(
             "output_tokens": UsageRollup.output_tokens + statement.excluded.output_tokens,
             "cost": UsageRollup.cost + statement.excluded.cost,
         },
+    )
+    session.execute(statement)
+
+
+def _add_key_spend(session: Session, *, turn_id: str, at: datetime, cost: Decimal) -> None:
+    """Upsert the (API key, UTC quarter hour) spend of a turn's charge, in the caller's
+    transaction: what per-key spend limits read (shared/services/limits.py)."""
+    api_key_id = session.scalar(select(Turn.api_key_id).where(Turn.id == turn_id))
+    if api_key_id is None:
+        return
+    insert = pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
+    statement = insert(ApiKeySpend).values(
+        id=new_id(), api_key_id=api_key_id, period_start=UsageRollup.period_of(at), cost=_q(cost)
+    )
+    statement = statement.on_conflict_do_update(
+        index_elements=["api_key_id", "period_start"],
+        set_={"cost": ApiKeySpend.cost + statement.excluded.cost},
     )
     session.execute(statement)
 
@@ -330,6 +347,7 @@ def settle_turn(
         output_tokens=output_tokens,
         cost=charged,
     )
+    _add_key_spend(session, turn_id=turn_id, at=at, cost=charged)
     session.flush()
     return Settlement(entry.balance_after, charged)
 
