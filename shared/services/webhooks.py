@@ -340,8 +340,8 @@ def emit(
     for endpoint in endpoints:
         delivery = WebhookDelivery(
             id=new_id(),
-            event_id=event.id,
-            endpoint_id=endpoint.id,
+            event=event,
+            endpoint=endpoint,
             status=DeliveryStatus.PENDING,
             attempts=0,
             next_attempt_at=now,
