@@ -58,6 +58,9 @@ def test_put_then_get_shows_the_period_spent_held_and_reset(client, admin, user)
         "requests_per_minute": 60,
         "max_concurrent_turns": 3,
     }
+    before = client.get(f"/api/v1/admin/users/{user.id}/limits", headers=admin.headers)
+    assert before.status_code == 200
+    assert before.get_json()["spend"] is None and before.get_json()["updated_at"] is None
     put = put_limits(client, admin, f"users/{user.id}", body)
     assert put.status_code == 200, put.get_json()
     got = client.get(f"/api/v1/admin/users/{user.id}/limits", headers=admin.headers).get_json()
