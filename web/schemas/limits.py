@@ -48,8 +48,44 @@ class SpendLimitInputSchema(BaseSchema):
     )
 
 
+class SpendField(fields.Field):
+    """``spend``: a SpendLimitInput object or null. Documented inline as a nullable object
+    (apispec renders a nullable ``Nested`` as ``anyOf [ref, any object]``, which would
+    document ``{}`` as valid)."""
+
+    def __init__(self, **kwargs):
+        inner = SpendLimitInputSchema()
+        properties = {
+            "amount": {
+                "description": inner.fields["amount"].metadata["description"],
+                "anyOf": inner.fields["amount"].metadata["anyOf"],
+            },
+            "period": {"type": "string", "pattern": inner.fields["period"].pattern},
+            "tz": {
+                "type": "string",
+                "maxLength": 64,
+                "default": "UTC",
+                "pattern": r"^[^\x00]*$",
+                "description": inner.fields["tz"].metadata["description"],
+            },
+        }
+        kwargs["metadata"] = {
+            "type": "object",
+            "properties": properties,
+            "required": ["amount", "period"],
+            "additionalProperties": False,
+            "description": "The spend cap, or null for none",
+        }
+        super().__init__(allow_none=True, load_default=None, **kwargs)
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        if not isinstance(value, dict):
+            raise ValidationError("Must be an object or null.")
+        return SpendLimitInputSchema().load(value)
+
+
 class LimitsUpdateSchema(BaseSchema):
-    spend = fields.Nested(SpendLimitInputSchema, allow_none=True, load_default=None)
+    spend = SpendField()
     requests_per_minute = LimitInteger(MAX_REQUESTS_PER_MINUTE)
     max_concurrent_turns = LimitInteger(MAX_CONCURRENT_TURNS)
 
