@@ -68,7 +68,7 @@ def run_dev(settings: Settings, *, port: int = 8000) -> int:
             "worker",
             "-B",
             "-Q",
-            "turns,summaries,files",
+            "turns,summaries,files,webhooks",
             "-c",
             "2",
             "--loglevel",

@@ -10,6 +10,8 @@ class DomainError(Exception):
     status_code = 400
     error = "bad_request"
     message = "The request could not be processed."
+    # Response headers the error carries (e.g. Retry-After); web/errors.py sends them.
+    headers: dict[str, str] = {}
 
     def __init__(self, message: str | None = None, *, error: str | None = None, **details: Any) -> None:
         super().__init__(message or self.message)
@@ -63,6 +65,26 @@ class InsufficientBalance(DomainError):
     status_code = 402
     error = "insufficient_balance"
     message = "The wallet's available balance does not cover this turn."
+
+
+class SpendLimitReached(DomainError):
+    """A user's or API key's spend limit does not cover this turn's worst case (design §8)."""
+
+    status_code = 402
+    error = "spend_limit_reached"
+    message = "The spend limit for this period does not cover this turn."
+
+
+class TooManyRequests(DomainError):
+    """``rate_limited`` or ``too_many_concurrent_turns``, with ``Retry-After`` seconds."""
+
+    status_code = 429
+    error = "rate_limited"
+    message = "Too many requests; retry later."
+
+    def __init__(self, message: str | None = None, *, retry_after: int, error: str | None = None, **details):
+        super().__init__(message, error=error, retry_after=retry_after, **details)
+        self.headers = {"Retry-After": str(retry_after)}
 
 
 class InvalidInput(DomainError):

@@ -9,7 +9,7 @@ import logging
 import threading
 from functools import cached_property
 
-from shared.db import Database
+from shared.db import Database, utcnow
 from shared.settings import Settings, mask_url
 
 log = logging.getLogger(__name__)
@@ -26,6 +26,11 @@ class Runtime:
         self._lock = threading.Lock()
         self._db: Database | None = None
         self._components: dict[str, object] = {}
+        # The clock limits read (spend periods, rate windows); tests inject another.
+        self.clock = utcnow
+        # How this process sends a Celery task (set by the web app and the Celery app):
+        # the webhook outbox sends deliveries with it after a commit.
+        self.send_task = None
 
     @property
     def db(self) -> Database:
@@ -33,7 +38,11 @@ class Runtime:
         if self._db is None:
             with self._lock:
                 if self._db is None:
-                    self._db = Database.from_settings(self.settings, role=self.role)
+                    database = Database.from_settings(self.settings, role=self.role)
+                    from shared.services import webhooks
+
+                    webhooks.install(self, database)
+                    self._db = database
         return self._db
 
     @cached_property

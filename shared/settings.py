@@ -118,6 +118,12 @@ class Settings:
     # Proxies in front of the web process whose X-Forwarded-For/Proto/Host/Port are
     # trusted (0: none). Behind a TLS-terminating proxy, 1 makes the console's cookie Secure.
     trusted_proxies: int = 0
+    # Webhooks (docs/webhooks.md): deliver to private/loopback addresses (tests, on-prem
+    # receivers); per-request timeout; first retry delay (doubling, at most 1 h); give up after.
+    webhook_allow_private: bool = False
+    webhook_timeout_seconds: float = 5.0
+    webhook_retry_base_seconds: float = 30.0
+    webhook_max_age_seconds: int = 24 * 3600
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -179,6 +185,16 @@ class Settings:
             else None,
             metrics_token=env.get("METRICS_TOKEN") or None,
             trusted_proxies=_int(env.get("TRUSTED_PROXIES", "0"), "TRUSTED_PROXIES"),
+            webhook_allow_private=_bool(env.get("WEBHOOK_ALLOW_PRIVATE", "false"), "WEBHOOK_ALLOW_PRIVATE"),
+            webhook_timeout_seconds=float(
+                _decimal(env.get("WEBHOOK_TIMEOUT_SECONDS", "5"), "WEBHOOK_TIMEOUT_SECONDS")
+            ),
+            webhook_retry_base_seconds=float(
+                _decimal(env.get("WEBHOOK_RETRY_BASE_SECONDS", "30"), "WEBHOOK_RETRY_BASE_SECONDS")
+            ),
+            webhook_max_age_seconds=_int(
+                env.get("WEBHOOK_MAX_AGE_SECONDS", "86400"), "WEBHOOK_MAX_AGE_SECONDS"
+            ),
         )
 
     def replace(self, **changes: object) -> Settings:

@@ -18,7 +18,18 @@ from web.errors import register_error_handlers
 from web.schemas.common import ErrorSchema, nul_free_strings
 from worker.celery_app import create_celery_app
 
-BLUEPRINT_MODULES = ("health", "me", "admin_users", "chat", "wallet", "admin_billing", "files", "admin_usage")
+BLUEPRINT_MODULES = (
+    "health",
+    "me",
+    "admin_users",
+    "chat",
+    "wallet",
+    "admin_billing",
+    "files",
+    "admin_usage",
+    "admin_limits",
+    "admin_webhooks",
+)
 
 # Bodies other than uploads are small; anything beyond this is refused with 413 early.
 REQUEST_OVERHEAD_BYTES = 64 * 1024
@@ -59,6 +70,7 @@ def create_app(settings: Settings | None = None, *, celery_app=None) -> Flask:
     )
     app.extensions["tollgate"] = Runtime(settings, role="web")
     app.extensions["celery"] = celery_app or create_celery_app(settings, role="web")
+    app.extensions["tollgate"].send_task = app.extensions["celery"].send_task
 
     api = TollgateApi(app)
     api.ma_plugin.converter.add_attribute_function(nul_free_strings)

@@ -40,6 +40,12 @@ def current_user() -> Caller:
     return g.current_user
 
 
+def current_api_key_id() -> str | None:
+    """The id of the API key the request authenticated with."""
+    user = g.get("current_user")
+    return user.key_id if user is not None else None
+
+
 def idempotency_key() -> str | None:
     """The ``Idempotency-Key`` header, stripped; ``None`` when absent or blank.
 

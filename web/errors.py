@@ -60,7 +60,11 @@ def _respond(status: int, body: dict, headers=None):
 
 
 def handle_domain_error(exc: DomainError):
-    return _respond(exc.status_code, error_body(exc.status_code, exc.message, exc.error, **exc.details))
+    return _respond(
+        exc.status_code,
+        error_body(exc.status_code, exc.message, exc.error, **exc.details),
+        list(exc.headers.items()),
+    )
 
 
 def handle_http_exception(exc: HTTPException):

@@ -16,7 +16,7 @@ from shared.logging import request_id_var, sane_request_id
 from shared.runtime import Runtime
 from shared.settings import Settings
 
-QUEUES = ("turns", "summaries", "files")
+QUEUES = ("turns", "summaries", "files", "webhooks")
 # Message header carrying the id of the HTTP request (or task) that sent a task.
 REQUEST_ID_HEADER = "tollgate_request_id"
 
@@ -28,9 +28,17 @@ TASK_ROUTES = {
     "tollgate.sync_enforcement": {"queue": "turns"},
     "tollgate.recover_stuck_turns": {"queue": "turns"},
     "tollgate.recover_pending_files": {"queue": "files"},
+    "tollgate.deliver_webhook": {"queue": "webhooks"},
+    "tollgate.dispatch_webhooks": {"queue": "webhooks"},
 }
 
-TASK_MODULES = ["worker.tasks.system", "worker.tasks.turns", "worker.tasks.billing", "worker.tasks.files"]
+TASK_MODULES = [
+    "worker.tasks.system",
+    "worker.tasks.turns",
+    "worker.tasks.billing",
+    "worker.tasks.files",
+    "worker.tasks.webhooks",
+]
 
 
 def _broker_options(settings: Settings) -> dict:
@@ -115,11 +123,14 @@ def create_celery_app(settings: Settings | None = None, *, role: str = "worker")
             "recover-pending-files": {"task": "tollgate.recover_pending_files", "schedule": 60.0},
             "expire-holds": {"task": "tollgate.expire_holds", "schedule": 60.0},
             "sync-enforcement": {"task": "tollgate.sync_enforcement", "schedule": 60.0},
+            # Pending webhook deliveries whose send was lost, and retries, within 10 s.
+            "dispatch-webhooks": {"task": "tollgate.dispatch_webhooks", "schedule": 10.0},
         },
     )
     if settings.result_backend.startswith("db+sqlite"):
         settings.var_dir.mkdir(parents=True, exist_ok=True)
     app.tollgate = Runtime(settings, role=role)  # type: ignore[attr-defined]
+    app.tollgate.send_task = app.send_task  # type: ignore[attr-defined]
     return app
 
 

@@ -4,9 +4,26 @@ from shared.models.audit import AdminAuditEvent, SettingEntry
 from shared.models.billing import Hold, HoldStatus, LedgerEntry, LedgerKind, ModelPrice, UsageRollup, Wallet
 from shared.models.chat import ChatSession, Room, ToolCallEvent, ToolCallStatus, Turn, TurnKind, TurnStatus
 from shared.models.files import FileStatus, UploadedFile
+from shared.models.limits import ApiKeySpend, Limit, LimitSubject, SpendPeriod
 from shared.models.users import AdminSession, ApiKey, Role, User
+from shared.models.webhooks import (
+    DeliveryStatus,
+    WebhookDelivery,
+    WebhookEndpoint,
+    WebhookEvent,
+    WebhookEventType,
+)
 
 __all__ = [
+    "ApiKeySpend",
+    "DeliveryStatus",
+    "Limit",
+    "LimitSubject",
+    "SpendPeriod",
+    "WebhookDelivery",
+    "WebhookEndpoint",
+    "WebhookEvent",
+    "WebhookEventType",
     "AdminAuditEvent",
     "AdminSession",
     "ApiKey",

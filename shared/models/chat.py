@@ -62,6 +62,9 @@ class Turn(Base):
         Index("ix_turns_status_updated", "status", "updated_at"),
         Index("ix_turns_completed_at", "completed_at"),
         Index("ix_turns_status_lease", "status", "lease_expires_at"),
+        # Rate limits count a user's (a key's) turns admitted in the last minute.
+        Index("ix_turns_user_created", "user_id", "created_at"),
+        Index("ix_turns_api_key_created", "api_key_id", "created_at"),
         check_in("status", TurnStatus),
         check_in("kind", TurnKind),
     )
@@ -97,6 +100,11 @@ class Turn(Base):
     # the turn may be taken over (shared/services/leases.py). The owner is the attempt's task id.
     lease_owner: Mapped[str | None] = mapped_column(String(64))
     lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # The API key the turn was submitted with (limits per key; null for older rows). No
+    # foreign key: SQLite would rebuild the table to add one, and keys are never deleted.
+    api_key_id: Mapped[str | None] = mapped_column(IdColumn())
+    # The worst case reserved against a spend limit at admission (null: no spend limit applied).
+    limit_reserve: Mapped[Decimal | None] = mapped_column(MONEY)
 
 
 class ToolCallEvent(Base):

@@ -36,7 +36,7 @@ from sqlalchemy.orm import Session
 from shared import metrics
 from shared.db import MONEY_QUANT, new_id, utcnow
 from shared.errors import Conflict, IdempotencyConflict, InsufficientBalance, InvalidInput, NotFound
-from shared.models import Hold, LedgerEntry, Turn, UsageRollup, User, Wallet
+from shared.models import ApiKeySpend, Hold, LedgerEntry, Turn, UsageRollup, User, Wallet
 from shared.pagination import Listing
 from shared.services import audit, pricing
 
@@ -171,6 +171,20 @@ def _add_usage(
     session.execute(statement)
 
 
+def _add_key_spend(session: Session, *, api_key_id: str, at: datetime, cost: Decimal) -> None:
+    """Upsert the (API key, UTC quarter hour) spend of a turn's charge, in the caller's
+    transaction: what per-key spend limits read (shared/services/limits.py)."""
+    insert = pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
+    statement = insert(ApiKeySpend).values(
+        id=new_id(), api_key_id=api_key_id, period_start=UsageRollup.period_of(at), cost=_q(cost)
+    )
+    statement = statement.on_conflict_do_update(
+        index_elements=["api_key_id", "period_start"],
+        set_={"cost": ApiKeySpend.cost + statement.excluded.cost},
+    )
+    session.execute(statement)
+
+
 # -- holds and turn settlement (join the caller's transaction) ----------------------------
 
 
@@ -250,6 +264,7 @@ def settle_turn(
     at: datetime,
     enforced: bool,
     completed: bool = True,
+    api_key_id: str | None = None,
 ) -> Settlement:
     """Bill a turn that ended (completed, or failed/cancelled after using tokens) and add it
     to the usage rollups. Does not commit.
@@ -266,7 +281,8 @@ def settle_turn(
     - not ``enforced``: a plain ``debit`` of the cost, which may take the balance below zero.
 
     Rollups count the turn (``turns`` +1) only when ``completed``; tokens and the charge
-    always. A second call for the same turn writes nothing and returns the first result.
+    always, and the charge also to ``api_key_id``'s spend (per-key limits). A second call
+    for the same turn writes nothing and returns the first result.
     """
     capture_key, debit_key = _turn_key(turn_id, "capture"), _turn_key(turn_id, "debit")
     wallet = _lock_wallet(session, user_id=user_id)
@@ -330,6 +346,8 @@ def settle_turn(
         output_tokens=output_tokens,
         cost=charged,
     )
+    if api_key_id is not None:
+        _add_key_spend(session, api_key_id=api_key_id, at=at, cost=charged)
     session.flush()
     return Settlement(entry.balance_after, charged)
 

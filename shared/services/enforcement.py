@@ -41,9 +41,9 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from shared.db import utcnow
 from shared.errors import ServiceUnavailable
-from shared.models import SettingEntry
+from shared.models import SettingEntry, WebhookEventType
 from shared.runtime import Runtime
-from shared.services import audit
+from shared.services import audit, webhooks
 
 log = logging.getLogger(__name__)
 
@@ -280,6 +280,17 @@ def _write(session: Session, runtime: Runtime, *, actor_id: str, override: bool 
                 target_type="setting",
                 target=SETTING_KEY,
                 details={"override": override, "version": row.version},
+            )
+            webhooks.emit(
+                session,
+                WebhookEventType.ENFORCEMENT_CHANGED,
+                {
+                    "enabled": runtime.settings.billing_enforcement_enabled if override is None else override,
+                    "override": override,
+                    "default_enabled": runtime.settings.billing_enforcement_enabled,
+                    "updated_by": actor_id,
+                    "version": row.version,
+                },
             )
             session.commit()
             break

@@ -134,6 +134,7 @@ def _end_locked(
             at=now,
             enforced=turn.enforced,
             completed=status == "completed",
+            api_key_id=turn.api_key_id,
         )
         cost, balance_after = settled.charged, settled.balance_after
         turn.low_balance = balance_after < runtime.settings.low_balance_threshold

@@ -14,17 +14,18 @@ import json
 import logging
 import time
 from dataclasses import dataclass
+from decimal import Decimal
 
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from shared import metrics
-from shared.errors import IdempotencyConflict, InsufficientBalance, InvalidInput, NotFound
+from shared.errors import IdempotencyConflict, InsufficientBalance, InvalidInput, NotFound, SpendLimitReached
 from shared.models import ChatSession, Hold, ToolCallEvent, Turn, User
 from shared.pagination import Listing
 from shared.runtime import Runtime
-from shared.services import billing, enforcement, pricing, turn_budget, turn_context
+from shared.services import billing, enforcement, limits, pricing, turn_budget, turn_context
 from shared.services.rooms import _is_uuid, owned_session
 from shared.tools.registry import build_registry
 
@@ -54,16 +55,12 @@ def _request_hash(chat_session_id: str, data: dict) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def place_turn_hold(runtime: Runtime, session: Session, turn: Turn, price=None) -> Hold:
-    """Reserve the worst case of ``turn`` (``turn_budget.worst_case`` over the context the
-    runner will build) — the one place a turn's hold is sized, at admission and at the
-    worker's re-check. Does not commit.
-
-    :raises InsufficientBalance: ``available`` does not cover it.
-    """
+def turn_worst_case(runtime: Runtime, session: Session, turn: Turn, price=None) -> Decimal:
+    """The worst case of ``turn`` (``turn_budget.worst_case`` over the context the runner
+    will build) — the one place a turn's hold (and its spend-limit reserve) is sized."""
     chat = session.get(ChatSession, turn.session_id)
     price = price or pricing.price_in_force(session, turn.model, at=turn.created_at)
-    amount = turn_budget.worst_case(
+    return turn_budget.worst_case(
         price,
         turn_budget.HoldPolicy.from_settings(runtime.settings),
         turn_context.load(session, chat, turn.seq),
@@ -71,6 +68,16 @@ def place_turn_hold(runtime: Runtime, session: Session, turn: Turn, price=None) 
         turn.max_output_tokens,
         runtime.component("tools", build_registry).schemas(),
     )
+
+
+def place_turn_hold(runtime: Runtime, session: Session, turn: Turn, price=None, amount=None) -> Hold:
+    """Reserve the worst case of ``turn`` (:func:`turn_worst_case`, unless the caller sized
+    it already as ``amount``), at admission and at the worker's re-check. Does not commit.
+
+    :raises InsufficientBalance: ``available`` does not cover it.
+    """
+    if amount is None:
+        amount = turn_worst_case(runtime, session, turn, price)
     return billing.place_hold(
         session,
         user_id=turn.user_id,
@@ -102,7 +109,14 @@ def _existing_for_key(session: Session, user_id: str, key: str, request_hash: st
 
 
 def submit(
-    runtime: Runtime, session: Session, user: User, chat_session_id: str, data: dict, key: str | None
+    runtime: Runtime,
+    session: Session,
+    user: User,
+    chat_session_id: str,
+    data: dict,
+    key: str | None,
+    *,
+    api_key_id: str | None = None,
 ) -> tuple[Turn, bool]:
     """Create (or, for a replayed Idempotency-Key, find) a turn; returns ``(turn, created)``.
 
@@ -111,6 +125,9 @@ def submit(
         unpriced model (``model_not_priced``), over-long idempotency key.
     :raises IdempotencyConflict: the key was used with another body.
     :raises InsufficientBalance: enforcement is on and ``available`` does not cover the worst case.
+    :raises SpendLimitReached: a spend limit of the user or ``api_key_id`` does not cover it
+        (whatever the enforcement toggle; shared/services/limits.py).
+    :raises TooManyRequests: ``rate_limited`` or ``too_many_concurrent_turns``.
     """
     if key is not None and (not key or len(key) > MAX_IDEMPOTENCY_KEY_LENGTH or not key.isprintable()):
         raise InvalidInput(
@@ -147,12 +164,16 @@ def submit(
             enforced=enforced,
             idempotency_key=key,
             request_hash=request_hash,
+            api_key_id=api_key_id,
         )
         session.add(turn)
         session.flush()
+        reserve = limits.admit(
+            session, turn, lambda: turn_worst_case(runtime, session, turn, price), now=runtime.clock()
+        )
         if enforced:
             try:
-                place_turn_hold(runtime, session, turn, price)
+                place_turn_hold(runtime, session, turn, price, amount=reserve)
             except InsufficientBalance:
                 metrics.enforcement_refused("submit")
                 raise
@@ -166,6 +187,10 @@ def submit(
         if existing is None:
             raise
         return existing, False
+    except SpendLimitReached as exc:
+        session.rollback()
+        limits.note_refusal(session, exc)
+        raise
     except Exception:
         session.rollback()
         raise
@@ -218,8 +243,9 @@ def submit_and_wait(
     *,
     celery_app,
     wait: bool = True,
+    api_key_id: str | None = None,
 ) -> SubmitOutcome:
-    turn, created = submit(runtime, session, user, chat_session_id, data, key)
+    turn, created = submit(runtime, session, user, chat_session_id, data, key, api_key_id=api_key_id)
     if created:
         enqueue_run(celery_app, turn.id)
     if wait and runtime.settings.turn_wait_seconds > 0:

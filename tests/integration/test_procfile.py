@@ -38,13 +38,16 @@ def fresh_settings(pg_settings, new_pg_database, tmp_path):
 
 def test_procfile_has_a_process_type_per_pool():
     lines = procfile()
-    assert set(lines) == {"release", "web", "worker", "worker_files", "beat"}
+    assert set(lines) == {"release", "web", "worker", "worker_files", "worker_webhooks", "beat"}
     # I/O pools for the turn path, a process pool for CPU-bound extraction, each sized by env.
     assert "--worker-class gevent" in lines["web"] and "${WEB_CONNECTIONS:-" in lines["web"]
     assert "-Q turns,summaries --pool gevent" in lines["worker"]
     assert "${TURN_WORKER_CONCURRENCY:-" in lines["worker"]
     assert "-Q files --pool prefork" in lines["worker_files"]
     assert "${FILE_WORKER_CONCURRENCY:-" in lines["worker_files"]
+    # Webhook deliveries wait on receivers: an I/O pool of their own (docs/webhooks.md).
+    assert "-Q webhooks --pool gevent" in lines["worker_webhooks"]
+    assert "${WEBHOOK_WORKER_CONCURRENCY:-" in lines["worker_webhooks"]
 
 
 def test_release_web_and_worker_serve_readiness_and_ping(fresh_settings, tmp_path):
@@ -61,7 +64,7 @@ def test_release_web_and_worker_serve_readiness_and_ping(fresh_settings, tmp_pat
     assert admin.returncode == 0, admin.stderr.decode()[-2000:]
     admin_key = admin.stdout.decode().strip().splitlines()[-1]
 
-    names = ("web", "worker", "worker_files")
+    names = ("web", "worker", "worker_files", "worker_webhooks")
     logs = {name: open(tmp_path / f"{name}.log", "wb") for name in names}  # noqa: SIM115
     processes = {
         name: subprocess.Popen(

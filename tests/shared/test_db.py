@@ -11,15 +11,19 @@ from sqlalchemy.exc import IntegrityError
 
 from shared.db import ID_LENGTH, Base, Database, Money
 from shared.models import (
+    DeliveryStatus,
     FileStatus,
     HoldStatus,
     LedgerKind,
+    LimitSubject,
     Role,
+    SpendPeriod,
     ToolCallStatus,
     TurnKind,
     TurnStatus,
     User,
     Wallet,
+    WebhookEventType,
 )
 from shared.settings import Settings
 from shared.tools.base import ToolStatus
@@ -37,7 +41,16 @@ def test_every_id_column_has_one_width():
     assert set(widths.values()) == {ID_LENGTH}, widths
 
 
-MONEY_COLUMN_NAMES = {"balance", "held", "amount", "held_delta", "balance_after", "cost"}
+MONEY_COLUMN_NAMES = {
+    "balance",
+    "held",
+    "amount",
+    "held_delta",
+    "balance_after",
+    "cost",
+    "spend_amount",
+    "limit_reserve",
+}
 
 # Every column holding a state, a kind or a role, and the names its values come from.
 STATE_COLUMNS = [
@@ -48,6 +61,10 @@ STATE_COLUMNS = [
     ("uploaded_files", "status", FileStatus),
     ("holds", "status", HoldStatus),
     ("ledger_entries", "kind", LedgerKind),
+    ("limits", "subject_type", LimitSubject),
+    ("limits", "spend_period", SpendPeriod),
+    ("webhook_events", "type", WebhookEventType),
+    ("webhook_deliveries", "status", DeliveryStatus),
 ]
 
 
@@ -66,7 +83,7 @@ def test_money_columns_are_numeric_20_6_on_postgres_and_integer_micro_units_on_s
         for column in table.columns
         if column.name in MONEY_COLUMN_NAMES or column.name.endswith("_per_1k")
     ]
-    assert len(money) == 11
+    assert len(money) == 14
     assert all(isinstance(column.type, Money) for column in money)
     assert {column.type.compile(dialect=postgresql.dialect()) for column in money} == {"NUMERIC(20, 6)"}
     assert {column.type.compile(dialect=sqlite.dialect()) for column in money} == {"BIGINT"}

@@ -40,6 +40,7 @@ def test_a_new_user_sees_an_empty_wallet(client, user):
         "held": "0.000000",
         "available": "0.000000",
         "low_balance": True,
+        "limits": [],  # none set (tests/web/test_limits_api.py)
     }
 
 
@@ -60,6 +61,7 @@ def test_an_admin_grant_is_a_201_ledger_entry_attributed_to_the_admin(client, ad
         "held": "0.000000",
         "available": "25.500000",
         "low_balance": False,
+        "limits": [],
     }
 
 

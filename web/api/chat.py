@@ -4,7 +4,7 @@ from flask_smorest import Page
 
 from shared.services import rooms, turns
 from web.api import Blueprint
-from web.context import current_user, db, idempotency_key, runtime
+from web.context import current_api_key_id, current_user, db, idempotency_key, runtime
 from web.schemas.chat import (
     RoomCreateSchema,
     RoomSchema,
@@ -80,9 +80,19 @@ class SessionTurns(MethodView):
     @blp.arguments(TurnCreateSchema)
     @blp.response(201, TurnSchema, description="Completed within TURN_WAIT_SECONDS")
     @blp.alt_response(202, schema=TurnSchema, description="Accepted; poll the Location")
-    @blp.alt_response(402, schema=ErrorSchema, description="`insufficient_balance` (enforcement on)")
+    @blp.alt_response(
+        402,
+        schema=ErrorSchema,
+        description="`insufficient_balance` (enforcement on) or `spend_limit_reached`",
+    )
     @blp.alt_response(404, schema=ErrorSchema)
     @blp.alt_response(409, schema=ErrorSchema, description="`idempotency_conflict`")
+    @blp.alt_response(
+        429,
+        schema=ErrorSchema,
+        description="`rate_limited` or `too_many_concurrent_turns`, with `Retry-After`",
+        headers={"Retry-After": {"description": "Seconds to wait", "schema": {"type": "integer"}}},
+    )
     def post(self, data, session_id):
         """Submit a turn; waits for completion up to TURN_WAIT_SECONDS"""
         prefer_async = "respond-async" in request.headers.get("Prefer", "").lower()
@@ -95,6 +105,7 @@ class SessionTurns(MethodView):
             idempotency_key(),
             celery_app=current_app.extensions["celery"],
             wait=not prefer_async,
+            api_key_id=current_api_key_id(),
         )
         # 201 and 202 are both contract (design §3): the one place a view picks its status.
         headers = {"Location": url_for("chat.TurnItem", turn_id=outcome.turn.id)}
