@@ -277,6 +277,7 @@ def _as_read(turn: Turn, events) -> dict:
             for event in events
         ],
         "error": {"code": turn.error_code, "message": turn.error_message or ""} if turn.error_code else None,
+        "usage_estimated": turn.usage_estimated,
         "created_at": turn.created_at,
         "completed_at": turn.completed_at,
     }
