@@ -84,23 +84,26 @@ def turn_events_body(runtime: Runtime, turn_id: str, last_event_id: str | None) 
     ):
         yield sse(START, "turn", read_turn(runtime, turn_id))
         last_event_id = START
+    for item in relay(runtime, turn_id, last_event_id):
+        yield PING if item is None else sse(*item)
+
+
+def relay(runtime: Runtime, turn_id: str, after: str = START) -> Iterator[tuple[str, str, object] | None]:
+    """A turn's events after id ``after`` as ``(id, event, data)``, ``None`` for a ping, the
+    last one ``("done", "done", TurnRead)``."""
     if runtime.redis is None:
-        yield from _embedded(runtime, turn_id, last_event_id)
+        yield from _embedded(runtime, turn_id, after)
         return
-    after = last_event_id if _STREAM_ID.match(last_event_id) else START
-    for item in turn_events.follow(runtime, turn_id, after, lambda: is_finished(runtime, turn_id)):
-        if item is None:
-            yield PING
-            continue
-        event_id, event, data = item
-        yield sse(event_id, event, data)
-    yield sse(DONE, "done", read_turn(runtime, turn_id))
+    cursor = after if _STREAM_ID.match(after) else START
+    yield from turn_events.follow(runtime, turn_id, cursor, lambda: is_finished(runtime, turn_id))
+    yield (DONE, "done", read_turn(runtime, turn_id))
 
 
-def _embedded(runtime: Runtime, turn_id: str, after: str) -> Iterator[str]:
+def _embedded(runtime: Runtime, turn_id: str, after: str) -> Iterator[tuple[str, str, object] | None]:
     """No Redis: wait for the turn's end (re-reading the row, 20 ms growing to 250 ms), then
     its tool calls and its reply in one piece."""
-    yield from wait_polling(lambda: is_finished(runtime, turn_id))
+    for _ in wait_polling(lambda: is_finished(runtime, turn_id)):
+        yield None
     final = read_turn(runtime, turn_id)
     match = _EMBEDDED_ID.match(after)
     if after == "r":
@@ -109,10 +112,10 @@ def _embedded(runtime: Runtime, turn_id: str, after: str) -> Iterator[str]:
         first_tool = int(match.group(1)) + 1 if match and match.group(1) else 1
     for index, call in enumerate(final["tool_calls"], start=1):
         if index >= first_tool:
-            yield sse(f"t{index}", "tool_call", call)
+            yield (f"t{index}", "tool_call", call)
     if after != "r" and final.get("reply"):
-        yield sse("r", "delta", {"text": final["reply"]})
-    yield sse(DONE, "done", final)
+        yield ("r", "delta", {"text": final["reply"]})
+    yield (DONE, "done", final)
 
 
 def wait_polling(finished: Callable[[], bool]) -> Iterator[str]:

@@ -42,15 +42,15 @@ class SubmitOutcome:
 
 
 def _request_hash(chat_session_id: str, data: dict) -> str:
-    canonical = json.dumps(
-        {
-            "session_id": chat_session_id,
-            "content": data.get("content"),
-            "model": data.get("model"),
-            "max_output_tokens": data.get("max_output_tokens"),
-        },
-        sort_keys=True,
-    )
+    fields = {
+        "session_id": chat_session_id,
+        "content": data.get("content"),
+        "model": data.get("model"),
+        "max_output_tokens": data.get("max_output_tokens"),
+    }
+    if data.get("messages") is not None:  # a /v1/chat/completions turn
+        fields["messages"] = data["messages"]
+    canonical = json.dumps(fields, sort_keys=True)
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
@@ -61,8 +61,22 @@ def place_turn_hold(runtime: Runtime, session: Session, turn: Turn, price=None) 
 
     :raises InsufficientBalance: ``available`` does not cover it.
     """
-    chat = session.get(ChatSession, turn.session_id)
     price = price or pricing.price_in_force(session, turn.model, at=turn.created_at)
+    if turn.request_messages is not None:
+        # A /v1 turn: one call on the caller's messages, no room context, summary or tools.
+        return billing.place_hold(
+            session,
+            user_id=turn.user_id,
+            turn_id=turn.id,
+            amount=turn_budget.worst_case_messages(
+                price,
+                turn_budget.HoldPolicy.from_settings(runtime.settings),
+                turn.request_messages,
+                turn.max_output_tokens,
+            ),
+            ttl_seconds=runtime.settings.hold_ttl_seconds,
+        )
+    chat = session.get(ChatSession, turn.session_id)
     amount = turn_budget.worst_case(
         price,
         turn_budget.HoldPolicy.from_settings(runtime.settings),
@@ -147,6 +161,7 @@ def submit(
             enforced=enforced,
             idempotency_key=key,
             request_hash=request_hash,
+            request_messages=data.get("messages"),
         )
         session.add(turn)
         session.flush()
