@@ -385,7 +385,18 @@ class _Stream:
             raw = self.calls[index]
             if not raw["name"]:
                 raise self._bad(f"tool_calls[{index}] has no function name")
-            calls.append(tool_call_from_raw(raw["id"] or f"call_{index}", raw["name"], raw["arguments"]))
+            try:
+                calls.append(tool_call_from_raw(raw["id"] or f"call_{index}", raw["name"], raw["arguments"]))
+            except RecursionError:
+                # As in _parse: not a call anyone can run; the answer arrived, its usage is billed.
+                input_tokens, output_tokens, estimated = self._usage()
+                raise ProviderPermanentError(
+                    "bad_model_output",
+                    f"tool_calls[{index}] arguments are nested too deeply to parse",
+                    input_tokens=input_tokens,
+                    output_tokens=output_tokens,
+                    usage_estimated=estimated,
+                ) from None
         return calls
 
     def _emitted(self) -> str:
