@@ -154,21 +154,25 @@ class TurnPublisher:
     # -- cancel ----------------------------------------------------------------------
 
     def should_stop(self, *, now: bool = False) -> bool:
-        """Has the turn been cancelled? Cheap enough to ask after every chunk: it reads the
-        flag at most every ``CANCEL_CHECK_SECONDS`` (``now``: at once, between rounds)."""
+        """Has the turn been cancelled? Cheap enough to ask after every chunk: the flag is
+        read at most every ``CANCEL_CHECK_SECONDS`` (and with every append). Embedded mode
+        reads the row at most once a second, or at once with ``now`` (between rounds)."""
         if self._cancelled:
             return True
-        interval = CANCEL_CHECK_SECONDS if self.redis is not None else EMBEDDED_CANCEL_CHECK_SECONDS
-        if not now and time.monotonic() - self._last_check < interval:
+        if self.redis is not None:
+            if time.monotonic() - self._last_check < CANCEL_CHECK_SECONDS:
+                return False
+            self._last_check = time.monotonic()
+            try:
+                self._cancelled = bool(self.redis.exists(cancel_key(self.turn_id)))
+                return self._cancelled
+            except Exception:
+                log.warning("could not read the cancel flag of turn %s", self.turn_id, exc_info=True)
+        elif not now and time.monotonic() - self._last_check < EMBEDDED_CANCEL_CHECK_SECONDS:
             return False
         self._last_check = time.monotonic()
-        try:
-            if self.redis is not None:
-                self._cancelled = bool(self.redis.exists(cancel_key(self.turn_id)))
-            if not self._cancelled and (now or self.redis is None) and self._cancel_requested is not None:
-                self._cancelled = bool(self._cancel_requested())
-        except Exception:
-            log.warning("could not read the cancel flag of turn %s", self.turn_id, exc_info=True)
+        if self._cancel_requested is not None:
+            self._cancelled = bool(self._cancel_requested())
         return self._cancelled
 
 
@@ -196,22 +200,26 @@ def follow(runtime, turn_id: str, after: str, finished: Callable[[], bool]) -> I
     client = runtime.component("turn_stream_reader", _blocking_client)
     key = stream_key(turn_id)
     cursor = after
-    while True:
-        entries = _read(client, key, cursor, block=None)
+    # The database is read when the reader attaches, when the stream says the turn ended,
+    # and after each quiet PING_SECONDS (a lost ``end``): never per delta.
+    check = True
+    while not (check and finished()):
+        check = False
+        entries = _read(client, key, cursor, block=int(PING_SECONDS * 1000))
         if not entries:
             if finished():
-                for entry in _read(client, key, cursor, block=None, drain=True):
-                    if entry[1] != END:
-                        yield entry
-                return
-            entries = _read(client, key, cursor, block=int(PING_SECONDS * 1000))
-            if not entries:
-                yield None
-                continue
+                break
+            yield None
+            continue
         for entry in entries:
             cursor = entry[0]
-            if entry[1] != END:
+            if entry[1] == END:
+                check = True
+            else:
                 yield entry
+    for entry in _read(client, key, cursor, block=None, drain=True):
+        if entry[1] != END:
+            yield entry
 
 
 def _read(client, key: str, cursor: str, *, block: int | None, drain: bool = False) -> list[tuple]:
