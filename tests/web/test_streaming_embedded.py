@@ -74,3 +74,51 @@ def test_cancel_in_embedded_mode(app, client, user):
     refused = client.post(f"/api/v1/turns/{done['id']}/cancel", headers=user.headers)
     assert refused.status_code == 409 and refused.get_json()["error"] == "turn_finished"
     assert client.post("/api/v1/turns/nope/cancel", headers=user.headers).status_code == 404
+
+
+def test_streams_resumes_cancels_and_first_tokens_are_counted(app, client, user):
+    from tests.web.test_metrics import scrape, value
+
+    before = scrape(client)
+    chat = new_chat(client, user)
+    streamed = client.post(
+        f"/api/v1/sessions/{chat['id']}/turns",
+        json={"content": "count me", "stream": True},
+        headers=user.headers,
+        buffered=False,
+    )
+    turn_id = next(e for e in events_until_turn(streamed)).data["id"]
+    streamed.close()
+    # The turn runs in this process here, so its first token is counted in this process too.
+    turn = queued_turn(client, user, chat, "then resume me")
+    run(app, turn["id"])
+    events(attach(client, user, turn["id"], "0"))
+    client.post(f"/api/v1/turns/{turn_id}/cancel", headers=user.headers)
+    after = scrape(client)
+    assert (
+        value(after, "tollgate_streamed_turns_total", api="turns")
+        - value(before, "tollgate_streamed_turns_total", api="turns")
+        == 2
+    )
+    assert (
+        value(after, "tollgate_turn_stream_resumes_total")
+        - value(before, "tollgate_turn_stream_resumes_total")
+        == 1
+    )
+    assert (
+        value(after, "tollgate_turn_cancels_total", state="queued")
+        - value(before, "tollgate_turn_cancels_total", state="queued")
+        == 1
+    )
+    assert value(after, "tollgate_turn_first_token_seconds_count") > value(
+        before, "tollgate_turn_first_token_seconds_count"
+    )
+
+
+def events_until_turn(response):
+    from tests.sse import Event, parse
+
+    for item in parse(response.response):
+        if isinstance(item, Event):
+            yield item
+            return
