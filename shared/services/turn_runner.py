@@ -348,7 +348,11 @@ def _save_usage(session: Session, turn: Turn, result: Execution) -> None:
     session.execute(
         update(Turn)
         .where(Turn.id == turn.id, Turn.status == TurnStatus.RUNNING, Turn.lease_owner == turn.lease_owner)
-        .values(input_tokens=result.input_tokens, output_tokens=result.output_tokens)
+        .values(
+            input_tokens=result.input_tokens,
+            output_tokens=result.output_tokens,
+            usage_estimated=result.usage_estimated,
+        )
     )
     session.commit()
 
@@ -722,6 +726,7 @@ def _requeue(runtime: Runtime, turn_id: str, result: Execution) -> None:
             turn.status = TurnStatus.QUEUED
             turn.lease_owner = turn.lease_expires_at = None
             turn.input_tokens, turn.output_tokens = result.input_tokens, result.output_tokens
+            turn.usage_estimated = result.usage_estimated
             turn.updated_at = utcnow()
         session.commit()
 

@@ -1,4 +1,4 @@
-from flask import current_app, request, url_for
+from flask import Response, current_app, request, url_for
 from flask.views import MethodView
 from flask_smorest import Page
 
@@ -134,12 +134,15 @@ class TurnEvents(MethodView):
         content_type="text/event-stream",
         description="Server-Sent Events from the start, or after the `Last-Event-ID` header's event",
     )
+    @blp.alt_response(204, description="`Last-Event-ID: done`: the stream already ended (EventSource stops)")
     @blp.alt_response(404, schema=ErrorSchema)
     def get(self, turn_id):
         """Attach to a turn's event stream (resume with Last-Event-ID)"""
         turn = turns.owned_turn(db(), current_user().id, turn_id)
         db().commit()
         last_event_id = request.headers.get("Last-Event-ID")
+        if (last_event_id or "").strip() == streaming.DONE:
+            return Response(status=204)
         metrics.stream_opened("turns")
         if last_event_id:
             metrics.stream_resumed()
