@@ -15,11 +15,13 @@ import logging
 from collections.abc import Iterator
 
 from flask import Blueprint, current_app, jsonify, request
+from sqlalchemy import select
 from werkzeug.exceptions import HTTPException
 
 from shared import metrics
 from shared.db import is_database_unavailable
 from shared.errors import DomainError, InvalidInput, NotFound
+from shared.models import Turn
 from shared.services import openai_compat, turns
 from web import streaming
 from web.api import InvalidJsonBody, load_json_body
@@ -147,6 +149,13 @@ def _data(payload) -> str:
     return f"data: {payload if isinstance(payload, str) else json.dumps(payload, separators=(',', ':'))}\n\n"
 
 
+def _reply_tool_calls(rt, turn_id: str) -> list[dict] | None:
+    with rt.db.session() as session:
+        calls = session.scalar(select(Turn.reply_tool_calls).where(Turn.id == turn_id))
+        session.commit()
+    return calls
+
+
 def _chunks(rt, answer: openai_compat.Answer, include_usage: bool) -> Iterator[str]:
     """The turn's stream as ``chat.completion.chunk`` events, then ``data: [DONE]``. A turn
     that failed ends with an ``error`` event (the SDKs raise it) before ``[DONE]``."""
@@ -173,8 +182,14 @@ def _chunks(rt, answer: openai_compat.Answer, include_usage: bool) -> Iterator[s
                     }
                 )
             else:
-                yield _data(answer.chunk({}, answer.finish_reason(usage["output_tokens"])))
+                finish = answer.finish_reason(usage["output_tokens"])
+                calls = _reply_tool_calls(rt, answer.turn_id)
+                if calls:
+                    # Not streamed piece by piece: the calls come whole once the turn has them.
+                    delta = {"tool_calls": [{"index": i, **call} for i, call in enumerate(calls)]}
+                    yield _data(answer.chunk(delta))
+                    finish = "tool_calls"
+                yield _data(answer.chunk({}, finish))
                 if include_usage:
                     yield _data(answer.usage_chunk(usage["input_tokens"], usage["output_tokens"]))
     yield _data("[DONE]")
-

@@ -1,5 +1,6 @@
 """streaming, cancel and the OpenAI-compatible endpoint: a turn's estimated-usage flag, its
-cancel request and the caller's messages (/v1 turns); an API key's default session
+cancel request, the caller's messages and tools and the tool calls answered (/v1 turns);
+an API key's default session
 
 Revision ID: 20261202_0020
 Revises: 20261130_0002
@@ -25,6 +26,8 @@ def upgrade() -> None:
     )
     op.add_column("turns", sa.Column("cancel_requested_at", sa.DateTime(timezone=True), nullable=True))
     op.add_column("turns", sa.Column("request_messages", sa.JSON(), nullable=True))
+    op.add_column("turns", sa.Column("request_tools", sa.JSON(), nullable=True))
+    op.add_column("turns", sa.Column("reply_tool_calls", sa.JSON(), nullable=True))
     op.add_column("api_keys", sa.Column("default_session_id", sa.String(length=36), nullable=True))
 
 
@@ -32,6 +35,8 @@ def downgrade() -> None:
     with op.batch_alter_table("api_keys") as batch:
         batch.drop_column("default_session_id")
     with op.batch_alter_table("turns") as batch:
+        batch.drop_column("reply_tool_calls")
+        batch.drop_column("request_tools")
         batch.drop_column("request_messages")
         batch.drop_column("cancel_requested_at")
         batch.drop_column("usage_estimated")

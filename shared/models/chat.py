@@ -104,6 +104,10 @@ class Turn(Base):
     cancel_requested_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     # A /v1/chat/completions turn: the caller's messages are the whole context.
     request_messages: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON)
+    # ... the caller's own tools (function schemas), offered to the model as they are; and the
+    # tool calls the model answered with, returned to the caller to run (Tollgate runs none).
+    request_tools: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON)
+    reply_tool_calls: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON)
 
 
 class ToolCallEvent(Base):

@@ -12,6 +12,7 @@ which request; each call is a turn through the same submit, worker, holds and le
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 from sqlalchemy import select
@@ -29,7 +30,8 @@ DEFAULT_MAX_TOKENS = 512
 MAX_TOKENS_LIMIT = 8192
 # The caller's whole conversation is the context: bounded, as a turn's content is.
 MESSAGES_CHARS_FACTOR = 8
-UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call", "n", "logprobs", "response_format")
+UNSUPPORTED = ("functions", "function_call", "n", "logprobs", "response_format")
+MAX_TOOLS = 128
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,7 @@ class CompletionRequest:
     max_tokens: int
     stream: bool
     include_usage: bool
+    tools: list[dict] | None = None
 
     def turn_data(self) -> dict:
         return {
@@ -47,6 +50,7 @@ class CompletionRequest:
             "model": self.model,
             "max_output_tokens": self.max_tokens,
             "messages": self.messages,
+            "tools": self.tools,
         }
 
 
@@ -98,8 +102,9 @@ def parse_request(body: object, *, max_turn_chars: int) -> CompletionRequest:
     if not isinstance(body, dict):
         raise _invalid("The body must be a JSON object.")
     for name in UNSUPPORTED:
-        if body.get(name) not in (None, 1) or (name in ("tools", "functions") and body.get(name)):
+        if body.get(name) not in (None, 1, False) or (name == "functions" and body.get(name)):
             raise _invalid(f"'{name}' is not supported by this endpoint.", name, "unsupported_parameter")
+    tools = _tools(body.get("tools"), body.get("tool_choice"))
     model = body.get("model")
     if not isinstance(model, str) or not model.strip() or len(model) > 200:
         raise _invalid("'model' must be a model name.", "model")
@@ -119,7 +124,17 @@ def parse_request(body: object, *, max_turn_chars: int) -> CompletionRequest:
             raise _invalid(f"messages[{index}].content holds a NUL character.", "messages")
         total += len(text)
         role = "system" if message["role"] == "developer" else message["role"]
-        messages.append({"role": role, "content": text})
+        normalized: dict = {"role": role, "content": text}
+        if role == "assistant" and message.get("tool_calls"):
+            normalized["tool_calls"] = _message_tool_calls(message["tool_calls"], index)
+            normalized["content"] = text or None
+            total += len(json.dumps(normalized["tool_calls"]))
+        if role == "tool":
+            call_id = message.get("tool_call_id")
+            if not isinstance(call_id, str) or not call_id or len(call_id) > 200:
+                raise _invalid(f"messages[{index}] (a tool result) needs its tool_call_id.", "messages")
+            normalized["tool_call_id"] = call_id
+        messages.append(normalized)
     if total > max_turn_chars * MESSAGES_CHARS_FACTOR:
         raise _invalid("The messages are too long.", "messages", "context_length_exceeded")
     last_user = next((m for m in reversed(messages) if m["role"] == "user"), None)
@@ -149,7 +164,63 @@ def parse_request(body: object, *, max_turn_chars: int) -> CompletionRequest:
         max_tokens=max_tokens,
         stream=stream,
         include_usage=bool(options.get("include_usage")),
+        tools=tools,
     )
+
+
+def _tools(tools: object, tool_choice: object) -> list[dict] | None:
+    """The caller's function tools, checked; offered to the model as they are.
+    ``tool_choice``: ``auto`` (the default) or ``none`` (no tools offered); forcing a call
+    is not supported."""
+    if tool_choice not in (None, "auto", "none"):
+        raise _invalid("'tool_choice' may be 'auto' or 'none' here.", "tool_choice", "unsupported_parameter")
+    if tools is None or tools == []:
+        return None
+    if not isinstance(tools, list) or len(tools) > MAX_TOOLS:
+        raise _invalid(f"'tools' must be a list of at most {MAX_TOOLS} function tools.", "tools")
+    checked = []
+    for index, tool in enumerate(tools):
+        function = tool.get("function") if isinstance(tool, dict) else None
+        name = function.get("name") if isinstance(function, dict) else None
+        if (
+            not isinstance(function, dict)
+            or tool.get("type", "function") != "function"
+            or not isinstance(name, str)
+            or not 0 < len(name) <= 64
+        ):
+            raise _invalid(
+                f"tools[{index}] must be {{'type': 'function', 'function': {{'name', …}}}}.", "tools"
+            )
+        parameters = function.get("parameters")
+        if parameters is not None and not isinstance(parameters, dict):
+            raise _invalid(f"tools[{index}].function.parameters must be a JSON Schema object.", "tools")
+        checked.append({"type": "function", "function": function})
+    return None if tool_choice == "none" else checked
+
+
+def _message_tool_calls(calls: object, index: int) -> list[dict]:
+    if not isinstance(calls, list):
+        raise _invalid(f"messages[{index}].tool_calls must be a list.", "messages")
+    out = []
+    for call in calls:
+        function = call.get("function") if isinstance(call, dict) else None
+        if (
+            not isinstance(function, dict)
+            or not isinstance(call.get("id"), str)
+            or not isinstance(function.get("name"), str)
+            or not isinstance(function.get("arguments", ""), str)
+        ):
+            raise _invalid(
+                f"messages[{index}].tool_calls holds a call without id, name or arguments.", "messages"
+            )
+        out.append(
+            {
+                "id": call["id"],
+                "type": "function",
+                "function": {"name": function["name"], "arguments": function.get("arguments", "")},
+            }
+        )
+    return out
 
 
 def list_models(session: Session) -> dict:
@@ -220,6 +291,12 @@ def usage(input_tokens: int, output_tokens: int) -> dict:
 def completion(turn: Turn) -> dict:
     """A finished turn as a ``chat.completion``."""
     answer = Answer.of(turn)
+    message: dict = {"role": "assistant", "content": turn.reply or ""}
+    finish = answer.finish_reason(turn.output_tokens)
+    if turn.reply_tool_calls:
+        message["content"] = turn.reply or None
+        message["tool_calls"] = turn.reply_tool_calls
+        finish = "tool_calls"
     return {
         "id": completion_id(turn.id),
         "object": "chat.completion",
@@ -228,8 +305,8 @@ def completion(turn: Turn) -> dict:
         "choices": [
             {
                 "index": 0,
-                "message": {"role": "assistant", "content": turn.reply or ""},
-                "finish_reason": answer.finish_reason(turn.output_tokens),
+                "message": message,
+                "finish_reason": finish,
                 "logprobs": None,
             }
         ],

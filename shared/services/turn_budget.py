@@ -101,10 +101,15 @@ def worst_case(
 
 
 def worst_case_messages(
-    price: ModelPrice, policy: HoldPolicy, messages: list[dict], max_output_tokens: int
+    price: ModelPrice,
+    policy: HoldPolicy,
+    messages: list[dict],
+    max_output_tokens: int,
+    tools: list[dict] | None = None,
 ) -> Decimal:
-    """The hold of a turn that is one call on the caller's own messages (/v1/chat/completions)."""
-    cost = _exact_cost(price, policy.input_tokens(messages), max_output_tokens)
+    """The hold of a turn that is one call on the caller's own messages and tools
+    (/v1/chat/completions)."""
+    cost = _exact_cost(price, policy.input_tokens(messages, tools), max_output_tokens)
     return cost.quantize(MONEY_QUANT, rounding=ROUND_CEILING)
 
 

@@ -95,6 +95,8 @@ class Execution:
     usage_estimated: bool = False
     # The turn was cancelled (POST /turns/{id}/cancel): ``reply`` is what was generated so far.
     cancelled: bool = False
+    # A /v1 turn answered with calls of the caller's tools (OpenAI's ``tool_calls``).
+    reply_tool_calls: list[dict] | None = None
     # This turn pushes the oldest turn of a full window out: a background summary refresh is due.
     summary_due_after: bool = False
     messages: list[dict] = field(default_factory=list)
@@ -485,7 +487,8 @@ def execute(
 
 def _execute_messages(runtime: Runtime, turn: Turn, provider, result: Execution, stream) -> Execution:
     """A /v1/chat/completions turn: the caller's messages are the whole context (no room
-    context, summary or tools), one model call, trimmed to the hold like any other."""
+    context or summary), one model call offered the caller's own tools (Tollgate runs
+    none: the calls go back to the caller), trimmed to the hold like any other."""
     with runtime.db.session() as session:
         budget = budget_for(runtime, session, turn)
         session.commit()
@@ -493,11 +496,13 @@ def _execute_messages(runtime: Runtime, turn: Turn, provider, result: Execution,
     if stream is not None and stream.should_stop(now=True):
         result.cancelled = True
         return result
-    send, call_max_output = budget.fit(messages, None, turn.max_output_tokens, (0, 0))
+    tools = turn.request_tools or None
+    send, call_max_output = budget.fit(messages, tools, turn.max_output_tokens, (0, 0))
     completion = provider.complete(
         send,
         model=turn.model,
         max_output_tokens=call_max_output,
+        tools=tools,
         on_delta=stream.delta if stream is not None else None,
         should_stop=stream.should_stop if stream is not None else None,
     )
@@ -506,6 +511,8 @@ def _execute_messages(runtime: Runtime, turn: Turn, provider, result: Execution,
     result.add(completion.input_tokens, completion.output_tokens, estimated=completion.usage_estimated)
     result.cancelled = completion.cancelled
     result.reply = clean_text(completion.content or "")
+    if completion.tool_calls and not completion.cancelled:
+        result.reply_tool_calls = [clean_json(call.to_message()) for call in completion.tool_calls]
     result.messages = messages
     return result
 
@@ -594,6 +601,7 @@ def complete(runtime: Runtime, turn_id: str, result: Execution) -> bool:
             now=utcnow(),
         )
         turn.reply = result.reply
+        turn.reply_tool_calls = result.reply_tool_calls
         turn.summary_used_fallback = result.summary_used_fallback
         turn.usage_estimated = result.usage_estimated
         turn.error_code = turn.error_message = None

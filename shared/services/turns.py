@@ -50,6 +50,7 @@ def _request_hash(chat_session_id: str, data: dict) -> str:
     }
     if data.get("messages") is not None:  # a /v1/chat/completions turn
         fields["messages"] = data["messages"]
+        fields["tools"] = data.get("tools")
     canonical = json.dumps(fields, sort_keys=True)
     return hashlib.sha256(canonical.encode()).hexdigest()
 
@@ -73,6 +74,7 @@ def place_turn_hold(runtime: Runtime, session: Session, turn: Turn, price=None) 
                 turn_budget.HoldPolicy.from_settings(runtime.settings),
                 turn.request_messages,
                 turn.max_output_tokens,
+                turn.request_tools,
             ),
             ttl_seconds=runtime.settings.hold_ttl_seconds,
         )
@@ -162,6 +164,7 @@ def submit(
             idempotency_key=key,
             request_hash=request_hash,
             request_messages=data.get("messages"),
+            request_tools=data.get("tools"),
         )
         session.add(turn)
         session.flush()

@@ -3,6 +3,7 @@ over HTTP, on Postgres + Redis with a live worker (offline model)."""
 
 from __future__ import annotations
 
+import json
 import threading
 from decimal import Decimal
 
@@ -153,3 +154,66 @@ def test_x_tollgate_session_records_the_call_in_the_callers_session(tollgate_url
         sdk(
             tollgate_url, other.key, default_headers={"X-Tollgate-Session": chat["id"]}
         ).chat.completions.create(model="offline-small", messages=[{"role": "user", "content": "not mine"}])
+
+
+SEARCH = {
+    "type": "function",
+    "function": {
+        "name": "search",
+        "description": "Search the caller's documents.",
+        "parameters": {"type": "object", "properties": {"query": {"type": "string"}}},
+    },
+}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_the_callers_tools_come_back_as_tool_calls_for_the_caller_to_run(
+    tollgate_url, pg_user, pg_db, stream
+):
+    client = sdk(tollgate_url, pg_user.key)
+    messages = [{"role": "user", "content": "search for holiday policy"}]
+    if stream:
+        chunks = list(
+            client.chat.completions.create(
+                model="offline-small", messages=messages, tools=[SEARCH], stream=True
+            )
+        )
+        [call_chunk] = [c for c in chunks if c.choices and c.choices[0].delta.tool_calls]
+        [call] = call_chunk.choices[0].delta.tool_calls
+        assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == [
+            "tool_calls"
+        ]
+        completion_id = chunks[0].id
+    else:
+        completion = client.chat.completions.create(model="offline-small", messages=messages, tools=[SEARCH])
+        assert completion.choices[0].finish_reason == "tool_calls"
+        [call] = completion.choices[0].message.tool_calls
+        completion_id = completion.id
+    assert call.function.name == "search" and json.loads(call.function.arguments) == {
+        "query": "holiday policy"
+    }
+    assert turn_of(pg_db, completion_id).reply_tool_calls[0]["id"] == call.id
+    # Tollgate ran nothing: the caller runs the tool and sends the result back.
+    follow_up = client.chat.completions.create(
+        model="offline-small",
+        tools=[SEARCH],
+        messages=[
+            *messages,
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [
+                    {
+                        "id": call.id,
+                        "type": "function",
+                        "function": {"name": "search", "arguments": call.function.arguments},
+                    }
+                ],
+            },
+            {"role": "tool", "tool_call_id": call.id, "content": "Holidays: 25 days a year."},
+        ],
+    )
+    assert follow_up.choices[0].finish_reason == "stop"
+    assert "25 days a year" in follow_up.choices[0].message.content
+    turn = turn_of(pg_db, follow_up.id)
+    assert turn.cost > 0 and ledger_check.find_mismatches(pg_db) == []
