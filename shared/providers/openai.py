@@ -155,9 +155,15 @@ class OpenAIProvider:
                     with self._http().stream(
                         "POST", self.url, json=body, headers=headers, timeout=attempt_timeout
                     ) as response:
-                        if response.is_success:
+                        if response.is_success and _is_event_stream(response):
                             return streamed.read(response)
                         response.read()
+                        if response.is_success:
+                            # A server that ignores "stream": one JSON completion, one piece.
+                            completion = self._parse(response, messages, tools, model)
+                            if completion.content:
+                                on_delta(completion.content)
+                            return completion
                 else:
                     response = self._http().post(
                         self.url, json=body, headers=headers, timeout=attempt_timeout
@@ -293,6 +299,11 @@ class OpenAIProvider:
             model=payload.get("model") if isinstance(payload.get("model"), str) else model,
             finish_reason=finish_reason if isinstance(finish_reason, str) else None,
         )
+
+
+def _is_event_stream(response: httpx.Response) -> bool:
+    content_type = response.headers.get("content-type", "")
+    return content_type.split(";", 1)[0].strip().lower() == "text/event-stream"
 
 
 def _estimated_usage(messages: list[dict], tools: list[dict] | None, emitted: str) -> tuple[int, int]:

@@ -115,3 +115,17 @@ def test_the_offline_model_streams_in_pieces_and_stops_when_asked():
         and 0 < len(partial.content) < len(whole.content)
     )
     assert partial.output_tokens == count_tokens(partial.content)
+
+
+def test_a_server_that_ignores_stream_and_answers_json_is_one_piece(provider, fake_openai):
+    fake_openai.json_body(
+        {
+            "choices": [
+                {"message": {"role": "assistant", "content": "Plain JSON."}, "finish_reason": "stop"}
+            ],
+            "usage": {"prompt_tokens": 7, "completion_tokens": 3},
+        }
+    )
+    completion, pieces = stream(provider)
+    assert pieces == ["Plain JSON."] and completion.content == "Plain JSON."
+    assert (completion.input_tokens, completion.output_tokens) == (7, 3)
