@@ -4,7 +4,10 @@ requests in flight in one process, so the upstream is never what limits a benchm
     python bench/_upstream.py --port 8765 --latency bench-1s=1 --latency bench-instant=0
 
 ``POST /v1/chat/completions`` answers a short reply with ``usage`` counted by the same rule
-as the offline model, after the latency configured for the request's model. ``GET
+as the offline model, after the latency configured for the request's model. With
+``"stream": true`` the reply goes out as OpenAI's SSE chunks (HTTP/1.1 chunked): the first
+after that latency, the rest ``--chunk-delay`` seconds apart (default 0.02), then the usage
+chunk and ``[DONE]``. ``GET
 /stats`` returns ``{"requests": n, "in_flight": n, "peak_in_flight": n}``.
 (tests/fakes/openai_server.py is the scriptable one the tests use; it is thread-per-connection.)
 """
@@ -24,8 +27,9 @@ from shared.providers.tokens import count_message_tokens, count_tokens  # noqa: 
 
 
 class Upstream:
-    def __init__(self, latency_by_model: dict[str, float]) -> None:
+    def __init__(self, latency_by_model: dict[str, float], chunk_delay: float = 0.02) -> None:
         self.latency_by_model = latency_by_model
+        self.chunk_delay = chunk_delay
         self.requests = 0
         self.in_flight = 0
         self.peak_in_flight = 0
@@ -42,6 +46,9 @@ class Upstream:
                         name, value = line.split(":", 1)
                         headers[name.strip().lower()] = value.strip()
                 body = await reader.readexactly(int(headers.get("content-length") or 0))
+                if method == "POST" and (b'"stream": true' in body or b'"stream":true' in body):
+                    await self.stream(body, writer)
+                    continue
                 status, payload = await self.answer(method, path, body)
                 data = json.dumps(payload).encode()
                 writer.write(
@@ -95,9 +102,51 @@ class Upstream:
             },
         }
 
+    async def stream(self, body: bytes, writer: asyncio.StreamWriter) -> None:
+        """The answer of ``answer`` as SSE chunks over chunked transfer encoding."""
+        request = json.loads(body or b"{}")
+        self.requests += 1
+        self.in_flight += 1
+        self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
+        try:
+            writer.write(
+                b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+            )
+            latency = self.latency_by_model.get(request.get("model", ""), 0.0)
+            if latency:
+                await asyncio.sleep(latency)
+            content = "Paris is the capital of France."
+            base = {"id": "chatcmpl-bench", "object": "chat.completion.chunk", "created": int(time.time())}
+            base["model"] = request.get("model")
+            words = [word + " " for word in content.split(" ")]
+            words[-1] = words[-1].rstrip()
+            events = [{**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]}]
+            events += [{**base, "choices": [{"index": 0, "delta": {"content": word}}]} for word in words]
+            events.append({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+            if (request.get("stream_options") or {}).get("include_usage"):
+                prompt_tokens = count_message_tokens(request.get("messages") or [])
+                completion_tokens = count_tokens(content)
+                usage = {
+                    "prompt_tokens": prompt_tokens,
+                    "completion_tokens": completion_tokens,
+                    "total_tokens": prompt_tokens + completion_tokens,
+                }
+                events.append({**base, "choices": [], "usage": usage})
+            for index, event in enumerate(events):
+                if index > 1 and self.chunk_delay:
+                    await asyncio.sleep(self.chunk_delay)
+                data = f"data: {json.dumps(event)}\n\n".encode()
+                writer.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+                await writer.drain()
+            done = b"data: [DONE]\n\n"
+            writer.write(f"{len(done):x}\r\n".encode() + done + b"\r\n0\r\n\r\n")
+            await writer.drain()
+        finally:
+            self.in_flight -= 1
 
-async def serve(port: int, latency_by_model: dict[str, float]) -> None:
-    upstream = Upstream(latency_by_model)
+
+async def serve(port: int, latency_by_model: dict[str, float], chunk_delay: float = 0.02) -> None:
+    upstream = Upstream(latency_by_model, chunk_delay)
     server = await asyncio.start_server(upstream.handle, "127.0.0.1", port, backlog=4096)
     print(f"bench upstream on 127.0.0.1:{port}", flush=True)
     async with server:
@@ -108,9 +157,10 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--latency", action="append", default=[], metavar="MODEL=SECONDS")
+    parser.add_argument("--chunk-delay", type=float, default=0.02, help="seconds between streamed chunks")
     args = parser.parse_args()
     latencies = {model: float(seconds) for model, _, seconds in (x.partition("=") for x in args.latency)}
-    asyncio.run(serve(args.port, latencies))
+    asyncio.run(serve(args.port, latencies, args.chunk_delay))
 
 
 if __name__ == "__main__":

@@ -18,6 +18,14 @@ OpenAI-compatible upstream and the same client, interleaved.
 
 Prints req/s, p50/p99 and the Tollgate/LiteLLM ratio per load, then runs
 ``tollgate ledger-check`` on the database the run billed.
+
+**Streaming rows** (``--stream-loads``, default ``64:1``): the same clients stream instead
+(``stream: true`` + ``stream_options.include_usage``; the upstream streams its answer in
+chunks, the first after the model's latency): LiteLLM's ``/v1/chat/completions`` against
+Tollgate's own OpenAI-compatible ``/v1/chat/completions`` (each client in its own session,
+``X-Tollgate-Session``). Reported: streamed turns/s and the time to first token (the first
+chunk with text) p50/p99 on each side. ``--sides tollgate`` runs Tollgate alone (no
+LiteLLM install), for a quick look.
 """
 
 from __future__ import annotations
@@ -32,7 +40,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx
-from _client import Request, drive
+from _client import Request, drive, drive_stream
 from _stack import (
     BIN,
     ROOT,
@@ -179,6 +187,63 @@ def tollgate_request(key: str, sessions: list[str], model: str):
     return request, lambda status, body: status == 201 and (body or {}).get("status") == "completed"
 
 
+def litellm_stream_request(model: str):
+    request, _ = litellm_request(model)
+
+    def streamed(index: int) -> Request:
+        base = request(index)
+        return Request(
+            base.path, {**base.body, "stream": True, "stream_options": {"include_usage": True}}, base.headers
+        )
+
+    return streamed
+
+
+def tollgate_stream_request(key: str, sessions: list[str], model: str):
+    """Tollgate's OpenAI-compatible endpoint, streamed, each client in its own session."""
+
+    def request(index: int) -> Request:
+        return Request(
+            "/v1/chat/completions",
+            {
+                "model": model,
+                "messages": [{"role": "user", "content": f"Client {index}: what is the capital of France?"}],
+                "max_tokens": 64,
+                "stream": True,
+                "stream_options": {"include_usage": True},
+            },
+            {"Authorization": f"Bearer {key}", "X-Tollgate-Session": sessions[index]},
+        )
+
+    return request
+
+
+def stream_rows(
+    figures: dict, sides: dict, clients: int, latency: float, seconds: float, rounds: int
+) -> None:
+    """Streamed turns/s and time to first token per side, interleaved like the other rows."""
+    for port, request in sides.values():
+        drive_stream("127.0.0.1", port, request, min(clients, 8), 2.0)
+    results: dict[str, list[dict]] = {name: [] for name in sides}
+    for _ in range(rounds):
+        for name, (port, request) in sides.items():
+            results[name].append(drive_stream("127.0.0.1", port, request, clients, seconds))
+    label = f"stream_c{clients}_u{latency:g}s"
+    for name, runs in results.items():
+        figures[f"{label}_{name}_req_per_s"] = sum(r["rate"] for r in runs) / len(runs)
+        figures[f"{label}_{name}_ttft_p50_s"] = sorted(r["ttft_p50"] for r in runs)[len(runs) // 2]
+        figures[f"{label}_{name}_ttft_p99_s"] = max(r["ttft_p99"] for r in runs)
+        figures[f"{label}_{name}_p50_s"] = sorted(r["p50"] for r in runs)[len(runs) // 2]
+        figures[f"{label}_{name}_errors"] = sum(r["errors"] for r in runs)
+    line = ", ".join(
+        f"{name} {figures[f'{label}_{name}_req_per_s']:.1f}/s ttft p50 "
+        f"{figures[f'{label}_{name}_ttft_p50_s'] * 1000:.0f} ms "
+        f"p99 {figures[f'{label}_{name}_ttft_p99_s'] * 1000:.0f} ms"
+        for name in results
+    )
+    print(f"{label}: {line}", flush=True)
+
+
 def prepare_tollgate(settings, base: str, clients: int) -> tuple[str, list[str]]:
     """A funded user with one chat session per client; the bench models priced."""
     runtime = Runtime(settings, role="bench")
@@ -205,6 +270,11 @@ def prepare_tollgate(settings, base: str, clients: int) -> tuple[str, list[str]]
     return issued.secret, sessions
 
 
+@contextmanager
+def _nothing():
+    yield None
+
+
 def ledger_check(settings) -> bool:
     result = subprocess.run(
         [str(BIN / "tollgate"), "ledger-check"],
@@ -222,14 +292,25 @@ def main() -> None:
     parser.add_argument("--loads", default="8:0,64:1,256:1", help="clients:upstream-seconds, comma-separated")
     parser.add_argument("--seconds", type=float, default=15.0)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument(
+        "--stream-loads", default="64:1", help="streamed rows, clients:upstream-seconds ('' for none)"
+    )
+    parser.add_argument("--sides", default="litellm,tollgate", help="'tollgate' alone skips LiteLLM")
     args = parser.parse_args()
-    loads = [(int(c), float(s)) for c, s in (item.split(":") for item in args.loads.split(","))]
-    most_clients = max(clients for clients, _ in loads)
+    loads = [(int(c), float(s)) for c, s in (item.split(":") for item in args.loads.split(",") if item)]
+    stream_loads = [
+        (int(c), float(s)) for c, s in (item.split(":") for item in args.stream_loads.split(",") if item)
+    ]
+    with_litellm = "litellm" in args.sides.split(",")
+    most_clients = max(clients for clients, _ in loads + stream_loads)
 
     with fresh_database() as url:
         settings = bench_settings(url, billing_enforcement_enabled=True)
         log = open(settings.var_dir / "peer.log", "wb")  # noqa: SIM115
-        with upstream(log) as upstream_base, litellm_proxy(upstream_base, settings.var_dir, log) as litellm:
+        with (
+            upstream(log) as upstream_base,
+            litellm_proxy(upstream_base, settings.var_dir, log) if with_litellm else _nothing() as litellm,
+        ):
             with running_stack(
                 settings,
                 MODEL_PROVIDER="openai",
@@ -239,9 +320,19 @@ def main() -> None:
             ) as base:
                 key, sessions = prepare_tollgate(settings, base, most_clients)
                 tollgate_port = urlsplit(base).port
-                litellm_port = urlsplit(litellm).port
+                litellm_port = urlsplit(litellm).port if litellm else None
                 figures: dict = {}
-                for clients, latency in loads:
+                for clients, latency in stream_loads:
+                    streamed = {
+                        "tollgate": (tollgate_port, tollgate_stream_request(key, sessions, MODELS[latency]))
+                    }
+                    if litellm_port:
+                        streamed = {
+                            "litellm": (litellm_port, litellm_stream_request(MODELS[latency])),
+                            **streamed,
+                        }
+                    stream_rows(figures, streamed, clients, latency, args.seconds, args.rounds)
+                for clients, latency in loads if litellm_port else []:
                     model = MODELS[latency]
                     sides = {
                         "litellm": (litellm_port, *litellm_request(model)),

@@ -66,6 +66,10 @@ class _Metrics:
     enforcement_refusals: Counter
     summary_fallbacks: Counter
     uncovered_charges: Counter
+    first_token: Histogram
+    streams: Counter
+    cancels: Counter
+    resumes: Counter
 
 
 def _build() -> _Metrics:
@@ -130,6 +134,31 @@ def _build() -> _Metrics:
             "Cost of enforced work that was not charged because neither its hold nor the available "
             "credit covered it (a provider counting more tokens than estimated; a hold that expired "
             "under a dead worker), in micro-units of credit. Should stay at zero; see docs/billing.md.",
+            registry=registry,
+        ),
+        first_token=Histogram(
+            "tollgate_turn_first_token_seconds",
+            "Time from a turn's creation to the first piece of its answer reaching its stream.",
+            buckets=TURN_BUCKETS,
+            registry=registry,
+        ),
+        streams=Counter(
+            "tollgate_streamed_turns",
+            "Event streams opened by clients, by API (turns: POST turns with stream or "
+            "GET /turns/{id}/events; openai: /v1/chat/completions with stream).",
+            ["api"],
+            registry=registry,
+        ),
+        cancels=Counter(
+            "tollgate_turn_cancels",
+            "POST /turns/{id}/cancel requests that cancelled a turn, by the turn's state then "
+            "(queued: ended at once; running: its worker stopped it).",
+            ["state"],
+            registry=registry,
+        ),
+        resumes=Counter(
+            "tollgate_turn_stream_resumes",
+            "Event streams re-attached with Last-Event-ID.",
             registry=registry,
         ),
     )
@@ -197,6 +226,22 @@ def turn_finished(outcome: str, seconds: float | None) -> None:
     m.turns.labels(outcome).inc()
     if seconds is not None:
         m.turn_duration.labels(outcome).observe(max(seconds, 0.0))
+
+
+def first_token(seconds: float) -> None:
+    _get().first_token.observe(max(seconds, 0.0))
+
+
+def stream_opened(api: str) -> None:
+    _get().streams.labels(api).inc()
+
+
+def turn_cancelled(state: str) -> None:
+    _get().cancels.labels(state).inc()
+
+
+def stream_resumed() -> None:
+    _get().resumes.inc()
 
 
 def tool_called(tool: str, status: str, seconds: float) -> None:

@@ -89,6 +89,12 @@ class Settings:
     turn_wait_seconds: float = 30.0
     # How long a web process may reuse an API key it checked (0: check every request).
     auth_cache_seconds: float = 60.0
+    # The offline model's pause between the pieces of a streamed answer (0 in tests).
+    offline_stream_delay_seconds: float = 0.02
+    # How long a turn's stream of events (Redis) is kept after its last event.
+    turn_stream_ttl_seconds: int = 3600
+    # POST /turns/{id}/cancel waits this long for the worker to stop the turn.
+    turn_cancel_wait_seconds: float = 5.0
     max_upload_bytes: int = 10 * 1024 * 1024
     max_turn_chars: int = 32_000
     # Extraction bounds per uploaded file (a PDF bomb must not fill the database or a worker).
@@ -159,6 +165,15 @@ class Settings:
             default_model=default_model,
             turn_wait_seconds=float(_decimal(env.get("TURN_WAIT_SECONDS", "30"), "TURN_WAIT_SECONDS")),
             auth_cache_seconds=float(_decimal(env.get("AUTH_CACHE_SECONDS", "60"), "AUTH_CACHE_SECONDS")),
+            offline_stream_delay_seconds=float(
+                _decimal(env.get("OFFLINE_STREAM_DELAY_SECONDS", "0.02"), "OFFLINE_STREAM_DELAY_SECONDS")
+            ),
+            turn_stream_ttl_seconds=max(
+                3600, _int(env.get("TURN_STREAM_TTL_SECONDS", "3600"), "TURN_STREAM_TTL_SECONDS")
+            ),
+            turn_cancel_wait_seconds=float(
+                _decimal(env.get("TURN_CANCEL_WAIT_SECONDS", "5"), "TURN_CANCEL_WAIT_SECONDS")
+            ),
             max_upload_bytes=_int(env.get("MAX_UPLOAD_BYTES", str(10 * 1024 * 1024)), "MAX_UPLOAD_BYTES"),
             hold_ttl_seconds=_int(env.get("HOLD_TTL_SECONDS", "900"), "HOLD_TTL_SECONDS"),
             max_extracted_chars=_int(env.get("MAX_EXTRACTED_CHARS", "2000000"), "MAX_EXTRACTED_CHARS"),

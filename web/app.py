@@ -88,6 +88,8 @@ def create_app(settings: Settings | None = None, *, celery_app=None) -> Flask:
 
     for module in BLUEPRINT_MODULES:
         api.register_blueprint(import_module(f"web.api.{module}").blp)
+    # OpenAI's protocol, outside /api/v1 and its spec (docs/openai_compatible.md).
+    app.register_blueprint(import_module("web.openai_api").bp)
 
     app.register_blueprint(api_docs.blp)
     app.register_blueprint(console_blueprint)

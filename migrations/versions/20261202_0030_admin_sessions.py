@@ -1,7 +1,7 @@
 """admin console sessions: a token hash, its CSRF token and the API key it was opened with
 
 Revision ID: 20261202_0030
-Revises: 20261130_0002
+Revises: 20261202_0020
 Create Date: 2026-12-02 03:00:00
 """
 
@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "20261202_0030"
-down_revision: str | None = "20261130_0002"
+down_revision: str | None = "20261202_0020"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

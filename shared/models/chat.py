@@ -5,7 +5,7 @@ from decimal import Decimal
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import JSON, Boolean, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy import JSON, Boolean, ForeignKey, Index, Integer, String, Text, UniqueConstraint, false
 from sqlalchemy.orm import Mapped, mapped_column
 
 from shared.db import MONEY, Base, IdColumn, UTCDateTime, check_in, new_id, utcnow
@@ -105,6 +105,17 @@ class Turn(Base):
     api_key_id: Mapped[str | None] = mapped_column(IdColumn())
     # The worst case reserved against a spend limit at admission (null: no spend limit applied).
     limit_reserve: Mapped[Decimal | None] = mapped_column(MONEY)
+    # Some usage was estimated with the token rule, not reported by the provider (an
+    # upstream stream without a usage chunk, a stream cut short by a cancel or a drop).
+    usage_estimated: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    # POST /turns/{id}/cancel on a running turn: its worker stops at the next chunk or round.
+    cancel_requested_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # A /v1/chat/completions turn: the caller's messages are the whole context.
+    request_messages: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON)
+    # ... the caller's own tools (function schemas), offered to the model as they are; and the
+    # tool calls the model answered with, returned to the caller to run (Tollgate runs none).
+    request_tools: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON)
+    reply_tool_calls: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON)
 
 
 class ToolCallEvent(Base):

@@ -48,6 +48,8 @@ class ApiKey(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     last_used_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # Where /v1/chat/completions records this key's calls without X-Tollgate-Session.
+    default_session_id: Mapped[str | None] = mapped_column(IdColumn())
 
     user: Mapped[User] = relationship(back_populates="api_keys")
 

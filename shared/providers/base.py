@@ -7,6 +7,7 @@ pipeline builds one conversation and any provider can answer it.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -14,6 +15,13 @@ if TYPE_CHECKING:
     from shared.settings import Settings
 
 DEFAULT_OPENAI_BASE_URL = "https://api.openai.com/v1"
+
+# Streaming hooks of ``complete()``: ``on_delta(text)`` receives each piece of the answer's
+# text as it arrives; ``should_stop()`` is asked between pieces, and a true answer ends the
+# call early with ``finish_reason == CANCELLED`` and the usage consumed so far.
+OnDelta = Callable[[str], None]
+ShouldStop = Callable[[], bool]
+CANCELLED = "cancelled"
 
 
 @dataclass(frozen=True)
@@ -49,6 +57,12 @@ class Completion:
     output_tokens: int
     model: str
     finish_reason: str | None
+    # The token counts are our estimate (token rule), not the provider's own report.
+    usage_estimated: bool = False
+
+    @property
+    def cancelled(self) -> bool:
+        return self.finish_reason == CANCELLED
 
     def assistant_message(self) -> dict[str, Any]:
         """The answer as the assistant message to append to the conversation."""
@@ -65,6 +79,7 @@ _DEFAULT_MESSAGES = {
     "provider_bad_response": "The model provider sent a response that is not a valid completion.",
     "provider_rejected": "The model provider rejected the request.",
     "bad_model_output": "The model returned output that could not be used.",
+    "provider_stream_interrupted": "The model provider's stream broke off before the answer was complete.",
 }
 
 
@@ -84,6 +99,7 @@ class ProviderError(Exception):
         retry_after: float | None = None,
         input_tokens: int = 0,
         output_tokens: int = 0,
+        usage_estimated: bool = False,
     ) -> None:
         if code:
             self.code = code
@@ -94,6 +110,7 @@ class ProviderError(Exception):
         # used was paid for): the turn bills it.
         self.input_tokens = input_tokens
         self.output_tokens = output_tokens
+        self.usage_estimated = usage_estimated
         # args are the constructor's own arguments, so pickling and Celery's result
         # serialisation rebuild the same error rather than one with the message as code.
         super().__init__(self.code, self.message)
@@ -128,8 +145,10 @@ class Provider(Protocol):
         max_output_tokens: int,
         tools: list[dict] | None = None,
         timeout: float | None = None,
+        on_delta: OnDelta | None = None,
+        should_stop: ShouldStop | None = None,
     ) -> Completion:
-        """Answer the conversation.
+        """Answer the conversation; with ``on_delta``, streamed (see ``OnDelta``).
 
         :raises ProviderTransientError: the call may succeed if tried again later.
         :raises ProviderPermanentError: the call will not succeed as it stands.
@@ -170,6 +189,7 @@ def build_provider(settings: Settings, **options: Any) -> Provider:
     if settings.model_provider == "offline":
         from shared.providers.offline import OfflineProvider
 
+        options.setdefault("stream_delay", settings.offline_stream_delay_seconds)
         return OfflineProvider(**options)
     if settings.model_provider == "openai":
         from shared.providers.openai import OpenAIProvider

@@ -20,6 +20,7 @@ What it does, in order (docs/providers.md has the user-facing version):
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import re
@@ -28,9 +29,12 @@ from collections.abc import Iterable
 from typing import Any
 
 from shared.providers.base import (
+    CANCELLED,
     Completion,
+    OnDelta,
     ProviderPermanentError,
     ProviderTransientError,
+    ShouldStop,
     ToolCall,
 )
 from shared.providers.tokens import (
@@ -53,6 +57,10 @@ _SLEEP_SUMMARY = re.compile(r"\[\[offline:sleep-summary=(\d+(?:\.\d+)?)\]\]", re
 _FAIL = re.compile(r"\[\[offline:fail\]\]", re.IGNORECASE)
 _TRANSIENT = re.compile(r"\[\[offline:transient\]\]", re.IGNORECASE)
 _FAIL_SUMMARY = re.compile(r"\[\[offline:fail-summary\]\]", re.IGNORECASE)
+_SLOW = re.compile(r"\[\[offline:slow=(\d+(?:\.\d+)?)\]\]", re.IGNORECASE)
+# A streamed answer goes out in pieces of this many words (a word keeps its trailing space).
+STREAM_WORDS_PER_DELTA = 3
+_STREAM_PIECE = re.compile(r"\S+\s*|\s+")
 # "search for X" / "search: X"; X runs to the end of its sentence or line.
 # A sentence ends at . ? ! followed by a space or the end, so "report.pdf" stays whole.
 _SEARCH = re.compile(r"\bsearch(?:\s+for\b|\s*:)\s*(?P<query>.+?)\s*(?:[.?!](?:\s|$)|\n|$)", re.IGNORECASE)
@@ -157,6 +165,11 @@ class OfflineProvider:
     name = "offline"
     supports_tools = True
 
+    def __init__(self, *, stream_delay: float = 0.0) -> None:
+        # Seconds between the pieces of a streamed answer: a realistic pace for demos,
+        # 0 in tests. ``[[offline:slow=S]]`` in the last user message overrides it.
+        self.stream_delay = stream_delay
+
     def complete(
         self,
         messages: list[dict],
@@ -165,6 +178,42 @@ class OfflineProvider:
         max_output_tokens: int,
         tools: list[dict] | None = None,
         timeout: float | None = None,
+        on_delta: OnDelta | None = None,
+        should_stop: ShouldStop | None = None,
+    ) -> Completion:
+        completion = self._complete(messages, model, max_output_tokens, tools, timeout)
+        if on_delta is None or not completion.content:
+            return completion
+        return self._stream(completion, messages, on_delta, should_stop)
+
+    def _stream(
+        self, completion: Completion, messages: list[dict], on_delta: OnDelta, should_stop: ShouldStop | None
+    ) -> Completion:
+        """Hand the answer out a few words at a time; stopped early, the answer is what was sent
+        and the output tokens are counted on it (the offline rule is exact, not an estimate)."""
+        slow = _SLOW.search(self._last_user(messages)[1])
+        delay = float(slow.group(1)) if slow else self.stream_delay
+        words = _STREAM_PIECE.findall(completion.content or "")
+        sent = ""
+        for start in range(0, len(words), STREAM_WORDS_PER_DELTA):
+            if should_stop is not None and should_stop():
+                return dataclasses.replace(
+                    completion, content=sent, output_tokens=count_tokens(sent), finish_reason=CANCELLED
+                )
+            if start and delay > 0:
+                time.sleep(min(delay, MAX_SLEEP_SECONDS))
+            piece = "".join(words[start : start + STREAM_WORDS_PER_DELTA])
+            on_delta(piece)
+            sent += piece
+        return completion
+
+    def _complete(
+        self,
+        messages: list[dict],
+        model: str,
+        max_output_tokens: int,
+        tools: list[dict] | None,
+        timeout: float | None,
     ) -> Completion:
         if max_output_tokens < 1:
             raise ProviderPermanentError(

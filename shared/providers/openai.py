@@ -8,6 +8,7 @@ try usually fixes (timeouts, dropped connections, 408/409/429, 5xx): up to
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
@@ -19,10 +20,13 @@ from typing import Any
 import httpx
 
 from shared.providers.base import (
+    CANCELLED,
     Completion,
+    OnDelta,
     ProviderError,
     ProviderPermanentError,
     ProviderTransientError,
+    ShouldStop,
     ToolCall,
     tool_call_from_raw,
 )
@@ -127,18 +131,43 @@ class OpenAIProvider:
         max_output_tokens: int,
         tools: list[dict] | None = None,
         timeout: float | None = None,
+        on_delta: OnDelta | None = None,
+        should_stop: ShouldStop | None = None,
     ) -> Completion:
         body: dict[str, Any] = {"model": model, "messages": messages, "max_tokens": max_output_tokens}
         if tools:
             body["tools"] = tools
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        if on_delta is not None:
+            body["stream"] = True
+            body["stream_options"] = {"include_usage": True}
+            headers["Accept"] = "text/event-stream"
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
         attempt_timeout = httpx.Timeout(self.timeout if timeout is None else timeout)
 
         for attempt in range(1, self.max_attempts + 1):
             try:
-                response = self._http().post(self.url, json=body, headers=headers, timeout=attempt_timeout)
+                if on_delta is not None:
+                    # Retried below only while nothing reached on_delta: a stream that broke
+                    # after its first piece raises ProviderPermanentError (stream_interrupted).
+                    streamed = _Stream(messages, tools, model, on_delta, should_stop)
+                    with self._http().stream(
+                        "POST", self.url, json=body, headers=headers, timeout=attempt_timeout
+                    ) as response:
+                        if response.is_success and _is_event_stream(response):
+                            return streamed.read(response)
+                        response.read()
+                        if response.is_success:
+                            # A server that ignores "stream": one JSON completion, one piece.
+                            completion = self._parse(response, messages, tools, model)
+                            if completion.content:
+                                on_delta(completion.content)
+                            return completion
+                else:
+                    response = self._http().post(
+                        self.url, json=body, headers=headers, timeout=attempt_timeout
+                    )
             except httpx.TimeoutException as exc:
                 error: ProviderError = ProviderTransientError(
                     "provider_timeout", f"The model provider did not answer within {attempt_timeout.read} s."
@@ -269,4 +298,167 @@ class OpenAIProvider:
             output_tokens=output_tokens,
             model=payload.get("model") if isinstance(payload.get("model"), str) else model,
             finish_reason=finish_reason if isinstance(finish_reason, str) else None,
+        )
+
+
+def _is_event_stream(response: httpx.Response) -> bool:
+    content_type = response.headers.get("content-type", "")
+    return content_type.split(";", 1)[0].strip().lower() == "text/event-stream"
+
+
+def _estimated_usage(messages: list[dict], tools: list[dict] | None, emitted: str) -> tuple[int, int]:
+    """The token rule's count of a call: what was sent, and what came back so far."""
+    return count_message_tokens(messages) + count_tool_schema_tokens(tools), count_tokens(emitted)
+
+
+class _Stream:
+    """One streamed answer (``stream: true``, ``stream_options.include_usage``): the text
+    pieces go to ``on_delta`` as they arrive, tool-call fragments are joined by index, and
+    the usage is the last ``usage`` object seen (OpenAI sends it in a final chunk with no
+    choices; servers that send running totals in every chunk work too)."""
+
+    def __init__(self, messages, tools, model, on_delta: OnDelta, should_stop: ShouldStop | None) -> None:
+        self.messages, self.tools, self.model = messages, tools, model
+        self.on_delta, self.should_stop = on_delta, should_stop
+        self.content = ""
+        self.calls: dict[int, dict[str, str]] = {}
+        self.finish_reason: str | None = None
+        self.usage: dict | None = None
+        self.answered_model: str | None = None
+        self.started = False  # a piece reached on_delta: the call can no longer be retried
+
+    def read(self, response: httpx.Response) -> Completion:
+        done = False
+        try:
+            for line in response.iter_lines():
+                if not line.startswith("data:"):
+                    continue  # comments (": ping"), event names, blank separators
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    done = True
+                    break
+                self._chunk(data)
+                if self.should_stop is not None and self.should_stop():
+                    # Closing the response (the with-block) stops the upstream's generation.
+                    return self._completion(CANCELLED)
+        except (httpx.TimeoutException, httpx.TransportError) as exc:
+            if not self.started:
+                raise
+            raise self._interrupted(f"the stream broke ({type(exc).__name__})") from None
+        if not done and self.finish_reason is None and self.usage is None:
+            if not self.started:
+                raise ProviderTransientError(
+                    "provider_unavailable", "The model provider closed the stream before answering."
+                )
+            raise self._interrupted("the stream ended before its last chunk")
+        return self._completion(self.finish_reason)
+
+    def _chunk(self, data: str) -> None:
+        try:
+            chunk = json.loads(data)
+        except ValueError:
+            raise self._bad("a chunk is not JSON") from None
+        if not isinstance(chunk, dict):
+            raise self._bad("a chunk is not a JSON object")
+        if isinstance(chunk.get("usage"), dict):
+            self.usage = chunk["usage"]
+        if isinstance(chunk.get("model"), str):
+            self.answered_model = chunk["model"]
+        choices = chunk.get("choices")
+        if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+            return  # the usage chunk has no choices
+        choice = choices[0]
+        if isinstance(choice.get("finish_reason"), str):
+            self.finish_reason = choice["finish_reason"]
+        delta = choice.get("delta") if isinstance(choice.get("delta"), dict) else {}
+        text = delta.get("content")
+        if isinstance(text, str) and text:
+            self.started = True
+            self.content += text
+            self.on_delta(text)
+        for fragment in delta.get("tool_calls") or []:
+            if not isinstance(fragment, dict):
+                continue
+            self.started = True
+            index = fragment.get("index") if isinstance(fragment.get("index"), int) else len(self.calls)
+            call = self.calls.setdefault(index, {"id": "", "name": "", "arguments": ""})
+            if isinstance(fragment.get("id"), str):
+                call["id"] = fragment["id"]
+            function = fragment.get("function") if isinstance(fragment.get("function"), dict) else {}
+            if isinstance(function.get("name"), str):
+                call["name"] += function["name"]
+            if isinstance(function.get("arguments"), str):
+                call["arguments"] += function["arguments"]
+
+    def _tool_calls(self) -> list[ToolCall]:
+        calls = []
+        for index in sorted(self.calls):
+            raw = self.calls[index]
+            if not raw["name"]:
+                raise self._bad(f"tool_calls[{index}] has no function name")
+            try:
+                calls.append(tool_call_from_raw(raw["id"] or f"call_{index}", raw["name"], raw["arguments"]))
+            except RecursionError:
+                # As in _parse: not a call anyone can run; the answer arrived, its usage is billed.
+                input_tokens, output_tokens, estimated = self._usage()
+                raise ProviderPermanentError(
+                    "bad_model_output",
+                    f"tool_calls[{index}] arguments are nested too deeply to parse",
+                    input_tokens=input_tokens,
+                    output_tokens=output_tokens,
+                    usage_estimated=estimated,
+                ) from None
+        return calls
+
+    def _emitted(self) -> str:
+        return self.content + "".join(c["name"] + c["arguments"] for c in self.calls.values())
+
+    def _usage(self) -> tuple[int, int, bool]:
+        """``(input, output, estimated)``: the provider's report where it gave one."""
+        usage = self.usage or {}
+        estimated_input, estimated_output = _estimated_usage(self.messages, self.tools, self._emitted())
+        input_tokens, output_tokens = usage.get("prompt_tokens"), usage.get("completion_tokens")
+        estimated = False
+        if not isinstance(input_tokens, int) or isinstance(input_tokens, bool) or input_tokens < 0:
+            input_tokens, estimated = estimated_input, True
+        if not isinstance(output_tokens, int) or isinstance(output_tokens, bool) or output_tokens < 0:
+            output_tokens, estimated = estimated_output, True
+        # A running total sent before the last piece may lag the text received: never bill
+        # less than the text that arrived.
+        if self.finish_reason is None and output_tokens < estimated_output:
+            output_tokens, estimated = estimated_output, True
+        return input_tokens, output_tokens, estimated
+
+    def _completion(self, finish_reason: str | None) -> Completion:
+        tool_calls = [] if finish_reason == CANCELLED else self._tool_calls()
+        input_tokens, output_tokens, estimated = self._usage()
+        return Completion(
+            content=self.content if (self.content or finish_reason == CANCELLED) else None,
+            tool_calls=tool_calls,
+            input_tokens=input_tokens,
+            output_tokens=output_tokens,
+            model=self.answered_model or self.model,
+            finish_reason=finish_reason,
+            usage_estimated=estimated,
+        )
+
+    def _interrupted(self, why: str) -> ProviderPermanentError:
+        input_tokens, output_tokens, estimated = self._usage()
+        logger.warning("model stream interrupted: %s", why)
+        return ProviderPermanentError(
+            "provider_stream_interrupted",
+            "The model provider's stream broke off before the answer was complete.",
+            input_tokens=input_tokens,
+            output_tokens=output_tokens,
+            usage_estimated=estimated,
+        )
+
+    def _bad(self, why: str) -> ProviderPermanentError:
+        input_tokens, output_tokens, estimated = self._usage()
+        return ProviderPermanentError(
+            "provider_bad_response",
+            f"The model provider sent an invalid stream: {why}.",
+            input_tokens=input_tokens if self.started else 0,
+            output_tokens=output_tokens if self.started else 0,
+            usage_estimated=estimated,
         )

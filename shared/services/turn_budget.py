@@ -100,6 +100,19 @@ def worst_case(
     return _exact_cost(price, input_tokens, output_tokens).quantize(MONEY_QUANT, rounding=ROUND_CEILING)
 
 
+def worst_case_messages(
+    price: ModelPrice,
+    policy: HoldPolicy,
+    messages: list[dict],
+    max_output_tokens: int,
+    tools: list[dict] | None = None,
+) -> Decimal:
+    """The hold of a turn that is one call on the caller's own messages and tools
+    (/v1/chat/completions)."""
+    cost = _exact_cost(price, policy.input_tokens(messages, tools), max_output_tokens)
+    return cost.quantize(MONEY_QUANT, rounding=ROUND_CEILING)
+
+
 class TurnBudget:
     """One run of a turn against its hold (``reserved``; ``None``: not enforced, no bound).
 

@@ -28,7 +28,7 @@ from sqlalchemy.orm import Session
 
 from shared import metrics
 from shared.db import is_database_unavailable, new_id, utcnow
-from shared.errors import InsufficientBalance
+from shared.errors import Conflict, InsufficientBalance
 from shared.logging import turn_id_var
 from shared.models import ChatSession, Hold, ToolCallEvent, Turn, TurnStatus
 from shared.providers import (
@@ -40,7 +40,7 @@ from shared.runtime import Runtime
 from shared.services import billing, enforcement, pricing, summaries, turn_context, turn_events
 from shared.services.text import clean_json, clean_text
 from shared.services.turn_budget import BudgetExhausted, HoldPolicy, TurnBudget
-from shared.services.turns import FINISHED, place_turn_hold
+from shared.services.turns import FINISHED, owned_turn, place_turn_hold, wait_until_finished
 from shared.tools.registry import ToolContext, ToolResult
 
 log = logging.getLogger(__name__)
@@ -91,13 +91,21 @@ class Execution:
     input_tokens: int = 0
     output_tokens: int = 0
     summary_used_fallback: bool = False
+    # Some of the usage is the token rule's estimate, not the provider's report.
+    usage_estimated: bool = False
+    # The turn was cancelled (POST /turns/{id}/cancel): ``reply`` is what was generated so far.
+    cancelled: bool = False
+    # A /v1 turn answered with calls of the caller's tools (OpenAI's ``tool_calls``).
+    reply_tool_calls: list[dict] | None = None
     # This turn pushes the oldest turn of a full window out: a background summary refresh is due.
     summary_due_after: bool = False
     messages: list[dict] = field(default_factory=list)
 
-    def add(self, input_tokens: int, output_tokens: int) -> None:
+    def add(self, input_tokens: int, output_tokens: int, *, estimated: bool = False) -> None:
         self.input_tokens += input_tokens
         self.output_tokens += output_tokens
+        if estimated and (input_tokens or output_tokens):
+            self.usage_estimated = True
 
 
 def _lock(session: Session, turn_id: str) -> Turn | None:
@@ -159,6 +167,8 @@ def _fail_locked(
     _end_locked(
         runtime, session, turn, status="failed", input_tokens=used_in, output_tokens=used_out, now=utcnow()
     )
+    if execution is not None and execution.usage_estimated:
+        turn.usage_estimated = True
     turn.error_code = code
     turn.error_message = clean_text(error_message(code, message))[:2000]
 
@@ -221,6 +231,12 @@ def claim(runtime: Runtime, turn_id: str, *, takeover: bool, owner: str | None =
         if turn.status == TurnStatus.RUNNING and not _may_take_over(turn, owner, takeover, now):
             session.rollback()  # another worker is on it
             return None
+        if turn.cancel_requested_at is not None:
+            # Cancelled while its worker was gone: bill what earlier attempts used.
+            _cancel_locked(runtime, session, turn, None)
+            session.commit()
+            _ended(runtime, turn)
+            return None
         if turn.attempts >= MAX_ATTEMPTS:
             _fail_locked(runtime, session, turn, "worker_lost")
             session.commit()
@@ -277,22 +293,23 @@ def _excerpt(text: str) -> str:
 
 def _record_tool_call(
     session: Session, turn: Turn, name: str, arguments: dict, result, duration_ms: int
-) -> None:
-    session.add(
-        ToolCallEvent(
-            turn_id=turn.id,
-            room_id=turn.room_id,
-            tool=clean_text(name)[:64],
-            arguments=clean_json(arguments),
-            status=result.status,
-            duration_ms=duration_ms,
-            result_excerpt=clean_text(_excerpt(result.content)),
-        )
+) -> ToolCallEvent:
+    event = ToolCallEvent(
+        id=new_id(),
+        turn_id=turn.id,
+        room_id=turn.room_id,
+        tool=clean_text(name)[:64],
+        arguments=clean_json(arguments),
+        status=result.status,
+        duration_ms=duration_ms,
+        result_excerpt=clean_text(_excerpt(result.content)),
     )
+    session.add(event)
     session.commit()
+    return event
 
 
-def _call_tool(session, tools, turn: Turn, name: str, arguments: dict, parse_error: str | None):
+def _call_tool(session, tools, turn: Turn, name: str, arguments: dict, parse_error: str | None, stream=None):
     started = time.monotonic()
     if parse_error:
         result = ToolResult(status="error", content=f"invalid arguments: {parse_error}", data=None)
@@ -308,8 +325,22 @@ def _call_tool(session, tools, turn: Turn, name: str, arguments: dict, parse_err
     elapsed = time.monotonic() - started
     # The model may name any tool: unknown names share one label, so the series stay few.
     metrics.tool_called(name if name in tools.names() else "unknown", result.status, elapsed)
-    _record_tool_call(session, turn, name, arguments, result, int(elapsed * 1000))
+    event = _record_tool_call(session, turn, name, arguments, result, int(elapsed * 1000))
+    if stream is not None:
+        stream.tool_call(tool_call_read(event))
     return result
+
+
+def tool_call_read(event: ToolCallEvent) -> dict:
+    """A recorded tool call as TurnRead's ``tool_calls`` entries show it."""
+    return {
+        "id": event.id,
+        "tool": event.tool,
+        "arguments": event.arguments,
+        "status": event.status,
+        "duration_ms": event.duration_ms,
+        "result_excerpt": event.result_excerpt,
+    }
 
 
 def _save_usage(session: Session, turn: Turn, result: Execution) -> None:
@@ -320,7 +351,11 @@ def _save_usage(session: Session, turn: Turn, result: Execution) -> None:
     session.execute(
         update(Turn)
         .where(Turn.id == turn.id, Turn.status == TurnStatus.RUNNING, Turn.lease_owner == turn.lease_owner)
-        .values(input_tokens=result.input_tokens, output_tokens=result.output_tokens)
+        .values(
+            input_tokens=result.input_tokens,
+            output_tokens=result.output_tokens,
+            usage_estimated=result.usage_estimated,
+        )
     )
     session.commit()
 
@@ -342,17 +377,33 @@ def budget_for(runtime: Runtime, session: Session, turn: Turn) -> TurnBudget:
     )
 
 
-def execute(runtime: Runtime, turn: Turn, provider, tools, result: Execution | None = None) -> Execution:
+def execute(
+    runtime: Runtime, turn: Turn, provider, tools, result: Execution | None = None, stream=None
+) -> Execution:
     """Build the context, refresh the summary if due, run the model with tools.
 
     ``result`` is filled as the turn goes, so a caller catching an exception still
-    knows what was used.
+    knows what was used. ``stream`` (a ``turn_events.TurnPublisher``) receives the answer's
+    pieces and tool calls, and says when the turn was cancelled: checked before every
+    model call and between the pieces of one; a cancelled turn returns with
+    ``result.cancelled`` and the partial reply.
 
     :raises ProviderError: from the turn's own model call (summary failures fall back).
     :raises BudgetExhausted: what is left of the hold cannot pay for the next call.
     """
     result = result if result is not None else Execution()
     result.input_tokens, result.output_tokens = turn.input_tokens, turn.output_tokens
+    result.usage_estimated = turn.usage_estimated
+    if turn.request_messages is not None:
+        return _execute_messages(runtime, turn, provider, result, stream)
+    on_delta = stream.delta if stream is not None else None
+    should_stop = stream.should_stop if stream is not None else None
+
+    def cancelled_now() -> bool:
+        if stream is not None and stream.should_stop(now=True):
+            result.cancelled = True
+        return result.cancelled
+
     # No transaction stays open across a model call: each read block ends with a
     # commit (Postgres: no idle-in-transaction; SQLite: no write lock held).
     with runtime.db.session() as session:
@@ -365,7 +416,7 @@ def execute(runtime: Runtime, turn: Turn, provider, tools, result: Execution | N
         max_output = turn.max_output_tokens
 
         summary_text = context.summary
-        if context.summary_due:
+        if context.summary_due and not cancelled_now():
             answer = budget.call_cost(
                 turn_context.messages(context, turn.content, summary=context.summary), None, 1
             )
@@ -395,29 +446,143 @@ def execute(runtime: Runtime, turn: Turn, provider, tools, result: Execution | N
         history = turn_context.history_bounds(messages, context)
 
         for round_number in range(MAX_TOOL_ROUNDS + 1):
+            if cancelled_now():
+                break
             offer_tools = tool_schemas if round_number < MAX_TOOL_ROUNDS else None
             if offer_tools and not budget.allows_tool_round(messages, offer_tools, max_output):
                 offer_tools = None  # the hold pays for an answer, not another tool round
             send, call_max_output = budget.fit(messages, offer_tools, max_output, history)
             completion = provider.complete(
-                send, model=turn.model, max_output_tokens=call_max_output, tools=offer_tools
+                send,
+                model=turn.model,
+                max_output_tokens=call_max_output,
+                tools=offer_tools,
+                on_delta=on_delta,
+                should_stop=should_stop,
             )
-            result.add(completion.input_tokens, completion.output_tokens)
+            if stream is not None:
+                stream.flush()
+            result.add(
+                completion.input_tokens, completion.output_tokens, estimated=completion.usage_estimated
+            )
             budget.record(
                 completion.input_tokens,
                 completion.output_tokens,
                 estimated_input=budget.estimate_input(send, offer_tools),
             )
+            if completion.cancelled:
+                result.cancelled = True
+                result.reply = clean_text(completion.content or "")
+                break
             if not completion.tool_calls or offer_tools is None:
                 result.reply = clean_text(completion.content or "")
                 break
             _save_usage(session, turn, result)
             messages.append(completion.assistant_message())
             for call in completion.tool_calls:
-                found = _call_tool(session, tools, turn, call.name, call.arguments, call.parse_error)
+                found = _call_tool(session, tools, turn, call.name, call.arguments, call.parse_error, stream)
                 messages.append({"role": "tool", "tool_call_id": call.id, "content": found.content})
     result.messages = messages
     return result
+
+
+def _execute_messages(runtime: Runtime, turn: Turn, provider, result: Execution, stream) -> Execution:
+    """A /v1/chat/completions turn: the caller's messages are the whole context (no room
+    context or summary), one model call offered the caller's own tools (Tollgate runs
+    none: the calls go back to the caller), trimmed to the hold like any other."""
+    with runtime.db.session() as session:
+        budget = budget_for(runtime, session, turn)
+        session.commit()
+    messages = list(turn.request_messages or [])
+    if stream is not None and stream.should_stop(now=True):
+        result.cancelled = True
+        return result
+    tools = turn.request_tools or None
+    send, call_max_output = budget.fit(messages, tools, turn.max_output_tokens, (0, 0))
+    completion = provider.complete(
+        send,
+        model=turn.model,
+        max_output_tokens=call_max_output,
+        tools=tools,
+        on_delta=stream.delta if stream is not None else None,
+        should_stop=stream.should_stop if stream is not None else None,
+    )
+    if stream is not None:
+        stream.flush()
+    result.add(completion.input_tokens, completion.output_tokens, estimated=completion.usage_estimated)
+    result.cancelled = completion.cancelled
+    result.reply = clean_text(completion.content or "")
+    if completion.tool_calls and not completion.cancelled:
+        result.reply_tool_calls = [clean_json(call.to_message()) for call in completion.tool_calls]
+    result.messages = messages
+    return result
+
+
+def _cancel_locked(runtime: Runtime, session: Session, turn: Turn, result: Execution | None) -> None:
+    """End the turn ``cancelled``: bill the tokens consumed so far (this attempt's and those
+    saved by earlier ones) through the same settlement as any turn, release the rest."""
+    used_in = max(turn.input_tokens, result.input_tokens if result else 0)
+    used_out = max(turn.output_tokens, result.output_tokens if result else 0)
+    _end_locked(
+        runtime, session, turn, status="cancelled", input_tokens=used_in, output_tokens=used_out, now=utcnow()
+    )
+    if result is not None:
+        turn.reply = result.reply or None
+        turn.summary_used_fallback = result.summary_used_fallback
+        turn.usage_estimated = turn.usage_estimated or result.usage_estimated
+    turn.error_code = turn.error_message = None
+
+
+def finish_cancelled(runtime: Runtime, turn_id: str, result: Execution) -> bool:
+    """End a running turn its worker stopped because it was cancelled. Returns False if it
+    had already ended."""
+    with runtime.db.session() as session:
+        turn = _lock(session, turn_id)
+        if turn is None or turn.status in FINISHED:
+            session.rollback()
+            return False
+        _cancel_locked(runtime, session, turn, result)
+        session.commit()
+        _ended(runtime, turn)
+        return True
+
+
+def cancel(runtime: Runtime, session: Session, user_id: str, turn_id: str) -> Turn:
+    """Cancel a turn (POST /turns/{id}/cancel); idempotent for a cancelled turn.
+
+    A queued turn ends ``cancelled`` at once (tokens an earlier attempt used are billed,
+    the rest of the hold released; its task will find it finished). A running turn gets
+    its cancel request (the row's ``cancel_requested_at`` and the Redis flag); its worker
+    stops at the next piece of the answer or the next round, bills what was consumed
+    through the same settlement as any turn and releases the rest. Waits up to
+    ``TURN_CANCEL_WAIT_SECONDS`` for that and returns the turn as it then stands.
+
+    :raises NotFound: unknown or another user's turn.
+    :raises Conflict: ``turn_finished``: it completed or failed before the cancel.
+    """
+    turn = owned_turn(session, user_id, turn_id)
+    session.commit()
+    turn = _lock(session, turn.id)
+    if turn.status == TurnStatus.CANCELLED:
+        session.commit()
+        return turn
+    if turn.status in FINISHED:
+        session.rollback()
+        raise Conflict(f"The turn already {turn.status}.", error="turn_finished", turn_status=turn.status)
+    if turn.status == TurnStatus.QUEUED:
+        _cancel_locked(runtime, session, turn, None)
+        session.commit()
+        _ended(runtime, turn)
+        metrics.turn_cancelled("queued")
+        return turn
+    first_request = turn.cancel_requested_at is None
+    if first_request:
+        turn.cancel_requested_at = turn.updated_at = utcnow()
+    session.commit()
+    turn_events.request_cancel(runtime, turn.id)
+    if first_request:
+        metrics.turn_cancelled("running")
+    return wait_until_finished(runtime, session, turn, runtime.settings.turn_cancel_wait_seconds)
 
 
 def complete(runtime: Runtime, turn_id: str, result: Execution) -> bool:
@@ -437,7 +602,9 @@ def complete(runtime: Runtime, turn_id: str, result: Execution) -> bool:
             now=utcnow(),
         )
         turn.reply = result.reply
+        turn.reply_tool_calls = result.reply_tool_calls
         turn.summary_used_fallback = result.summary_used_fallback
+        turn.usage_estimated = result.usage_estimated
         turn.error_code = turn.error_message = None
         session.commit()
         _ended(runtime, turn)
@@ -461,7 +628,8 @@ def run_turn(
     reraise: tuple[type[BaseException], ...] = (),
     owner: str | None = None,
 ) -> str:
-    """Run one turn to its end. Returns the outcome: ``completed``, ``failed`` or ``skipped``.
+    """Run one turn to its end. Returns the outcome: ``completed``, ``failed``, ``cancelled``
+    or ``skipped``.
 
     ``after_complete(turn)`` runs once the completion committed and a summary refresh is due.
     ``reraise``: exceptions the caller handles itself (the task's time limit).
@@ -489,11 +657,14 @@ def _run_claimed(
     """``run_turn`` after a successful claim, under the turn's lease."""
     turn_id = turn.id
     result = Execution()
+    stream = _publisher(runtime, turn)
+    if turn.attempts > 1:
+        stream.reset(turn.attempts)
     try:
-        execute(runtime, turn, provider, tools, result)
+        execute(runtime, turn, provider, tools, result, stream)
     except ProviderTransientError as exc:
         log.warning("model call failed: %s (%s)", exc.code, exc.message)
-        result.add(exc.input_tokens, exc.output_tokens)
+        result.add(exc.input_tokens, exc.output_tokens, estimated=exc.usage_estimated)
         if final_attempt:
             fail(runtime, turn_id, exc.code, execution=result)
             return "failed"
@@ -503,7 +674,7 @@ def _run_claimed(
         ) from exc
     except ProviderError as exc:
         log.warning("model call failed: %s (%s)", exc.code, exc.message)
-        result.add(exc.input_tokens, exc.output_tokens)
+        result.add(exc.input_tokens, exc.output_tokens, estimated=exc.usage_estimated)
         fail(runtime, turn_id, exc.code, execution=result)
         return "failed"
     except BudgetExhausted as exc:
@@ -515,6 +686,8 @@ def _run_claimed(
         _fail_unexpected(runtime, turn_id, exc, result)
         return "failed"
     try:
+        if result.cancelled:
+            return "cancelled" if finish_cancelled(runtime, turn_id, result) else "skipped"
         if not complete(runtime, turn_id, result):
             return "skipped"
     except Exception as exc:
@@ -525,6 +698,24 @@ def _run_claimed(
     if after_complete is not None and result.summary_due_after:
         after_complete(turn)
     return "completed"
+
+
+def _publisher(runtime: Runtime, turn: Turn) -> turn_events.TurnPublisher:
+    created_at = turn.created_at
+
+    def cancel_requested() -> bool:
+        with runtime.db.session() as session:
+            requested = session.scalar(select(Turn.cancel_requested_at).where(Turn.id == turn.id))
+            session.commit()
+        return requested is not None
+
+    def first_delta() -> None:
+        if created_at is not None:
+            metrics.first_token((utcnow() - created_at).total_seconds())
+
+    return turn_events.TurnPublisher(
+        runtime, turn.id, cancel_requested=cancel_requested, on_first_delta=first_delta
+    )
 
 
 def _fail_unexpected(runtime: Runtime, turn_id: str, exc: Exception, result: Execution) -> None:
@@ -544,6 +735,7 @@ def _requeue(runtime: Runtime, turn_id: str, result: Execution) -> None:
             turn.status = TurnStatus.QUEUED
             turn.lease_owner = turn.lease_expires_at = None
             turn.input_tokens, turn.output_tokens = result.input_tokens, result.output_tokens
+            turn.usage_estimated = result.usage_estimated
             turn.updated_at = utcnow()
         session.commit()
 

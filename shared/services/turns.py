@@ -43,26 +43,33 @@ class SubmitOutcome:
 
 
 def _request_hash(chat_session_id: str, data: dict) -> str:
-    canonical = json.dumps(
-        {
-            "session_id": chat_session_id,
-            "content": data.get("content"),
-            "model": data.get("model"),
-            "max_output_tokens": data.get("max_output_tokens"),
-        },
-        sort_keys=True,
-    )
+    fields = {
+        "session_id": chat_session_id,
+        "content": data.get("content"),
+        "model": data.get("model"),
+        "max_output_tokens": data.get("max_output_tokens"),
+    }
+    if data.get("messages") is not None:  # a /v1/chat/completions turn
+        fields["messages"] = data["messages"]
+        fields["tools"] = data.get("tools")
+    canonical = json.dumps(fields, sort_keys=True)
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 def turn_worst_case(runtime: Runtime, session: Session, turn: Turn, price=None) -> Decimal:
-    """The worst case of ``turn`` (``turn_budget.worst_case`` over the context the runner
-    will build) — the one place a turn's hold (and its spend-limit reserve) is sized."""
-    chat = session.get(ChatSession, turn.session_id)
+    """The worst case of ``turn`` (``turn_budget``, over the context the runner will build)
+    — the one place a turn's hold (and its spend-limit reserve) is sized."""
     price = price or pricing.price_in_force(session, turn.model, at=turn.created_at)
+    policy = turn_budget.HoldPolicy.from_settings(runtime.settings)
+    if turn.request_messages is not None:
+        # A /v1 turn: one call on the caller's messages, no room context, summary or tools.
+        return turn_budget.worst_case_messages(
+            price, policy, turn.request_messages, turn.max_output_tokens, turn.request_tools
+        )
+    chat = session.get(ChatSession, turn.session_id)
     return turn_budget.worst_case(
         price,
-        turn_budget.HoldPolicy.from_settings(runtime.settings),
+        policy,
         turn_context.load(session, chat, turn.seq),
         turn.content,
         turn.max_output_tokens,
@@ -165,6 +172,8 @@ def submit(
             idempotency_key=key,
             request_hash=request_hash,
             api_key_id=api_key_id,
+            request_messages=data.get("messages"),
+            request_tools=data.get("tools"),
         )
         session.add(turn)
         session.flush()
@@ -303,6 +312,7 @@ def _as_read(turn: Turn, events) -> dict:
             for event in events
         ],
         "error": {"code": turn.error_code, "message": turn.error_message or ""} if turn.error_code else None,
+        "usage_estimated": turn.usage_estimated,
         "created_at": turn.created_at,
         "completed_at": turn.completed_at,
     }

@@ -60,6 +60,10 @@ class Behaviour:
     headers: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
     then: Behaviour | None = None  # for "hang": what to send after the wait, if the client is still there
+    # Streamed answers (``"stream": true``): seconds between chunks, and for "drop" how many
+    # content chunks go out before the connection is cut.
+    chunk_delay: float | None = None
+    chunks: int = 0
 
 
 def _completion(
@@ -125,6 +129,10 @@ class FakeOpenAIServer:
         self.record = True  # a long benchmark turns recording off
         self._in_flight = 0
         self.peak_in_flight = 0  # the most requests being answered at once, ever
+        # Streamed answers: seconds between chunks; and whether every chunk carries the
+        # running usage (as vLLM's continuous_usage_stats does) besides the final usage chunk.
+        self.stream_delay = 0.0
+        self.stream_running_usage = False
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -266,6 +274,10 @@ class FakeOpenAIServer:
         """Send nothing for ``seconds``, then a plain reply (if the client still listens)."""
         return self.push(Behaviour("hang", seconds=seconds, then=Behaviour("echo")), times)
 
+    def drop_stream(self, after_chunks: int = 2, *, times: int = 1) -> FakeOpenAIServer:
+        """A streamed answer cut off (connection closed) after ``after_chunks`` content chunks."""
+        return self.push(Behaviour("drop", chunks=after_chunks), times)
+
     def malformed(self, body: str = '{"choices": [ this is not json', *, times: int = 1) -> FakeOpenAIServer:
         """A 200 whose body is not valid JSON."""
         return self.push(Behaviour("malformed", payload=body), times)
@@ -306,15 +318,109 @@ class FakeOpenAIServer:
             self._respond(handler, behaviour.then or self.default, request)
         elif behaviour.kind == "echo":
             text = _last_user_text(request)
-            handler.send_json(200, _completion(request, f"Fake reply to: {text}"[:500]))
+            body = _completion(request, f"Fake reply to: {text}"[:500])
+            if request.get("stream"):
+                self._stream(handler, request, body, behaviour)
+            else:
+                handler.send_json(200, body)
         elif behaviour.kind == "reply":
-            handler.send_json(200, _completion(request, **behaviour.payload))
+            body = _completion(request, **behaviour.payload)
+            if request.get("stream"):
+                self._stream(handler, request, body, behaviour)
+            else:
+                handler.send_json(200, body)
+        elif behaviour.kind == "drop":
+            text = _last_user_text(request)
+            self._stream(handler, request, _completion(request, f"Fake reply to: {text}"[:500]), behaviour)
         elif behaviour.kind == "status":
             handler.send_json(behaviour.status, behaviour.payload, behaviour.headers)
         elif behaviour.kind == "malformed":
             handler.send_raw(200, behaviour.payload.encode("utf-8"), "application/json")
         else:
             raise ValueError(f"unknown behaviour {behaviour.kind!r}")
+
+    def _stream(self, handler: _Handler, request: dict, body: dict, behaviour: Behaviour) -> None:
+        """``body`` (a chat.completion) as OpenAI streams it: a role chunk, content in pieces of
+        a few characters, tool calls in fragments, a finish chunk, then (with
+        ``stream_options.include_usage``) a usage chunk with no choices, and ``[DONE]``."""
+        delay = self.stream_delay if behaviour.chunk_delay is None else behaviour.chunk_delay
+        message = body["choices"][0]["message"]
+        usage = body.get("usage")
+        include_usage = bool((request.get("stream_options") or {}).get("include_usage"))
+        messages = request.get("messages", [])
+
+        def chunk(delta: dict, finish_reason: str | None = None, usage_now: dict | None = None) -> dict:
+            out = {
+                "id": body["id"],
+                "object": "chat.completion.chunk",
+                "created": body["created"],
+                "model": body["model"],
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}],
+            }
+            if usage_now is not None:
+                out["usage"] = usage_now
+            return out
+
+        def running(emitted: str) -> dict | None:
+            if not self.stream_running_usage:
+                return None
+            prompt = count_message_tokens(messages)
+            return {
+                "prompt_tokens": prompt,
+                "completion_tokens": count_tokens(emitted),
+                "total_tokens": prompt + count_tokens(emitted),
+            }
+
+        content = message.get("content") or ""
+        pieces = [content[i : i + 8] for i in range(0, len(content), 8)]
+        if not handler.start_stream():
+            return
+        events = [chunk({"role": "assistant", "content": ""})]
+        emitted = ""
+        for piece in pieces:
+            emitted += piece
+            events.append(chunk({"content": piece}, usage_now=running(emitted)))
+        for index, call in enumerate(message.get("tool_calls") or []):
+            arguments = call["function"]["arguments"]
+            events.append(
+                chunk(
+                    {
+                        "tool_calls": [
+                            {
+                                "index": index,
+                                "id": call["id"],
+                                "type": "function",
+                                "function": {"name": call["function"]["name"], "arguments": ""},
+                            }
+                        ]
+                    }
+                )
+            )
+            for i in range(0, len(arguments), 10):
+                events.append(
+                    chunk(
+                        {"tool_calls": [{"index": index, "function": {"arguments": arguments[i : i + 10]}}]}
+                    )
+                )
+        events.append(chunk({}, body["choices"][0]["finish_reason"]))
+        sent_content = 0
+        for event in events:
+            if behaviour.kind == "drop" and event["choices"][0]["delta"].get("content"):
+                if sent_content >= behaviour.chunks:
+                    handler.abort_stream()
+                    return
+                sent_content += 1
+            if delay and event is not events[0] and self._stopping.wait(delay):
+                return
+            if not handler.send_event(json.dumps(event)):
+                return
+        if include_usage and usage is not None:
+            final = chunk({})
+            final["choices"] = []
+            final["usage"] = usage
+            if not handler.send_event(json.dumps(final)):
+                return
+        handler.send_event("[DONE]")
 
 
 def _last_user_text(request: Any) -> str:
@@ -372,6 +478,37 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         self.send_json(404, {"error": {"message": f"no route {self.path}", "type": "not_found"}})
+
+    def start_stream(self) -> bool:
+        try:
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Cache-Control", "no-cache")
+            self.send_header("Connection", "close")
+            self.end_headers()
+            self.close_connection = True
+            return True
+        except (BrokenPipeError, ConnectionResetError):
+            return False
+
+    def send_event(self, data: str) -> bool:
+        try:
+            self.wfile.write(f"data: {data}\n\n".encode())
+            self.wfile.flush()
+            return True
+        except (BrokenPipeError, ConnectionResetError):
+            return False  # the client stopped reading (a cancel closes the stream)
+
+    def abort_stream(self) -> None:
+        """Cut the connection mid-stream, as a crashed upstream or a broken proxy would."""
+        import socket
+
+        try:
+            self.wfile.flush()
+            self.connection.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.close_connection = True
 
     def send_json(self, status: int, payload: Any, headers: dict[str, str] | None = None) -> None:
         self.send_raw(status, json.dumps(payload).encode("utf-8"), "application/json", headers)

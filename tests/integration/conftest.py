@@ -246,6 +246,8 @@ def live_worker(pg_settings, tmp_path_factory):
         tmp_path_factory.mktemp("worker") / "worker.log",
         TURN_RETRY_BASE_SECONDS="0.2",
         TURN_LEASE_SECONDS="3",
+        # Streamed offline answers at full speed; [[offline:slow=S]] slows one turn down.
+        OFFLINE_STREAM_DELAY_SECONDS="0",
     )
     worker.start()
     yield worker

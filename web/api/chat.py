@@ -1,8 +1,10 @@
-from flask import current_app, request, url_for
+from flask import Response, current_app, request, url_for
 from flask.views import MethodView
 from flask_smorest import Page
 
-from shared.services import rooms, turns
+from shared import metrics
+from shared.services import rooms, turn_runner, turns
+from web import streaming
 from web.api import Blueprint
 from web.context import current_api_key_id, current_user, db, idempotency_key, runtime
 from web.schemas.chat import (
@@ -79,6 +81,12 @@ class SessionTurns(MethodView):
 
     @blp.arguments(TurnCreateSchema)
     @blp.response(201, TurnSchema, description="Completed within TURN_WAIT_SECONDS")
+    @blp.alt_response(
+        200,
+        schema={"type": "string", "description": "text/event-stream"},
+        content_type="text/event-stream",
+        description="`stream: true`: Server-Sent Events `turn`, `delta`, `tool_call`, `done` (docs/turns.md)",
+    )
     @blp.alt_response(202, schema=TurnSchema, description="Accepted; poll the Location")
     @blp.alt_response(
         402,
@@ -94,7 +102,8 @@ class SessionTurns(MethodView):
         headers={"Retry-After": {"description": "Seconds to wait", "schema": {"type": "integer"}}},
     )
     def post(self, data, session_id):
-        """Submit a turn; waits for completion up to TURN_WAIT_SECONDS"""
+        """Submit a turn; waits for completion up to TURN_WAIT_SECONDS, or streams it"""
+        stream = data.pop("stream", False)
         prefer_async = "respond-async" in request.headers.get("Prefer", "").lower()
         outcome = turns.submit_and_wait(
             runtime(),
@@ -104,11 +113,18 @@ class SessionTurns(MethodView):
             data,
             idempotency_key(),
             celery_app=current_app.extensions["celery"],
-            wait=not prefer_async,
+            wait=not (prefer_async or stream),
             api_key_id=current_api_key_id(),
         )
-        # 201 and 202 are both contract (design §3): the one place a view picks its status.
         headers = {"Location": url_for("chat.TurnItem", turn_id=outcome.turn.id)}
+        if stream:
+            # Errors found before the turn existed were raised above, as JSON.
+            metrics.stream_opened("turns")
+            db().commit()
+            response = streaming.event_stream(streaming.turn_events_body(runtime(), outcome.turn.id, None))
+            response.headers.update(headers)
+            return response
+        # 201 and 202 are both contract (design §3): the one place a view picks its status.
         return turns.present(db(), outcome.turn), (201 if outcome.finished else 202), headers
 
 
@@ -119,3 +135,37 @@ class TurnItem(MethodView):
     def get(self, turn_id):
         """Get a turn"""
         return turns.present(db(), turns.owned_turn(db(), current_user().id, turn_id))
+
+
+@blp.route("/turns/<string:turn_id>/events")
+class TurnEvents(MethodView):
+    @blp.response(
+        200,
+        schema={"type": "string", "description": "text/event-stream"},
+        content_type="text/event-stream",
+        description="Server-Sent Events from the start, or after the `Last-Event-ID` header's event",
+    )
+    @blp.alt_response(204, description="`Last-Event-ID: done`: the stream already ended (EventSource stops)")
+    @blp.alt_response(404, schema=ErrorSchema)
+    def get(self, turn_id):
+        """Attach to a turn's event stream (resume with Last-Event-ID)"""
+        turn = turns.owned_turn(db(), current_user().id, turn_id)
+        db().commit()
+        last_event_id = request.headers.get("Last-Event-ID")
+        if (last_event_id or "").strip() == streaming.DONE:
+            return Response(status=204)
+        metrics.stream_opened("turns")
+        if last_event_id:
+            metrics.stream_resumed()
+        return streaming.event_stream(streaming.turn_events_body(runtime(), turn.id, last_event_id))
+
+
+@blp.route("/turns/<string:turn_id>/cancel")
+class TurnCancel(MethodView):
+    @blp.response(200, TurnSchema)
+    @blp.alt_response(404, schema=ErrorSchema)
+    @blp.alt_response(409, schema=ErrorSchema, description="`turn_finished`: it completed or failed first")
+    def post(self, turn_id):
+        """Cancel a turn: stop generating, bill what was used, release the rest"""
+        turn = turn_runner.cancel(runtime(), db(), current_user().id, turn_id)
+        return turns.present(db(), turn)

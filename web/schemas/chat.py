@@ -32,6 +32,10 @@ class TurnCreateSchema(BaseSchema):
     max_output_tokens = StrictInteger(
         load_default=None, allow_none=True, validate=validate.Range(min=1, max=8192)
     )
+    stream = fields.Boolean(
+        load_default=False,
+        metadata={"description": "Answer 200 text/event-stream (turn, delta, tool_call, done events)"},
+    )
 
 
 class UsageSchema(BaseSchema):
@@ -60,7 +64,9 @@ class TurnSchema(BaseSchema):
     session_id = fields.String(required=True)
     room_id = fields.String(required=True)
     seq = fields.Integer(required=True)
-    status = fields.String(required=True, metadata={"description": "queued | running | completed | failed"})
+    status = fields.String(
+        required=True, metadata={"description": "queued | running | completed | failed | cancelled"}
+    )
     content = fields.String(required=True)
     reply = fields.String(allow_none=True)
     model = fields.String(required=True)
@@ -71,5 +77,9 @@ class TurnSchema(BaseSchema):
     summary_used_fallback = fields.Boolean(required=True)
     tool_calls = fields.List(fields.Nested(ToolCallSchema), required=True)
     error = fields.Nested(TurnErrorSchema, allow_none=True)
+    usage_estimated = fields.Boolean(
+        required=True,
+        metadata={"description": "Some usage is the token rule's estimate, not the provider's report"},
+    )
     created_at = fields.DateTime(required=True)
     completed_at = fields.DateTime(allow_none=True)
