@@ -1,12 +1,22 @@
 """SQLAlchemy models, one module per aggregate. Importing this package registers them all."""
 
 from shared.models.audit import AdminAuditEvent, SettingEntry
-from shared.models.billing import Hold, HoldStatus, LedgerEntry, LedgerKind, ModelPrice, UsageRollup, Wallet
+from shared.models.billing import (
+    ALL_USERS,
+    Hold,
+    HoldStatus,
+    LedgerEntry,
+    LedgerKind,
+    ModelPrice,
+    UsageHour,
+    Wallet,
+)
 from shared.models.chat import ChatSession, Room, ToolCallEvent, ToolCallStatus, Turn, TurnKind, TurnStatus
 from shared.models.files import FileStatus, UploadedFile
 from shared.models.users import ApiKey, Role, User
 
 __all__ = [
+    "ALL_USERS",
     "AdminAuditEvent",
     "ApiKey",
     "ChatSession",
@@ -25,7 +35,7 @@ __all__ = [
     "TurnKind",
     "TurnStatus",
     "UploadedFile",
-    "UsageRollup",
+    "UsageHour",
     "User",
     "Wallet",
 ]

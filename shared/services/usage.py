@@ -39,13 +39,13 @@ from decimal import Decimal
 from functools import lru_cache
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
 
-from sqlalchemy import case, func, literal, literal_column, select
+from sqlalchemy import Interval, case, func, literal, literal_column, or_, select, union_all
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from shared.db import MONEY_QUANT, UTCDateTime
 from shared.errors import InvalidInput
-from shared.models import Turn, TurnStatus, UsageRollup
+from shared.models import ALL_USERS, Turn, TurnStatus, UsageHour
 
 BUCKETS = ("day", "week", "month")
 GROUP_BY = ("user", "model")
@@ -56,7 +56,7 @@ MAX_DATE = date(9998, 12, 31)
 MAX_MODEL_LENGTH = 200
 EXPORT_BATCH = 1000
 _DATE_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
-_PERIOD = UsageRollup.PERIOD
+_PERIOD = UsageHour.QUARTER
 _DAY = timedelta(days=1)
 
 
@@ -213,7 +213,7 @@ def parse_query(
 def ceil_period(moment: datetime) -> datetime:
     """The first rollup period starting at or after ``moment`` (itself for every
     local midnight of a zone whose offset is a multiple of 15 minutes)."""
-    floor = UsageRollup.period_of(moment)
+    floor = UsageHour.quarter_of(moment)
     return floor if floor == moment else floor + _PERIOD
 
 
@@ -248,6 +248,7 @@ def _offset_minutes(moment: datetime, zone: ZoneInfo) -> int:
     return int(moment.astimezone(zone).utcoffset().total_seconds() // 60)
 
 
+@lru_cache(maxsize=256)
 def offset_segments(zone: ZoneInfo, lo: datetime, hi: datetime) -> list[tuple[datetime | None, int]]:
     """The zone's UTC offset (minutes) at each period start in ``[lo, hi)``, as segments.
 
@@ -280,27 +281,50 @@ def _sqlite_modifier(minutes: int) -> str:
     return f"{minutes:+d} minutes"
 
 
-def _bucket_expr(dialect: str, query: UsageQuery, moment, lo: datetime, hi: datetime):
-    """SQL for the local bucket start of a UTC instant.
+def _bucket_expr(dialect: str, query: UsageQuery, moment, lo: datetime, hi: datetime, shift_minutes: int = 0):
+    """SQL for the local bucket start of the UTC instant ``moment + shift_minutes``.
 
     ``moment`` is a UTC datetime column (timestamptz on Postgres, naive UTC text on
-    SQLite, where it is also compared with the bound transition instants).
+    SQLite, where it is also compared with the bound transition instants, moved back by
+    the shift instead of shifting every row).
     """
     if dialect == "postgresql":
+        if shift_minutes:
+            moment = moment + literal(timedelta(minutes=shift_minutes), Interval())
         return func.date_trunc(query.bucket, func.timezone(query.tz, moment))
     segments = offset_segments(query.zone, lo, hi)
+    shift = timedelta(minutes=shift_minutes)
     if len(segments) == 1:
-        modifier = literal(_sqlite_modifier(segments[0][1]))
+        modifier = literal(_sqlite_modifier(segments[0][1] + shift_minutes))
     else:
         modifier = case(
             *[
-                (moment < literal(until, UTCDateTime()), _sqlite_modifier(minutes))
+                (moment < literal(until - shift, UTCDateTime()), _sqlite_modifier(minutes + shift_minutes))
                 for until, minutes in segments[:-1]
             ],
-            else_=_sqlite_modifier(segments[-1][1]),
+            else_=_sqlite_modifier(segments[-1][1] + shift_minutes),
         )
     truncation = {"day": (), "week": ("weekday 0", "-6 days"), "month": ("start of month",)}[query.bucket]
     return func.date(moment, modifier, *truncation)
+
+
+def hour_cuts(zone: ZoneInfo, lo: datetime, hi: datetime) -> tuple[int, ...]:
+    """Where summaries in ``zone`` cut each UTC hour of ``[lo, hi)``, in minutes past the hour.
+
+    Within one part of an hour the local date never changes, so a part counts on the local
+    date of its start. ``(0,)`` (whole hours) when every local midnight in the window falls
+    on a UTC hour (UTC, Berlin across DST); ``(0, m)`` when every one falls ``m`` minutes
+    past an hour and the offset changes only on ``:00`` or ``:m`` (Kolkata and St John's 30,
+    Kathmandu and Chatham 15); otherwise the four quarters (Lord Howe's 30-minute DST).
+    """
+    segments = offset_segments(zone, lo, hi)
+    past_the_hour = {(-minutes) % 60 for _, minutes in segments}
+    if len(past_the_hour) == 1:
+        (cut,) = past_the_hour
+        edges = {until.minute for until, _ in segments if until is not None} | {lo.minute, hi.minute}
+        if cut % 15 == 0 and edges <= {0, cut}:
+            return (0,) if cut == 0 else (0, cut)
+    return (0, 15, 30, 45)
 
 
 def _to_cost(value: Decimal | None) -> Decimal:
@@ -319,55 +343,80 @@ def _to_date(value) -> date:
 
 def _group_column(query: UsageQuery, source):
     if query.group_by == "user":
-        return source.user_id
+        return source.scope if source is UsageHour else source.user_id
     if query.group_by == "model":
         return source.model
     return None
 
 
-def _rollup_statement(dialect: str, query: UsageQuery, lo: datetime, hi: datetime):
-    """Two stages: sum per period (and group key) first, then map the few distinct
-    periods to local buckets, so the zone arithmetic runs once per period, not per row."""
-    key_col = _group_column(query, UsageRollup)
-    inner_cols = [
-        UsageRollup.period_start.label("period_start"),
-        func.sum(UsageRollup.turns).label("turns"),
-        func.sum(UsageRollup.input_tokens).label("input_tokens"),
-        func.sum(UsageRollup.output_tokens).label("output_tokens"),
-        func.sum(UsageRollup.cost).label("cost"),
-    ]
-    group = [UsageRollup.period_start]
-    if key_col is not None:
-        inner_cols.append(key_col.label("group_key"))
-        group.append(key_col)
-    inner = select(*inner_cols).where(UsageRollup.period_start >= lo, UsageRollup.period_start < hi)
+def _level_filter(query: UsageQuery):
+    """The level a query reads: one user's rows, every user's rows (``group_by=user``), or
+    the all-users rows. The model filter then narrows either."""
     if query.user_id:
-        inner = inner.where(UsageRollup.user_id == query.user_id)
+        return UsageHour.scope == query.user_id
+    if query.group_by == "user":
+        return UsageHour.scope != ALL_USERS
+    return UsageHour.scope == ALL_USERS
+
+
+def _rollup_statement(dialect: str, query: UsageQuery, lo: datetime, hi: datetime):
+    """Three stages over the hour rows of the level the query reads.
+
+    1. ``hours``: sum per UTC hour (and group key) the totals and only the prefixes the
+       zone cuts at (``hour_cuts``), over the hours that meet ``[lo, hi)``.
+    2. ``parts``: each hour in one to four parts (``UNION ALL``), each part's usage the
+       difference of two prefixes, kept when the part starts in ``[lo, hi)``, mapped to
+       the local bucket of its start: the zone arithmetic runs once per hour and part.
+    3. sum per bucket (and key); buckets whose parts hold no usage are left out.
+    """
+    cuts = hour_cuts(query.zone, lo, hi)
+    key_col = _group_column(query, UsageHour)
+    prefixes = [*cuts[1:], 60]
+    hour_cols = [UsageHour.hour_start.label("hour_start")]
+    for minute in prefixes:
+        for measure in UsageHour.MEASURES:
+            column = UsageHour.prefix_column(measure, minute)
+            hour_cols.append(func.sum(column).label(f"{measure}_{minute}"))
+    group = [UsageHour.hour_start]
+    if key_col is not None:
+        hour_cols.append(key_col.label("group_key"))
+        group.append(key_col)
+    hours_select = select(*hour_cols).where(
+        _level_filter(query), UsageHour.hour_start >= UsageHour.hour_of(lo), UsageHour.hour_start < hi
+    )
     if query.model:
-        inner = inner.where(UsageRollup.model == query.model)
-    periods = inner.group_by(*group).subquery("periods")
-    if not query.known_bucket:
-        return select(
-            func.sum(periods.c.turns),
-            func.sum(periods.c.input_tokens),
-            func.sum(periods.c.output_tokens),
-            func.sum(periods.c.cost),
+        hours_select = hours_select.where(UsageHour.model == query.model)
+    hours_select = hours_select.group_by(*group)
+    hours = hours_select.cte("hours") if len(cuts) > 1 else hours_select.subquery("hours")
+
+    keyed = [hours.c.group_key] if key_col is not None else []
+    parts = []
+    for start, end in zip(cuts, prefixes, strict=True):
+        shift = timedelta(minutes=start)
+        measures = []
+        for measure in UsageHour.MEASURES:
+            value = hours.c[f"{measure}_{end}"]
+            if start:
+                value = value - hours.c[f"{measure}_{start}"]
+            measures.append(value.label(measure))
+        bucket = (
+            [_bucket_expr(dialect, query, hours.c.hour_start, lo, hi, start).label("bucket")]
+            if query.known_bucket
+            else []
         )
-    bucket = _bucket_expr(dialect, query, periods.c.period_start, lo, hi).label("bucket")
-    keyed = [periods.c.group_key] if key_col is not None else []
-    mapped = select(
-        bucket, *keyed, periods.c.turns, periods.c.input_tokens, periods.c.output_tokens, periods.c.cost
-    ).subquery("mapped")
+        part = select(*bucket, *keyed, *measures)
+        if start or lo.minute or hi.minute:
+            part = part.where(hours.c.hour_start >= lo - shift, hours.c.hour_start < hi - shift)
+        parts.append(part)
+    mapped = (parts[0] if len(parts) == 1 else union_all(*parts)).subquery("parts")
+    sums = [func.sum(mapped.c[measure]) for measure in UsageHour.MEASURES]
+    if not query.known_bucket:
+        return select(*sums)
     outer_keys = [mapped.c.bucket] + ([mapped.c.group_key] if key_col is not None else [])
     return (
-        select(
-            *outer_keys,
-            func.sum(mapped.c.turns),
-            func.sum(mapped.c.input_tokens),
-            func.sum(mapped.c.output_tokens),
-            func.sum(mapped.c.cost),
-        )
+        select(*outer_keys, *sums)
         .group_by(*outer_keys)
+        .having(or_(*[total != 0 for total in sums]))
         .order_by(*outer_keys)
     )
 

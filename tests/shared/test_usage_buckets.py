@@ -8,7 +8,7 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from shared.errors import InvalidInput
-from shared.models import UsageRollup
+from shared.models import UsageHour
 from shared.services.usage import (
     DEFAULT_RANGE_DAYS,
     MAX_RANGE_DAYS,
@@ -79,9 +79,9 @@ def test_a_period_counts_on_the_local_date_it_starts():
     ],
 )
 def test_rollup_periods_are_utc_quarter_hours(moment, period):
-    assert UsageRollup.period_of(z(moment)) == z(period)
+    assert UsageHour.quarter_of(z(moment)) == z(period)
     # The same instant given in another zone lands in the same UTC period.
-    assert UsageRollup.period_of(z(moment).astimezone(KOLKATA)) == z(period)
+    assert UsageHour.quarter_of(z(moment).astimezone(KOLKATA)) == z(period)
 
 
 def test_the_utc_window_runs_from_local_midnight_to_local_midnight():
@@ -130,7 +130,7 @@ def test_every_period_gets_the_offset_in_force_at_its_start():
     while moment < hi:
         minutes = next(m for until, m in segments if until is None or moment < until)
         assert minutes == moment.astimezone(BERLIN).utcoffset() // timedelta(minutes=1)
-        moment += UsageRollup.PERIOD
+        moment += UsageHour.QUARTER
 
 
 def test_query_defaults_are_day_utc_and_the_last_30_days():

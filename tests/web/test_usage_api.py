@@ -16,10 +16,9 @@ from decimal import Decimal
 from zoneinfo import ZoneInfo
 
 import pytest
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from shared.models import ChatSession, Room, Turn, UsageRollup
+from shared.models import ChatSession, Room, Turn
 from shared.services import billing, usage
 from tests.factories import Actor, make_actor
 
@@ -31,7 +30,7 @@ QUOTED_MODEL = 'beta, "quoted"'
 
 
 class UsageRecorder:
-    """Writes what billing writes for a completed turn: the turn row and its quarter-hour rollup."""
+    """Writes what billing writes for a completed turn: the turn row and its rollups."""
 
     def __init__(self, session: Session) -> None:
         self.session = session
@@ -51,27 +50,16 @@ class UsageRecorder:
         return self._chats[user_id]
 
     def _rollup(self, user_id, model, at, turns, input_tokens, output_tokens, cost) -> None:
-        period = UsageRollup.period_of(at)
-        row = self.session.scalar(
-            select(UsageRollup).where(
-                UsageRollup.user_id == user_id, UsageRollup.model == model, UsageRollup.period_start == period
-            )
+        billing.record_usage(
+            self.session,
+            user_id=user_id,
+            model=model,
+            at=at,
+            turns=turns,
+            input_tokens=input_tokens,
+            output_tokens=output_tokens,
+            cost=cost,
         )
-        if row is None:
-            row = UsageRollup(
-                user_id=user_id,
-                model=model,
-                period_start=period,
-                turns=0,
-                input_tokens=0,
-                output_tokens=0,
-                cost=Decimal(0),
-            )
-            self.session.add(row)
-        row.turns += turns
-        row.input_tokens += input_tokens
-        row.output_tokens += output_tokens
-        row.cost += cost
         self.session.flush()
 
     def turn(self, user_id, model, at, input_tokens, output_tokens, cost) -> None:
