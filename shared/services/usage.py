@@ -39,7 +39,20 @@ from decimal import Decimal
 from functools import lru_cache
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
 
-from sqlalchemy import Interval, case, func, literal, literal_column, or_, select, union_all
+from sqlalchemy import (
+    Integer,
+    Interval,
+    case,
+    delete,
+    func,
+    insert,
+    literal,
+    literal_column,
+    or_,
+    select,
+    text,
+    union_all,
+)
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
@@ -600,3 +613,89 @@ def _csv_lines(session: Session, query: UsageQuery, statement) -> Iterator[str]:
             yield flush()
     finally:
         session.rollback()  # read-only; end the snapshot as soon as the body is written
+
+
+# -- rebuild ----------------------------------------------------------------------------
+
+
+@dataclass
+class RebuildResult:
+    user_rows: int
+    all_users_rows: int
+    before: UsageTotals
+    after: UsageTotals
+
+
+def _level_totals(session: Session) -> UsageTotals:
+    turns, input_tokens, output_tokens, cost = session.execute(
+        select(
+            func.sum(UsageHour.turns),
+            func.sum(UsageHour.input_tokens),
+            func.sum(UsageHour.output_tokens),
+            func.sum(UsageHour.cost),
+        ).where(UsageHour.scope == ALL_USERS)
+    ).one()
+    return UsageTotals(int(turns or 0), int(input_tokens or 0), int(output_tokens or 0), _to_cost(cost))
+
+
+def _hour_and_minute(dialect: str, moment):
+    """A UTC instant's hour start (in the column's stored form) and its minute past the hour."""
+    if dialect == "postgresql":
+        utc = func.timezone("UTC", moment)
+        return func.timezone("UTC", func.date_trunc("hour", utc)), func.date_part("minute", utc)
+    return func.strftime("%Y-%m-%d %H:00:00.000000", moment), func.cast(func.strftime("%M", moment), Integer)
+
+
+def rebuild(session: Session) -> RebuildResult:
+    """Recompute both levels from the turns, in one transaction that commits.
+
+    Every billed turn (``cost`` set: completed, or failed/cancelled after using tokens)
+    adds its tokens and its charged cost to the hour of ``completed_at``, and counts as a
+    turn when completed — what ``billing.settle_turn`` adds with the debit. The all-users
+    level is then summed from the per-user level. Writers wait meanwhile (Postgres: an
+    ``EXCLUSIVE`` table lock; SQLite: the write lock); readers see the old rows until the
+    commit.
+
+    Conversation-summary refreshes have no turn row (their tokens live only in the rollups,
+    their charge in the ledger), so a rebuild drops them: ``before``/``after`` show by how much.
+    """
+    dialect = session.get_bind().dialect.name
+    if dialect == "postgresql":
+        session.execute(text("LOCK TABLE usage_hours IN EXCLUSIVE MODE"))
+    before = _level_totals(session)
+    session.execute(delete(UsageHour))
+    hour, minute = _hour_and_minute(dialect, Turn.completed_at)
+    amounts = {
+        "turns": case((Turn.status == TurnStatus.COMPLETED, 1), else_=0),
+        "input_tokens": Turn.input_tokens,
+        "output_tokens": Turn.output_tokens,
+        "cost": Turn.cost,
+    }
+    names = ["scope", "hour_start", "model"]
+    sums = []
+    for split in (60, *UsageHour.SPLITS):
+        for measure in UsageHour.MEASURES:
+            names.append(UsageHour.prefix_column(measure, split).key)
+            amount = amounts[measure] if split == 60 else case((minute < split, amounts[measure]), else_=0)
+            sums.append(func.sum(amount))
+    per_user = (
+        select(Turn.user_id, hour, Turn.model, *sums)
+        .where(Turn.completed_at.is_not(None), Turn.cost.is_not(None))
+        # Positional: the hour expression's bound values would otherwise appear twice.
+        .group_by(literal_column("1"), literal_column("2"), literal_column("3"))
+    )
+    session.execute(insert(UsageHour).from_select(names, per_user))
+    measures = [getattr(UsageHour, name) for name in names[3:]]
+    all_users = (
+        select(literal(ALL_USERS), UsageHour.hour_start, UsageHour.model, *[func.sum(m) for m in measures])
+        .where(UsageHour.scope != ALL_USERS)
+        .group_by(UsageHour.hour_start, UsageHour.model)
+    )
+    session.execute(insert(UsageHour).from_select(names, all_users))
+    after = _level_totals(session)
+    is_all_users = UsageHour.scope == ALL_USERS
+    user_rows, all_users_rows = session.execute(
+        select(func.count().filter(~is_all_users), func.count().filter(is_all_users))
+    ).one()
+    session.commit()
+    return RebuildResult(user_rows, all_users_rows, before, after)

@@ -14,6 +14,7 @@ from shared.services.usage import (
     MAX_RANGE_DAYS,
     bucket_start,
     csv_header,
+    hour_cuts,
     local_day,
     offset_segments,
     parse_query,
@@ -185,3 +186,37 @@ def test_csv_header_names_the_group_column():
     assert csv_header(None) == ["bucket_start", "turns", "input_tokens", "output_tokens", "cost"]
     assert csv_header("user")[:2] == ["bucket_start", "user_id"]
     assert csv_header("model")[:2] == ["bucket_start", "model"]
+
+
+@pytest.mark.parametrize(
+    ("zone", "cuts"),
+    [
+        ("UTC", (0,)),
+        ("Europe/Berlin", (0,)),  # DST changes at 01:00 UTC, midnights on the hour
+        ("Asia/Kolkata", (0, 30)),
+        ("America/St_Johns", (0, 30)),  # -03:30/-02:30, changes at 05:30/04:30 UTC
+        ("Asia/Kathmandu", (0, 15)),
+        ("Pacific/Chatham", (0, 15)),  # +13:45/+12:45, changes at 14:00 UTC
+        ("Australia/Lord_Howe", (0, 15, 30, 45)),  # +11/+10:30: midnights at :00 and :30
+    ],
+)
+def test_hours_are_cut_only_where_a_local_midnight_can_fall(zone, cuts):
+    lo, hi = utc_window(date(2025, 1, 1), date(2025, 12, 31), ZoneInfo(zone))
+    assert hour_cuts(ZoneInfo(zone), lo, hi) == cuts
+    # Every local midnight in the year lies on a cut, so no part of an hour spans two local dates.
+    day = date(2025, 1, 1)
+    while day <= date(2025, 12, 31):
+        midnight = datetime(day.year, day.month, day.day, tzinfo=ZoneInfo(zone)).astimezone(UTC)
+        assert midnight.minute in cuts
+        day += timedelta(days=1)
+
+
+def test_one_usage_event_adds_to_its_users_hour_and_all_users_hour_with_quarter_prefixes():
+    rows = UsageHour.rows_for(
+        user_id="u1", model="m", at=z("2026-01-10T18:31"), turns=1, input_tokens=7, output_tokens=3, cost=2
+    )
+    assert [row["scope"] for row in rows] == ["u1", "*"]
+    assert rows[0]["hour_start"] == z("2026-01-10T18:00")
+    prefixes = [rows[0][name] for name in ("turns", "turns_to_15", "turns_to_30", "turns_to_45")]
+    assert prefixes == [1, 0, 0, 1]
+    assert (rows[0]["input_tokens_to_45"], rows[0]["cost_to_30"]) == (7, 0)
