@@ -662,6 +662,8 @@ def rebuild(session: Session) -> RebuildResult:
     dialect = session.get_bind().dialect.name
     if dialect == "postgresql":
         session.execute(text("LOCK TABLE usage_hours IN EXCLUSIVE MODE"))
+        # One GROUP BY over every turn: let it hash in memory rather than sort on disk.
+        session.execute(text("SET LOCAL work_mem = '256MB'"))
     before = _level_totals(session)
     session.execute(delete(UsageHour))
     hour, minute = _hour_and_minute(dialect, Turn.completed_at)
