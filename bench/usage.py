@@ -187,7 +187,9 @@ def timed(function, session, query, runs: int) -> tuple[list[float], object]:
 def explain(session, query: usage.UsageQuery, build=usage._rollup_statement) -> list[str]:
     """The EXPLAIN (ANALYZE) plan of the statement the service runs for ``query``."""
     lo, hi = usage.utc_window(query.start, query.end, query.zone)
-    compiled = build("postgresql", query, lo, hi).compile(dialect=session.get_bind().dialect)
+    compiled = build("postgresql", query, lo, hi).compile(
+        dialect=session.get_bind().dialect, compile_kwargs={"render_postcompile": True}
+    )
     rows = session.connection().exec_driver_sql(
         "EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF, SUMMARY ON) " + str(compiled), compiled.params
     )

@@ -1,29 +1,33 @@
-"""Usage summaries: day / week / month buckets over the rollups, and CSV export.
+"""Usage summaries: day / week / month buckets over the rollups, CSV export, and rebuild.
 
-Usage is pre-aggregated per (user, model, UTC quarter hour) in ``usage_rollups``
-by ``services/billing.py`` in the same transaction as the debit, so a summary
-reads at most one row per user, model and quarter hour, never the turns.
+Usage is pre-aggregated in ``usage_hours`` by ``services/billing.py`` in the same
+transaction as the debit, in two levels: per (user, model, UTC hour) and for all users
+per (model, UTC hour). A row also carries the usage of its hour's first 15, 30 and 45
+minutes, so it is quarter-exact. A summary reads one level, never the turns: one user's
+rows for ``user_id`` (and for the export's ``group_by=user``), the all-users rows
+otherwise; the model filter narrows either.
 
-**Bucketing rule (both dialects, every zone).** A rollup period belongs to the
-local date of its start: ``period_start`` converted to the requested zone.
-Every UTC offset in use since 1972 is a multiple of 15 minutes (Asia/Kolkata
-+05:30, Asia/Kathmandu +05:45, Pacific/Chatham +12:45 included), so each local
-midnight starts a period and a local day, week or month is an exact union of
-periods: a turn counts on the local date of its ``completed_at``, across DST
-changes and fractional offsets alike. ``start``/``end`` select the periods
-whose local start lies in ``[start 00:00, end+1 00:00)``.
+**Bucketing rule (both dialects, every zone).** A turn counts on the local date of its
+``completed_at`` in the requested zone. Every UTC offset in use since 1972 is a multiple
+of 15 minutes (Asia/Kolkata +05:30, Asia/Kathmandu +05:45, Pacific/Chatham +12:45
+included), so each local midnight starts a UTC quarter hour and a local day, week or month
+is an exact union of quarters; ``start``/``end`` select the quarters whose local start
+lies in ``[start 00:00, end+1 00:00)``. ``hour_cuts`` says where a zone's local midnights
+fall in the UTC hour (nowhere but :00 for UTC and Berlin, :30 for Kolkata, :15 for
+Kathmandu, any quarter for Lord Howe); each hour is read in that many parts (the
+difference of two stored prefixes), and each part counts on the local date of its start.
 
-Postgres buckets with ``date_trunc`` over ``period_start AT TIME ZONE tz``;
-SQLite shifts ``period_start`` by the zone's UTC offset with date modifiers
-(one ``CASE`` arm per offset in force during the range, computed here from
-the IANA database) and truncates with ``'weekday 0', '-6 days'`` /
-``'start of month'``. Both answer identically (tests run one suite on both).
+Postgres buckets with ``date_trunc`` over ``part_start AT TIME ZONE tz``; SQLite shifts
+the part's start by the zone's UTC offset with date modifiers (one ``CASE`` arm per
+offset in force during the range, computed here from the IANA database) and truncates
+with ``'weekday 0', '-6 days'`` / ``'start of month'``. Both answer identically (tests
+run one suite on both).
 
-``summary_from_turns`` computes the same summary from the raw completed turns
-with a plain ``GROUP BY date_trunc`` over each turn's local ``completed_at``:
-the oracle of the tests and the baseline of ``bench/usage.py``. Summary-refresh
-tokens are billed into the rollups with ``turns=0`` and have no turn row, so
-they appear only in ``summarize``.
+``summary_from_turns`` computes the same summary from the raw completed turns with a
+plain ``GROUP BY date_trunc`` over each turn's local ``completed_at``: the oracle of the
+tests and the baseline of ``bench/usage.py``. Summary-refresh tokens are billed into the
+rollups with ``turns=0`` and have no turn row, so they appear only in ``summarize``.
+``rebuild`` (``tollgate usage-rebuild``) recomputes both levels from the turns.
 """
 
 from __future__ import annotations
@@ -372,55 +376,111 @@ def _level_filter(query: UsageQuery):
     return UsageHour.scope == ALL_USERS
 
 
+def local_date_changes(query: UsageQuery, lo: datetime, hi: datetime) -> tuple[datetime, ...]:
+    """Every instant in ``[lo, hi]`` where the local date may change: each local midnight
+    (``lo`` and ``hi`` included) and each change of the zone's offset."""
+    return _local_date_changes(query.zone, query.start, query.end, lo, hi)
+
+
+@lru_cache(maxsize=256)
+def _local_date_changes(zone: ZoneInfo, start: date, end: date, lo: datetime, hi: datetime):
+    moments = [utc_window(day, day, zone)[0] for day in _days(start, end + _DAY)]
+    moments += [until for until, _ in offset_segments(zone, lo, hi) if until is not None]
+    return tuple(sorted(set(moments)))
+
+
+def _days(first: date, last: date) -> Iterator[date]:
+    day = first
+    while day <= last:
+        yield day
+        day += _DAY
+
+
+def _hour_sums(query: UsageQuery, minutes: list[int], *conditions):
+    """Stage 1: the level's rows summed per UTC hour (and group key), as the prefixes for
+    ``minutes`` of each measure (60: the hour's totals), labelled ``<measure>_<minute>``."""
+    key_col = _group_column(query, UsageHour)
+    columns = [UsageHour.hour_start.label("hour_start")]
+    for minute in minutes:
+        for measure in UsageHour.MEASURES:
+            columns.append(func.sum(UsageHour.prefix_column(measure, minute)).label(f"{measure}_{minute}"))
+    group = [UsageHour.hour_start]
+    if key_col is not None:
+        columns.append(key_col.label("group_key"))
+        group.append(key_col)
+    statement = select(*columns).where(_level_filter(query), *conditions)
+    if query.model:
+        statement = statement.where(UsageHour.model == query.model)
+    return statement.group_by(*group)
+
+
 def _rollup_statement(dialect: str, query: UsageQuery, lo: datetime, hi: datetime):
     """Three stages over the hour rows of the level the query reads.
 
-    1. ``hours``: sum per UTC hour (and group key) the totals and only the prefixes the
-       zone cuts at (``hour_cuts``), over the hours that meet ``[lo, hi)``.
-    2. ``parts``: each hour in one to four parts (``UNION ALL``), each part's usage the
-       difference of two prefixes, kept when the part starts in ``[lo, hi)``, mapped to
-       the local bucket of its start: the zone arithmetic runs once per hour and part.
-    3. sum per bucket (and key); buckets whose parts hold no usage are left out.
+    1. Sum per UTC hour (and group key): the totals, and the prefixes the zone cuts at.
+    2. Map to local buckets (``UNION ALL`` of parts), so the zone arithmetic runs about
+       once per distinct hour:
+
+       - whole hours or one cut at ``m`` past the hour (UTC, Berlin; Kolkata ``m=30``),
+         all users or grouped: every hour goes whole to the bucket of ``hour + m``; then,
+         for the few hours holding a local date change at ``m`` (``local_date_changes``,
+         about one a day, read again by key), the first ``m`` minutes move back to the
+         bucket of the hour's start. Kolkata maps each hour once plus two rows a day.
+       - otherwise each hour in its parts (one user in Kolkata: two; Lord Howe's
+         30-minute DST: the four quarters), each part to the bucket of its own start.
+    3. Sum per bucket (and key); buckets whose parts hold no usage are left out.
     """
     cuts = hour_cuts(query.zone, lo, hi)
     key_col = _group_column(query, UsageHour)
-    prefixes = [*cuts[1:], 60]
-    hour_cols = [UsageHour.hour_start.label("hour_start")]
-    for minute in prefixes:
-        for measure in UsageHour.MEASURES:
-            column = UsageHour.prefix_column(measure, minute)
-            hour_cols.append(func.sum(column).label(f"{measure}_{minute}"))
-    group = [UsageHour.hour_start]
-    if key_col is not None:
-        hour_cols.append(key_col.label("group_key"))
-        group.append(key_col)
-    hours_select = select(*hour_cols).where(
-        _level_filter(query), UsageHour.hour_start >= UsageHour.hour_of(lo), UsageHour.hour_start < hi
-    )
-    if query.model:
-        hours_select = hours_select.where(UsageHour.model == query.model)
-    hours_select = hours_select.group_by(*group)
-    hours = hours_select.cte("hours") if len(cuts) > 1 else hours_select.subquery("hours")
-
-    keyed = [hours.c.group_key] if key_col is not None else []
     parts = []
-    for start, end in zip(cuts, prefixes, strict=True):
-        shift = timedelta(minutes=start)
-        measures = []
-        for measure in UsageHour.MEASURES:
-            value = hours.c[f"{measure}_{end}"]
-            if start:
-                value = value - hours.c[f"{measure}_{start}"]
-            measures.append(value.label(measure))
+
+    def part(source, shift_minutes: int, measures: list, *conditions):
         bucket = (
-            [_bucket_expr(dialect, query, hours.c.hour_start, lo, hi, start).label("bucket")]
+            [_bucket_expr(dialect, query, source.c.hour_start, lo, hi, shift_minutes).label("bucket")]
             if query.known_bucket
             else []
         )
-        part = select(*bucket, *keyed, *measures)
-        if start or lo.minute or hi.minute:
-            part = part.where(hours.c.hour_start >= lo - shift, hours.c.hour_start < hi - shift)
-        parts.append(part)
+        keyed = [source.c.group_key] if key_col is not None else []
+        labelled = [value.label(measure) for measure, value in zip(UsageHour.MEASURES, measures, strict=True)]
+        return select(*bucket, *keyed, *labelled).where(*conditions)
+
+    cut = cuts[-1]
+    # One user's year has ~1,250 active hours: mapping each twice costs less there than
+    # looking up the ~366 hours that hold a local midnight (measured: bench/usage.py).
+    corrections = cut == 0 or query.user_id is None
+    if len(cuts) <= 2 and lo.minute == hi.minute == cut and corrections:
+        # Hours whose moment at ``cut`` lies in [lo, hi): here lo - cut and hi - cut are on the hour.
+        first, last = lo - timedelta(minutes=cut), hi - timedelta(minutes=cut)
+        hours = _hour_sums(query, [60], UsageHour.hour_start >= first, UsageHour.hour_start < last)
+        hours = hours.subquery("hours")
+        parts.append(part(hours, cut, [hours.c[f"{measure}_60"] for measure in UsageHour.MEASURES]))
+        if cut:
+            changes = sorted({UsageHour.hour_of(moment) for moment in local_date_changes(query, lo, hi)})
+            edges = _hour_sums(query, [cut], UsageHour.hour_start.in_(changes)).cte("edges")
+            head = [edges.c[f"{measure}_{cut}"] for measure in UsageHour.MEASURES]
+            # Out of the bucket of hour + cut (counted whole above, when it was in the window)…
+            moved = [-value for value in head]
+            parts.append(part(edges, cut, moved, edges.c.hour_start >= first, edges.c.hour_start < last))
+            # …into the bucket of the hour's start, when that start is in the window.
+            parts.append(part(edges, 0, head, edges.c.hour_start >= lo, edges.c.hour_start < hi))
+    else:
+        minutes = [*cuts[1:], 60]
+        hours = _hour_sums(
+            query, minutes, UsageHour.hour_start >= UsageHour.hour_of(lo), UsageHour.hour_start < hi
+        )
+        hours = hours.cte("hours")
+        for start, end in zip(cuts, minutes, strict=True):
+            measures = []
+            for measure in UsageHour.MEASURES:
+                value = hours.c[f"{measure}_{end}"]
+                measures.append(value - hours.c[f"{measure}_{start}"] if start else value)
+            shift = timedelta(minutes=start)
+            parts.append(
+                part(
+                    hours, start, measures, hours.c.hour_start >= lo - shift, hours.c.hour_start < hi - shift
+                )
+            )
+
     mapped = (parts[0] if len(parts) == 1 else union_all(*parts)).subquery("parts")
     sums = [func.sum(mapped.c[measure]) for measure in UsageHour.MEASURES]
     if not query.known_bucket:
@@ -685,6 +745,8 @@ def rebuild(session: Session) -> RebuildResult:
         .where(Turn.completed_at.is_not(None), Turn.cost.is_not(None))
         # Positional: the hour expression's bound values would otherwise appear twice.
         .group_by(literal_column("1"), literal_column("2"), literal_column("3"))
+        # In time order, as the debits write them: a rebuilt table reads like a live one.
+        .order_by(literal_column("2"), literal_column("1"), literal_column("3"))
     )
     session.execute(insert(UsageHour).from_select(names, per_user))
     measures = [getattr(UsageHour, name) for name in names[3:]]
@@ -692,6 +754,7 @@ def rebuild(session: Session) -> RebuildResult:
         select(literal(ALL_USERS), UsageHour.hour_start, UsageHour.model, *[func.sum(m) for m in measures])
         .where(UsageHour.scope != ALL_USERS)
         .group_by(UsageHour.hour_start, UsageHour.model)
+        .order_by(UsageHour.hour_start, UsageHour.model)
     )
     session.execute(insert(UsageHour).from_select(names, all_users))
     after = _level_totals(session)
