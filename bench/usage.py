@@ -172,16 +172,21 @@ def load(url: str, total: int) -> dict:
     return figures
 
 
-def timed(function, session, query, runs: int) -> tuple[list[float], object]:
-    result = function(session, query)  # warm-up, and the answer to compare
-    session.rollback()
-    samples = []
-    for _ in range(runs):
-        started = time.perf_counter()
-        function(session, query)
-        samples.append(time.perf_counter() - started)
+def timed(session, entries: dict, runs: int) -> tuple[dict, dict]:
+    """Time each ``name: (function, query)`` ``runs`` times, interleaved run by run, so
+    every entry sees the same machine; the warm-up's answers are returned to compare."""
+    answers = {}
+    for name, (function, query) in entries.items():
+        answers[name] = function(session, query)  # warm-up, and the answer to compare
         session.rollback()
-    return samples, result
+    samples: dict = {name: [] for name in entries}
+    for _ in range(runs):
+        for name, (function, query) in entries.items():
+            started = time.perf_counter()
+            function(session, query)
+            samples[name].append(time.perf_counter() - started)
+            session.rollback()
+    return samples, answers
 
 
 def explain(session, query: usage.UsageQuery, build=usage._rollup_statement) -> list[str]:
@@ -239,17 +244,6 @@ def export_in_child(url: str, months: int) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def summary_scenarios(one_user: str):
-    """(name, query, time the raw GROUP BY too) for every summary the bench times."""
-    for scope, user_id in (("all", None), ("user", one_user)):
-        for bucket in ("month", "week", "day"):
-            query = usage.UsageQuery(bucket=bucket, start=YEAR_START, end=YEAR_END, tz="UTC", user_id=user_id)
-            yield f"{scope}_{bucket}", query, True
-    for bucket in ("month", "day"):
-        query = usage.UsageQuery(bucket=bucket, start=YEAR_START, end=YEAR_END, tz="Asia/Kolkata")
-        yield f"kolkata_all_{bucket}", query, False
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--turns", type=int, default=5_000_000)
@@ -271,31 +265,43 @@ def main() -> None:
         database = Database(url)
         try:
             with database.session() as session:
-                for name, query, with_raw in summary_scenarios(one_user):
-                    rollup_times, rollup_answer = timed(usage.summarize, session, query, args.runs)
-                    turn_times, turn_answer = timed(
-                        usage.summary_from_turns, session, query, args.runs if with_raw else 0
-                    )
-                    if rollup_answer != turn_answer:
-                        raise SystemExit(f"rollups and raw turns disagree for {name}")
-                    figures[f"{name}_buckets"] = len(rollup_answer.daily)
-                    figures[f"{name}_rollups_p50_ms"] = percentile(rollup_times, 0.5) * 1000
-                    figures[f"{name}_rollups_p99_ms"] = percentile(rollup_times, 0.99) * 1000
-                    if with_raw:
-                        figures[f"{name}_raw_turns_p50_ms"] = percentile(turn_times, 0.5) * 1000
-                        figures[f"{name}_raw_turns_p99_ms"] = percentile(turn_times, 0.99) * 1000
-                        figures[f"{name}_ratio_p50_raw_over_rollups"] = percentile(
-                            turn_times, 0.5
-                        ) / percentile(rollup_times, 0.5)
-                        figures[f"{name}_ratio_p99_raw_over_rollups"] = percentile(
-                            turn_times, 0.99
-                        ) / percentile(rollup_times, 0.99)
-                    else:
-                        utc = name.removeprefix("kolkata_")
-                        figures[f"{name}_ratio_p50_kolkata_over_utc"] = (
-                            figures[f"{name}_rollups_p50_ms"] / figures[f"{utc}_rollups_p50_ms"]
+                for scope, user_id in (("all", None), ("user", one_user)):
+                    for bucket in ("month", "week", "day"):
+                        name = f"{scope}_{bucket}"
+                        query = usage.UsageQuery(bucket, YEAR_START, YEAR_END, "UTC", user_id=user_id)
+                        kolkata = usage.UsageQuery(
+                            bucket, YEAR_START, YEAR_END, "Asia/Kolkata", user_id=user_id
                         )
-                    print(f"# {name}: rollups p50 {figures[f'{name}_rollups_p50_ms']:.1f} ms", flush=True)
+                        samples, answers = timed(
+                            session,
+                            {
+                                "rollups": (usage.summarize, query),
+                                "raw_turns": (usage.summary_from_turns, query),
+                                "kolkata": (usage.summarize, kolkata),
+                            },
+                            args.runs,
+                        )
+                        if answers["rollups"] != answers["raw_turns"]:
+                            raise SystemExit(f"rollups and raw turns disagree for {name}")
+                        if answers["kolkata"] != usage.summary_from_turns(session, kolkata):
+                            raise SystemExit(f"rollups and raw turns disagree for {name} in Asia/Kolkata")
+                        session.rollback()
+                        figures[f"{name}_buckets"] = len(answers["rollups"].daily)
+                        p50 = {key: percentile(values, 0.5) * 1000 for key, values in samples.items()}
+                        p99 = {key: percentile(values, 0.99) * 1000 for key, values in samples.items()}
+                        for key in ("rollups", "raw_turns"):
+                            figures[f"{name}_{key}_p50_ms"] = p50[key]
+                            figures[f"{name}_{key}_p99_ms"] = p99[key]
+                        figures[f"{name}_ratio_p50_raw_over_rollups"] = p50["raw_turns"] / p50["rollups"]
+                        figures[f"{name}_ratio_p99_raw_over_rollups"] = p99["raw_turns"] / p99["rollups"]
+                        figures[f"{name}_kolkata_p50_ms"] = p50["kolkata"]
+                        figures[f"{name}_kolkata_p99_ms"] = p99["kolkata"]
+                        figures[f"{name}_ratio_p50_kolkata_over_utc"] = p50["kolkata"] / p50["rollups"]
+                        print(
+                            f"# {name}: rollups p50 {p50['rollups']:.1f} ms (Kolkata {p50['kolkata']:.1f}), "
+                            f"raw p50 {p50['raw_turns']:.1f} ms",
+                            flush=True,
+                        )
                 shapes = {
                     "all_month": usage.UsageQuery("month", YEAR_START, YEAR_END),
                     "kolkata_all_day": usage.UsageQuery("day", YEAR_START, YEAR_END, "Asia/Kolkata"),

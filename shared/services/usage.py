@@ -44,8 +44,11 @@ from functools import lru_cache
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
 
 from sqlalchemy import (
+    ARRAY,
+    DateTime,
     Integer,
     Interval,
+    any_,
     case,
     delete,
     func,
@@ -376,17 +379,28 @@ def _level_filter(query: UsageQuery):
     return UsageHour.scope == ALL_USERS
 
 
-def local_date_changes(query: UsageQuery, lo: datetime, hi: datetime) -> tuple[datetime, ...]:
-    """Every instant in ``[lo, hi]`` where the local date may change: each local midnight
-    (``lo`` and ``hi`` included) and each change of the zone's offset."""
-    return _local_date_changes(query.zone, query.start, query.end, lo, hi)
+def bucket_changes(query: UsageQuery, lo: datetime, hi: datetime) -> tuple[datetime, ...]:
+    """Every instant in ``[lo, hi]`` where the local bucket may change: the local midnight
+    starting each bucket (``lo`` and ``hi`` included; every day for ``day``, Mondays for
+    ``week``, the 1st for ``month``, none inside for totals) and each change of the zone's
+    offset (which could move the local date)."""
+    return _bucket_changes(query.zone, query.bucket, query.start, query.end, lo, hi)
 
 
 @lru_cache(maxsize=256)
-def _local_date_changes(zone: ZoneInfo, start: date, end: date, lo: datetime, hi: datetime):
-    moments = [utc_window(day, day, zone)[0] for day in _days(start, end + _DAY)]
-    moments += [until for until, _ in offset_segments(zone, lo, hi) if until is not None]
-    return tuple(sorted(set(moments)))
+def _bucket_changes(zone: ZoneInfo, bucket: str, start: date, end: date, lo: datetime, hi: datetime):
+    moments = {lo, hi}
+    if bucket in BUCKETS:
+        for day in _days(start, end):
+            if bucket_start(day, bucket) == day:
+                moments.add(utc_window(day, day, zone)[0])
+    moments.update(until for until, _ in offset_segments(zone, lo, hi) if until is not None)
+    return tuple(sorted(moments))
+
+
+@lru_cache(maxsize=256)
+def _hours_of(moments: tuple[datetime, ...]) -> list[datetime]:
+    return sorted({UsageHour.hour_of(moment) for moment in moments})
 
 
 def _days(first: date, last: date) -> Iterator[date]:
@@ -423,9 +437,10 @@ def _rollup_statement(dialect: str, query: UsageQuery, lo: datetime, hi: datetim
 
        - whole hours or one cut at ``m`` past the hour (UTC, Berlin; Kolkata ``m=30``),
          all users or grouped: every hour goes whole to the bucket of ``hour + m``; then,
-         for the few hours holding a local date change at ``m`` (``local_date_changes``,
-         about one a day, read again by key), the first ``m`` minutes move back to the
-         bucket of the hour's start. Kolkata maps each hour once plus two rows a day.
+         for the few hours holding a bucket's first local midnight at ``m``
+         (``bucket_changes``: one a day, a week or a month, read again by key), the
+         first ``m`` minutes move back to the bucket of the hour's start. Kolkata maps
+         each hour once plus two rows per bucket.
        - otherwise each hour in its parts (one user in Kolkata: two; Lord Howe's
          30-minute DST: the four quarters), each part to the bucket of its own start.
     3. Sum per bucket (and key); buckets whose parts hold no usage are left out.
@@ -446,8 +461,9 @@ def _rollup_statement(dialect: str, query: UsageQuery, lo: datetime, hi: datetim
 
     cut = cuts[-1]
     # One user's year has ~1,250 active hours: mapping each twice costs less there than
-    # looking up the ~366 hours that hold a local midnight (measured: bench/usage.py).
-    corrections = cut == 0 or query.user_id is None
+    # looking up the ~366 hours that start a day (measured: bench/usage.py); weeks and
+    # months start far more rarely.
+    corrections = cut == 0 or query.user_id is None or query.bucket != "day"
     if len(cuts) <= 2 and lo.minute == hi.minute == cut and corrections:
         # Hours whose moment at ``cut`` lies in [lo, hi): here lo - cut and hi - cut are on the hour.
         first, last = lo - timedelta(minutes=cut), hi - timedelta(minutes=cut)
@@ -455,8 +471,12 @@ def _rollup_statement(dialect: str, query: UsageQuery, lo: datetime, hi: datetim
         hours = hours.subquery("hours")
         parts.append(part(hours, cut, [hours.c[f"{measure}_60"] for measure in UsageHour.MEASURES]))
         if cut:
-            changes = sorted({UsageHour.hour_of(moment) for moment in local_date_changes(query, lo, hi)})
-            edges = _hour_sums(query, [cut], UsageHour.hour_start.in_(changes)).cte("edges")
+            changes = _hours_of(bucket_changes(query, lo, hi))
+            if dialect == "postgresql":  # one array parameter: 366 of them cost more to bind and plan
+                edge_hours = UsageHour.hour_start == any_(literal(changes, ARRAY(DateTime(timezone=True))))
+            else:
+                edge_hours = UsageHour.hour_start.in_(changes)
+            edges = _hour_sums(query, [cut], edge_hours).cte("edges")
             head = [edges.c[f"{measure}_{cut}"] for measure in UsageHour.MEASURES]
             # Out of the bucket of hour + cut (counted whole above, when it was in the window)…
             moved = [-value for value in head]
