@@ -190,7 +190,6 @@ class UsageHour(Base):
     MEASURES = ("turns", "input_tokens", "output_tokens", "cost")
     SPLITS = (15, 30, 45)  # minutes into the hour with a stored prefix
     QUARTER = timedelta(minutes=15)  # every UTC offset in use since 1972 is a multiple of it
-    HOUR = timedelta(hours=1)
 
     @classmethod
     def hour_of(cls, at: datetime) -> datetime:
@@ -218,5 +217,5 @@ class UsageHour(Base):
         for measure in cls.MEASURES:
             values[measure] = amounts[measure]
             for split in cls.SPLITS:
-                values[f"{measure}_to_{split}"] = amounts[measure] if minute < split else 0 * amounts[measure]
+                values[f"{measure}_to_{split}"] = amounts[measure] if minute < split else 0
         return [{"scope": user_id, **values}, {"scope": ALL_USERS, **values}]

@@ -4,8 +4,8 @@ Usage is pre-aggregated in ``usage_hours`` by ``services/billing.py`` in the sam
 transaction as the debit, in two levels: per (user, model, UTC hour) and for all users
 per (model, UTC hour). A row also carries the usage of its hour's first 15, 30 and 45
 minutes, so it is quarter-exact. A summary reads one level, never the turns: one user's
-rows for ``user_id`` (and for the export's ``group_by=user``), the all-users rows
-otherwise; the model filter narrows either.
+rows for ``user_id``, every user's rows for the export's ``group_by=user``, the all-users
+rows otherwise; the model filter narrows either.
 
 **Bucketing rule (both dialects, every zone).** A turn counts on the local date of its
 ``completed_at`` in the requested zone. Every UTC offset in use since 1972 is a multiple
@@ -14,8 +14,9 @@ included), so each local midnight starts a UTC quarter hour and a local day, wee
 is an exact union of quarters; ``start``/``end`` select the quarters whose local start
 lies in ``[start 00:00, end+1 00:00)``. ``hour_cuts`` says where a zone's local midnights
 fall in the UTC hour (nowhere but :00 for UTC and Berlin, :30 for Kolkata, :15 for
-Kathmandu, any quarter for Lord Howe); each hour is read in that many parts (the
-difference of two stored prefixes), and each part counts on the local date of its start.
+Kathmandu, any quarter for Lord Howe); an hour's usage before and after such a cut is the
+difference of two stored prefixes, and each part counts on the local date of its start
+(``_rollup_statement``).
 
 Postgres buckets with ``date_trunc`` over ``part_start AT TIME ZONE tz``; SQLite shifts
 the part's start by the zone's UTC offset with date modifiers (one ``CASE`` arm per
