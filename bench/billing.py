@@ -26,7 +26,7 @@ from shared.runtime import Runtime
 from shared.services import auth, billing, enforcement
 
 # pgbench (simple protocol) substitutes :wallet and :user textually; their values carry the quotes.
-PGBENCH_SCRIPT = """
+PGBENCH_SCRIPT_TEMPLATE = """
 \\set amount random(1, 1000)
 BEGIN;
 SELECT balance FROM wallets WHERE id = :wallet FOR UPDATE;
@@ -37,15 +37,27 @@ INSERT INTO ledger_entries (id, wallet_id, user_id, kind, amount, held_delta, ba
          'system', now()
   FROM wallets WHERE id = :wallet;
 UPDATE wallets SET balance = balance - :amount / 1000000.0, updated_at = now() WHERE id = :wallet;
-INSERT INTO usage_rollups (id, user_id, model, period_start, turns, input_tokens, output_tokens, cost)
-  VALUES (gen_random_uuid()::text, :user, 'offline-small',
-          date_bin('15 minutes', now(), timestamptz '2000-01-01 00:00:00+00'), 1, 100, 50,
-          :amount / 1000000.0)
-  ON CONFLICT (user_id, model, period_start) DO UPDATE SET turns = usage_rollups.turns + 1,
-    input_tokens = usage_rollups.input_tokens + 100, output_tokens = usage_rollups.output_tokens + 50,
-    cost = usage_rollups.cost + EXCLUDED.cost;
+{USAGE_UPSERT}
 END;
 """
+# billing.record_usage: the user's and the all-users row of the UTC hour, with the prefixes
+# for the first 15/30/45 minutes, in one multi-row upsert.
+_AMOUNTS = {"turns": "1", "input_tokens": "100", "output_tokens": "50", "cost": "(:amount / 1000000.0)"}
+_COLUMNS = [*_AMOUNTS, *[f"{measure}_to_{split}" for split in (15, 30, 45) for measure in _AMOUNTS]]
+_VALUES = [
+    *_AMOUNTS.values(),
+    *[f"(m < {split})::int * {value}" for split in (15, 30, 45) for value in _AMOUNTS.values()],
+]
+USAGE_UPSERT = (
+    f"INSERT INTO usage_hours (scope, hour_start, model, {', '.join(_COLUMNS)})\n"
+    f"  SELECT scope, date_trunc('hour', now(), 'UTC'), 'offline-small', {', '.join(_VALUES)}\n"
+    "  FROM (VALUES (:user), ('*')) AS scopes (scope),\n"
+    "       (SELECT extract(minute FROM now() AT TIME ZONE 'UTC')::int AS m) AS minute\n"
+    "  ON CONFLICT (scope, hour_start, model) DO UPDATE SET "
+    + ", ".join(f"{column} = usage_hours.{column} + EXCLUDED.{column}" for column in _COLUMNS)
+    + ";"
+)
+PGBENCH_SCRIPT = PGBENCH_SCRIPT_TEMPLATE.replace("{USAGE_UPSERT}", USAGE_UPSERT)
 
 
 def pgbench_binary() -> str:

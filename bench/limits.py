@@ -1,7 +1,7 @@
 """How long the spend check's sums take on Postgres (docs/limits.md "Measured").
 
-A user with a month of quarter-hour rollups for 3 models (8,928 rows) among 200 other
-users with the same, plus a key with a month of key rollups (2,976 rows); times
+A user with a month of hourly usage rows for 3 models (2,232 rows) among 200 other
+users with the same, plus a key with a month of quarter-hour key rollups (2,976 rows); times
 ``limits.spent`` (the sum admission runs under the limit lock) and ``limits.held``.
 
     .venv/bin/python bench/limits.py postgresql://postgres@127.0.0.1:5432/postgres
@@ -21,7 +21,7 @@ from sqlalchemy import text
 
 from shared.cli import migrate
 from shared.db import Database
-from shared.models import ApiKeySpend, Limit, UsageRollup
+from shared.models import ApiKeySpend, Limit, UsageHour
 from shared.services import auth, limits
 from shared.settings import Settings, normalize_database_url
 
@@ -39,23 +39,29 @@ def main(server: str) -> None:
         with database.session() as session:
             users = [auth.create_user(session, f"u{n}@bench.test")[0] for n in range(201)]
             key_id = auth.list_keys(session, users[0].id)[0].id
+            hours = [start + timedelta(hours=n) for n in range(31 * 24)]
             rows = [
                 {
-                    "id": str(uuid.uuid4()),
-                    "user_id": user.id,
+                    "scope": user.id,
                     "model": model,
-                    "period_start": q,
-                    "turns": 1,
-                    "input_tokens": 10,
-                    "output_tokens": 10,
-                    "cost": Decimal("0.001"),
+                    "hour_start": hour,
+                    "turns": 4,
+                    "input_tokens": 40,
+                    "output_tokens": 40,
+                    "cost": Decimal("0.004"),
+                    **{
+                        f"{m}_to_{q}": v * q // 15
+                        for q in (15, 30, 45)
+                        for m, v in (("turns", 1), ("input_tokens", 10), ("output_tokens", 10))
+                    },
+                    **{f"cost_to_{q}": Decimal("0.001") * (q // 15) for q in (15, 30, 45)},
                 }
                 for user in users
                 for model in ("m1", "m2", "m3")
-                for q in quarters
+                for hour in hours
             ]
             for i in range(0, len(rows), 20000):
-                session.execute(UsageRollup.__table__.insert(), rows[i : i + 20000])
+                session.execute(UsageHour.__table__.insert(), rows[i : i + 20000])
             session.execute(
                 ApiKeySpend.__table__.insert(),
                 [

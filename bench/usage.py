@@ -3,13 +3,18 @@
 Loads one synthetic year (2025) into a fresh, migrated Postgres database with
 server-side SQL only (``INSERT … SELECT generate_series``): 1,000 users, a room
 and a session each, ``--turns`` completed turns (default 5,000,000) over 5
-models, then builds the quarter-hour rollups from the turns with one
-``INSERT … SELECT … GROUP BY`` (what ``billing.settle_turn`` maintains live).
-Then, for month / week / day buckets over the whole year, for all users and for
-one user, it times ``usage.summarize`` (rollups) and ``usage.summary_from_turns``
-(plain ``GROUP BY date_trunc`` over the completed turns) ``--runs`` times each in
-the same run, checks that both give the same answer, and reports p50/p99 and
-the ratio turns/rollups.
+models, then builds both rollup levels (per user and all users, per UTC hour with
+quarter prefixes: what ``billing.record_usage`` maintains live) with
+``usage.rebuild``, the code behind ``tollgate usage-rebuild``. Then, for month /
+week / day buckets over the whole year, for all users and for one user, it times
+``usage.summarize`` (rollups) and ``usage.summary_from_turns`` (plain ``GROUP BY
+date_trunc`` over the completed turns) ``--runs`` times each in the same run,
+checks that both give the same answer, and reports p50/p99 and the ratio
+turns/rollups. The same all-users summaries in Asia/Kolkata (+05:30: every local
+day cuts a UTC hour) are timed beside UTC and checked against the raw turns once.
+It prints the EXPLAIN (ANALYZE) plan of each query shape, and exports the year as
+CSV (all users, per day, group_by user) over growing ranges, each in a fresh
+process, printing rows/s and peak RSS.
 
 Synthetic shape: each user works in bursts of 4 turns within one UTC hour (a
 conversation), about 14 turns a day, 70% on their preferred model. Turn texts
@@ -18,17 +23,24 @@ scans slower). For the load, the turns table's secondary indexes and the
 full-text GIN index are dropped and the B-tree ones rebuilt afterwards (bulk-load
 practice; the GIN index plays no part in usage queries and is not rebuilt).
 
-    python bench/usage.py [--turns 5000000] [--runs 20]
+    python bench/usage.py [--turns 5000000] [--runs 20] [--export-months 1,3,12]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
 import time
-from datetime import date
+from datetime import date, timedelta
+from pathlib import Path
 
 import psycopg
 from _stack import fresh_database, percentile, report
+from sqlalchemy import text
 
 from shared.cli import migrate
 from shared.db import Database
@@ -118,19 +130,6 @@ def turns_sql(total: int) -> str:
     """
 
 
-ROLLUP_SQL = f"""
-    INSERT INTO usage_rollups (id, user_id, model, period_start, turns, input_tokens, output_tokens, cost)
-    SELECT {uuid_sql("row_number() OVER ()", 6)}, user_id, model, period_start, turns, tin, tout, cost
-    FROM (
-        SELECT user_id, model,
-               date_bin('15 minutes', completed_at, timestamptz '2000-01-01 00:00:00+00') AS period_start,
-               count(*) AS turns, sum(input_tokens) AS tin, sum(output_tokens) AS tout, sum(cost) AS cost
-        FROM turns WHERE status = 'completed'
-        GROUP BY 1, 2, 3
-    ) periods
-"""
-
-
 def load(url: str, total: int) -> dict:
     figures = {}
     started = time.perf_counter()
@@ -150,39 +149,113 @@ def load(url: str, total: int) -> dict:
         for statement in REBUILD_SQL:
             conn.execute(statement)
         figures["rebuild_indexes_s"] = time.perf_counter() - step
-        step = time.perf_counter()
-        conn.execute(ROLLUP_SQL)
-        figures["build_rollups_s"] = time.perf_counter() - step
         conn.execute("VACUUM (ANALYZE) turns")
-        conn.execute("VACUUM (ANALYZE) usage_rollups")
+    database = Database(url)
+    try:
+        with database.session() as session:
+            step = time.perf_counter()
+            rebuilt = usage.rebuild(session)  # tollgate usage-rebuild
+            figures["build_rollups_s"] = time.perf_counter() - step
+    finally:
+        database.dispose()
+    with psycopg.connect(url.replace("+psycopg", ""), autocommit=True) as conn:
+        conn.execute("VACUUM (ANALYZE) usage_hours")
         figures["turns"] = conn.execute("SELECT count(*) FROM turns").fetchone()[0]
-        figures["rollup_rows"] = conn.execute("SELECT count(*) FROM usage_rollups").fetchone()[0]
+        figures["rollup_rows_per_user"] = rebuilt.user_rows
+        figures["rollup_rows_all_users"] = rebuilt.all_users_rows
         figures["turns_mb"] = conn.execute("SELECT pg_total_relation_size('turns')").fetchone()[0] / 2**20
         figures["rollups_mb"] = (
-            conn.execute("SELECT pg_total_relation_size('usage_rollups')").fetchone()[0] / 2**20
+            conn.execute("SELECT pg_total_relation_size('usage_hours')").fetchone()[0] / 2**20
         )
         figures["one_user_id"] = conn.execute(f"SELECT {uuid_sql('7', 1)}").fetchone()[0]
     figures["load_total_s"] = time.perf_counter() - started
     return figures
 
 
-def timed(function, session, query, runs: int) -> tuple[list[float], object]:
-    result = function(session, query)  # warm-up, and the answer to compare
-    session.rollback()
-    samples = []
-    for _ in range(runs):
-        started = time.perf_counter()
-        function(session, query)
-        samples.append(time.perf_counter() - started)
+def timed(session, entries: dict, runs: int) -> tuple[dict, dict]:
+    """Time each ``name: (function, query)`` ``runs`` times, interleaved run by run, so
+    every entry sees the same machine; the warm-up's answers are returned to compare."""
+    answers = {}
+    for name, (function, query) in entries.items():
+        answers[name] = function(session, query)  # warm-up, and the answer to compare
         session.rollback()
-    return samples, result
+    samples: dict = {name: [] for name in entries}
+    for _ in range(runs):
+        for name, (function, query) in entries.items():
+            started = time.perf_counter()
+            function(session, query)
+            samples[name].append(time.perf_counter() - started)
+            session.rollback()
+    return samples, answers
+
+
+def explain(session, query: usage.UsageQuery, build=usage._rollup_statement) -> list[str]:
+    """The EXPLAIN (ANALYZE) plan of the statement the service runs for ``query``."""
+    lo, hi = usage.utc_window(query.start, query.end, query.zone)
+    compiled = build("postgresql", query, lo, hi).compile(
+        dialect=session.get_bind().dialect, compile_kwargs={"render_postcompile": True}
+    )
+    rows = session.connection().exec_driver_sql(
+        "EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF, SUMMARY ON) " + str(compiled), compiled.params
+    )
+    plan = [row[0] for row in rows]
+    session.rollback()
+    return plan
+
+
+def scans(plan: list[str]) -> str:
+    """The plan's table accesses, e.g. ``Index Scan using pk_usage_hours on usage_hours``."""
+    found = []
+    for line in plan:
+        text = line.strip().removeprefix("->").strip()
+        if "Scan" in text and " on " in text:
+            found.append(text.split("  ")[0])
+    return "; ".join(dict.fromkeys(found))
+
+
+def export_child(url: str, start: str, end: str) -> None:
+    """Run in a fresh process: export [start, end] as CSV, print rows, seconds and RSS."""
+    database = Database(url)
+    with database.session() as session:
+        session.execute(text("SELECT 1"))
+        session.rollback()
+        baseline_kb = int(Path("/proc/self/statm").read_text().split()[1]) * (
+            os.sysconf("SC_PAGE_SIZE") // 1024
+        )
+        started = time.perf_counter()
+        rows = -1  # the header
+        for chunk in usage.export_csv(session, bucket="day", start=start, end=end, group_by="user"):
+            rows += chunk.count("\r\n")
+        seconds = time.perf_counter() - started
+    database.dispose()
+    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"rows": rows, "seconds": seconds, "peak_kb": peak_kb, "baseline_kb": baseline_kb}))
+
+
+def export_in_child(url: str, months: int) -> dict:
+    end = date(YEAR_START.year, 1, 1) + timedelta(days=round(months * 365 / 12) - 1)
+    end = min(end, YEAR_END)
+    done = subprocess.run(
+        [sys.executable, __file__, "--export-child", url, YEAR_START.isoformat(), end.isoformat()],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--turns", type=int, default=5_000_000)
     parser.add_argument("--runs", type=int, default=20)
+    parser.add_argument(
+        "--export-months", default="1,3,12", help="CSV export ranges, in months from 1 January"
+    )
+    parser.add_argument("--export-child", nargs=3, metavar=("URL", "START", "END"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.export_child:
+        export_child(*args.export_child)
+        return
     figures: dict = {}
     with fresh_database() as url:
         migrate(Settings(database_url=url))
@@ -194,29 +267,68 @@ def main() -> None:
             with database.session() as session:
                 for scope, user_id in (("all", None), ("user", one_user)):
                     for bucket in ("month", "week", "day"):
-                        query = usage.UsageQuery(
-                            bucket=bucket, start=YEAR_START, end=YEAR_END, tz="UTC", user_id=user_id
-                        )
-                        rollup_times, rollup_answer = timed(usage.summarize, session, query, args.runs)
-                        turn_times, turn_answer = timed(usage.summary_from_turns, session, query, args.runs)
-                        if rollup_answer != turn_answer:
-                            raise SystemExit(f"rollups and raw turns disagree for {scope}/{bucket}")
                         name = f"{scope}_{bucket}"
-                        figures[f"{name}_buckets"] = len(rollup_answer.daily)
-                        figures[f"{name}_rollups_p50_ms"] = percentile(rollup_times, 0.5) * 1000
-                        figures[f"{name}_rollups_p99_ms"] = percentile(rollup_times, 0.99) * 1000
-                        figures[f"{name}_raw_turns_p50_ms"] = percentile(turn_times, 0.5) * 1000
-                        figures[f"{name}_raw_turns_p99_ms"] = percentile(turn_times, 0.99) * 1000
-                        figures[f"{name}_ratio_p50_raw_over_rollups"] = percentile(
-                            turn_times, 0.5
-                        ) / percentile(rollup_times, 0.5)
+                        query = usage.UsageQuery(bucket, YEAR_START, YEAR_END, "UTC", user_id=user_id)
+                        kolkata = usage.UsageQuery(
+                            bucket, YEAR_START, YEAR_END, "Asia/Kolkata", user_id=user_id
+                        )
+                        samples, answers = timed(
+                            session,
+                            {
+                                "rollups": (usage.summarize, query),
+                                "raw_turns": (usage.summary_from_turns, query),
+                                "kolkata": (usage.summarize, kolkata),
+                            },
+                            args.runs,
+                        )
+                        if answers["rollups"] != answers["raw_turns"]:
+                            raise SystemExit(f"rollups and raw turns disagree for {name}")
+                        if answers["kolkata"] != usage.summary_from_turns(session, kolkata):
+                            raise SystemExit(f"rollups and raw turns disagree for {name} in Asia/Kolkata")
+                        session.rollback()
+                        figures[f"{name}_buckets"] = len(answers["rollups"].daily)
+                        p50 = {key: percentile(values, 0.5) * 1000 for key, values in samples.items()}
+                        p99 = {key: percentile(values, 0.99) * 1000 for key, values in samples.items()}
+                        for key in ("rollups", "raw_turns"):
+                            figures[f"{name}_{key}_p50_ms"] = p50[key]
+                            figures[f"{name}_{key}_p99_ms"] = p99[key]
+                        figures[f"{name}_ratio_p50_raw_over_rollups"] = p50["raw_turns"] / p50["rollups"]
+                        figures[f"{name}_ratio_p99_raw_over_rollups"] = p99["raw_turns"] / p99["rollups"]
+                        figures[f"{name}_kolkata_p50_ms"] = p50["kolkata"]
+                        figures[f"{name}_kolkata_p99_ms"] = p99["kolkata"]
+                        figures[f"{name}_ratio_p50_kolkata_over_utc"] = p50["kolkata"] / p50["rollups"]
                         print(
-                            f"# {name}: rollups p50 {figures[f'{name}_rollups_p50_ms']:.1f} ms, "
-                            f"raw p50 {figures[f'{name}_raw_turns_p50_ms']:.1f} ms",
+                            f"# {name}: rollups p50 {p50['rollups']:.1f} ms (Kolkata {p50['kolkata']:.1f}), "
+                            f"raw p50 {p50['raw_turns']:.1f} ms",
                             flush=True,
                         )
+                shapes = {
+                    "all_month": usage.UsageQuery("month", YEAR_START, YEAR_END),
+                    "kolkata_all_day": usage.UsageQuery("day", YEAR_START, YEAR_END, "Asia/Kolkata"),
+                    "all_month_one_model": usage.UsageQuery("month", YEAR_START, YEAR_END, model=MODELS[0]),
+                    "user_month": usage.UsageQuery("month", YEAR_START, YEAR_END, user_id=one_user),
+                    "user_day_one_model": usage.UsageQuery(
+                        "day", YEAR_START, YEAR_END, user_id=one_user, model=MODELS[1]
+                    ),
+                    "export_by_user_day": usage.UsageQuery("day", YEAR_START, YEAR_END, group_by="user"),
+                }
+                for shape, query in shapes.items():
+                    plan = explain(session, query)
+                    print(f"# EXPLAIN {shape}:\n#   " + "\n#   ".join(plan), flush=True)
+                    figures[f"explain_{shape}"] = scans(plan)
+                plan = explain(session, shapes["user_month"], usage._turns_statement)
+                figures["explain_raw_user_month"] = scans(plan)
         finally:
             database.dispose()
+        for months in [int(value) for value in args.export_months.split(",") if value]:
+            exported = export_in_child(url, months)
+            figures[f"export_{months}m_rows"] = exported["rows"]
+            figures[f"export_{months}m_rows_per_s"] = exported["rows"] / exported["seconds"]
+            figures[f"export_{months}m_peak_rss_mb"] = exported["peak_kb"] / 1024
+            figures[f"export_{months}m_rss_growth_mb"] = (
+                exported["peak_kb"] - exported["baseline_kb"]
+            ) / 1024
+            print(f"# export {months} months: {exported}", flush=True)
     figures["runs"] = args.runs
     report("usage", figures)
 

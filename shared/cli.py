@@ -70,6 +70,25 @@ def cmd_ledger_check(_args, settings: Settings) -> int:
     return 1
 
 
+def cmd_usage_rebuild(_args, settings: Settings) -> int:
+    from shared.services import usage
+
+    runtime = _runtime(settings)
+    with runtime.db.session() as session:
+        result = usage.rebuild(session)
+    print(
+        f"ok: usage rollups rebuilt from the turns: {result.user_rows} per-user rows, "
+        f"{result.all_users_rows} all-users rows"
+    )
+    for name in ("turns", "input_tokens", "output_tokens", "cost"):
+        before, after = getattr(result.before, name), getattr(result.after, name)
+        note = "" if before == after else f" ({after - before:+})"
+        print(f"  {name}: {before} -> {after}{note}")
+    if result.before != result.after:
+        print("  (conversation-summary tokens have no turn row and are not rebuilt: docs/usage.md)")
+    return 0
+
+
 def cmd_migrate(_args, settings: Settings) -> int:
     migrate(settings)
     return 0
@@ -90,6 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("ledger-check", help="verify the ledger's invariants (docs/billing.md)").set_defaults(
         func=cmd_ledger_check
     )
+    sub.add_parser(
+        "usage-rebuild", help="recompute the usage rollups from the turns (docs/usage.md)"
+    ).set_defaults(func=cmd_usage_rebuild)
     sub.add_parser("migrate", help="upgrade the database (DATABASE_URL) to head").set_defaults(
         func=cmd_migrate
     )

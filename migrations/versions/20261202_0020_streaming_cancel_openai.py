@@ -3,7 +3,7 @@ cancel request, the caller's messages and tools and the tool calls answered (/v1
 an API key's default session
 
 Revision ID: 20261202_0020
-Revises: 20261130_0002
+Revises: 20261202_0010
 Create Date: 2026-12-02 03:00:00
 """
 
@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "20261202_0020"
-down_revision: str | None = "20261130_0002"
+down_revision: str | None = "20261202_0010"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

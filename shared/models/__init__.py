@@ -1,7 +1,16 @@
 """SQLAlchemy models, one module per aggregate. Importing this package registers them all."""
 
 from shared.models.audit import AdminAuditEvent, SettingEntry
-from shared.models.billing import Hold, HoldStatus, LedgerEntry, LedgerKind, ModelPrice, UsageRollup, Wallet
+from shared.models.billing import (
+    ALL_USERS,
+    Hold,
+    HoldStatus,
+    LedgerEntry,
+    LedgerKind,
+    ModelPrice,
+    UsageHour,
+    Wallet,
+)
 from shared.models.chat import ChatSession, Room, ToolCallEvent, ToolCallStatus, Turn, TurnKind, TurnStatus
 from shared.models.files import FileStatus, UploadedFile
 from shared.models.limits import ApiKeySpend, Limit, LimitSubject, SpendPeriod
@@ -15,6 +24,7 @@ from shared.models.webhooks import (
 )
 
 __all__ = [
+    "ALL_USERS",
     "ApiKeySpend",
     "DeliveryStatus",
     "Limit",
@@ -43,7 +53,7 @@ __all__ = [
     "TurnKind",
     "TurnStatus",
     "UploadedFile",
-    "UsageRollup",
+    "UsageHour",
     "User",
     "Wallet",
 ]

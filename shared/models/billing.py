@@ -5,7 +5,7 @@ from decimal import Decimal
 from enum import StrEnum
 from typing import TYPE_CHECKING
 
-from sqlalchemy import DDL, ForeignKey, Index, Integer, String, UniqueConstraint, event
+from sqlalchemy import DDL, BigInteger, ForeignKey, Index, String, UniqueConstraint, event
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from shared.db import MONEY, Base, IdColumn, UTCDateTime, check_in, new_id, utcnow
@@ -150,28 +150,72 @@ class ModelPrice(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 
-class UsageRollup(Base):
-    """Usage pre-aggregated per user, model and UTC quarter hour, written with the debit."""
+ALL_USERS = "*"  # the ``scope`` of the all-users level
 
-    __tablename__ = "usage_rollups"
-    __table_args__ = (
-        UniqueConstraint("user_id", "model", "period_start"),
-        Index("ix_usage_rollups_period_start", "period_start"),
-    )
 
-    id: Mapped[str] = mapped_column(IdColumn(), primary_key=True, default=new_id)
-    user_id: Mapped[str] = mapped_column(IdColumn(), ForeignKey("users.id"))
-    model: Mapped[str] = mapped_column(String(200))
-    period_start: Mapped[datetime] = mapped_column(UTCDateTime())
-    turns: Mapped[int] = mapped_column(Integer, default=0)
-    input_tokens: Mapped[int] = mapped_column(Integer, default=0)
-    output_tokens: Mapped[int] = mapped_column(Integer, default=0)
+class UsageHour(Base):
+    """Usage per scope, model and UTC hour, quarter-exact, written with the debit.
+
+    Two levels in one table: ``scope`` is a user's id (the per-user level) or ``*`` (the
+    all-users level, what a dashboard asks for first). Besides the hour's totals, a row
+    carries the usage of its first 15, 30 and 45 minutes (``*_to_15`` …), so the hour
+    splits exactly at any quarter: every local midnight since 1972 is a UTC quarter hour,
+    and a local day in Asia/Kolkata (+05:30) cuts its UTC hour at :30 (docs/usage.md).
+    No foreign key on ``scope``: ``*`` is no user.
+    """
+
+    __tablename__ = "usage_hours"
+    __table_args__ = (Index("ix_usage_hours_hour_start", "hour_start"),)
+
+    scope: Mapped[str] = mapped_column(IdColumn(), primary_key=True)
+    hour_start: Mapped[datetime] = mapped_column(UTCDateTime(), primary_key=True)
+    model: Mapped[str] = mapped_column(String(200), primary_key=True)
+    turns: Mapped[int] = mapped_column(BigInteger, default=0)
+    input_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    output_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
     cost: Mapped[Decimal] = mapped_column(MONEY, default=Decimal("0"))
+    turns_to_15: Mapped[int] = mapped_column(BigInteger, default=0)
+    input_tokens_to_15: Mapped[int] = mapped_column(BigInteger, default=0)
+    output_tokens_to_15: Mapped[int] = mapped_column(BigInteger, default=0)
+    cost_to_15: Mapped[Decimal] = mapped_column(MONEY, default=Decimal("0"))
+    turns_to_30: Mapped[int] = mapped_column(BigInteger, default=0)
+    input_tokens_to_30: Mapped[int] = mapped_column(BigInteger, default=0)
+    output_tokens_to_30: Mapped[int] = mapped_column(BigInteger, default=0)
+    cost_to_30: Mapped[Decimal] = mapped_column(MONEY, default=Decimal("0"))
+    turns_to_45: Mapped[int] = mapped_column(BigInteger, default=0)
+    input_tokens_to_45: Mapped[int] = mapped_column(BigInteger, default=0)
+    output_tokens_to_45: Mapped[int] = mapped_column(BigInteger, default=0)
+    cost_to_45: Mapped[Decimal] = mapped_column(MONEY, default=Decimal("0"))
 
-    PERIOD = timedelta(minutes=15)  # every UTC offset in use since 1972 is a multiple of it
+    MEASURES = ("turns", "input_tokens", "output_tokens", "cost")
+    SPLITS = (15, 30, 45)  # minutes into the hour with a stored prefix
+    QUARTER = timedelta(minutes=15)  # every UTC offset in use since 1972 is a multiple of it
 
     @classmethod
-    def period_of(cls, at: datetime) -> datetime:
+    def hour_of(cls, at: datetime) -> datetime:
+        """The start of the UTC hour holding ``at``."""
+        return at.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
+
+    @classmethod
+    def quarter_of(cls, at: datetime) -> datetime:
         """The start of the UTC quarter hour holding ``at``."""
         at = at.astimezone(UTC)
         return at.replace(minute=at.minute - at.minute % 15, second=0, microsecond=0)
+
+    @classmethod
+    def prefix_column(cls, measure: str, minute: int):
+        """The column holding ``measure`` summed over the hour's first ``minute`` minutes
+        (``minute`` in 15, 30, 45, 60; 60 is the hour's total)."""
+        return getattr(cls, measure if minute == 60 else f"{measure}_to_{minute}")
+
+    @classmethod
+    def rows_for(cls, *, user_id: str, model: str, at: datetime, **amounts) -> list[dict]:
+        """The two rows one usage event adds to: its user's and all users', for ``at``'s hour;
+        each ``*_to_N`` gets the amount when ``at`` lies in the hour's first N minutes."""
+        hour, minute = cls.hour_of(at), at.astimezone(UTC).minute
+        values = {"hour_start": hour, "model": model}
+        for measure in cls.MEASURES:
+            values[measure] = amounts[measure]
+            for split in cls.SPLITS:
+                values[f"{measure}_to_{split}"] = amounts[measure] if minute < split else 0
+        return [{"scope": user_id, **values}, {"scope": ALL_USERS, **values}]

@@ -58,7 +58,7 @@ class Limit(Base):
 class ApiKeySpend(Base):
     """What turns made through one API key were charged, per UTC quarter hour, written by
     ``billing.settle_turn`` in the transaction of the charge (the user-level twin is
-    ``usage_rollups``). A key's spend in a local day, week or month is an exact sum of
+    ``usage_hours``). A key's spend in a local day, week or month is an exact sum of
     these rows, as the usage buckets are."""
 
     __tablename__ = "api_key_spend_rollups"

@@ -36,7 +36,7 @@ from sqlalchemy.orm import Session
 from shared import metrics
 from shared.db import MONEY_QUANT, new_id, utcnow
 from shared.errors import Conflict, IdempotencyConflict, InsufficientBalance, InvalidInput, NotFound
-from shared.models import ApiKeySpend, Hold, LedgerEntry, Turn, UsageRollup, User, Wallet
+from shared.models import ApiKeySpend, Hold, LedgerEntry, Turn, UsageHour, User, Wallet
 from shared.pagination import Listing
 from shared.services import audit, pricing
 
@@ -136,7 +136,7 @@ def _turn_key(turn_id: str, kind: str) -> str:
     return f"turn:{turn_id}:{kind}"
 
 
-def _add_usage(
+def record_usage(
     session: Session,
     *,
     user_id: str,
@@ -147,26 +147,29 @@ def _add_usage(
     output_tokens: int,
     cost: Decimal,
 ) -> None:
-    """Upsert the (user, model, UTC quarter hour) rollup in the caller's transaction."""
+    """Add usage to both rollup levels, the user's and all users' (model, UTC hour,
+    quarter prefixes), in the caller's transaction: one multi-row
+    ``INSERT … ON CONFLICT DO UPDATE``. Does not commit.
+
+    The user's row is first: every writer locks the rows in the same order (the user's,
+    already serialised by the wallet lock, then the shared all-users row), and the shared
+    row stays locked only until the caller commits.
+    """
     insert = pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
-    statement = insert(UsageRollup).values(
-        id=new_id(),
+    rows = UsageHour.rows_for(
         user_id=user_id,
         model=model,
-        period_start=UsageRollup.period_of(at),
+        at=at,
         turns=turns,
         input_tokens=input_tokens,
         output_tokens=output_tokens,
         cost=_q(cost),
     )
+    statement = insert(UsageHour).values(rows)
+    measures = [column for column in rows[0] if column not in ("scope", "hour_start", "model")]
     statement = statement.on_conflict_do_update(
-        index_elements=["user_id", "model", "period_start"],
-        set_={
-            "turns": UsageRollup.turns + statement.excluded.turns,
-            "input_tokens": UsageRollup.input_tokens + statement.excluded.input_tokens,
-            "output_tokens": UsageRollup.output_tokens + statement.excluded.output_tokens,
-            "cost": UsageRollup.cost + statement.excluded.cost,
-        },
+        index_elements=["scope", "hour_start", "model"],
+        set_={column: getattr(UsageHour, column) + statement.excluded[column] for column in measures},
     )
     session.execute(statement)
 
@@ -176,7 +179,7 @@ def _add_key_spend(session: Session, *, api_key_id: str, at: datetime, cost: Dec
     transaction: what per-key spend limits read (shared/services/limits.py)."""
     insert = pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
     statement = insert(ApiKeySpend).values(
-        id=new_id(), api_key_id=api_key_id, period_start=UsageRollup.period_of(at), cost=_q(cost)
+        id=new_id(), api_key_id=api_key_id, period_start=UsageHour.quarter_of(at), cost=_q(cost)
     )
     statement = statement.on_conflict_do_update(
         index_elements=["api_key_id", "period_start"],
@@ -336,7 +339,7 @@ def settle_turn(
     if charged < cost:
         metrics.hold_overrun(cost - charged)
         log.warning("turn %s charged %s of its cost %s (enforced, not covered)", turn_id, charged, cost)
-    _add_usage(
+    record_usage(
         session,
         user_id=user_id,
         model=model,
@@ -494,7 +497,7 @@ def record_summary_usage(
     if charged < cost:
         metrics.hold_overrun(cost - charged)
     _append(session, wallet, kind="debit", key=key, amount=-charged, reason="conversation summary")
-    _add_usage(
+    record_usage(
         session,
         user_id=user_id,
         model=model,

@@ -11,7 +11,7 @@ shares (embedded mode included), never in per-process memory:
 - **requests per minute** = the subject's turns admitted in the last 60 s (sliding window).
 - **spent** = the charges of the current period (local midnight / Monday / first of the
   month in ``tz``), read from the quarter-hour rollups that ``billing.settle_turn`` writes
-  in the transaction of each charge (``usage_rollups`` per user, ``api_key_spend_rollups``
+  in the transaction of each charge (``usage_hours`` per user, ``api_key_spend_rollups``
   per key): a charge counts in the period its turn completed in.
 - **held** = the worst cases reserved (``turns.limit_reserve``) by the subject's in-flight
   turns; the reserve leaves ``held`` in the same commit as the charge enters ``spent``.
@@ -47,7 +47,6 @@ from shared.models import (
     SpendPeriod,
     Turn,
     TurnStatus,
-    UsageRollup,
     User,
     WebhookEventType,
 )
@@ -178,18 +177,14 @@ def held(session: Session, row: Limit, exclude_turn_id: str | None = None) -> De
 
 
 def spent(session: Session, row: Limit, start: datetime, end: datetime) -> Decimal:
-    if row.subject_type == LimitSubject.API_KEY:
-        statement = select(func.coalesce(func.sum(ApiKeySpend.cost), 0)).where(
-            ApiKeySpend.api_key_id == row.subject_id,
-            ApiKeySpend.period_start >= start,
-            ApiKeySpend.period_start < end,
-        )
-    else:
-        statement = select(func.coalesce(func.sum(UsageRollup.cost), 0)).where(
-            UsageRollup.user_id == row.subject_id,
-            UsageRollup.period_start >= start,
-            UsageRollup.period_start < end,
-        )
+    """What the limit's subject was charged in ``[start, end)`` (local-midnight bounds)."""
+    if row.subject_type != LimitSubject.API_KEY:
+        return usage.cost_between(session, row.subject_id, start, end)
+    statement = select(func.coalesce(func.sum(ApiKeySpend.cost), 0)).where(
+        ApiKeySpend.api_key_id == row.subject_id,
+        ApiKeySpend.period_start >= start,
+        ApiKeySpend.period_start < end,
+    )
     return Decimal(session.scalar(statement) or 0).quantize(MONEY_QUANT)
 
 

@@ -1,29 +1,34 @@
-"""Usage summaries: day / week / month buckets over the rollups, and CSV export.
+"""Usage summaries: day / week / month buckets over the rollups, CSV export, and rebuild.
 
-Usage is pre-aggregated per (user, model, UTC quarter hour) in ``usage_rollups``
-by ``services/billing.py`` in the same transaction as the debit, so a summary
-reads at most one row per user, model and quarter hour, never the turns.
+Usage is pre-aggregated in ``usage_hours`` by ``services/billing.py`` in the same
+transaction as the debit, in two levels: per (user, model, UTC hour) and for all users
+per (model, UTC hour). A row also carries the usage of its hour's first 15, 30 and 45
+minutes, so it is quarter-exact. A summary reads one level, never the turns: one user's
+rows for ``user_id``, every user's rows for the export's ``group_by=user``, the all-users
+rows otherwise; the model filter narrows either.
 
-**Bucketing rule (both dialects, every zone).** A rollup period belongs to the
-local date of its start: ``period_start`` converted to the requested zone.
-Every UTC offset in use since 1972 is a multiple of 15 minutes (Asia/Kolkata
-+05:30, Asia/Kathmandu +05:45, Pacific/Chatham +12:45 included), so each local
-midnight starts a period and a local day, week or month is an exact union of
-periods: a turn counts on the local date of its ``completed_at``, across DST
-changes and fractional offsets alike. ``start``/``end`` select the periods
-whose local start lies in ``[start 00:00, end+1 00:00)``.
+**Bucketing rule (both dialects, every zone).** A turn counts on the local date of its
+``completed_at`` in the requested zone. Every UTC offset in use since 1972 is a multiple
+of 15 minutes (Asia/Kolkata +05:30, Asia/Kathmandu +05:45, Pacific/Chatham +12:45
+included), so each local midnight starts a UTC quarter hour and a local day, week or month
+is an exact union of quarters; ``start``/``end`` select the quarters whose local start
+lies in ``[start 00:00, end+1 00:00)``. ``hour_cuts`` says where a zone's local midnights
+fall in the UTC hour (nowhere but :00 for UTC and Berlin, :30 for Kolkata, :15 for
+Kathmandu, any quarter for Lord Howe); an hour's usage before and after such a cut is the
+difference of two stored prefixes, and each part counts on the local date of its start
+(``_rollup_statement``).
 
-Postgres buckets with ``date_trunc`` over ``period_start AT TIME ZONE tz``;
-SQLite shifts ``period_start`` by the zone's UTC offset with date modifiers
-(one ``CASE`` arm per offset in force during the range, computed here from
-the IANA database) and truncates with ``'weekday 0', '-6 days'`` /
-``'start of month'``. Both answer identically (tests run one suite on both).
+Postgres buckets with ``date_trunc`` over ``part_start AT TIME ZONE tz``; SQLite shifts
+the part's start by the zone's UTC offset with date modifiers (one ``CASE`` arm per
+offset in force during the range, computed here from the IANA database) and truncates
+with ``'weekday 0', '-6 days'`` / ``'start of month'``. Both answer identically (tests
+run one suite on both).
 
-``summary_from_turns`` computes the same summary from the raw completed turns
-with a plain ``GROUP BY date_trunc`` over each turn's local ``completed_at``:
-the oracle of the tests and the baseline of ``bench/usage.py``. Summary-refresh
-tokens are billed into the rollups with ``turns=0`` and have no turn row, so
-they appear only in ``summarize``.
+``summary_from_turns`` computes the same summary from the raw completed turns with a
+plain ``GROUP BY date_trunc`` over each turn's local ``completed_at``: the oracle of the
+tests and the baseline of ``bench/usage.py``. Summary-refresh tokens are billed into the
+rollups with ``turns=0`` and have no turn row, so they appear only in ``summarize``.
+``rebuild`` (``tollgate usage-rebuild``) recomputes both levels from the turns.
 """
 
 from __future__ import annotations
@@ -39,13 +44,29 @@ from decimal import Decimal
 from functools import lru_cache
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
 
-from sqlalchemy import case, func, literal, literal_column, select
+from sqlalchemy import (
+    ARRAY,
+    DateTime,
+    Integer,
+    Interval,
+    any_,
+    case,
+    delete,
+    func,
+    insert,
+    literal,
+    literal_column,
+    or_,
+    select,
+    text,
+    union_all,
+)
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from shared.db import MONEY_QUANT, UTCDateTime
 from shared.errors import InvalidInput
-from shared.models import Turn, TurnStatus, UsageRollup
+from shared.models import ALL_USERS, Turn, TurnStatus, UsageHour
 
 BUCKETS = ("day", "week", "month")
 GROUP_BY = ("user", "model")
@@ -56,7 +77,7 @@ MAX_DATE = date(9998, 12, 31)
 MAX_MODEL_LENGTH = 200
 EXPORT_BATCH = 1000
 _DATE_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
-_PERIOD = UsageRollup.PERIOD
+_PERIOD = UsageHour.QUARTER
 _DAY = timedelta(days=1)
 
 
@@ -213,7 +234,7 @@ def parse_query(
 def ceil_period(moment: datetime) -> datetime:
     """The first rollup period starting at or after ``moment`` (itself for every
     local midnight of a zone whose offset is a multiple of 15 minutes)."""
-    floor = UsageRollup.period_of(moment)
+    floor = UsageHour.quarter_of(moment)
     return floor if floor == moment else floor + _PERIOD
 
 
@@ -248,6 +269,7 @@ def _offset_minutes(moment: datetime, zone: ZoneInfo) -> int:
     return int(moment.astimezone(zone).utcoffset().total_seconds() // 60)
 
 
+@lru_cache(maxsize=256)
 def offset_segments(zone: ZoneInfo, lo: datetime, hi: datetime) -> list[tuple[datetime | None, int]]:
     """The zone's UTC offset (minutes) at each period start in ``[lo, hi)``, as segments.
 
@@ -280,27 +302,76 @@ def _sqlite_modifier(minutes: int) -> str:
     return f"{minutes:+d} minutes"
 
 
-def _bucket_expr(dialect: str, query: UsageQuery, moment, lo: datetime, hi: datetime):
-    """SQL for the local bucket start of a UTC instant.
+def _bucket_expr(dialect: str, query: UsageQuery, moment, lo: datetime, hi: datetime, shift_minutes: int = 0):
+    """SQL for the local bucket start of the UTC instant ``moment + shift_minutes``.
 
     ``moment`` is a UTC datetime column (timestamptz on Postgres, naive UTC text on
-    SQLite, where it is also compared with the bound transition instants).
+    SQLite, where it is also compared with the bound transition instants, moved back by
+    the shift instead of shifting every row).
     """
     if dialect == "postgresql":
+        if shift_minutes:
+            moment = moment + literal(timedelta(minutes=shift_minutes), Interval())
         return func.date_trunc(query.bucket, func.timezone(query.tz, moment))
     segments = offset_segments(query.zone, lo, hi)
+    shift = timedelta(minutes=shift_minutes)
     if len(segments) == 1:
-        modifier = literal(_sqlite_modifier(segments[0][1]))
+        modifier = literal(_sqlite_modifier(segments[0][1] + shift_minutes))
     else:
         modifier = case(
             *[
-                (moment < literal(until, UTCDateTime()), _sqlite_modifier(minutes))
+                (moment < literal(until - shift, UTCDateTime()), _sqlite_modifier(minutes + shift_minutes))
                 for until, minutes in segments[:-1]
             ],
-            else_=_sqlite_modifier(segments[-1][1]),
+            else_=_sqlite_modifier(segments[-1][1] + shift_minutes),
         )
     truncation = {"day": (), "week": ("weekday 0", "-6 days"), "month": ("start of month",)}[query.bucket]
     return func.date(moment, modifier, *truncation)
+
+
+def hour_cuts(zone: ZoneInfo, lo: datetime, hi: datetime) -> tuple[int, ...]:
+    """Where summaries in ``zone`` cut each UTC hour of ``[lo, hi)``, in minutes past the hour.
+
+    Within one part of an hour the local date never changes, so a part counts on the local
+    date of its start. ``(0,)`` (whole hours) when every local midnight in the window falls
+    on a UTC hour (UTC, Berlin across DST); ``(0, m)`` when every one falls ``m`` minutes
+    past an hour and the offset changes only on ``:00`` or ``:m`` (Kolkata and St John's 30,
+    Kathmandu and Chatham 15); otherwise the four quarters (Lord Howe's 30-minute DST).
+    """
+    segments = offset_segments(zone, lo, hi)
+    past_the_hour = {(-minutes) % 60 for _, minutes in segments}
+    if len(past_the_hour) == 1:
+        (cut,) = past_the_hour
+        edges = {until.minute for until, _ in segments if until is not None} | {lo.minute, hi.minute}
+        if cut % 15 == 0 and edges <= {0, cut}:
+            return (0,) if cut == 0 else (0, cut)
+    return (0, 15, 30, 45)
+
+
+def cost_between(session: Session, scope: str, start: datetime, end: datetime) -> Decimal:
+    """What ``scope`` (a user id, or ``ALL_USERS``) was charged in ``[start, end)``, two UTC
+    quarter-hour boundaries (local midnights are): one indexed range over the scope's hour
+    rows, the first and last hour cut at the quarter with their stored prefixes. What spend
+    limits read (shared/services/limits.py)."""
+    first, last = UsageHour.hour_of(start), UsageHour.hour_of(end)
+
+    def before(minute: int):
+        """The part of an hour row's cost before ``minute`` (0, 15, 30 or 45) past the hour."""
+        return literal(0) if minute == 0 else getattr(UsageHour, f"cost_to_{minute}")
+
+    start_minute, end_minute = start.astimezone(UTC).minute, end.astimezone(UTC).minute
+    amount = (
+        UsageHour.cost
+        - case((UsageHour.hour_start == first, before(start_minute)), else_=literal(0))
+        - case((UsageHour.hour_start == last, UsageHour.cost - before(end_minute)), else_=literal(0))
+    )
+    upper = UsageHour.hour_start <= last if end_minute else UsageHour.hour_start < last
+    total = session.scalar(
+        select(func.coalesce(func.sum(amount), 0)).where(
+            UsageHour.scope == scope, UsageHour.hour_start >= first, upper
+        )
+    )
+    return _to_cost(total)
 
 
 def _to_cost(value: Decimal | None) -> Decimal:
@@ -319,55 +390,153 @@ def _to_date(value) -> date:
 
 def _group_column(query: UsageQuery, source):
     if query.group_by == "user":
-        return source.user_id
+        return source.scope if source is UsageHour else source.user_id
     if query.group_by == "model":
         return source.model
     return None
 
 
-def _rollup_statement(dialect: str, query: UsageQuery, lo: datetime, hi: datetime):
-    """Two stages: sum per period (and group key) first, then map the few distinct
-    periods to local buckets, so the zone arithmetic runs once per period, not per row."""
-    key_col = _group_column(query, UsageRollup)
-    inner_cols = [
-        UsageRollup.period_start.label("period_start"),
-        func.sum(UsageRollup.turns).label("turns"),
-        func.sum(UsageRollup.input_tokens).label("input_tokens"),
-        func.sum(UsageRollup.output_tokens).label("output_tokens"),
-        func.sum(UsageRollup.cost).label("cost"),
-    ]
-    group = [UsageRollup.period_start]
-    if key_col is not None:
-        inner_cols.append(key_col.label("group_key"))
-        group.append(key_col)
-    inner = select(*inner_cols).where(UsageRollup.period_start >= lo, UsageRollup.period_start < hi)
+def _level_filter(query: UsageQuery):
+    """The level a query reads: one user's rows, every user's rows (``group_by=user``), or
+    the all-users rows. The model filter then narrows either."""
     if query.user_id:
-        inner = inner.where(UsageRollup.user_id == query.user_id)
+        return UsageHour.scope == query.user_id
+    if query.group_by == "user":
+        return UsageHour.scope != ALL_USERS
+    return UsageHour.scope == ALL_USERS
+
+
+def bucket_changes(query: UsageQuery, lo: datetime, hi: datetime) -> tuple[datetime, ...]:
+    """Every instant in ``[lo, hi]`` where the local bucket may change: the local midnight
+    starting each bucket (``lo`` and ``hi`` included; every day for ``day``, Mondays for
+    ``week``, the 1st for ``month``, none inside for totals) and each change of the zone's
+    offset (which could move the local date)."""
+    return _bucket_changes(query.zone, query.bucket, query.start, query.end, lo, hi)
+
+
+@lru_cache(maxsize=256)
+def _bucket_changes(zone: ZoneInfo, bucket: str, start: date, end: date, lo: datetime, hi: datetime):
+    moments = {lo, hi}
+    if bucket in BUCKETS:
+        for day in _days(start, end):
+            if bucket_start(day, bucket) == day:
+                moments.add(utc_window(day, day, zone)[0])
+    moments.update(until for until, _ in offset_segments(zone, lo, hi) if until is not None)
+    return tuple(sorted(moments))
+
+
+@lru_cache(maxsize=256)
+def _hours_of(moments: tuple[datetime, ...]) -> list[datetime]:
+    return sorted({UsageHour.hour_of(moment) for moment in moments})
+
+
+def _days(first: date, last: date) -> Iterator[date]:
+    day = first
+    while day <= last:
+        yield day
+        day += _DAY
+
+
+def _hour_sums(query: UsageQuery, minutes: list[int], *conditions):
+    """Stage 1: the level's rows summed per UTC hour (and group key), as the prefixes for
+    ``minutes`` of each measure (60: the hour's totals), labelled ``<measure>_<minute>``."""
+    key_col = _group_column(query, UsageHour)
+    columns = [UsageHour.hour_start.label("hour_start")]
+    for minute in minutes:
+        for measure in UsageHour.MEASURES:
+            columns.append(func.sum(UsageHour.prefix_column(measure, minute)).label(f"{measure}_{minute}"))
+    group = [UsageHour.hour_start]
+    if key_col is not None:
+        columns.append(key_col.label("group_key"))
+        group.append(key_col)
+    statement = select(*columns).where(_level_filter(query), *conditions)
     if query.model:
-        inner = inner.where(UsageRollup.model == query.model)
-    periods = inner.group_by(*group).subquery("periods")
-    if not query.known_bucket:
-        return select(
-            func.sum(periods.c.turns),
-            func.sum(periods.c.input_tokens),
-            func.sum(periods.c.output_tokens),
-            func.sum(periods.c.cost),
+        statement = statement.where(UsageHour.model == query.model)
+    return statement.group_by(*group)
+
+
+def _rollup_statement(dialect: str, query: UsageQuery, lo: datetime, hi: datetime):
+    """Three stages over the hour rows of the level the query reads.
+
+    1. Sum per UTC hour (and group key): the totals, and the prefixes the zone cuts at.
+    2. Map to local buckets (``UNION ALL`` of parts), so the zone arithmetic runs about
+       once per distinct hour:
+
+       - whole hours or one cut at ``m`` past the hour (UTC, Berlin; Kolkata ``m=30``),
+         all users or grouped: every hour goes whole to the bucket of ``hour + m``; then,
+         for the few hours holding a bucket's first local midnight at ``m``
+         (``bucket_changes``: one a day, a week or a month, read again by key), the
+         first ``m`` minutes move back to the bucket of the hour's start. Kolkata maps
+         each hour once plus two rows per bucket.
+       - otherwise each hour in its parts (one user in Kolkata: two; Lord Howe's
+         30-minute DST: the four quarters), each part to the bucket of its own start.
+    3. Sum per bucket (and key); buckets whose parts hold no usage are left out.
+    """
+    cuts = hour_cuts(query.zone, lo, hi)
+    key_col = _group_column(query, UsageHour)
+    parts = []
+
+    def part(source, shift_minutes: int, measures: list, *conditions):
+        bucket = (
+            [_bucket_expr(dialect, query, source.c.hour_start, lo, hi, shift_minutes).label("bucket")]
+            if query.known_bucket
+            else []
         )
-    bucket = _bucket_expr(dialect, query, periods.c.period_start, lo, hi).label("bucket")
-    keyed = [periods.c.group_key] if key_col is not None else []
-    mapped = select(
-        bucket, *keyed, periods.c.turns, periods.c.input_tokens, periods.c.output_tokens, periods.c.cost
-    ).subquery("mapped")
+        keyed = [source.c.group_key] if key_col is not None else []
+        labelled = [value.label(measure) for measure, value in zip(UsageHour.MEASURES, measures, strict=True)]
+        return select(*bucket, *keyed, *labelled).where(*conditions)
+
+    cut = cuts[-1]
+    # One user's year has ~1,250 active hours: mapping each twice costs less there than
+    # looking up the ~366 hours that start a day (measured: bench/usage.py); weeks and
+    # months start far more rarely.
+    corrections = cut == 0 or query.user_id is None or query.bucket != "day"
+    if len(cuts) <= 2 and lo.minute == hi.minute == cut and corrections:
+        # Hours whose moment at ``cut`` lies in [lo, hi): here lo - cut and hi - cut are on the hour.
+        first, last = lo - timedelta(minutes=cut), hi - timedelta(minutes=cut)
+        hours = _hour_sums(query, [60], UsageHour.hour_start >= first, UsageHour.hour_start < last)
+        hours = hours.subquery("hours")
+        parts.append(part(hours, cut, [hours.c[f"{measure}_60"] for measure in UsageHour.MEASURES]))
+        if cut:
+            changes = _hours_of(bucket_changes(query, lo, hi))
+            if dialect == "postgresql":  # one array parameter: 366 of them cost more to bind and plan
+                edge_hours = UsageHour.hour_start == any_(literal(changes, ARRAY(DateTime(timezone=True))))
+            else:
+                edge_hours = UsageHour.hour_start.in_(changes)
+            edges = _hour_sums(query, [cut], edge_hours).cte("edges")
+            head = [edges.c[f"{measure}_{cut}"] for measure in UsageHour.MEASURES]
+            # Out of the bucket of hour + cut (counted whole above, when it was in the window)…
+            moved = [-value for value in head]
+            parts.append(part(edges, cut, moved, edges.c.hour_start >= first, edges.c.hour_start < last))
+            # …into the bucket of the hour's start, when that start is in the window.
+            parts.append(part(edges, 0, head, edges.c.hour_start >= lo, edges.c.hour_start < hi))
+    else:
+        minutes = [*cuts[1:], 60]
+        hours = _hour_sums(
+            query, minutes, UsageHour.hour_start >= UsageHour.hour_of(lo), UsageHour.hour_start < hi
+        )
+        hours = hours.cte("hours")
+        for start, end in zip(cuts, minutes, strict=True):
+            measures = []
+            for measure in UsageHour.MEASURES:
+                value = hours.c[f"{measure}_{end}"]
+                measures.append(value - hours.c[f"{measure}_{start}"] if start else value)
+            shift = timedelta(minutes=start)
+            parts.append(
+                part(
+                    hours, start, measures, hours.c.hour_start >= lo - shift, hours.c.hour_start < hi - shift
+                )
+            )
+
+    mapped = (parts[0] if len(parts) == 1 else union_all(*parts)).subquery("parts")
+    sums = [func.sum(mapped.c[measure]) for measure in UsageHour.MEASURES]
+    if not query.known_bucket:
+        return select(*sums)
     outer_keys = [mapped.c.bucket] + ([mapped.c.group_key] if key_col is not None else [])
     return (
-        select(
-            *outer_keys,
-            func.sum(mapped.c.turns),
-            func.sum(mapped.c.input_tokens),
-            func.sum(mapped.c.output_tokens),
-            func.sum(mapped.c.cost),
-        )
+        select(*outer_keys, *sums)
         .group_by(*outer_keys)
+        .having(or_(*[total != 0 for total in sums]))
         .order_by(*outer_keys)
     )
 
@@ -561,3 +730,94 @@ def _csv_lines(session: Session, query: UsageQuery, statement) -> Iterator[str]:
             yield flush()
     finally:
         session.rollback()  # read-only; end the snapshot as soon as the body is written
+
+
+# -- rebuild ----------------------------------------------------------------------------
+
+
+@dataclass
+class RebuildResult:
+    user_rows: int
+    all_users_rows: int
+    before: UsageTotals
+    after: UsageTotals
+
+
+def _level_totals(session: Session) -> UsageTotals:
+    turns, input_tokens, output_tokens, cost = session.execute(
+        select(
+            func.sum(UsageHour.turns),
+            func.sum(UsageHour.input_tokens),
+            func.sum(UsageHour.output_tokens),
+            func.sum(UsageHour.cost),
+        ).where(UsageHour.scope == ALL_USERS)
+    ).one()
+    return UsageTotals(int(turns or 0), int(input_tokens or 0), int(output_tokens or 0), _to_cost(cost))
+
+
+def _hour_and_minute(dialect: str, moment):
+    """A UTC instant's hour start (in the column's stored form) and its minute past the hour."""
+    if dialect == "postgresql":
+        utc = func.timezone("UTC", moment)
+        return func.timezone("UTC", func.date_trunc("hour", utc)), func.date_part("minute", utc)
+    return func.strftime("%Y-%m-%d %H:00:00.000000", moment), func.cast(func.strftime("%M", moment), Integer)
+
+
+def rebuild(session: Session) -> RebuildResult:
+    """Recompute both levels from the turns, in one transaction that commits.
+
+    Every billed turn (``cost`` set: completed, or failed/cancelled after using tokens)
+    adds its tokens and its charged cost to the hour of ``completed_at``, and counts as a
+    turn when completed — what ``billing.settle_turn`` adds with the debit. The all-users
+    level is then summed from the per-user level. Writers wait meanwhile (Postgres: an
+    ``EXCLUSIVE`` table lock; SQLite: the write lock); readers see the old rows until the
+    commit.
+
+    Conversation-summary refreshes have no turn row (their tokens live only in the rollups,
+    their charge in the ledger), so a rebuild drops them: ``before``/``after`` show by how much.
+    """
+    dialect = session.get_bind().dialect.name
+    if dialect == "postgresql":
+        session.execute(text("LOCK TABLE usage_hours IN EXCLUSIVE MODE"))
+        # One GROUP BY over every turn: let it hash in memory rather than sort on disk.
+        session.execute(text("SET LOCAL work_mem = '256MB'"))
+    before = _level_totals(session)
+    session.execute(delete(UsageHour))
+    hour, minute = _hour_and_minute(dialect, Turn.completed_at)
+    amounts = {
+        "turns": case((Turn.status == TurnStatus.COMPLETED, 1), else_=0),
+        "input_tokens": Turn.input_tokens,
+        "output_tokens": Turn.output_tokens,
+        "cost": Turn.cost,
+    }
+    names = ["scope", "hour_start", "model"]
+    sums = []
+    for split in (60, *UsageHour.SPLITS):
+        for measure in UsageHour.MEASURES:
+            names.append(UsageHour.prefix_column(measure, split).key)
+            amount = amounts[measure] if split == 60 else case((minute < split, amounts[measure]), else_=0)
+            sums.append(func.sum(amount))
+    per_user = (
+        select(Turn.user_id, hour, Turn.model, *sums)
+        .where(Turn.completed_at.is_not(None), Turn.cost.is_not(None))
+        # Positional: the hour expression's bound values would otherwise appear twice.
+        .group_by(literal_column("1"), literal_column("2"), literal_column("3"))
+        # In time order, as the debits write them: a rebuilt table reads like a live one.
+        .order_by(literal_column("2"), literal_column("1"), literal_column("3"))
+    )
+    session.execute(insert(UsageHour).from_select(names, per_user))
+    measures = [getattr(UsageHour, name) for name in names[3:]]
+    all_users = (
+        select(literal(ALL_USERS), UsageHour.hour_start, UsageHour.model, *[func.sum(m) for m in measures])
+        .where(UsageHour.scope != ALL_USERS)
+        .group_by(UsageHour.hour_start, UsageHour.model)
+        .order_by(UsageHour.hour_start, UsageHour.model)
+    )
+    session.execute(insert(UsageHour).from_select(names, all_users))
+    after = _level_totals(session)
+    is_all_users = UsageHour.scope == ALL_USERS
+    user_rows, all_users_rows = session.execute(
+        select(func.count().filter(~is_all_users), func.count().filter(is_all_users))
+    ).one()
+    session.commit()
+    return RebuildResult(user_rows, all_users_rows, before, after)

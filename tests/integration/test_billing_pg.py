@@ -14,7 +14,7 @@ from sqlalchemy import func, select
 
 from shared.db import new_id
 from shared.errors import InsufficientBalance
-from shared.models import Hold, LedgerEntry, UsageRollup, Wallet
+from shared.models import Hold, LedgerEntry, UsageHour, Wallet
 from shared.services import billing, ledger_check
 from tests.integration.conftest import ROOT, service_env
 
@@ -142,7 +142,7 @@ def test_sixty_four_concurrent_turns_on_a_small_wallet_never_overdraw(pg_app, pg
         assert wallet.balance == D("1") - cost * ran
         assert wallet.balance >= 0 and wallet.held == 0
         assert ledger_check.find_mismatches(session) == []
-        rollup = session.scalar(select(UsageRollup))
+        rollup = session.scalar(select(UsageHour).where(UsageHour.scope == pg_user.id))
         assert (rollup.turns, rollup.cost) == (ran, cost * ran)
     assert ledger_check_cli(pg_settings).returncode == 0
 

@@ -90,7 +90,62 @@ def test_quarter_hour_rollups_fold_back_into_hours_on_downgrade(empty_database_u
     assert [(turns, tokens, out, float(cost)) for turns, tokens, out, cost in rows] == [(4, 1111, 4, 1.0)]
     command.upgrade(config, "head")
     with engine.connect() as conn:
-        assert conn.execute(text("SELECT count(*) FROM usage_rollups")).scalar() == 1
+        rows = conn.execute(text("SELECT scope, turns, input_tokens FROM usage_hours ORDER BY scope")).all()
+    assert rows == [("*", 4, 1111), ("u1", 4, 1111)]
+    engine.dispose()
+
+
+def test_quarter_rollups_become_quarter_exact_hour_rows_and_come_back_on_downgrade(empty_database_url):
+    """20261202_0010: each quarter adds to its hour (the user's row and the all-users row)
+    and to the prefixes it lies in; the downgrade gives back exactly the quarters."""
+    config = alembic_config(empty_database_url)
+    command.upgrade(config, "20261130_0002")
+    engine = make_engine(empty_database_url)
+    postgres = engine.dialect.name == "postgresql"
+    stamp = "2026-01-10 {}:00+00:00" if postgres else "2026-01-10 {}:00.000000"
+    quarters = [("u1", "m", "18:00", 1, 1), ("u1", "m", "18:30", 2, 10), ("u1", "m", "18:45", 3, 100),
+                ("u2", "m", "18:30", 4, 1000), ("u2", "n", "19:15", 5, 10000)]  # fmt: skip
+    with engine.begin() as conn:
+        for user in ("u1", "u2"):
+            conn.execute(
+                text("INSERT INTO users (id, email, role, created_at) VALUES (:id, :email, 'user', :at)"),
+                {"id": user, "email": f"{user}@x", "at": stamp.format("00:00")},
+            )
+        for number, (user, model, at, turns, tokens) in enumerate(quarters):
+            conn.execute(
+                text(
+                    "INSERT INTO usage_rollups (id, user_id, model, period_start, turns, input_tokens,"
+                    " output_tokens, cost) VALUES (:id, :user, :model, :at, :turns, :tokens, 0, :cost)"
+                ),
+                {"id": f"r{number}", "user": user, "model": model, "at": stamp.format(at), "turns": turns,
+                 "tokens": tokens, "cost": tokens if not postgres else Decimal(tokens) / 1_000_000},
+            )  # fmt: skip
+    command.upgrade(config, "head")
+    with engine.connect() as conn:
+        hours = conn.execute(
+            text(
+                "SELECT scope, model, turns, input_tokens, turns_to_15, turns_to_30, turns_to_45,"
+                " input_tokens_to_45 FROM usage_hours ORDER BY scope, hour_start, model"
+            )
+        ).all()
+    assert hours == [
+        ("*", "m", 10, 1111, 1, 1, 7, 1011),
+        ("*", "n", 5, 10000, 0, 5, 5, 10000),
+        ("u1", "m", 6, 111, 1, 1, 3, 11),
+        ("u2", "m", 4, 1000, 0, 0, 4, 1000),
+        ("u2", "n", 5, 10000, 0, 5, 5, 10000),
+    ]
+    command.downgrade(config, "20261130_0002")
+    clock = "substr(period_start, 12, 5)"
+    if postgres:
+        clock = "to_char(period_start AT TIME ZONE 'UTC', 'HH24:MI')"
+    micro_units = "CAST(cost * 1000000 AS integer)" if postgres else "cost"
+    with engine.connect() as conn:
+        back = conn.execute(
+            text(f"SELECT user_id, model, {clock}, turns, input_tokens, {micro_units} FROM usage_rollups")
+        ).all()
+    assert sorted(back) == sorted((user, model, at, turns, n, n) for user, model, at, turns, n in quarters)
+    command.upgrade(config, "head")
     engine.dispose()
 
 
@@ -136,6 +191,11 @@ MONEY_VALUES = {
     ("ledger_entries", "balance_after"): BIG,
     ("usage_rollups", "cost"): Decimal("0.000001"),
 }
+# At head the quarter rollups are hour rows (20261202_0010), the user's and all users'.
+MONEY_VALUES_AT_HEAD = {
+    ("usage_hours" if table == "usage_rollups" else table, column): value
+    for (table, column), value in MONEY_VALUES.items()
+}
 
 
 def _stamp(engine) -> str:
@@ -144,14 +204,14 @@ def _stamp(engine) -> str:
     )
 
 
-def _raw_money(engine) -> dict:
+def _raw_money(engine, values: dict = MONEY_VALUES) -> dict:
     """The money columns as stored, read without the model's types."""
     with engine.connect() as conn:
         return {
             (table, column): conn.execute(
                 text(f"SELECT {column} FROM {table} WHERE {column} IS NOT NULL")
             ).scalar()
-            for table, column in MONEY_VALUES
+            for table, column in values
         }
 
 
@@ -168,15 +228,16 @@ def test_money_becomes_integer_micro_units_on_sqlite_and_back_on_downgrade(empty
             conn.execute(text(statement.replace(":big", str(BIG))), {"at": _stamp(engine)})
 
     command.upgrade(config, "head")
-    stored = _raw_money(engine)
+    stored = _raw_money(engine, MONEY_VALUES_AT_HEAD)
     if sqlite:
-        assert stored == {key: int(value * 1_000_000) for key, value in MONEY_VALUES.items()}
+        assert stored == {key: int(value * 1_000_000) for key, value in MONEY_VALUES_AT_HEAD.items()}
     else:
-        assert stored == MONEY_VALUES
+        assert stored == MONEY_VALUES_AT_HEAD
     with engine.connect() as conn:
-        for (table, column), value in MONEY_VALUES.items():
+        for (table, column), value in MONEY_VALUES_AT_HEAD.items():
             money = Base.metadata.tables[table].c[column]
-            assert conn.execute(select(money).where(money.is_not(None))).scalar_one() == value
+            # .distinct(): usage_hours holds the user's row and the all-users row, equal here.
+            assert conn.execute(select(money).where(money.is_not(None)).distinct()).scalar_one() == value
         assert conn.execute(select(Turn.id).where(Turn.cost.is_(None))).scalar_one() == "t2"
         assert conn.execute(select(func.sum(LedgerEntry.amount))).scalar_one() == BIG
 

@@ -7,16 +7,22 @@ CSV rows) must hold on both dialects — one suite, identical answers.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from dataclasses import dataclass
 from datetime import date
+from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import delete, text
 
 from shared.errors import InvalidInput
+from shared.models import ALL_USERS, UsageHour
 from shared.services import usage
+from tests.integration.conftest import service_env
 from tests.web.test_usage_api import (  # noqa: F401 - collected again with the Postgres usage_env
+    EVENTS,
     UsageEnv,
     seed,
     test_a_range_without_usage_is_empty_not_an_error,
@@ -28,13 +34,16 @@ from tests.web.test_usage_api import (  # noqa: F401 - collected again with the 
     test_export_rejects_an_unknown_group_by,
     test_export_streams_the_summary_buckets_as_csv,
     test_export_with_an_unknown_bucket_is_the_header_alone,
+    test_grouped_buckets_equal_the_raw_turns_grouped_the_same_way,
     test_rollup_summary_equals_the_sum_over_raw_completed_turns,
     test_rollups_written_by_billing_match_the_raw_turns,
     test_summary_buckets_usage_by_local_calendar,
     test_summary_tokens_count_as_usage_without_counting_as_turns,
     test_the_default_range_is_the_last_30_days,
+    test_totals_with_an_unknown_bucket_cut_the_window_exactly,
     test_unknown_query_parameters_are_rejected,
     test_usage_is_for_admins_only,
+    test_usage_rebuild_recomputes_both_levels_from_the_turns,
 )
 
 
@@ -74,3 +83,28 @@ class _PythonThinksUtc(usage.UsageQuery):
     @property
     def zone(self) -> ZoneInfo:
         return ZoneInfo("UTC")
+
+
+def test_the_usage_rebuild_command_agrees_with_the_raw_turns(usage_env, pg_settings):
+    """``tollgate usage-rebuild`` as an operator runs it, after the all-users level was lost."""
+    session = usage_env.session
+    session.execute(delete(UsageHour).where(UsageHour.scope == ALL_USERS))
+    session.commit()
+    query = usage.parse_query(bucket="day", start="2020-12-01", end="2026-12-31", tz="Asia/Kolkata")
+    assert usage.summarize(session, query).daily == []
+    session.rollback()
+    done = subprocess.run(
+        [str(Path(sys.executable).parent / "tollgate"), "usage-rebuild"],
+        env=service_env(pg_settings),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("ok: usage rollups rebuilt from the turns")
+    assert f"turns: 0 -> {len(EVENTS)}" in done.stdout
+    for tz in ("UTC", "Asia/Kolkata", "Asia/Kathmandu", "Pacific/Chatham", "Europe/Berlin"):
+        for bucket in ("day", "week", "month"):
+            query = usage.parse_query(bucket=bucket, start="2020-12-01", end="2026-12-31", tz=tz)
+            assert usage.summarize(session, query) == usage.summary_from_turns(session, query)
+    session.rollback()

@@ -11,7 +11,16 @@ from sqlalchemy import select
 
 from shared.db import new_id
 from shared.errors import IdempotencyConflict, InsufficientBalance, InvalidInput, NotFound
-from shared.models import AdminAuditEvent, Hold, LedgerEntry, ModelPrice, SettingEntry, UsageRollup, Wallet
+from shared.models import (
+    ALL_USERS,
+    AdminAuditEvent,
+    Hold,
+    LedgerEntry,
+    ModelPrice,
+    SettingEntry,
+    UsageHour,
+    Wallet,
+)
 from shared.runtime import Runtime
 from shared.services import billing, enforcement, ledger_check, pricing
 
@@ -268,19 +277,24 @@ def test_stale_holds_expire_and_give_their_credit_back(db, admin, user):
     assert_ledger_clean(db)
 
 
-def test_usage_rolls_up_per_user_model_and_utc_quarter_hour(db, admin, user):
+def test_usage_rolls_up_per_user_and_for_all_users_per_utc_hour_with_quarter_prefixes(db, admin, user):
     fund(db, admin, user, "10")
     at = datetime(2025, 3, 1, 10, 15, tzinfo=UTC)
     settle(db, user, new_id(), "0.5", at=at)
     settle(db, user, new_id(), "0.25", at=at + timedelta(minutes=14, seconds=59))
     settle(db, user, new_id(), "0.125", at=at + timedelta(minutes=15))
     settle(db, user, new_id(), "1", at=at + timedelta(hours=1))
-    rows = db.scalars(select(UsageRollup).order_by(UsageRollup.period_start)).all()
-    assert [(r.period_start, r.turns, r.input_tokens, r.output_tokens, r.cost) for r in rows] == [
-        (datetime(2025, 3, 1, 10, 15, tzinfo=UTC), 2, 200, 100, D("0.75")),
-        (datetime(2025, 3, 1, 10, 30, tzinfo=UTC), 1, 100, 50, D("0.125")),
-        (datetime(2025, 3, 1, 11, 15, tzinfo=UTC), 1, 100, 50, D("1")),
+    rows = db.scalars(select(UsageHour).order_by(UsageHour.scope, UsageHour.hour_start)).all()
+    by_hour = [
+        (r.scope, r.hour_start, r.turns, r.input_tokens, r.cost, r.turns_to_15, r.turns_to_30, r.cost_to_45)
+        for r in rows
     ]
+    ten, eleven = datetime(2025, 3, 1, 10, tzinfo=UTC), datetime(2025, 3, 1, 11, tzinfo=UTC)
+    expected = [
+        (ten, 3, 300, D("0.875"), 0, 2, D("0.875")),  # 10:15, 10:29:59, 10:30
+        (eleven, 1, 100, D("1"), 0, 1, D("1")),  # 11:15
+    ]
+    assert by_hour == [(ALL_USERS, *row) for row in expected] + [(user.id, *row) for row in expected]
 
 
 def test_summary_usage_is_billed_once_and_never_overdraws_under_enforcement(db, admin, user):
@@ -295,7 +309,7 @@ def test_summary_usage_is_billed_once_and_never_overdraws_under_enforcement(db, 
     assert billing.record_summary_usage(db, chat_session_id="s1", through_seq=4, enforce=False, **kwargs) == 0
     db.commit()
     assert wallet_of(db, user.id).balance == D("-0.002")  # 1000 × 0.001/1k + 500 × 0.002/1k
-    rollup = db.scalar(select(UsageRollup))
+    rollup = db.scalar(select(UsageHour).where(UsageHour.scope == user.id))
     assert (rollup.turns, rollup.input_tokens, rollup.cost) == (0, 2000, D("0.002"))
     assert_ledger_clean(db)
 

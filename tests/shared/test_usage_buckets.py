@@ -8,12 +8,13 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from shared.errors import InvalidInput
-from shared.models import UsageRollup
+from shared.models import UsageHour
 from shared.services.usage import (
     DEFAULT_RANGE_DAYS,
     MAX_RANGE_DAYS,
     bucket_start,
     csv_header,
+    hour_cuts,
     local_day,
     offset_segments,
     parse_query,
@@ -79,9 +80,9 @@ def test_a_period_counts_on_the_local_date_it_starts():
     ],
 )
 def test_rollup_periods_are_utc_quarter_hours(moment, period):
-    assert UsageRollup.period_of(z(moment)) == z(period)
+    assert UsageHour.quarter_of(z(moment)) == z(period)
     # The same instant given in another zone lands in the same UTC period.
-    assert UsageRollup.period_of(z(moment).astimezone(KOLKATA)) == z(period)
+    assert UsageHour.quarter_of(z(moment).astimezone(KOLKATA)) == z(period)
 
 
 def test_the_utc_window_runs_from_local_midnight_to_local_midnight():
@@ -130,7 +131,7 @@ def test_every_period_gets_the_offset_in_force_at_its_start():
     while moment < hi:
         minutes = next(m for until, m in segments if until is None or moment < until)
         assert minutes == moment.astimezone(BERLIN).utcoffset() // timedelta(minutes=1)
-        moment += UsageRollup.PERIOD
+        moment += UsageHour.QUARTER
 
 
 def test_query_defaults_are_day_utc_and_the_last_30_days():
@@ -185,3 +186,65 @@ def test_csv_header_names_the_group_column():
     assert csv_header(None) == ["bucket_start", "turns", "input_tokens", "output_tokens", "cost"]
     assert csv_header("user")[:2] == ["bucket_start", "user_id"]
     assert csv_header("model")[:2] == ["bucket_start", "model"]
+
+
+@pytest.mark.parametrize(
+    ("zone", "cuts"),
+    [
+        ("UTC", (0,)),
+        ("Europe/Berlin", (0,)),  # DST changes at 01:00 UTC, midnights on the hour
+        ("Asia/Kolkata", (0, 30)),
+        ("America/St_Johns", (0, 30)),  # -03:30/-02:30, changes at 05:30/04:30 UTC
+        ("Asia/Kathmandu", (0, 15)),
+        ("Pacific/Chatham", (0, 15)),  # +13:45/+12:45, changes at 14:00 UTC
+        ("Australia/Lord_Howe", (0, 15, 30, 45)),  # +11/+10:30: midnights at :00 and :30
+    ],
+)
+def test_hours_are_cut_only_where_a_local_midnight_can_fall(zone, cuts):
+    lo, hi = utc_window(date(2025, 1, 1), date(2025, 12, 31), ZoneInfo(zone))
+    assert hour_cuts(ZoneInfo(zone), lo, hi) == cuts
+    # Every local midnight in the year lies on a cut, so no part of an hour spans two local dates.
+    day = date(2025, 1, 1)
+    while day <= date(2025, 12, 31):
+        midnight = datetime(day.year, day.month, day.day, tzinfo=ZoneInfo(zone)).astimezone(UTC)
+        assert midnight.minute in cuts
+        day += timedelta(days=1)
+
+
+def test_one_usage_event_adds_to_its_users_hour_and_all_users_hour_with_quarter_prefixes():
+    rows = UsageHour.rows_for(
+        user_id="u1", model="m", at=z("2026-01-10T18:31"), turns=1, input_tokens=7, output_tokens=3, cost=2
+    )
+    assert [row["scope"] for row in rows] == ["u1", "*"]
+    assert rows[0]["hour_start"] == z("2026-01-10T18:00")
+    prefixes = [rows[0][name] for name in ("turns", "turns_to_15", "turns_to_30", "turns_to_45")]
+    assert prefixes == [1, 0, 0, 1]
+    assert (rows[0]["input_tokens_to_45"], rows[0]["cost_to_30"]) == (7, 0)
+
+
+def test_cost_between_cuts_hours_at_quarters_exactly_as_the_charges_fell(db, user):
+    """What spend limits read: ``usage.cost_between`` over hour rows with quarter prefixes
+    equals the plain sum of the charges in ``[start, end)`` for every pair of quarter
+    bounds across three hours, both levels, on SQLite's integer micro-units."""
+    from datetime import UTC, datetime, timedelta
+    from decimal import Decimal
+
+    from shared.models import ALL_USERS
+    from shared.services import billing, usage
+
+    base = datetime(2026, 3, 29, 0, 0, tzinfo=UTC)
+    charges = []
+    for n in range(36):  # a charge every 5 minutes for three hours, different amounts
+        at = base + timedelta(minutes=5 * n, seconds=7)
+        cost = Decimal("0.000100") * (n + 1)
+        charges.append((at, cost))
+        billing.record_usage(
+            db, user_id=user.id, model="m", at=at, turns=1, input_tokens=1, output_tokens=1, cost=cost
+        )
+    db.commit()
+    quarters = [base + timedelta(minutes=15 * q) for q in range(13)]
+    for i, start in enumerate(quarters):
+        for end in quarters[i:]:
+            expected = sum((cost for at, cost in charges if start <= at < end), Decimal("0"))
+            assert usage.cost_between(db, user.id, start, end) == expected, (start, end)
+            assert usage.cost_between(db, ALL_USERS, start, end) == expected, (start, end)

@@ -16,10 +16,10 @@ from decimal import Decimal
 from zoneinfo import ZoneInfo
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
-from shared.models import ChatSession, Room, Turn, UsageRollup
+from shared.models import ALL_USERS, ChatSession, Room, Turn, UsageHour
 from shared.services import billing, usage
 from tests.factories import Actor, make_actor
 
@@ -31,7 +31,7 @@ QUOTED_MODEL = 'beta, "quoted"'
 
 
 class UsageRecorder:
-    """Writes what billing writes for a completed turn: the turn row and its quarter-hour rollup."""
+    """Writes what billing writes for a completed turn: the turn row and its rollups."""
 
     def __init__(self, session: Session) -> None:
         self.session = session
@@ -51,27 +51,16 @@ class UsageRecorder:
         return self._chats[user_id]
 
     def _rollup(self, user_id, model, at, turns, input_tokens, output_tokens, cost) -> None:
-        period = UsageRollup.period_of(at)
-        row = self.session.scalar(
-            select(UsageRollup).where(
-                UsageRollup.user_id == user_id, UsageRollup.model == model, UsageRollup.period_start == period
-            )
+        billing.record_usage(
+            self.session,
+            user_id=user_id,
+            model=model,
+            at=at,
+            turns=turns,
+            input_tokens=input_tokens,
+            output_tokens=output_tokens,
+            cost=cost,
         )
-        if row is None:
-            row = UsageRollup(
-                user_id=user_id,
-                model=model,
-                period_start=period,
-                turns=0,
-                input_tokens=0,
-                output_tokens=0,
-                cost=Decimal(0),
-            )
-            self.session.add(row)
-        row.turns += turns
-        row.input_tokens += input_tokens
-        row.output_tokens += output_tokens
-        row.cost += cost
         self.session.flush()
 
     def turn(self, user_id, model, at, input_tokens, output_tokens, cost) -> None:
@@ -358,7 +347,19 @@ def test_the_default_range_is_the_last_30_days(usage_env):
     assert zoned["end"] == datetime.now(ZoneInfo("Pacific/Kiritimati")).date().isoformat()
 
 
-ZONES = ["UTC", "Europe/Berlin", "Asia/Kolkata", "America/St_Johns", "Asia/Kathmandu", "Pacific/Chatham"]
+# One zone per way the hour rows are cut (usage.hour_cuts): whole hours (UTC, Berlin across
+# DST, New York), one cut at :30 (Kolkata; St John's, whose DST changes at :30 too), at :15
+# (Kathmandu; Chatham across its DST), and the four quarters (Lord Howe: +10:30, DST +11).
+ZONES = [
+    "UTC",
+    "Europe/Berlin",
+    "America/New_York",
+    "Asia/Kolkata",
+    "America/St_Johns",
+    "Asia/Kathmandu",
+    "Pacific/Chatham",
+    "Australia/Lord_Howe",
+]
 
 
 @pytest.mark.parametrize("tz", ZONES)
@@ -366,7 +367,12 @@ ZONES = ["UTC", "Europe/Berlin", "Asia/Kolkata", "America/St_Johns", "Asia/Kathm
 def test_rollup_summary_equals_the_sum_over_raw_completed_turns(usage_env, tz, bucket):
     """The rollups and the raw turns agree in every zone and bucket, and both agree with a
     plain-Python application of the rule (a turn counts on the local date it completed)."""
-    for filters in ({}, {"user_id": usage_env.users["bob"]}, {"model": QUOTED_MODEL}):
+    for filters in (
+        {},
+        {"user_id": usage_env.users["bob"]},
+        {"model": QUOTED_MODEL},
+        {"user_id": usage_env.users["ann"], "model": "alpha"},
+    ):
         query = usage.parse_query(bucket=bucket, start="2020-12-01", end="2026-12-31", tz=tz, **filters)
         from_rollups = usage.summarize(usage_env.session, query)
         from_turns = usage.summary_from_turns(usage_env.session, query)
@@ -394,6 +400,77 @@ def _python_buckets(env: UsageEnv, query, filters: dict) -> dict[date, int]:
 
 def _by_bucket(summary) -> dict[date, int]:
     return {bucket.bucket_start: bucket.turns for bucket in summary.daily}
+
+
+@pytest.mark.parametrize("tz", ["UTC", "Asia/Kolkata", "Asia/Kathmandu", "Australia/Lord_Howe"])
+@pytest.mark.parametrize("group_by", ["user", "model"])
+def test_grouped_buckets_equal_the_raw_turns_grouped_the_same_way(usage_env, tz, group_by):
+    """The export's rows (per user from the per-user level, per model from the all-users
+    level) match the turns grouped by bucket and key."""
+    session = usage_env.session
+    for bucket in ("day", "week", "month"):
+        query = usage.parse_query(
+            bucket=bucket, start="2020-12-01", end="2026-12-31", tz=tz, group_by=group_by
+        )
+        lo, hi = usage.utc_window(query.start, query.end, query.zone)
+        dialect = session.get_bind().dialect.name
+        from_rollups = list(
+            usage._bucket_rows(session, query, usage._rollup_statement(dialect, query, lo, hi))
+        )
+        from_turns = list(usage._bucket_rows(session, query, usage._turns_statement(dialect, query, lo, hi)))
+        assert from_rollups == from_turns and from_rollups
+
+
+@pytest.mark.parametrize(
+    ("start", "end", "tz"),
+    [
+        ("2026-01-11", "2026-01-11", "Asia/Kolkata"),  # the window starts and ends at :30
+        ("2026-01-11", "2026-01-11", "Asia/Kathmandu"),
+        ("2026-03-29", "2026-03-29", "Europe/Berlin"),
+        ("2026-10-25", "2026-10-25", "Australia/Lord_Howe"),
+    ],
+)
+def test_totals_with_an_unknown_bucket_cut_the_window_exactly(usage_env, start, end, tz):
+    query = usage.parse_query(bucket="quarter", start=start, end=end, tz=tz)
+    days = usage.summarize(usage_env.session, usage.parse_query(start=start, end=end, tz=tz))
+    assert usage.summarize(usage_env.session, query).totals == days.totals
+    assert usage.summary_from_turns(usage_env.session, query).totals == days.totals
+
+
+def test_usage_rebuild_recomputes_both_levels_from_the_turns(usage_env):
+    """``tollgate usage-rebuild`` (``usage.rebuild``) repairs rollups that drifted from the
+    turns, and its result agrees with the raw-turns oracle everywhere."""
+    session = usage_env.session
+    queries = [
+        usage.parse_query(bucket=bucket, start="2020-12-01", end="2026-12-31", tz=tz, **filters)
+        for bucket in ("day", "week", "month")
+        for tz in ("UTC", "Asia/Kolkata", "Pacific/Chatham", "Australia/Lord_Howe")
+        for filters in ({}, {"user_id": usage_env.users["bob"]}, {"model": QUOTED_MODEL})
+    ]
+    expected_summaries = [usage.summary_from_turns(session, query) for query in queries]
+    # Drift: the all-users rows of one hour lost, one user's hour doubled, an hour with no turns.
+    session.execute(
+        delete(UsageHour).where(UsageHour.scope == ALL_USERS, UsageHour.hour_start == z("2026-01-10T18:00"))
+    )
+    session.execute(
+        update(UsageHour).where(UsageHour.scope == usage_env.users["ann"]).values(turns=UsageHour.turns * 2)
+    )
+    UsageRecorder(session)._rollup(
+        usage_env.users["bob"], "alpha", z("2024-06-01T12:00"), 5, 5, 5, Decimal("5")
+    )
+    session.commit()
+    assert [usage.summarize(session, query) for query in queries] != expected_summaries
+
+    result = usage.rebuild(session)
+
+    assert [usage.summarize(session, query) for query in queries] == expected_summaries
+    # before/after are the all-users level's totals: 3 turns of 18:00 lost, 5 bogus ones added.
+    assert (result.before.turns, result.after.turns) == (len(EVENTS) - 3 + 5, len(EVENTS))
+    assert (result.user_rows, result.all_users_rows) == (
+        session.scalar(select(func.count()).select_from(UsageHour).where(UsageHour.scope != ALL_USERS)),
+        session.scalar(select(func.count()).select_from(UsageHour).where(UsageHour.scope == ALL_USERS)),
+    )
+    session.rollback()
 
 
 def test_rollups_written_by_billing_match_the_raw_turns(usage_env):

@@ -42,7 +42,7 @@ class UsageSummary(MethodView):
     @blp.response(200, UsageSummarySchema, description=ATTRIBUTION_NOTE)
     @blp.alt_response(422, description=f"Bad query: {VALIDATION_CODES}")
     def get(self, args):
-        """Usage totals and day/week/month buckets, from the hourly rollups"""
+        """Usage totals and day/week/month buckets, from the usage rollups"""
         return usage.usage_summary(db(), **args)
 
 

@@ -9,9 +9,10 @@ from marshmallow import fields
 from web.schemas.common import BaseSchema, Money
 
 ATTRIBUTION_NOTE = (
-    "Usage is rolled up per UTC hour; an hour counts on the local date of its start in `tz`. "
-    "Exact for whole-hour offsets (UTC, Europe/Berlin across DST); for half-hour zones "
-    "(Asia/Kolkata) up to 30 minutes of usage after local midnight counts on the previous day."
+    "A turn counts on the local date in `tz` of its completion. Exact in every zone, across "
+    "DST changes and for half- and quarter-hour offsets (Asia/Kolkata, Asia/Kathmandu, "
+    "Pacific/Chatham): usage is rolled up per UTC hour with the split of each hour at :15, "
+    ":30 and :45, and every local midnight since 1972 falls on a UTC quarter hour."
 )
 
 
