@@ -64,6 +64,7 @@ def test_user_limits_set_in_the_console_are_the_apis_and_audited(client, admin, 
     assert '0.000000</span> spent of <span class="money">25.500000</span> per month (Asia/Kolkata)' in spend
     assert "resets " in spend and "18:30:00 UTC" in spend
     assert 'id="user-rpm">60 ' in page
+    assert f"by {admin.user.email}" in page  # who set them, by email
     # The users list shows the spend against the limit, compactly.
     assert "0.000000 / 25.500000" in client.get("/admin/users").get_data(as_text=True)
 

@@ -330,18 +330,22 @@ def render_user(
     user = console.get_user(db(), user_id)
     keys = auth.list_keys(db(), user_id)
     now = runtime().clock()
+    user_limits = limits.get_limits(db(), LimitSubject.USER, user_id, now=now)
+    key_limits = {
+        key.id: limits.get_limits(db(), LimitSubject.API_KEY, key.id, now=now)
+        for key in keys
+        if not key.revoked_at
+    }
+    setters = [view["updated_by"] for view in (user_limits, *key_limits.values())]
     return render(
         "user.html",
         status,
         user=user,
         wallet=wallets.wallet_summary(db(), user_id, threshold()),
         keys=keys,
-        user_limits=limits.get_limits(db(), LimitSubject.USER, user_id, now=now),
-        key_limits={
-            key.id: limits.get_limits(db(), LimitSubject.API_KEY, key.id, now=now)
-            for key in keys
-            if not key.revoked_at
-        },
+        user_limits=user_limits,
+        key_limits=key_limits,
+        actors=console.emails(db(), setters),
         limits_form=limits_form,
         periods=SPEND_PERIODS,
         zones=ZONES,
