@@ -82,6 +82,15 @@ def shot(browser, name: str) -> None:
     browser.set_window_size(width, height)
 
 
+def element_shot(browser, css: str, name: str) -> None:
+    """One part of the page, with the window grown to the page's height so none of it is cut."""
+    width, height = browser.get_window_size()["width"], browser.get_window_size()["height"]
+    page_height = browser.execute_script("return document.documentElement.scrollHeight")
+    browser.set_window_size(width, max(height, min(page_height + 140, 4000)))
+    browser.find_element(By.CSS_SELECTOR, css).screenshot(str(SCREENSHOTS / f"{name}.png"))
+    browser.set_window_size(width, height)
+
+
 def sign_in(browser, base: str, key: str) -> None:
     browser.get(f"{base}/admin/")
     field = wait_for(browser, "#api_key")
@@ -241,8 +250,8 @@ def test_an_admin_sets_a_spend_limit_and_registers_a_webhook(browser, live_url, 
     assert "requests_per_minute must be an integer" in wait_for(browser, "[role=alert]").text
     assert browser.find_element(By.ID, "user-rpm-input").get_attribute("value") == "0"
     browser.get(f"{live_url}/admin/users/{pg_user.id}")
-    section = wait_for(browser, "section[aria-labelledby=limits-heading]")
-    section.screenshot(str(SCREENSHOTS / "user-limits.png"))
+    wait_for(browser, "section[aria-labelledby=limits-heading]")
+    element_shot(browser, "section[aria-labelledby=limits-heading]", "user-limits")
     shot(browser, "user-with-limits")
     browser.get(f"{live_url}/admin/users")
     assert "0.000000 / 40.250000" in wait_for(browser, "#users").text
@@ -279,6 +288,7 @@ def test_an_admin_sets_a_spend_limit_and_registers_a_webhook(browser, live_url, 
     row.find_element(By.CSS_SELECTOR, "button").click()
     assert "Delivery queued" in wait_for(browser, ".notice").text
     shot(browser, "webhook-deliveries")
+    element_shot(browser, "section[aria-labelledby=deliveries-heading]", "webhook-deliveries-card")
 
     # Phone width: the new pages fit too.
     browser.set_window_size(*PHONE)
