@@ -17,9 +17,10 @@ from sqlalchemy import or_, select
 from sqlalchemy.orm import Session, selectinload
 
 from shared.errors import InvalidInput, NotFound
-from shared.models import ModelPrice, Turn, TurnStatus, User
+from shared.models import Limit, LimitSubject, ModelPrice, Turn, TurnStatus, User, WebhookEndpoint
 from shared.pagination import Listing
-from shared.services import usage, wallets
+from shared.services import limits, usage, wallets
+from shared.services.rooms import _is_uuid
 from shared.services.wallets import WalletSummary
 
 RECENT_FAILURES = 10
@@ -35,6 +36,13 @@ MAX_SEARCH = 320
 class UserRow:
     user: User
     wallet: WalletSummary | None
+
+
+@dataclass(frozen=True)
+class SpendUsage:
+    spent: Decimal
+    amount: Decimal
+    period: str
 
 
 @dataclass(frozen=True)
@@ -166,3 +174,40 @@ def emails(session: Session, user_ids: list[str | None]) -> dict[str, str]:
     return {
         row.id: row.email for row in session.execute(select(User.id, User.email).where(User.id.in_(wanted)))
     }
+
+
+def spend_usage(session: Session, user_ids: list[str], now: datetime) -> dict[str, SpendUsage]:
+    """This period's spent against the user spend limit, for the users (of a page) that have one:
+    one query for the limit rows, then ``limits.spent`` (the admission's own sum) per limited user."""
+    if not user_ids:
+        return {}
+    rows = session.scalars(
+        select(Limit).where(
+            Limit.subject_type == LimitSubject.USER,
+            Limit.subject_id.in_(user_ids),
+            Limit.spend_amount.is_not(None),
+        )
+    )
+    found = {}
+    for row in rows:
+        start, end = limits.period_bounds(row.spend_period, row.spend_tz or "UTC", now)
+        found[row.subject_id] = SpendUsage(
+            limits.spent(session, row, start, end), row.spend_amount, row.spend_period
+        )
+    return found
+
+
+def webhook_endpoints(session: Session) -> Listing:
+    """Every webhook, deleted ones too (``webhooks.list_endpoints`` hides those), newest first."""
+    return Listing(
+        session,
+        select(WebhookEndpoint).order_by(WebhookEndpoint.created_at.desc(), WebhookEndpoint.id.desc()),
+    )
+
+
+def webhook_endpoint(session: Session, endpoint_id: str) -> WebhookEndpoint:
+    """:raises NotFound: no such webhook (a deleted one is found: its page says so)."""
+    endpoint = session.get(WebhookEndpoint, endpoint_id) if _is_uuid(endpoint_id) else None
+    if endpoint is None:
+        raise NotFound("No such webhook.")
+    return endpoint

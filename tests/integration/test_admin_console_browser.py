@@ -3,8 +3,10 @@ by Selenium) against the app on Postgres + Redis, served over HTTP by a live ser
 
 What an admin does: sign in, toggle enforcement (the JSON API then reports the same state),
 grant credit (the balance changes), switch the chart between day/week/month and a zone,
-sign out. A user key cannot sign in; a change without the CSRF token is refused. The run
-saves a screenshot of each page under var/screenshots/ (docs/admin_console.md shows some).
+sign out; set a user's spend limit (the JSON API reads it back), register a webhook (its
+secret shown once), read its deliveries and send one again. A user key cannot sign in; a
+change without the CSRF token is refused. The run saves a screenshot of each page under
+var/screenshots/ (docs/admin_console.md shows some).
 """
 
 from __future__ import annotations
@@ -77,6 +79,15 @@ def shot(browser, name: str) -> None:
     page_height = browser.execute_script("return document.documentElement.scrollHeight")
     browser.set_window_size(width, max(height, min(page_height + 140, 4000)))
     browser.save_screenshot(str(SCREENSHOTS / f"{name}.png"))
+    browser.set_window_size(width, height)
+
+
+def element_shot(browser, css: str, name: str) -> None:
+    """One part of the page, with the window grown to the page's height so none of it is cut."""
+    width, height = browser.get_window_size()["width"], browser.get_window_size()["height"]
+    page_height = browser.execute_script("return document.documentElement.scrollHeight")
+    browser.set_window_size(width, max(height, min(page_height + 140, 4000)))
+    browser.find_element(By.CSS_SELECTOR, css).screenshot(str(SCREENSHOTS / f"{name}.png"))
     browser.set_window_size(width, height)
 
 
@@ -203,6 +214,102 @@ def test_an_admin_toggles_enforcement_grants_credit_and_reads_the_charts(
     wait_for(browser, "#api_key")
     assert urlsplit(browser.current_url).path == "/admin/sign-in"
     shot(browser, "sign-in")
+
+
+def test_an_admin_sets_a_spend_limit_and_registers_a_webhook(browser, live_url, pg_client, pg_admin, pg_user):
+    sign_in(browser, live_url, pg_admin.key)
+    wait_for(browser, "#enforcement-state")
+    browser.get(f"{live_url}/admin/users/{pg_user.id}")
+    assert wait_for(browser, "#user-spend").text == "no limit"
+
+    # A monthly spend limit in Kolkata time and a rate limit, from the user's page.
+    browser.find_element(By.ID, "user-spend-amount").send_keys("40.25")
+    Select(browser.find_element(By.ID, "user-spend-period")).select_by_value("month")
+    zone = browser.find_element(By.ID, "user-spend-tz")
+    zone.clear()
+    zone.send_keys("Asia/Kolkata")
+    browser.find_element(By.ID, "user-rpm-input").send_keys("30")
+    browser.find_element(By.CSS_SELECTOR, "#user-limits-form button[value=save]").click()
+    WebDriverWait(browser, 10).until(
+        expected_conditions.text_to_be_present_in_element((By.ID, "user-spend"), "40.250000")
+    )
+    assert "Limits saved" in browser.find_element(By.CSS_SELECTOR, ".notice").text
+    spend = browser.find_element(By.ID, "user-spend").text
+    assert "0.000000 spent of 40.250000 per month (Asia/Kolkata)" in spend and "18:30:00 UTC" in spend
+    got = pg_client.get(f"/api/v1/admin/users/{pg_user.id}/limits", headers=pg_admin.headers).get_json()
+    assert (got["spend"]["amount"], got["spend"]["tz"], got["requests_per_minute"]) == (
+        "40.250000",
+        "Asia/Kolkata",
+        30,
+    )
+    # A bad value is refused with the API's message; what was typed stays in the field.
+    rpm = browser.find_element(By.ID, "user-rpm-input")
+    rpm.clear()
+    rpm.send_keys("0")
+    browser.find_element(By.CSS_SELECTOR, "#user-limits-form button[value=save]").click()
+    assert "requests_per_minute must be an integer" in wait_for(browser, "[role=alert]").text
+    assert browser.find_element(By.ID, "user-rpm-input").get_attribute("value") == "0"
+    browser.get(f"{live_url}/admin/users/{pg_user.id}")
+    wait_for(browser, "section[aria-labelledby=limits-heading]")
+    element_shot(browser, "section[aria-labelledby=limits-heading]", "user-limits")
+    shot(browser, "user-with-limits")
+    browser.get(f"{live_url}/admin/users")
+    assert "0.000000 / 40.250000" in wait_for(browser, "#users").text
+
+    # Webhooks: register one; the secret is on the answer only.
+    browser.find_element(By.LINK_TEXT, "Webhooks").click()
+    wait_for(browser, "#webhook-form")
+    browser.find_element(By.ID, "webhook-url").send_keys("https://hooks.example.com/tollgate")
+    browser.find_element(By.CSS_SELECTOR, "input[name=events][value='wallet.low_balance']").click()
+    browser.find_element(By.ID, "webhook-description").send_keys("ops pager")
+    browser.find_element(By.CSS_SELECTOR, "#webhook-form button").click()
+    secret = wait_for(browser, "#webhook-secret").get_attribute("value")
+    assert secret.startswith("whsec_")
+    shot(browser, "webhook-created")
+    hooks = pg_client.get("/api/v1/admin/webhooks", headers=pg_admin.headers).get_json()
+    assert [(h["url"], h["events"]) for h in hooks] == [
+        ("https://hooks.example.com/tollgate", ["wallet.low_balance"])
+    ]
+    browser.get(f"{live_url}/admin/webhooks")
+    assert secret not in wait_for(browser, "#webhooks").get_attribute("outerHTML")
+    shot(browser, "webhooks")
+
+    # A low balance crossing writes a delivery (no worker runs here: it stays pending).
+    body = {"amount": "5", "reason": "test"}
+    pg_client.post(f"/api/v1/admin/users/{pg_user.id}/grants", json=body, headers=pg_admin.headers)
+    pg_client.post(
+        f"/api/v1/admin/users/{pg_user.id}/adjustments",
+        json={**body, "amount": "-4.5"},
+        headers=pg_admin.headers,
+    )
+    browser.find_element(By.LINK_TEXT, "https://hooks.example.com/tollgate").click()
+    row = wait_for(browser, "#deliveries tbody tr[data-delivery-id]")
+    assert "wallet.low_balance" in row.text and "pending" in row.text
+    row.find_element(By.CSS_SELECTOR, "button").click()
+    assert "Delivery queued" in wait_for(browser, ".notice").text
+    shot(browser, "webhook-deliveries")
+    element_shot(browser, "section[aria-labelledby=deliveries-heading]", "webhook-deliveries-card")
+
+    # Phone width: the new pages fit too.
+    browser.set_window_size(*PHONE)
+    for path in (f"/admin/users/{pg_user.id}", "/admin/webhooks"):
+        browser.get(f"{live_url}{path}")
+        wait_for(browser, "main h1")
+        assert browser.execute_script("return document.documentElement.scrollWidth") <= PHONE[0], path
+    shot(browser, "webhooks-phone")
+    browser.get(f"{live_url}/admin/users/{pg_user.id}")
+    wait_for(browser, "#limits-heading")
+    shot(browser, "user-limits-phone")
+    browser.set_window_size(*DESKTOP)
+
+    # Delete, confirmed: the API lists it no more; the console marks it deleted.
+    browser.get(f"{live_url}/admin/webhooks")
+    wait_for(browser, "#webhooks form[data-confirm] button").click()
+    WebDriverWait(browser, 5).until(expected_conditions.alert_is_present()).accept()
+    assert "Webhook deleted" in wait_for(browser, ".notice").text
+    assert "deleted" in browser.find_element(By.ID, "webhooks").text
+    assert pg_client.get("/api/v1/admin/webhooks", headers=pg_admin.headers).get_json() == []
+    assert_only_this_origin(browser, live_url)
 
 
 def assert_only_this_origin(browser, base: str) -> None:

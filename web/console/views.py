@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import re
 import uuid
 
 from flask import Blueprint, abort, g, redirect, render_template, request, url_for
@@ -21,8 +22,20 @@ from marshmallow import Schema, ValidationError
 from werkzeug.wrappers import Response
 
 from shared.errors import DomainError, Forbidden, InvalidInput, NotFound, Unauthorized
+from shared.models import LimitSubject
 from shared.pagination import Listing
-from shared.services import admin_sessions, audit, auth, billing, console, enforcement, pricing, wallets
+from shared.services import (
+    admin_sessions,
+    audit,
+    auth,
+    billing,
+    console,
+    enforcement,
+    limits,
+    pricing,
+    wallets,
+    webhooks,
+)
 from web.console import chart as chart_view
 from web.context import db, runtime
 from web.schemas.billing import (
@@ -31,7 +44,9 @@ from web.schemas.billing import (
     PriceUpdateSchema,
     checked_model_name,
 )
+from web.schemas.limits import LimitsUpdateSchema
 from web.schemas.users import ApiKeyCreateSchema
+from web.schemas.webhooks import EVENT_TYPES, WebhookCreateSchema
 
 COOKIE_NAME = "tollgate_console"
 COOKIE_PATH = "/admin"
@@ -181,7 +196,15 @@ NOTICES = {
     "adjusted": "Balance adjusted.",
     "revoked": "API key revoked.",
     "priced": "Price set; it applies to turns from now on.",
+    "limits": "Limits saved; they apply to the next request.",
+    "key_limits": "Key limits saved; they apply to the next request.",
+    "webhook_deleted": "Webhook deleted; its pending deliveries ended failed.",
+    "redelivered": "Delivery queued to be sent again now.",
 }
+WEBHOOK_PAGE_SIZE = 50
+DELIVERY_PAGE_SIZE = 50
+SPEND_PERIODS = ("day", "week", "month")
+WHOLE_NUMBER = re.compile(r"[0-9]{1,18}")
 # The zone picker's choices; the browser's own zone is added by console.js.
 ZONES = (
     "UTC",
@@ -286,6 +309,7 @@ def users():
         "users.html",
         search=search,
         rows=console.user_rows(shown, threshold()),
+        spend=console.spend_usage(db(), [user.id for user in shown], runtime().clock()),
         found=found,
         page=number,
         pages=max(-(-found // PAGE_SIZE), 1),
@@ -293,14 +317,38 @@ def users():
     )
 
 
-def render_user(user_id: str, status: int = 200, *, error: str | None = None, issued=None):
+def render_user(
+    user_id: str,
+    status: int = 200,
+    *,
+    error: str | None = None,
+    issued=None,
+    limits_form: str | None = None,
+):
+    """The user page; after a refused limits form, ``limits_form`` names it (``user`` or a key id)
+    so that form, and only it, is drawn with what was typed."""
     user = console.get_user(db(), user_id)
+    keys = auth.list_keys(db(), user_id)
+    now = runtime().clock()
+    user_limits = limits.get_limits(db(), LimitSubject.USER, user_id, now=now)
+    key_limits = {
+        key.id: limits.get_limits(db(), LimitSubject.API_KEY, key.id, now=now)
+        for key in keys
+        if not key.revoked_at
+    }
+    setters = [view["updated_by"] for view in (user_limits, *key_limits.values())]
     return render(
         "user.html",
         status,
         user=user,
         wallet=wallets.wallet_summary(db(), user_id, threshold()),
-        keys=auth.list_keys(db(), user_id),
+        keys=keys,
+        user_limits=user_limits,
+        key_limits=key_limits,
+        actors=console.emails(db(), setters),
+        limits_form=limits_form,
+        periods=SPEND_PERIODS,
+        zones=ZONES,
         ledger=billing.list_ledger(db(), user_id)[0:LEDGER_ROWS],
         turns=console.user_turns(db(), user_id),
         error=error,
@@ -371,6 +419,75 @@ def issue_key(user_id: str):
     return render_user(user_id, 201, issued=issued)
 
 
+def limits_body() -> dict:
+    """The limits form as the body of ``PUT …/limits``: an empty field is null (no limit of that
+    kind), an empty amount no spend limit; whole numbers become integers, anything else is
+    passed on as typed for the API's schema to refuse with its own code and message."""
+    if form_value("action") == "clear":
+        return {}
+
+    def whole(name: str):
+        raw = form_value(name).strip()
+        if not raw:
+            return None
+        return int(raw) if WHOLE_NUMBER.fullmatch(raw) else raw
+
+    body: dict = {
+        "requests_per_minute": whole("requests_per_minute"),
+        "max_concurrent_turns": whole("max_concurrent_turns"),
+    }
+    amount = form_value("spend_amount").strip()
+    if amount:
+        spend = {"amount": amount, "period": form_value("spend_period").strip()}
+        if form_value("spend_tz").strip():
+            spend["tz"] = form_value("spend_tz").strip()
+        body["spend"] = spend
+    return body
+
+
+def save_limits(subject_type: str, subject_id: str) -> dict:
+    """What ``PUT /admin/{users,api-keys}/{id}/limits`` does: its schema, then its service (audited).
+
+    :raises DomainError: the API's 404 and 422 codes. :raises ValidationError: other field errors.
+    """
+    data = LimitsUpdateSchema().load(limits_body())
+    return limits.set_limits(
+        db(),
+        actor_id=console_session().user.id,
+        subject_type=subject_type,
+        subject_id=subject_id,
+        data=data,
+        now=runtime().clock(),
+    )
+
+
+@blp.post("/users/<string:user_id>/limits")
+def set_user_limits(user_id: str):
+    """Set or clear a user's spend, rate and concurrency limits."""
+    try:
+        save_limits(LimitSubject.USER, user_id)
+    except (DomainError, ValidationError) as exc:
+        if isinstance(exc, NotFound):
+            raise
+        message, status = problem(exc)
+        return render_user(user_id, status, error=message, limits_form="user")
+    return done("console.user_detail", "limits", user_id=user_id, _anchor="limits-heading")
+
+
+@blp.post("/api-keys/<string:key_id>/limits")
+def set_key_limits(key_id: str):
+    """Set or clear one API key's limits; back to its owner's page."""
+    try:
+        saved = save_limits(LimitSubject.API_KEY, key_id)
+    except (DomainError, ValidationError) as exc:
+        if isinstance(exc, NotFound):
+            raise
+        message, status = problem(exc)
+        owner = limits.get_limits(db(), LimitSubject.API_KEY, key_id)["user_id"]
+        return render_user(owner, status, error=message, limits_form=key_id)
+    return done("console.user_detail", "key_limits", user_id=saved["user_id"], _anchor=f"key-{key_id}")
+
+
 @blp.post("/api-keys/<string:key_id>/revoke")
 def revoke_key(key_id: str):
     key = auth.revoke_api_key(runtime(), db(), console_session().user.id, key_id)
@@ -421,3 +538,90 @@ def audit_log():
         page=number,
         pages=max(-(-found // AUDIT_PAGE_SIZE), 1),
     )
+
+
+# -- webhooks ------------------------------------------------------------------------------
+
+
+def render_webhooks(status: int = 200, *, error: str | None = None, created=None):
+    listing = console.webhook_endpoints(db())
+    number = page_number()
+    found = len(listing)
+    return render(
+        "webhooks.html",
+        status,
+        endpoints=listing[(number - 1) * WEBHOOK_PAGE_SIZE : number * WEBHOOK_PAGE_SIZE],
+        page=number,
+        pages=max(-(-found // WEBHOOK_PAGE_SIZE), 1),
+        event_types=EVENT_TYPES,
+        created=created,
+        error=error,
+        notice=NOTICES.get(request.args.get("notice", "")),
+        form=request.form if status not in (200, 201) else {},
+    )
+
+
+@blp.get("/webhooks")
+def webhook_list():
+    """Every webhook (deleted ones marked), and the form to register one."""
+    return render_webhooks()
+
+
+@blp.post("/webhooks")
+def create_webhook():
+    """Register a webhook; the page that answers is the only place its signing secret is shown."""
+    try:
+        data = WebhookCreateSchema().load(
+            {
+                "url": form_value("url").strip(),
+                "events": request.form.getlist("events"),
+                "description": form_value("description").strip() or None,
+            }
+        )
+        created = webhooks.create_endpoint(
+            db(),
+            actor_id=console_session().user.id,
+            url=data["url"],
+            events=data["events"],
+            description=data["description"],
+            allow_private=runtime().settings.webhook_allow_private,
+        )
+    except (DomainError, ValidationError) as exc:
+        message, status = problem(exc)
+        return render_webhooks(status, error=message)
+    return render_webhooks(201, created=created)
+
+
+@blp.post("/webhooks/<string:webhook_id>/delete")
+def delete_webhook(webhook_id: str):
+    webhooks.delete_endpoint(db(), actor_id=console_session().user.id, endpoint_id=webhook_id)
+    return done("console.webhook_list", "webhook_deleted")
+
+
+@blp.get("/webhooks/<string:webhook_id>")
+def webhook_detail(webhook_id: str):
+    """One webhook and its deliveries, newest first (none listed once it is deleted, as in the API)."""
+    endpoint = console.webhook_endpoint(db(), webhook_id)
+    deliveries, found, number = [], 0, page_number()
+    if endpoint.deleted_at is None:
+        listing = webhooks.list_deliveries(db(), webhook_id)
+        found = len(listing)
+        deliveries = listing[(number - 1) * DELIVERY_PAGE_SIZE : number * DELIVERY_PAGE_SIZE]
+    return render(
+        "webhook.html",
+        endpoint=endpoint,
+        deliveries=deliveries,
+        found=found,
+        page=number,
+        pages=max(-(-found // DELIVERY_PAGE_SIZE), 1),
+        extra={"webhook_id": webhook_id},
+        notice=NOTICES.get(request.args.get("notice", "")),
+    )
+
+
+@blp.post("/webhooks/<string:webhook_id>/deliveries/<string:delivery_id>/redeliver")
+def redeliver(webhook_id: str, delivery_id: str):
+    webhooks.redeliver(
+        db(), actor_id=console_session().user.id, endpoint_id=webhook_id, delivery_id=delivery_id
+    )
+    return done("console.webhook_detail", "redelivered", webhook_id=webhook_id)

@@ -11,6 +11,15 @@ document.addEventListener("DOMContentLoaded", function () {
     });
   });
 
+  // The same for one button of a form (e.g. "Remove all limits" next to "Save limits").
+  document.querySelectorAll("button[data-confirm-button]").forEach(function (button) {
+    button.addEventListener("click", function (event) {
+      if (!window.confirm(button.getAttribute("data-confirm-button"))) {
+        event.preventDefault();
+      }
+    });
+  });
+
   // Offer the browser's own time zone in the chart's zone picker.
   document.querySelectorAll("select[data-add-browser-zone]").forEach(function (select) {
     var zone = Intl.DateTimeFormat().resolvedOptions().timeZone;
