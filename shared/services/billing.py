@@ -26,6 +26,7 @@ import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
+from functools import cache
 
 from sqlalchemy import func, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -155,7 +156,6 @@ def record_usage(
     already serialised by the wallet lock, then the shared all-users row), and the shared
     row stays locked only until the caller commits.
     """
-    insert = pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
     rows = UsageHour.rows_for(
         user_id=user_id,
         model=model,
@@ -165,27 +165,51 @@ def record_usage(
         output_tokens=output_tokens,
         cost=_q(cost),
     )
-    statement = insert(UsageHour).values(rows)
-    measures = [column for column in rows[0] if column not in ("scope", "hour_start", "model")]
-    statement = statement.on_conflict_do_update(
-        index_elements=["scope", "hour_start", "model"],
-        set_={column: getattr(UsageHour, column) + statement.excluded[column] for column in measures},
-    )
-    session.execute(statement)
+    session.execute(_usage_upsert(session.get_bind().dialect.name), rows)
 
 
 def _add_key_spend(session: Session, *, api_key_id: str, at: datetime, cost: Decimal) -> None:
     """Upsert the (API key, UTC quarter hour) spend of a turn's charge, in the caller's
     transaction: what per-key spend limits read (shared/services/limits.py)."""
-    insert = pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
-    statement = insert(ApiKeySpend).values(
-        id=new_id(), api_key_id=api_key_id, period_start=UsageHour.quarter_of(at), cost=_q(cost)
+    session.execute(
+        _key_spend_upsert(session.get_bind().dialect.name),
+        {
+            "id": new_id(),
+            "api_key_id": api_key_id,
+            "period_start": UsageHour.quarter_of(at),
+            "cost": _q(cost),
+        },
     )
-    statement = statement.on_conflict_do_update(
+
+
+# The two upserts every settle runs are built once per dialect and executed with parameters:
+# building them per call (values inlined, a cache key over every column) cost more than the
+# round trip (bench: 2.5 ms -> see docs/architecture.md "The hot path, counted").
+@cache
+def _usage_upsert(dialect: str):
+    insert = pg_insert if dialect == "postgresql" else sqlite_insert
+    table = UsageHour.__table__
+    statement = insert(table)
+    keys = ("scope", "hour_start", "model")
+    return statement.on_conflict_do_update(
+        index_elements=list(keys),
+        set_={
+            column.name: column + statement.excluded[column.name]
+            for column in table.columns
+            if column.name not in keys
+        },
+    )
+
+
+@cache
+def _key_spend_upsert(dialect: str):
+    insert = pg_insert if dialect == "postgresql" else sqlite_insert
+    table = ApiKeySpend.__table__
+    statement = insert(table)
+    return statement.on_conflict_do_update(
         index_elements=["api_key_id", "period_start"],
-        set_={"cost": ApiKeySpend.cost + statement.excluded.cost},
+        set_={"cost": table.c.cost + statement.excluded.cost},
     )
-    session.execute(statement)
 
 
 # -- holds and turn settlement (join the caller's transaction) ----------------------------

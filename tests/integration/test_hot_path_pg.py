@@ -16,7 +16,9 @@ from sqlalchemy import event
 from shared.providers import OfflineProvider
 from shared.services import turn_runner
 from shared.tools.registry import build_registry
+from tests.integration.test_io_pools_pg import io_settings  # noqa: F401 - fixture
 from tests.integration.test_key_cache_redis import wait_subscribed
+from web.app import create_app
 
 # path: (checkouts, statements, commits) at most; docs/architecture.md carries the same table.
 BUDGET = {
@@ -87,9 +89,17 @@ def funded_chat(pg_client, pg_admin, pg_user):
     return pg_client.post(f"/api/v1/rooms/{room['id']}/sessions", json={}, headers=pg_user.headers).get_json()
 
 
-def test_a_turn_and_the_cheap_reads_stay_within_their_round_trip_budget(
-    pg_app, pg_client, pg_user, funded_chat
-):
+@pytest.fixture
+def quiet_app(pg_app, io_settings):  # noqa: F811
+    """The app on a broker no worker listens to: the session's live worker must not run the
+    turn this test runs in-process (it would, and the count would be of a skipped run)."""
+    app = create_app(io_settings)
+    yield app
+    app.extensions["tollgate"].close()
+
+
+def test_a_turn_and_the_cheap_reads_stay_within_their_round_trip_budget(quiet_app, pg_user, funded_chat):
+    pg_app, pg_client = quiet_app, quiet_app.test_client()
     runtime = pg_app.extensions["tollgate"]
     engine = runtime.db.engine
     provider, tools = OfflineProvider(), build_registry()
