@@ -78,7 +78,9 @@ def main() -> None:
     args = parser.parse_args()
     with fresh_database() as url:
         settings = bench_settings(url)
-        with running_stack(settings) as base:
+        # The offline model paces its streamed pieces (OFFLINE_STREAM_DELAY_SECONDS) to look like
+        # a model; this bench measures Tollgate's own cost per turn, so the pacing is off.
+        with running_stack(settings, OFFLINE_STREAM_DELAY_SECONDS="0") as base:
             runtime = Runtime(settings, role="bench")
             with runtime.db.session() as session:
                 _, issued = auth.create_user(session, "bench@example.com", "user")
