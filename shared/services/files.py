@@ -16,7 +16,6 @@ import os
 import re
 import time
 import unicodedata
-import uuid
 from datetime import timedelta
 from enum import StrEnum
 from typing import Protocol
@@ -25,7 +24,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, undefer
 
-from shared.db import utcnow
+from shared.db import is_uuid, utcnow
 from shared.errors import FileTooLarge, InvalidInput, NotFound, UnsupportedMediaType
 from shared.models import UploadedFile
 from shared.pagination import Listing
@@ -136,13 +135,6 @@ class IncomingFile(Protocol):
     filename: str | None
 
     def read(self, size: int = -1, /) -> bytes: ...
-
-
-def _is_uuid(value: str) -> bool:
-    try:
-        return str(uuid.UUID(value)) == value.lower()
-    except (ValueError, AttributeError, TypeError):
-        return False
 
 
 def sanitize_filename(raw: str | None) -> str:
@@ -264,7 +256,7 @@ def list_files(session: Session, user_id: str, room_id: str) -> Listing:
 
 def owned_file(session: Session, user_id: str, file_id: str, *, with_data: bool = False) -> UploadedFile:
     """:raises NotFound: unknown, malformed, or another user's file."""
-    if not _is_uuid(file_id):
+    if not is_uuid(file_id):
         raise NotFound("No such file.")
     statement = select(UploadedFile).where(UploadedFile.id == file_id, UploadedFile.user_id == user_id)
     if with_data:
@@ -406,7 +398,7 @@ def ingest(
         session.scalar(
             select(UploadedFile).where(UploadedFile.id == file_id).options(undefer(UploadedFile.data))
         )
-        if _is_uuid(file_id)
+        if is_uuid(file_id)
         else None
     )
     if stored is None or stored.status != "pending":

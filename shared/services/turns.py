@@ -21,12 +21,13 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from shared import metrics
+from shared.db import is_uuid
 from shared.errors import IdempotencyConflict, InsufficientBalance, InvalidInput, NotFound, SpendLimitReached
 from shared.models import ChatSession, Hold, ToolCallEvent, Turn, User
 from shared.pagination import Listing
 from shared.runtime import Runtime
 from shared.services import billing, enforcement, limits, pricing, turn_budget, turn_context
-from shared.services.rooms import _is_uuid, owned_session
+from shared.services.rooms import owned_session
 from shared.tools.registry import build_registry
 
 log = logging.getLogger(__name__)
@@ -264,7 +265,7 @@ def submit_and_wait(
 
 def owned_turn(session: Session, user_id: str, turn_id: str) -> Turn:
     """:raises NotFound: unknown, malformed, or another user's turn."""
-    turn = session.get(Turn, turn_id) if _is_uuid(turn_id) else None
+    turn = session.get(Turn, turn_id) if is_uuid(turn_id) else None
     if turn is None or turn.user_id != user_id:
         raise NotFound("No such turn.")
     return turn

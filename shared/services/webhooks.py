@@ -49,7 +49,7 @@ from sqlalchemy import event as sa_event
 from sqlalchemy import inspect, select
 from sqlalchemy.orm import Session
 
-from shared.db import MONEY_QUANT, new_id, utcnow
+from shared.db import MONEY_QUANT, is_uuid, new_id, utcnow
 from shared.errors import InvalidInput, NotFound
 from shared.models import (
     DeliveryStatus,
@@ -218,9 +218,7 @@ def list_endpoints(session: Session) -> Listing:
 
 
 def _endpoint(session: Session, endpoint_id: str) -> WebhookEndpoint:
-    from shared.services.rooms import _is_uuid
-
-    endpoint = session.get(WebhookEndpoint, endpoint_id) if _is_uuid(endpoint_id) else None
+    endpoint = session.get(WebhookEndpoint, endpoint_id) if is_uuid(endpoint_id) else None
     if endpoint is None or endpoint.deleted_at is not None:
         raise NotFound("No such webhook.")
     return endpoint
@@ -296,10 +294,8 @@ def redeliver(session: Session, *, actor_id: str, endpoint_id: str, delivery_id:
 
     :raises NotFound: no such webhook or delivery.
     """
-    from shared.services.rooms import _is_uuid
-
     endpoint = _endpoint(session, endpoint_id)
-    delivery = session.get(WebhookDelivery, delivery_id) if _is_uuid(delivery_id) else None
+    delivery = session.get(WebhookDelivery, delivery_id) if is_uuid(delivery_id) else None
     if delivery is None or delivery.endpoint_id != endpoint.id:
         raise NotFound("No such delivery.")
     now = utcnow()
