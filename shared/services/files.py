@@ -29,6 +29,7 @@ from shared.errors import FileTooLarge, InvalidInput, NotFound, UnsupportedMedia
 from shared.models import UploadedFile
 from shared.pagination import Listing
 from shared.services.rooms import owned_room
+from shared.task_names import TaskName
 
 log = logging.getLogger(__name__)
 
@@ -219,7 +220,7 @@ def upload(
 def enqueue_ingest(celery_app, file_id: str) -> bool:
     """Send ``ingest_file``; a broker outage is logged, not raised (the beat job re-sends)."""
     try:
-        celery_app.send_task("tollgate.ingest_file", args=[file_id])
+        celery_app.send_task(TaskName.INGEST_FILE, args=[file_id])
         return True
     except Exception:
         log.warning(

@@ -11,6 +11,7 @@ from sqlalchemy import text
 
 from shared.errors import ServiceUnavailable
 from shared.runtime import Runtime
+from shared.task_names import TaskName
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +88,7 @@ def _check_broker(celery_app) -> dict:
 
 def _check_worker(celery_app, timeout: float) -> dict:
     try:
-        reply = celery_app.send_task("tollgate.ping", ignore_result=False).get(timeout=timeout)
+        reply = celery_app.send_task(TaskName.PING, ignore_result=False).get(timeout=timeout)
         return {"ok": reply == "pong"}
     except Exception as exc:
         return {"ok": False, "detail": type(exc).__name__}

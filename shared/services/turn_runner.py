@@ -41,6 +41,7 @@ from shared.services import billing, enforcement, pricing, summaries, turn_conte
 from shared.services.text import clean_json, clean_text
 from shared.services.turn_budget import BudgetExhausted, HoldPolicy, TurnBudget
 from shared.services.turns import FINISHED, owned_turn, place_turn_hold, wait_until_finished
+from shared.task_names import TaskName
 from shared.tools.registry import ToolContext, ToolResult
 
 log = logging.getLogger(__name__)
@@ -818,7 +819,7 @@ def recover_stuck_turns(runtime: Runtime, celery_app, *, queued_grace_seconds: f
         ).all()
         stale = session.scalars(select(Turn.id).where(Turn.status == TurnStatus.RUNNING, _lapsed(now))).all()
     for turn_id in queued:
-        celery_app.send_task("tollgate.run_turn", args=[turn_id])
+        celery_app.send_task(TaskName.RUN_TURN, args=[turn_id])
         counts["queued"] += 1
     if queued:
         # Restart the grace period so a turn waiting in a long queue is not re-sent every run.
@@ -843,7 +844,7 @@ def recover_stuck_turns(runtime: Runtime, celery_app, *, queued_grace_seconds: f
             session.commit()
         if handed:
             celery_app.send_task(
-                "tollgate.run_turn", args=[turn_id], kwargs={"takeover": True}, task_id=task_id
+                TaskName.RUN_TURN, args=[turn_id], kwargs={"takeover": True}, task_id=task_id
             )
             counts["running"] += 1
     if queued or stale:

@@ -28,6 +28,7 @@ from shared.pagination import Listing
 from shared.runtime import Runtime
 from shared.services import billing, enforcement, limits, pricing, turn_budget, turn_context
 from shared.services.rooms import owned_session
+from shared.task_names import TaskName
 from shared.tools.registry import build_registry
 
 log = logging.getLogger(__name__)
@@ -210,7 +211,7 @@ def submit(
 def enqueue_run(celery_app, turn_id: str) -> bool:
     """Send ``run_turn``; a broker outage is logged, not raised (the beat job re-sends)."""
     try:
-        celery_app.send_task("tollgate.run_turn", args=[turn_id])
+        celery_app.send_task(TaskName.RUN_TURN, args=[turn_id])
         return True
     except Exception:
         log.warning("could not enqueue run_turn for %s; recover_stuck_turns will", turn_id, exc_info=True)

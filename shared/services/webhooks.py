@@ -61,6 +61,7 @@ from shared.models import (
 )
 from shared.pagination import Listing
 from shared.services import audit
+from shared.task_names import TaskName
 
 log = logging.getLogger(__name__)
 
@@ -397,7 +398,7 @@ def install(runtime, database) -> None:
             return
         for delivery_id in delivery_ids:
             try:
-                sender("tollgate.deliver_webhook", args=[delivery_id])
+                sender(TaskName.DELIVER_WEBHOOK, args=[delivery_id])
             except Exception:
                 # The beat job tollgate.dispatch_webhooks sends it later.
                 log.warning("could not enqueue webhook delivery %s", delivery_id, exc_info=True)
@@ -561,5 +562,5 @@ def dispatch_due(runtime, send_task, *, now: datetime | None = None) -> int:
         ).all()
         session.commit()
     for delivery_id in due:
-        send_task("tollgate.deliver_webhook", args=[delivery_id])
+        send_task(TaskName.DELIVER_WEBHOOK, args=[delivery_id])
     return len(due)

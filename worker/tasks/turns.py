@@ -8,6 +8,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 from shared.db import is_database_unavailable
 from shared.providers import build_provider
 from shared.services import turn_runner
+from shared.task_names import TaskName
 from shared.tools.registry import build_registry
 
 # Retries for a database outage (1, 2, 4 … 30 s apart: about 3 minutes in all); a longer
@@ -36,7 +37,7 @@ def _soft_time_limit(seconds: float | None):
     return Timeout(seconds, SoftTimeLimitExceeded())
 
 
-@shared_task(name="tollgate.run_turn", bind=True, max_retries=3)
+@shared_task(name=TaskName.RUN_TURN, bind=True, max_retries=3)
 def run_turn(self, turn_id: str, takeover: bool = False) -> str:
     runtime = self.app.tollgate
     # A redelivered message means the worker that had it died (acks_late +
@@ -52,7 +53,7 @@ def run_turn(self, turn_id: str, takeover: bool = False) -> str:
                 takeover=takeover or redelivered,
                 final_attempt=self.request.retries >= self.max_retries,
                 after_complete=lambda turn: self.app.send_task(
-                    "tollgate.refresh_summary", args=[turn.session_id]
+                    TaskName.REFRESH_SUMMARY, args=[turn.session_id]
                 ),
                 reraise=(SoftTimeLimitExceeded,),
                 owner=self.request.id,
@@ -79,11 +80,11 @@ def run_turn(self, turn_id: str, takeover: bool = False) -> str:
         ) from exc
 
 
-@shared_task(name="tollgate.refresh_summary", bind=True, max_retries=0)
+@shared_task(name=TaskName.REFRESH_SUMMARY, bind=True, max_retries=0)
 def refresh_summary(self, session_id: str) -> bool:
     return turn_runner.refresh_summary(self.app.tollgate, session_id, provider=_provider(self.app.tollgate))
 
 
-@shared_task(name="tollgate.recover_stuck_turns", bind=True, acks_late=False)
+@shared_task(name=TaskName.RECOVER_STUCK_TURNS, bind=True, acks_late=False)
 def recover_stuck_turns(self) -> dict:
     return turn_runner.recover_stuck_turns(self.app.tollgate, self.app)
