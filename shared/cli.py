@@ -30,12 +30,13 @@ def migrate(settings: Settings) -> None:
 
 def cmd_create_admin(args, settings: Settings) -> int:
     from shared.errors import DomainError
+    from shared.models import Role
     from shared.services import auth
 
     runtime = _runtime(settings)
     with runtime.db.session() as session:
         try:
-            user, issued = auth.create_user(session, args.email, "admin")
+            user, issued = auth.create_user(session, args.email, Role.ADMIN)
         except DomainError as exc:
             print(f"error: {exc.message}", file=sys.stderr)
             return 1

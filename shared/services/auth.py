@@ -72,7 +72,7 @@ def _issue_key(session: Session, user: User, name: str | None) -> IssuedKey:
 
 
 def create_user(
-    session: Session, email: str, role: str = "user", *, actor_id: str | None = None
+    session: Session, email: str, role: str = Role.USER, *, actor_id: str | None = None
 ) -> tuple[User, IssuedKey]:
     """Create a user with an empty wallet and a first API key, in one transaction.
 

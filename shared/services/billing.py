@@ -36,7 +36,18 @@ from sqlalchemy.orm import Session
 from shared import metrics
 from shared.db import MONEY_QUANT, new_id, utcnow
 from shared.errors import Conflict, IdempotencyConflict, InsufficientBalance, InvalidInput, NotFound
-from shared.models import ApiKeySpend, Hold, LedgerEntry, Turn, UsageHour, User, Wallet
+from shared.models import (
+    ApiKeySpend,
+    Hold,
+    HoldStatus,
+    LedgerEntry,
+    LedgerKind,
+    Turn,
+    TurnStatus,
+    UsageHour,
+    User,
+    Wallet,
+)
 from shared.pagination import Listing
 from shared.services import audit, pricing
 
@@ -219,7 +230,7 @@ def place_hold(session: Session, *, user_id: str, turn_id: str, amount: Decimal,
         wallet_id=wallet.id,
         turn_id=turn_id,
         amount=amount,
-        status="active",
+        status=HoldStatus.ACTIVE,
         expires_at=now + timedelta(seconds=ttl_seconds),
         created_at=now,
     )
@@ -227,7 +238,7 @@ def place_hold(session: Session, *, user_id: str, turn_id: str, amount: Decimal,
     _append(
         session,
         wallet,
-        kind="hold",
+        kind=LedgerKind.HOLD,
         key=_turn_key(turn_id, "hold"),
         held_delta=amount,
         turn_id=turn_id,
@@ -249,7 +260,7 @@ class Settlement:
 def _charged_so_far(session: Session, turn_id: str) -> Decimal:
     total = session.scalar(
         select(func.coalesce(func.sum(LedgerEntry.amount), 0)).where(
-            LedgerEntry.turn_id == turn_id, LedgerEntry.kind.in_(("capture", "debit"))
+            LedgerEntry.turn_id == turn_id, LedgerEntry.kind.in_((LedgerKind.CAPTURE, LedgerKind.DEBIT))
         )
     )
     return _q(-Decimal(total or 0))
@@ -298,12 +309,12 @@ def settle_turn(
         raise ValueError("a turn cost cannot be negative")
     now = utcnow()
     hold = _fresh_hold(session, turn_id)
-    if hold is not None and hold.status == "active":
+    if hold is not None and hold.status == HoldStatus.ACTIVE:
         charged = min(cost, hold.amount)
         entry = _append(
             session,
             wallet,
-            kind="capture",
+            kind=LedgerKind.CAPTURE,
             key=capture_key,
             amount=-charged,
             held_delta=-charged,
@@ -316,7 +327,7 @@ def settle_turn(
             entry = _append(
                 session,
                 wallet,
-                kind="release",
+                kind=LedgerKind.RELEASE,
                 key=_turn_key(turn_id, "release"),
                 held_delta=-rest,
                 turn_id=turn_id,
@@ -325,7 +336,7 @@ def settle_turn(
                 # One microsecond later, so "newest first" lists show the pair in a stable order.
                 now=now + timedelta(microseconds=1),
             )
-        hold.status = "captured"
+        hold.status = HoldStatus.CAPTURED
         hold.resolved_at = now
     else:
         charged = cost
@@ -334,7 +345,7 @@ def settle_turn(
             if hold is not None:
                 charged = min(charged, hold.amount)
         entry = _append(
-            session, wallet, kind="debit", key=debit_key, amount=-charged, turn_id=turn_id, now=now
+            session, wallet, kind=LedgerKind.DEBIT, key=debit_key, amount=-charged, turn_id=turn_id, now=now
         )
     if charged < cost:
         metrics.hold_overrun(cost - charged)
@@ -365,7 +376,7 @@ def confirm_hold(session: Session, *, turn_id: str) -> bool:
     lease, renewed for as long as the turn runs.
     """
     hold = _fresh_hold(session, turn_id, lock=True)
-    return hold is not None and hold.status == "active"
+    return hold is not None and hold.status == HoldStatus.ACTIVE
 
 
 def covers(session: Session, *, user_id: str, amount: Decimal) -> bool:
@@ -387,13 +398,13 @@ def release_hold(session: Session, *, turn_id: str, reason: str) -> bool:
         return False
     wallet = _lock_wallet(session, wallet_id=hold.wallet_id)
     hold = _fresh_hold(session, turn_id)
-    if hold is None or hold.status != "active":
+    if hold is None or hold.status != HoldStatus.ACTIVE:
         return False
     now = utcnow()
     _append(
         session,
         wallet,
-        kind="release",
+        kind=LedgerKind.RELEASE,
         key=_turn_key(turn_id, "release"),
         held_delta=-hold.amount,
         turn_id=turn_id,
@@ -401,7 +412,7 @@ def release_hold(session: Session, *, turn_id: str, reason: str) -> bool:
         reason=reason,
         now=now,
     )
-    hold.status = "released"
+    hold.status = HoldStatus.RELEASED
     hold.resolved_at = now
     session.flush()
     return True
@@ -424,7 +435,7 @@ def expire_stale_holds(
     now = now or utcnow()
     candidates = session.execute(
         select(Hold.turn_id, Hold.wallet_id)
-        .where(Hold.status == "active", Hold.expires_at <= now)
+        .where(Hold.status == HoldStatus.ACTIVE, Hold.expires_at <= now)
         .order_by(Hold.expires_at)
     ).all()
     session.commit()
@@ -434,13 +445,13 @@ def expire_stale_holds(
         # The hold row too: a claim confirming this hold holds it until its turn is running.
         hold = _fresh_hold(session, turn_id, lock=True)
         # Re-checked under the lock: the turn may have captured or released it meanwhile.
-        if hold is None or hold.status != "active" or hold.expires_at > now:
+        if hold is None or hold.status != HoldStatus.ACTIVE or hold.expires_at > now:
             session.rollback()
             continue
         status, started_at, lease_expires_at = session.execute(
             select(Turn.status, Turn.started_at, Turn.lease_expires_at).where(Turn.id == turn_id)
         ).one_or_none() or (None, None, None)
-        if status == "running" and (
+        if status == TurnStatus.RUNNING and (
             (lease_expires_at is not None and lease_expires_at > now)
             or (live_after is not None and started_at is not None and started_at > live_after)
         ):
@@ -449,14 +460,14 @@ def expire_stale_holds(
         _append(
             session,
             wallet,
-            kind="expiry",
+            kind=LedgerKind.EXPIRY,
             key=_turn_key(turn_id, "expiry"),
             held_delta=-hold.amount,
             turn_id=turn_id,
             hold_id=hold.id,
             reason="hold expired",
         )
-        hold.status = "expired"
+        hold.status = HoldStatus.EXPIRED
         hold.resolved_at = utcnow()
         session.commit()
         expired += 1
@@ -496,7 +507,7 @@ def record_summary_usage(
     charged = min(cost, max(wallet.available, ZERO)) if enforce else cost
     if charged < cost:
         metrics.hold_overrun(cost - charged)
-    _append(session, wallet, kind="debit", key=key, amount=-charged, reason="conversation summary")
+    _append(session, wallet, kind=LedgerKind.DEBIT, key=key, amount=-charged, reason="conversation summary")
     record_usage(
         session,
         user_id=user_id,
@@ -610,7 +621,7 @@ def grant_credit(
     reason = (reason.strip() or None) if reason else None
     return _admin_entry(
         session,
-        kind="grant",
+        kind=LedgerKind.GRANT,
         actor_id=actor_id,
         user_id=user_id,
         value=value,
@@ -649,7 +660,7 @@ def adjust_credit(
         raise InvalidInput("An adjustment needs a reason.", error="reason_required", field="reason")
     return _admin_entry(
         session,
-        kind="adjustment",
+        kind=LedgerKind.ADJUSTMENT,
         actor_id=actor_id,
         user_id=user_id,
         value=-value if negative else value,

@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session, undefer
 
 from shared.db import is_uuid, utcnow
 from shared.errors import FileTooLarge, InvalidInput, NotFound, UnsupportedMediaType
-from shared.models import UploadedFile
+from shared.models import FileStatus, UploadedFile
 from shared.pagination import Listing
 from shared.services.rooms import owned_room
 from shared.task_names import TaskName
@@ -210,7 +210,7 @@ def upload(
         size_bytes=len(data),
         sha256=hashlib.sha256(data).hexdigest(),
         data=data,
-        status="pending",
+        status=FileStatus.PENDING,
     )
     session.add(stored)
     session.commit()
@@ -402,7 +402,7 @@ def ingest(
         if is_uuid(file_id)
         else None
     )
-    if stored is None or stored.status != "pending":
+    if stored is None or stored.status != FileStatus.PENDING:
         session.rollback()
         return None if stored is None else stored.status
     content_type, data = stored.content_type, stored.data
@@ -410,15 +410,15 @@ def ingest(
 
     try:
         text = extract_text(content_type, data, max_chars=max_chars, time_limit_seconds=time_limit_seconds)
-        values = {"status": "ready", "text": text, "error": None, "ready_at": utcnow()}
+        values = {"status": FileStatus.READY, "text": text, "error": None, "ready_at": utcnow()}
     except (ExtractionError, SoftTimeLimitExceeded) as exc:
         failure = exc if isinstance(exc, ExtractionError) else timed_out()
         log.info("file %s failed extraction: %s", file_id, failure)
-        values = {"status": "failed", "text": None, "error": str(failure)[:MAX_ERROR_CHARS]}
+        values = {"status": FileStatus.FAILED, "text": None, "error": str(failure)[:MAX_ERROR_CHARS]}
 
     result = session.execute(
         update(UploadedFile)
-        .where(UploadedFile.id == file_id, UploadedFile.status == "pending")
+        .where(UploadedFile.id == file_id, UploadedFile.status == FileStatus.PENDING)
         .values(**values)
         .execution_options(synchronize_session=False)
     )
@@ -435,9 +435,11 @@ def recover_pending_files(session: Session, celery_app) -> dict[str, int]:
     now = utcnow()
     gave_up = session.execute(
         update(UploadedFile)
-        .where(UploadedFile.status == "pending", UploadedFile.created_at < now - INGEST_GIVE_UP_AFTER)
+        .where(
+            UploadedFile.status == FileStatus.PENDING, UploadedFile.created_at < now - INGEST_GIVE_UP_AFTER
+        )
         .values(
-            status="failed",
+            status=FileStatus.FAILED,
             error=f"{ExtractionFailure.ABANDONED}: text extraction did not complete in time",
         )
         .execution_options(synchronize_session=False)
@@ -446,7 +448,9 @@ def recover_pending_files(session: Session, celery_app) -> dict[str, int]:
     stale = list(
         session.scalars(
             select(UploadedFile.id)
-            .where(UploadedFile.status == "pending", UploadedFile.created_at < now - INGEST_RESEND_AFTER)
+            .where(
+                UploadedFile.status == FileStatus.PENDING, UploadedFile.created_at < now - INGEST_RESEND_AFTER
+            )
             .order_by(UploadedFile.created_at)
             .limit(500)
         )

@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session
 
 from shared import metrics
 from shared.db import utcnow
-from shared.models import ChatSession, Turn
+from shared.models import ChatSession, Turn, TurnKind, TurnStatus
 from shared.providers import ProviderError
 
 log = logging.getLogger(__name__)
@@ -63,7 +63,7 @@ def window(session: Session, chat: ChatSession, before_seq: int) -> tuple[list[T
     One bounded read; a second, only of the uncovered turns, when a batch may be
     complete. Never the session's whole history.
     """
-    completed = (Turn.session_id == chat.id, Turn.kind == "chat", Turn.status == "completed")
+    completed = (Turn.session_id == chat.id, Turn.kind == TurnKind.CHAT, Turn.status == TurnStatus.COMPLETED)
     latest = list(
         reversed(
             session.scalars(

@@ -30,7 +30,7 @@ from shared import metrics
 from shared.db import is_database_unavailable, new_id, utcnow
 from shared.errors import Conflict, InsufficientBalance
 from shared.logging import turn_id_var
-from shared.models import ChatSession, Hold, ToolCallEvent, Turn, TurnStatus
+from shared.models import ChatSession, Hold, ToolCallEvent, ToolCallStatus, Turn, TurnKind, TurnStatus
 from shared.providers import (
     ProviderError,
     ProviderTransientError,
@@ -142,7 +142,7 @@ def _end_locked(
             output_tokens=output_tokens,
             at=now,
             enforced=turn.enforced,
-            completed=status == "completed",
+            completed=status == TurnStatus.COMPLETED,
             api_key_id=turn.api_key_id,
         )
         cost, balance_after = settled.charged, settled.balance_after
@@ -166,7 +166,13 @@ def _fail_locked(
     used_in = max(turn.input_tokens, execution.input_tokens if execution else 0)
     used_out = max(turn.output_tokens, execution.output_tokens if execution else 0)
     _end_locked(
-        runtime, session, turn, status="failed", input_tokens=used_in, output_tokens=used_out, now=utcnow()
+        runtime,
+        session,
+        turn,
+        status=TurnStatus.FAILED,
+        input_tokens=used_in,
+        output_tokens=used_out,
+        now=utcnow(),
     )
     if execution is not None and execution.usage_estimated:
         turn.usage_estimated = True
@@ -313,7 +319,9 @@ def _record_tool_call(
 def _call_tool(session, tools, turn: Turn, name: str, arguments: dict, parse_error: str | None, stream=None):
     started = time.monotonic()
     if parse_error:
-        result = ToolResult(status="error", content=f"invalid arguments: {parse_error}", data=None)
+        result = ToolResult(
+            status=ToolCallStatus.ERROR, content=f"invalid arguments: {parse_error}", data=None
+        )
     else:
         ctx = ToolContext(
             session=session,
@@ -525,7 +533,13 @@ def _cancel_locked(runtime: Runtime, session: Session, turn: Turn, result: Execu
     used_in = max(turn.input_tokens, result.input_tokens if result else 0)
     used_out = max(turn.output_tokens, result.output_tokens if result else 0)
     _end_locked(
-        runtime, session, turn, status="cancelled", input_tokens=used_in, output_tokens=used_out, now=utcnow()
+        runtime,
+        session,
+        turn,
+        status=TurnStatus.CANCELLED,
+        input_tokens=used_in,
+        output_tokens=used_out,
+        now=utcnow(),
     )
     if result is not None:
         turn.reply = result.reply or None
@@ -574,7 +588,7 @@ def cancel(runtime: Runtime, session: Session, user_id: str, turn_id: str) -> Tu
         _cancel_locked(runtime, session, turn, None)
         session.commit()
         _ended(runtime, turn)
-        metrics.turn_cancelled("queued")
+        metrics.turn_cancelled(TurnStatus.QUEUED)
         return turn
     first_request = turn.cancel_requested_at is None
     if first_request:
@@ -582,7 +596,7 @@ def cancel(runtime: Runtime, session: Session, user_id: str, turn_id: str) -> Tu
     session.commit()
     turn_events.request_cancel(runtime, turn.id)
     if first_request:
-        metrics.turn_cancelled("running")
+        metrics.turn_cancelled(TurnStatus.RUNNING)
     return wait_until_finished(runtime, session, turn, runtime.settings.turn_cancel_wait_seconds)
 
 
@@ -597,7 +611,7 @@ def complete(runtime: Runtime, turn_id: str, result: Execution) -> bool:
             runtime,
             session,
             turn,
-            status="completed",
+            status=TurnStatus.COMPLETED,
             input_tokens=result.input_tokens,
             output_tokens=result.output_tokens,
             now=utcnow(),
@@ -668,7 +682,7 @@ def _run_claimed(
         result.add(exc.input_tokens, exc.output_tokens, estimated=exc.usage_estimated)
         if final_attempt:
             fail(runtime, turn_id, exc.code, execution=result)
-            return "failed"
+            return TurnStatus.FAILED
         _requeue(runtime, turn_id, result)
         raise RetryLater(
             exc.code, retry_countdown(runtime.settings.turn_retry_base_seconds, turn.attempts)
@@ -677,28 +691,28 @@ def _run_claimed(
         log.warning("model call failed: %s (%s)", exc.code, exc.message)
         result.add(exc.input_tokens, exc.output_tokens, estimated=exc.usage_estimated)
         fail(runtime, turn_id, exc.code, execution=result)
-        return "failed"
+        return TurnStatus.FAILED
     except BudgetExhausted as exc:
         fail(runtime, turn_id, exc.code, execution=result)
-        return "failed"
+        return TurnStatus.FAILED
     except Exception as exc:
         if isinstance(exc, reraise) or is_database_unavailable(exc):
             raise
         _fail_unexpected(runtime, turn_id, exc, result)
-        return "failed"
+        return TurnStatus.FAILED
     try:
         if result.cancelled:
-            return "cancelled" if finish_cancelled(runtime, turn_id, result) else "skipped"
+            return TurnStatus.CANCELLED if finish_cancelled(runtime, turn_id, result) else "skipped"
         if not complete(runtime, turn_id, result):
             return "skipped"
     except Exception as exc:
         if isinstance(exc, reraise) or is_database_unavailable(exc):
             raise
         _fail_unexpected(runtime, turn_id, exc, result)
-        return "failed"
+        return TurnStatus.FAILED
     if after_complete is not None and result.summary_due_after:
         after_complete(turn)
-    return "completed"
+    return TurnStatus.COMPLETED
 
 
 def _publisher(runtime: Runtime, turn: Turn) -> turn_events.TurnPublisher:
@@ -732,7 +746,7 @@ def _fail_unexpected(runtime: Runtime, turn_id: str, exc: Exception, result: Exe
 def _requeue(runtime: Runtime, turn_id: str, result: Execution) -> None:
     with runtime.db.session() as session:
         turn = _lock(session, turn_id)
-        if turn is not None and turn.status == "running":
+        if turn is not None and turn.status == TurnStatus.RUNNING:
             turn.status = TurnStatus.QUEUED
             turn.lease_owner = turn.lease_expires_at = None
             turn.input_tokens, turn.output_tokens = result.input_tokens, result.output_tokens
@@ -755,7 +769,7 @@ def refresh_summary(runtime: Runtime, chat_session_id: str, *, provider) -> bool
             return False
         latest = session.scalar(
             select(Turn)
-            .where(Turn.session_id == chat.id, Turn.kind == "chat")
+            .where(Turn.session_id == chat.id, Turn.kind == TurnKind.CHAT)
             .order_by(Turn.seq.desc())
             .limit(1)
         )
@@ -814,7 +828,8 @@ def recover_stuck_turns(runtime: Runtime, celery_app, *, queued_grace_seconds: f
     with runtime.db.session() as session:
         queued = session.scalars(
             select(Turn.id).where(
-                Turn.status == "queued", Turn.updated_at < now - timedelta(seconds=queued_grace_seconds)
+                Turn.status == TurnStatus.QUEUED,
+                Turn.updated_at < now - timedelta(seconds=queued_grace_seconds),
             )
         ).all()
         stale = session.scalars(select(Turn.id).where(Turn.status == TurnStatus.RUNNING, _lapsed(now))).all()
@@ -825,7 +840,9 @@ def recover_stuck_turns(runtime: Runtime, celery_app, *, queued_grace_seconds: f
         # Restart the grace period so a turn waiting in a long queue is not re-sent every run.
         with runtime.db.session() as session:
             session.execute(
-                update(Turn).where(Turn.id.in_(queued), Turn.status == "queued").values(updated_at=now)
+                update(Turn)
+                .where(Turn.id.in_(queued), Turn.status == TurnStatus.QUEUED)
+                .values(updated_at=now)
             )
             session.commit()
     for turn_id in stale:

@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session
 from shared import metrics
 from shared.db import is_uuid
 from shared.errors import IdempotencyConflict, InsufficientBalance, InvalidInput, NotFound, SpendLimitReached
-from shared.models import ChatSession, Hold, ToolCallEvent, Turn, User
+from shared.models import ChatSession, Hold, ToolCallEvent, Turn, TurnKind, TurnStatus, User
 from shared.pagination import Listing
 from shared.runtime import Runtime
 from shared.services import billing, enforcement, limits, pricing, turn_budget, turn_context
@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_OUTPUT_TOKENS = 512
 MAX_IDEMPOTENCY_KEY_LENGTH = 255
-FINISHED = ("completed", "failed", "cancelled")
+FINISHED = (TurnStatus.COMPLETED, TurnStatus.FAILED, TurnStatus.CANCELLED)
 
 
 @dataclass(frozen=True)
@@ -166,7 +166,7 @@ def submit(
             room_id=chat.room_id,
             user_id=user.id,
             seq=seq,
-            status="queued",
+            status=TurnStatus.QUEUED,
             content=content,
             model=model,
             max_output_tokens=max_output_tokens,
@@ -275,7 +275,7 @@ def owned_turn(session: Session, user_id: str, turn_id: str) -> Turn:
 def list_turns(session: Session, user_id: str, chat_session_id: str) -> Listing:
     chat = owned_session(session, user_id, chat_session_id)
     return _PresentedListing(
-        session, select(Turn).where(Turn.session_id == chat.id, Turn.kind == "chat").order_by(Turn.seq)
+        session, select(Turn).where(Turn.session_id == chat.id, Turn.kind == TurnKind.CHAT).order_by(Turn.seq)
     )
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from sqlalchemy import func, select
 
 from shared.db import is_uuid
-from shared.models import FileStatus, UploadedFile
+from shared.models import FileStatus, ToolCallStatus, UploadedFile
 from shared.tools.base import Tool, ToolContext, ToolError, ToolResult
 
 DEFAULT_MAX_CHARS = 2000
@@ -80,7 +80,7 @@ def file_read(
         f'file "{stored.filename}" (file_id={stored.id}), characters {offset}-{end} of {total} ({position}):'
     )
     return ToolResult(
-        "ok",
+        ToolCallStatus.OK,
         f"{header}\n{chunk}",
         {
             "file_id": stored.id,

@@ -6,6 +6,7 @@ from celery import shared_task
 from celery.exceptions import SoftTimeLimitExceeded
 
 from shared.db import is_database_unavailable
+from shared.models import TurnStatus
 from shared.providers import build_provider
 from shared.services import turn_runner
 from shared.task_names import TaskName
@@ -64,7 +65,7 @@ def run_turn(self, turn_id: str, takeover: bool = False) -> str:
         # Slow model rounds added up past the soft limit. Another run would likely do the
         # same, and a turn left "running" would wait for its lease to lapse and a takeover: end it.
         turn_runner.fail(runtime, turn_id, "turn_timeout")
-        return "failed"
+        return TurnStatus.FAILED
     except Exception as exc:
         if not is_database_unavailable(exc):
             raise
