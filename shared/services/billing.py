@@ -37,6 +37,7 @@ from shared import metrics
 from shared.db import MONEY_QUANT, new_id, utcnow
 from shared.errors import Conflict, IdempotencyConflict, InsufficientBalance, InvalidInput, NotFound
 from shared.models import (
+    SYSTEM_ACTOR,
     ApiKeySpend,
     Hold,
     HoldStatus,
@@ -53,7 +54,6 @@ from shared.services import audit, pricing
 
 log = logging.getLogger(__name__)
 
-SYSTEM = "system"
 MAX_CLIENT_KEY_LENGTH = 200  # leaves room for the "grant:" namespace in the 255-char column
 ZERO = Decimal("0")
 
@@ -113,7 +113,7 @@ def _append(
     key: str,
     amount: Decimal = ZERO,
     held_delta: Decimal = ZERO,
-    initiated_by: str = SYSTEM,
+    initiated_by: str = SYSTEM_ACTOR,
     turn_id: str | None = None,
     hold_id: str | None = None,
     reason: str | None = None,

@@ -18,13 +18,12 @@ from sqlalchemy.orm import Session
 
 from shared.db import MONEY_QUANT, utcnow
 from shared.errors import InvalidInput
-from shared.models import ModelPrice
+from shared.models import SYSTEM_ACTOR, ModelPrice
 from shared.services import audit
 
 log = logging.getLogger(__name__)
 
 OFFLINE_MODELS = {"offline-small": (Decimal("0.001000"), Decimal("0.002000"))}
-SYSTEM_ACTOR = "system"
 # Seeded defaults take effect "since always", so a turn started at any time finds them.
 SEED_EFFECTIVE_FROM = datetime(2000, 1, 1, tzinfo=UTC)
 MAX_MODEL_NAME = 200
