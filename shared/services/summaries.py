@@ -138,7 +138,7 @@ def fallback(prior: str | None, turns: list[Turn], reason: str) -> SummaryResult
     return SummaryResult(text=extractive_summary(prior, turns), through_seq=turns[-1].seq, used_fallback=True)
 
 
-def summarize(
+def fold_turns(
     provider, model: str, prior: str | None, turns: list[Turn], *, allow_fallback: bool
 ) -> SummaryResult:
     """Fold ``turns`` into ``prior`` with a model call.

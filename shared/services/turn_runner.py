@@ -430,7 +430,7 @@ def execute(
                 turn_context.messages(context, turn.content, summary=context.summary), None, 1
             )
             if budget.allows_summary(summaries.request_messages(context.summary, context.missing), answer):
-                summary = summaries.summarize(
+                summary = summaries.fold_turns(
                     provider, turn.model, context.summary, context.missing, allow_fallback=True
                 )
             else:
@@ -791,7 +791,7 @@ def refresh_summary(runtime: Runtime, chat_session_id: str, *, provider) -> bool
                 return False
         session.commit()
         try:
-            summary = summaries.summarize(provider, model, chat.summary, missing, allow_fallback=False)
+            summary = summaries.fold_turns(provider, model, chat.summary, missing, allow_fallback=False)
         except ProviderError as exc:
             log.info("refresh_summary skipped: %s", exc.code)
             return False
