@@ -20,7 +20,7 @@ import pytest
 import redis as redis_lib
 from sqlalchemy import text
 
-from shared.cli import migrate
+from shared.migrations import migrate
 from shared.settings import Settings, normalize_database_url
 from shared.task_names import TaskName
 from tests.factories import Actor, make_actor
