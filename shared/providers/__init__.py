@@ -12,8 +12,8 @@ from shared.providers.base import (
     ProviderPermanentError,
     ProviderTransientError,
     ToolCall,
-    build_provider,
 )
+from shared.providers.factory import build_provider
 from shared.providers.offline import (
     ROOM_FILES_PREFIX,
     SUMMARY_INSTRUCTION_PREFIX,
