@@ -29,7 +29,6 @@ from shared.runtime import Runtime
 from shared.services import billing, enforcement, limits, pricing, turn_budget, turn_context
 from shared.services.rooms import owned_session
 from shared.task_names import TaskName
-from shared.tools.registry import build_registry
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +74,7 @@ def turn_worst_case(runtime: Runtime, session: Session, turn: Turn, price=None) 
         turn_context.load(session, chat, turn.seq),
         turn.content,
         turn.max_output_tokens,
-        runtime.component("tools", build_registry).schemas(),
+        runtime.tools.schemas(),
     )
 
 

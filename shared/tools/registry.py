@@ -1,7 +1,7 @@
 """The tool registry: what the model may call, argument validation, timeouts.
 
 One ``ToolRegistry`` is built per process (``build_registry``, held by the
-runtime as a component). ``call`` never raises: an unknown tool, arguments that
+runtime as ``Runtime.tools``). ``call`` never raises: an unknown tool, arguments that
 do not match the tool's JSON schema, a tool that fails or one that runs past
 its timeout all come back as a ``ToolResult`` the model can read.
 """

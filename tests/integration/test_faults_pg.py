@@ -424,7 +424,7 @@ def test_a_turn_outliving_the_soft_time_limit_fails_unbilled_instead_of_waiting_
     turn_id = submit(client, pg_user, new_chat(client, pg_user), "a question with too many slow rounds")
     celery_app = create_celery_app(fault_settings)
     celery_app.loader.import_default_modules()
-    celery_app.tollgate.component("provider", lambda _settings: _OverTimeProvider())
+    celery_app.tollgate.provider = _OverTimeProvider()
 
     # The task as the worker runs it, in this process, with the provider above.
     assert celery_app.tasks[TaskName.RUN_TURN].apply(args=[turn_id]).get() == "failed"

@@ -7,22 +7,12 @@ from celery.exceptions import SoftTimeLimitExceeded
 
 from shared.db import is_database_unavailable
 from shared.models import TurnStatus
-from shared.providers import build_provider
 from shared.services import turn_runner
 from shared.task_names import TaskName
-from shared.tools.registry import build_registry
 
 # Retries for a database outage (1, 2, 4 … 30 s apart: about 3 minutes in all); a longer
 # outage leaves the turn to the recover_stuck_turns beat job.
 DATABASE_RETRIES = 10
-
-
-def _provider(runtime):
-    return runtime.component("provider", build_provider)
-
-
-def _tools(runtime):
-    return runtime.component("tools", build_registry)
 
 
 def _soft_time_limit(seconds: float | None):
@@ -49,8 +39,8 @@ def run_turn(self, turn_id: str, takeover: bool = False) -> str:
             return turn_runner.run_turn(
                 runtime,
                 turn_id,
-                provider=_provider(runtime),
-                tools=_tools(runtime),
+                provider=runtime.provider,
+                tools=runtime.tools,
                 takeover=takeover or redelivered,
                 final_attempt=self.request.retries >= self.max_retries,
                 after_complete=lambda turn: self.app.send_task(
@@ -83,7 +73,7 @@ def run_turn(self, turn_id: str, takeover: bool = False) -> str:
 
 @shared_task(name=TaskName.REFRESH_SUMMARY, bind=True, max_retries=0)
 def refresh_summary(self, session_id: str) -> bool:
-    return turn_runner.refresh_summary(self.app.tollgate, session_id, provider=_provider(self.app.tollgate))
+    return turn_runner.refresh_summary(self.app.tollgate, session_id, provider=self.app.tollgate.provider)
 
 
 @shared_task(name=TaskName.RECOVER_STUCK_TURNS, bind=True, acks_late=False)
