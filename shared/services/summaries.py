@@ -26,6 +26,7 @@ from sqlalchemy.orm import Session
 from shared import metrics
 from shared.db import utcnow
 from shared.models import ChatSession, Turn, TurnKind, TurnStatus
+from shared.prompts import SUMMARY_PROMPT
 from shared.providers import ProviderError
 
 log = logging.getLogger(__name__)
@@ -36,10 +37,6 @@ SUMMARY_BATCH_TURNS = 4
 SUMMARY_MAX_OUTPUT_TOKENS = 256
 SUMMARY_TIMEOUT_SECONDS = 20.0
 SUMMARY_MAX_CHARS = 2000
-SUMMARY_PROMPT = (
-    "Summarize the conversation so far for a model that will continue it. Keep names, numbers, "
-    "decisions and open questions; at most 150 words."
-)
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from shared.models import ChatSession, FileStatus, Turn, UploadedFile
-from shared.providers import room_files_line
+from shared.prompts import room_files_line
 from shared.services import summaries
 
 SYSTEM_PROMPT = (

@@ -31,11 +31,8 @@ from shared.db import is_database_unavailable, new_id, utcnow
 from shared.errors import Conflict, InsufficientBalance
 from shared.logging import turn_id_var
 from shared.models import ChatSession, Hold, ToolCallEvent, ToolCallStatus, Turn, TurnKind, TurnStatus
-from shared.providers import (
-    ProviderError,
-    ProviderTransientError,
-    extract_search_query,
-)
+from shared.prompts import extract_search_query
+from shared.providers import ProviderError, ProviderTransientError
 from shared.runtime import Runtime
 from shared.services import billing, enforcement, pricing, summaries, turn_context, turn_events
 from shared.services.text import clean_json, clean_text
