@@ -96,6 +96,12 @@ def _fresh_hold(session: Session, turn_id: str, *, lock: bool = False) -> Hold |
     return session.scalar(statement)
 
 
+def reserved_for(session: Session, turn_id: str) -> Decimal | None:
+    """What the turn's hold reserved, whatever became of it since; ``None``: it has none."""
+    hold = session.scalar(select(Hold).where(Hold.turn_id == turn_id))
+    return hold.amount if hold is not None else None
+
+
 def _entry_by_key(session: Session, *keys: str) -> LedgerEntry | None:
     return session.scalar(
         select(LedgerEntry)

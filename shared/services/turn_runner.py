@@ -30,7 +30,7 @@ from shared import metrics
 from shared.db import is_database_unavailable, new_id, utcnow
 from shared.errors import Conflict, InsufficientBalance
 from shared.logging import turn_id_var
-from shared.models import ChatSession, Hold, ToolCallEvent, ToolCallStatus, Turn, TurnKind, TurnStatus
+from shared.models import ChatSession, ToolCallEvent, ToolCallStatus, Turn, TurnKind, TurnStatus
 from shared.prompts import extract_search_query
 from shared.providers import ProviderError, ProviderTransientError
 from shared.runtime import Runtime
@@ -370,10 +370,7 @@ def budget_for(runtime: Runtime, session: Session, turn: Turn) -> TurnBudget:
     """The budget of this attempt: the turn's active hold (none: unbounded), at the turn's
     price, less what earlier attempts used."""
     price = pricing.price_in_force(session, turn.model, at=turn.created_at)
-    reserved = None
-    if turn.enforced:
-        hold = session.scalar(select(Hold).where(Hold.turn_id == turn.id))
-        reserved = hold.amount if hold is not None else None
+    reserved = billing.reserved_for(session, turn.id) if turn.enforced else None
     return TurnBudget(
         price,
         HoldPolicy.from_settings(runtime.settings),
