@@ -18,12 +18,12 @@ from decimal import Decimal
 
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, selectinload
 
 from shared import metrics
 from shared.db import is_uuid
 from shared.errors import IdempotencyConflict, InsufficientBalance, InvalidInput, NotFound, SpendLimitReached
-from shared.models import ChatSession, Hold, ToolCallEvent, Turn, TurnKind, TurnStatus, User
+from shared.models import ChatSession, Hold, Turn, TurnKind, TurnStatus, User
 from shared.pagination import Listing
 from shared.runtime import Runtime
 from shared.services import billing, enforcement, limits, pricing, turn_budget, turn_context
@@ -273,63 +273,10 @@ def owned_turn(session: Session, user_id: str, turn_id: str) -> Turn:
 
 def list_turns(session: Session, user_id: str, chat_session_id: str) -> Listing:
     chat = owned_session(session, user_id, chat_session_id)
-    return _PresentedListing(
-        session, select(Turn).where(Turn.session_id == chat.id, Turn.kind == TurnKind.CHAT).order_by(Turn.seq)
+    return Listing(
+        session,
+        select(Turn)
+        .where(Turn.session_id == chat.id, Turn.kind == TurnKind.CHAT)
+        .order_by(Turn.seq)
+        .options(selectinload(Turn.tool_calls)),
     )
-
-
-def present(session: Session, turn: Turn) -> dict:
-    """TurnRead as a dict, with its tool calls."""
-    events = session.scalars(
-        select(ToolCallEvent).where(ToolCallEvent.turn_id == turn.id).order_by(ToolCallEvent.created_at)
-    ).all()
-    return _as_read(turn, events)
-
-
-def _as_read(turn: Turn, events) -> dict:
-    return {
-        "id": turn.id,
-        "session_id": turn.session_id,
-        "room_id": turn.room_id,
-        "seq": turn.seq,
-        "status": turn.status,
-        "content": turn.content,
-        "reply": turn.reply,
-        "model": turn.model,
-        "usage": {"input_tokens": turn.input_tokens, "output_tokens": turn.output_tokens},
-        "cost": turn.cost,
-        "balance_after": turn.balance_after,
-        "low_balance": turn.low_balance,
-        "summary_used_fallback": turn.summary_used_fallback,
-        "tool_calls": [
-            {
-                "id": event.id,
-                "tool": event.tool,
-                "arguments": event.arguments,
-                "status": event.status,
-                "duration_ms": event.duration_ms,
-                "result_excerpt": event.result_excerpt,
-            }
-            for event in events
-        ],
-        "error": {"code": turn.error_code, "message": turn.error_message or ""} if turn.error_code else None,
-        "usage_estimated": turn.usage_estimated,
-        "created_at": turn.created_at,
-        "completed_at": turn.completed_at,
-    }
-
-
-class _PresentedListing(Listing):
-    def __getitem__(self, window: slice) -> list:
-        page = super().__getitem__(window)
-        if not page:
-            return []
-        events = self.session.scalars(
-            select(ToolCallEvent)
-            .where(ToolCallEvent.turn_id.in_([t.id for t in page]))
-            .order_by(ToolCallEvent.created_at)
-        ).all()
-        by_turn: dict[str, list] = {}
-        for event in events:
-            by_turn.setdefault(event.turn_id, []).append(event)
-        return [_as_read(turn, by_turn.get(turn.id, [])) for turn in page]

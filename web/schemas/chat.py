@@ -58,7 +58,7 @@ class TurnErrorSchema(BaseSchema):
 
 
 class TurnSchema(BaseSchema):
-    """TurnRead."""
+    """TurnRead, dumped from a ``Turn`` (its ``tool_calls`` loaded on access)."""
 
     id = fields.String(required=True)
     session_id = fields.String(required=True)
@@ -83,3 +83,11 @@ class TurnSchema(BaseSchema):
     )
     created_at = fields.DateTime(required=True)
     completed_at = fields.DateTime(allow_none=True)
+
+    def get_attribute(self, obj, attr, default):
+        # `usage` and `error` group columns of the turn; every other field is one attribute.
+        if attr == "usage":
+            return {"input_tokens": obj.input_tokens, "output_tokens": obj.output_tokens}
+        if attr == "error":
+            return {"code": obj.error_code, "message": obj.error_message or ""} if obj.error_code else None
+        return super().get_attribute(obj, attr, default)
