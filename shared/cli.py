@@ -23,7 +23,7 @@ def cmd_create_admin(args, settings: Settings) -> int:
     runtime = _runtime(settings)
     with runtime.db.session() as session:
         try:
-            user, issued = auth.create_user(session, args.email, Role.ADMIN)
+            user, issued = auth.create_user(session, auth.normalize_email(args.email), Role.ADMIN)
         except DomainError as exc:
             print(f"error: {exc.message}", file=sys.stderr)
             return 1
