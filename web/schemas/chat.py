@@ -1,5 +1,6 @@
 from marshmallow import fields, validate
 
+from shared.services.pricing import MAX_MODEL_NAME
 from web.schemas.common import BaseSchema, Money, StrictInteger
 
 
@@ -28,7 +29,9 @@ class SessionSchema(BaseSchema):
 
 class TurnCreateSchema(BaseSchema):
     content = fields.String(required=True, metadata={"description": "The user's message; not blank"})
-    model = fields.String(load_default=None, allow_none=True, validate=validate.Length(min=1, max=200))
+    model = fields.String(
+        load_default=None, allow_none=True, validate=validate.Length(min=1, max=MAX_MODEL_NAME)
+    )
     max_output_tokens = StrictInteger(
         load_default=None, allow_none=True, validate=validate.Range(min=1, max=8192)
     )
