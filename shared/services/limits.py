@@ -54,7 +54,7 @@ from shared.services import audit, pricing, usage, wallets, webhooks
 
 log = logging.getLogger(__name__)
 
-MAX_SPEND_AMOUNT = Decimal(10**12)
+MAX_SPEND_AMOUNT = pricing.MAX_AMOUNT
 MAX_REQUESTS_PER_MINUTE = 1_000_000
 MAX_CONCURRENT_TURNS = 100_000
 RATE_WINDOW = timedelta(seconds=60)

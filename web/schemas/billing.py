@@ -5,6 +5,7 @@ import re
 from marshmallow import fields, validate
 
 from shared.errors import InvalidInput
+from shared.services import pricing
 from shared.services.pricing import MAX_MODEL_NAME
 from web.schemas.common import BaseSchema, Money, MoneyInput, NonBlankString
 
@@ -27,8 +28,9 @@ MODEL_PATH_PARAMETER = {
     "description": f"Model name, at most {MAX_MODEL_NAME} characters; anything else is 422 `invalid_model`.",
     "schema": {"type": "string", "maxLength": MAX_MODEL_NAME, "pattern": MODEL_NAME_PATTERN},
 }
-MAX_AMOUNT = 10**12
-MAX_PRICE_PER_1K = 10**6
+# The service's limits, as the integers MoneyInput documents them with.
+MAX_AMOUNT = int(pricing.MAX_AMOUNT)
+MAX_PRICE_PER_1K = int(pricing.MAX_PRICE_PER_1K)
 
 
 class LedgerEntrySchema(BaseSchema):
