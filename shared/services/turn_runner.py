@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -399,8 +400,6 @@ def execute(
     result.usage_estimated = turn.usage_estimated
     if turn.request_messages is not None:
         return _execute_messages(runtime, turn, provider, result, stream)
-    on_delta = stream.delta if stream is not None else None
-    should_stop = stream.should_stop if stream is not None else None
 
     def cancelled_now() -> bool:
         if stream is not None and stream.should_stop(now=True):
@@ -415,27 +414,10 @@ def execute(
         result.summary_due_after = summaries.due_after(context.recent)
         budget = budget_for(runtime, session, turn)
         session.commit()
-        tool_schemas = tools.schemas() if provider.supports_tools else None
-        max_output = turn.max_output_tokens
 
         summary_text = context.summary
         if context.summary_due and not cancelled_now():
-            answer = budget.call_cost(
-                turn_context.messages(context, turn.content, summary=context.summary), None, 1
-            )
-            if budget.allows_summary(summaries.request_messages(context.summary, context.missing), answer):
-                summary = summaries.fold_turns(
-                    provider, turn.model, context.summary, context.missing, allow_fallback=True
-                )
-            else:
-                summary = summaries.fallback(context.summary, context.missing, "budget")
-            summary_text = summary.text
-            result.summary_used_fallback = summary.used_fallback
-            result.add(summary.input_tokens, summary.output_tokens)
-            budget.record(summary.input_tokens, summary.output_tokens)
-            if summary.input_tokens or summary.output_tokens:
-                _save_usage(session, turn, result)
-            summaries.store(session, chat.id, summary)
+            summary_text = _refresh_summary(session, provider, turn, chat.id, context, budget, result)
 
         search_results = None
         if not provider.supports_tools:
@@ -447,46 +429,89 @@ def execute(
             context, turn.content, summary=summary_text, search_results=search_results
         )
         history = turn_context.history_bounds(messages, context)
-
-        for round_number in range(MAX_TOOL_ROUNDS + 1):
-            if cancelled_now():
-                break
-            offer_tools = tool_schemas if round_number < MAX_TOOL_ROUNDS else None
-            if offer_tools and not budget.allows_tool_round(messages, offer_tools, max_output):
-                offer_tools = None  # the hold pays for an answer, not another tool round
-            send, call_max_output = budget.fit(messages, offer_tools, max_output, history)
-            completion = provider.complete(
-                send,
-                model=turn.model,
-                max_output_tokens=call_max_output,
-                tools=offer_tools,
-                on_delta=on_delta,
-                should_stop=should_stop,
-            )
-            if stream is not None:
-                stream.flush()
-            result.add(
-                completion.input_tokens, completion.output_tokens, estimated=completion.usage_estimated
-            )
-            budget.record(
-                completion.input_tokens,
-                completion.output_tokens,
-                estimated_input=budget.estimate_input(send, offer_tools),
-            )
-            if completion.cancelled:
-                result.cancelled = True
-                result.reply = clean_text(completion.content or "")
-                break
-            if not completion.tool_calls or offer_tools is None:
-                result.reply = clean_text(completion.content or "")
-                break
-            _save_usage(session, turn, result)
-            messages.append(completion.assistant_message())
-            for call in completion.tool_calls:
-                found = _call_tool(session, tools, turn, call.name, call.arguments, call.parse_error, stream)
-                messages.append({"role": "tool", "tool_call_id": call.id, "content": found.content})
+        _run_model_with_tools(
+            session, provider, tools, turn, messages, history, budget, result, stream, cancelled_now
+        )
     result.messages = messages
     return result
+
+
+def _refresh_summary(
+    session: Session, provider, turn: Turn, chat_id: str, context, budget: TurnBudget, result: Execution
+) -> str:
+    """Fold the turns that left the window into the session's summary (a model call when
+    what is left of the hold allows it, else the extractive fallback); count and save its
+    tokens and store it. Returns the new summary's text."""
+    answer = budget.call_cost(turn_context.messages(context, turn.content, summary=context.summary), None, 1)
+    if budget.allows_summary(summaries.request_messages(context.summary, context.missing), answer):
+        summary = summaries.fold_turns(
+            provider, turn.model, context.summary, context.missing, allow_fallback=True
+        )
+    else:
+        summary = summaries.fallback(context.summary, context.missing, "budget")
+    result.summary_used_fallback = summary.used_fallback
+    result.add(summary.input_tokens, summary.output_tokens)
+    budget.record(summary.input_tokens, summary.output_tokens)
+    if summary.input_tokens or summary.output_tokens:
+        _save_usage(session, turn, result)
+    summaries.store(session, chat_id, summary)
+    return summary.text
+
+
+def _run_model_with_tools(
+    session: Session,
+    provider,
+    tools,
+    turn: Turn,
+    messages: list[dict],
+    history,
+    budget: TurnBudget,
+    result: Execution,
+    stream,
+    cancelled_now: Callable[[], bool],
+) -> None:
+    """Call the model, run the tools it asks for and call it again with their results, for
+    at most ``MAX_TOOL_ROUNDS`` rounds (the last one offers no tools), each call fitted to
+    what is left of the hold. Appends to ``messages``; the answer goes to ``result.reply``."""
+    tool_schemas = tools.schemas() if provider.supports_tools else None
+    max_output = turn.max_output_tokens
+    on_delta = stream.delta if stream is not None else None
+    should_stop = stream.should_stop if stream is not None else None
+    for round_number in range(MAX_TOOL_ROUNDS + 1):
+        if cancelled_now():
+            break
+        offer_tools = tool_schemas if round_number < MAX_TOOL_ROUNDS else None
+        if offer_tools and not budget.allows_tool_round(messages, offer_tools, max_output):
+            offer_tools = None  # the hold pays for an answer, not another tool round
+        send, call_max_output = budget.fit(messages, offer_tools, max_output, history)
+        completion = provider.complete(
+            send,
+            model=turn.model,
+            max_output_tokens=call_max_output,
+            tools=offer_tools,
+            on_delta=on_delta,
+            should_stop=should_stop,
+        )
+        if stream is not None:
+            stream.flush()
+        result.add(completion.input_tokens, completion.output_tokens, estimated=completion.usage_estimated)
+        budget.record(
+            completion.input_tokens,
+            completion.output_tokens,
+            estimated_input=budget.estimate_input(send, offer_tools),
+        )
+        if completion.cancelled:
+            result.cancelled = True
+            result.reply = clean_text(completion.content or "")
+            break
+        if not completion.tool_calls or offer_tools is None:
+            result.reply = clean_text(completion.content or "")
+            break
+        _save_usage(session, turn, result)
+        messages.append(completion.assistant_message())
+        for call in completion.tool_calls:
+            found = _call_tool(session, tools, turn, call.name, call.arguments, call.parse_error, stream)
+            messages.append({"role": "tool", "tool_call_id": call.id, "content": found.content})
 
 
 def _execute_messages(runtime: Runtime, turn: Turn, provider, result: Execution, stream) -> Execution:
