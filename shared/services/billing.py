@@ -316,42 +316,10 @@ def settle_turn(
     now = utcnow()
     hold = _fresh_hold(session, turn_id)
     if hold is not None and hold.status == HoldStatus.ACTIVE:
-        charged = min(cost, hold.amount)
-        entry = _append(
-            session,
-            wallet,
-            kind=LedgerKind.CAPTURE,
-            key=capture_key,
-            amount=-charged,
-            held_delta=-charged,
-            turn_id=turn_id,
-            hold_id=hold.id,
-            now=now,
-        )
-        rest = hold.amount - charged
-        if rest > 0:
-            entry = _append(
-                session,
-                wallet,
-                kind=LedgerKind.RELEASE,
-                key=_turn_key(turn_id, "release"),
-                held_delta=-rest,
-                turn_id=turn_id,
-                hold_id=hold.id,
-                reason="unused part of the hold",
-                # One microsecond later, so "newest first" lists show the pair in a stable order.
-                now=now + timedelta(microseconds=1),
-            )
-        hold.status = HoldStatus.CAPTURED
-        hold.resolved_at = now
+        entry, charged = _capture(session, wallet, hold, cost, key=capture_key, now=now)
     else:
-        charged = cost
-        if enforced:
-            charged = min(charged, max(wallet.available, ZERO))
-            if hold is not None:
-                charged = min(charged, hold.amount)
-        entry = _append(
-            session, wallet, kind=LedgerKind.DEBIT, key=debit_key, amount=-charged, turn_id=turn_id, now=now
+        entry, charged = _debit(
+            session, wallet, hold, cost, turn_id=turn_id, enforced=enforced, key=debit_key, now=now
         )
     if charged < cost:
         metrics.hold_overrun(cost - charged)
@@ -370,6 +338,67 @@ def settle_turn(
         _add_key_spend(session, api_key_id=api_key_id, at=at, cost=charged)
     session.flush()
     return Settlement(entry.balance_after, charged)
+
+
+def _capture(
+    session: Session, wallet: Wallet, hold: Hold, cost: Decimal, *, key: str, now: datetime
+) -> tuple[LedgerEntry, Decimal]:
+    """Capture ``cost`` (at most the hold) from the active ``hold`` and release the rest.
+    Returns the last entry written and what was charged."""
+    turn_id = hold.turn_id
+    charged = min(cost, hold.amount)
+    entry = _append(
+        session,
+        wallet,
+        kind=LedgerKind.CAPTURE,
+        key=key,
+        amount=-charged,
+        held_delta=-charged,
+        turn_id=turn_id,
+        hold_id=hold.id,
+        now=now,
+    )
+    rest = hold.amount - charged
+    if rest > 0:
+        entry = _append(
+            session,
+            wallet,
+            kind=LedgerKind.RELEASE,
+            key=_turn_key(turn_id, "release"),
+            held_delta=-rest,
+            turn_id=turn_id,
+            hold_id=hold.id,
+            reason="unused part of the hold",
+            # One microsecond later, so "newest first" lists show the pair in a stable order.
+            now=now + timedelta(microseconds=1),
+        )
+    hold.status = HoldStatus.CAPTURED
+    hold.resolved_at = now
+    return entry, charged
+
+
+def _debit(
+    session: Session,
+    wallet: Wallet,
+    hold: Hold | None,
+    cost: Decimal,
+    *,
+    turn_id: str,
+    enforced: bool,
+    key: str,
+    now: datetime,
+) -> tuple[LedgerEntry, Decimal]:
+    """Debit a turn without an active hold: ``enforced``, at most what is available now and
+    at most the hold it had; otherwise the whole ``cost``. Returns the entry and the charge."""
+    charged = cost
+    if enforced:
+        charged = min(charged, max(wallet.available, ZERO))
+        if hold is not None:
+            charged = min(charged, hold.amount)
+    entry = _append(
+        session, wallet, kind=LedgerKind.DEBIT, key=key, amount=-charged, turn_id=turn_id, now=now
+    )
+    return entry, charged
 
 
 def confirm_hold(session: Session, *, turn_id: str) -> bool:
