@@ -116,6 +116,31 @@ def _existing_for_key(session: Session, user_id: str, key: str, request_hash: st
     return turn
 
 
+def _check_idempotency_key(key: str | None) -> None:
+    """:raises InvalidInput: ``invalid_idempotency_key``: empty, too long or unprintable."""
+    if key is not None and (not key or len(key) > MAX_IDEMPOTENCY_KEY_LENGTH or not key.isprintable()):
+        raise InvalidInput(
+            f"Idempotency-Key must be 1-{MAX_IDEMPOTENCY_KEY_LENGTH} printable characters.",
+            error="invalid_idempotency_key",
+        )
+
+
+def _add_turn(session: Session, turn: Turn, chat_session_id: str) -> Turn:
+    """Give ``turn`` the session's next ``seq`` and add it (flushed), the session row locked."""
+    # Lock the session row: seq allocation is serialised per session. NO KEY UPDATE, not
+    # UPDATE: it must not block the foreign-key checks (KEY SHARE) of other transactions
+    # writing this session's turns, or a worker settling a turn (turn -> wallet) and this
+    # request (session -> wallet) could deadlock.
+    chat = session.scalar(
+        select(ChatSession).where(ChatSession.id == chat_session_id).with_for_update(key_share=True)
+    )
+    turn.session_id = chat.id
+    turn.seq = (session.scalar(select(func.max(Turn.seq)).where(Turn.session_id == chat.id)) or 0) + 1
+    session.add(turn)
+    session.flush()
+    return turn
+
+
 def submit(
     runtime: Runtime,
     session: Session,
@@ -137,11 +162,7 @@ def submit(
         (whatever the enforcement toggle; shared/services/limits.py).
     :raises TooManyRequests: ``rate_limited`` or ``too_many_concurrent_turns``.
     """
-    if key is not None and (not key or len(key) > MAX_IDEMPOTENCY_KEY_LENGTH or not key.isprintable()):
-        raise InvalidInput(
-            f"Idempotency-Key must be 1-{MAX_IDEMPOTENCY_KEY_LENGTH} printable characters.",
-            error="invalid_idempotency_key",
-        )
+    _check_idempotency_key(key)
     chat = owned_session(session, user.id, chat_session_id)
     request_hash = _request_hash(chat.id, data)
     if key is not None:
@@ -152,32 +173,24 @@ def submit(
     price = pricing.price_in_force(session, model)  # unpriced: refused before anything is written
     enforced = enforcement.is_enforced(runtime)
     try:
-        # Lock the session row: seq allocation is serialised per session. NO KEY UPDATE, not
-        # UPDATE: it must not block the foreign-key checks (KEY SHARE) of other transactions
-        # writing this session's turns, or a worker settling a turn (turn -> wallet) and this
-        # request (session -> wallet) could deadlock.
-        chat = session.scalar(
-            select(ChatSession).where(ChatSession.id == chat.id).with_for_update(key_share=True)
+        turn = _add_turn(
+            session,
+            Turn(
+                room_id=chat.room_id,
+                user_id=user.id,
+                status=TurnStatus.QUEUED,
+                content=content,
+                model=model,
+                max_output_tokens=max_output_tokens,
+                enforced=enforced,
+                idempotency_key=key,
+                request_hash=request_hash,
+                api_key_id=api_key_id,
+                request_messages=data.get("messages"),
+                request_tools=data.get("tools"),
+            ),
+            chat.id,
         )
-        seq = (session.scalar(select(func.max(Turn.seq)).where(Turn.session_id == chat.id)) or 0) + 1
-        turn = Turn(
-            session_id=chat.id,
-            room_id=chat.room_id,
-            user_id=user.id,
-            seq=seq,
-            status=TurnStatus.QUEUED,
-            content=content,
-            model=model,
-            max_output_tokens=max_output_tokens,
-            enforced=enforced,
-            idempotency_key=key,
-            request_hash=request_hash,
-            api_key_id=api_key_id,
-            request_messages=data.get("messages"),
-            request_tools=data.get("tools"),
-        )
-        session.add(turn)
-        session.flush()
         reserve = limits.admit(
             session, turn, lambda: turn_worst_case(runtime, session, turn, price), now=runtime.clock()
         )
