@@ -26,7 +26,7 @@ import psycopg
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from shared.cli import migrate  # noqa: E402
+from shared.migrations import migrate  # noqa: E402
 from shared.settings import Settings, normalize_database_url  # noqa: E402
 
 BIN = Path(sys.executable).parent

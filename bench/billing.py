@@ -20,8 +20,8 @@ from decimal import Decimal
 
 from _stack import bench_settings, fresh_database, percentile, report
 
-from shared.cli import migrate
 from shared.db import utcnow
+from shared.migrations import migrate
 from shared.runtime import Runtime
 from shared.services import auth, billing, enforcement
 

@@ -19,8 +19,8 @@ from decimal import Decimal
 import psycopg
 from sqlalchemy import text
 
-from shared.cli import migrate
 from shared.db import Database
+from shared.migrations import migrate
 from shared.models import ApiKeySpend, Limit, UsageHour
 from shared.services import auth, limits
 from shared.settings import Settings, normalize_database_url

@@ -49,8 +49,8 @@ from _stack import (
     wait_ready,
 )
 
-from shared.cli import migrate
 from shared.db import utcnow
+from shared.migrations import migrate
 from shared.models import Turn
 from shared.runtime import Runtime
 from shared.services import auth, enforcement, rooms

@@ -15,16 +15,17 @@ from _stack import bench_settings, fresh_database, percentile, report, running_s
 
 from shared.runtime import Runtime
 from shared.services import auth
+from shared.task_names import TaskName
 from worker.celery_app import create_celery_app
 
 
 def measure_ping(settings, total: int, concurrency: int) -> dict:
     celery_app = create_celery_app(settings, role="bench")
-    celery_app.send_task("tollgate.ping", ignore_result=False).get(timeout=30)  # warm-up
+    celery_app.send_task(TaskName.PING, ignore_result=False).get(timeout=30)  # warm-up
 
     def one(_):
         started = time.perf_counter()
-        celery_app.send_task("tollgate.ping", ignore_result=False).get(timeout=30)
+        celery_app.send_task(TaskName.PING, ignore_result=False).get(timeout=30)
         return time.perf_counter() - started
 
     started = time.perf_counter()

@@ -42,8 +42,8 @@ import psycopg
 from _stack import fresh_database, percentile, report
 from sqlalchemy import text
 
-from shared.cli import migrate
 from shared.db import Database
+from shared.migrations import migrate
 from shared.services import usage
 from shared.settings import Settings
 

@@ -5,37 +5,25 @@ from __future__ import annotations
 import argparse
 import sys
 
+from shared.devserver import run_dev
+from shared.errors import DomainError
+from shared.logging import configure_logging
+from shared.migrations import migrate
+from shared.models import Role
+from shared.runtime import Runtime
+from shared.services import auth, ledger_check, usage
 from shared.settings import Settings
 
 
-def _runtime(settings: Settings):
-    from shared.runtime import Runtime
-
+def _runtime(settings: Settings) -> Runtime:
     return Runtime(settings, role="cli")
 
 
-def migrate(settings: Settings) -> None:
-    """Upgrade the database at DATABASE_URL (never the pooled URL) to head."""
-    from alembic import command
-    from alembic.config import Config
-
-    from shared.services.health import MIGRATIONS_DIR
-
-    config = Config(str(MIGRATIONS_DIR.parent / "alembic.ini"))
-    config.set_main_option("script_location", str(MIGRATIONS_DIR))
-    config.attributes["url"] = settings.database_url
-    config.attributes["configure_logging"] = False
-    command.upgrade(config, "head")
-
-
 def cmd_create_admin(args, settings: Settings) -> int:
-    from shared.errors import DomainError
-    from shared.services import auth
-
     runtime = _runtime(settings)
     with runtime.db.session() as session:
         try:
-            user, issued = auth.create_user(session, args.email, "admin")
+            user, issued = auth.create_user(session, auth.normalize_email(args.email), Role.ADMIN)
         except DomainError as exc:
             print(f"error: {exc.message}", file=sys.stderr)
             return 1
@@ -45,8 +33,6 @@ def cmd_create_admin(args, settings: Settings) -> int:
 
 
 def cmd_ledger_check(_args, settings: Settings) -> int:
-    from shared.services import ledger_check
-
     runtime = _runtime(settings)
     with runtime.db.session() as session:
         mismatches = ledger_check.find_mismatches(session)
@@ -71,8 +57,6 @@ def cmd_ledger_check(_args, settings: Settings) -> int:
 
 
 def cmd_usage_rebuild(_args, settings: Settings) -> int:
-    from shared.services import usage
-
     runtime = _runtime(settings)
     with runtime.db.session() as session:
         result = usage.rebuild(session)
@@ -95,8 +79,6 @@ def cmd_migrate(_args, settings: Settings) -> int:
 
 
 def cmd_dev(args, settings: Settings) -> int:
-    from shared.devserver import run_dev
-
     return run_dev(settings, port=args.port)
 
 
@@ -119,8 +101,6 @@ def main(argv: list[str] | None = None) -> int:
     dev.add_argument("--port", type=int, default=8000)
     dev.set_defaults(func=cmd_dev)
     args = parser.parse_args(argv)
-
-    from shared.logging import configure_logging
 
     settings = Settings.from_env()
     configure_logging(settings)

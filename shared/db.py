@@ -54,6 +54,15 @@ def new_id() -> str:
     return str(uuid.uuid4())
 
 
+def is_uuid(value: str) -> bool:
+    """True for an id as ``new_id`` writes it (canonical, case-insensitive); guards
+    ``session.get`` so a malformed id from a URL is "not found", not a database error."""
+    try:
+        return str(uuid.UUID(value)) == value.lower()
+    except (ValueError, AttributeError, TypeError):
+        return False
+
+
 def utcnow() -> datetime:
     return datetime.now(UTC)
 

@@ -14,18 +14,18 @@ import subprocess
 import sys
 import time
 
+from sqlalchemy import select
+
+from shared.migrations import migrate
+from shared.models import Role, User
+from shared.runtime import Runtime
+from shared.services import auth
 from shared.settings import Settings
 
 DEV_ADMIN_EMAIL = "dev-admin@tollgate.local"
 
 
 def ensure_dev_admin(settings: Settings) -> str:
-    from sqlalchemy import select
-
-    from shared.models import User
-    from shared.runtime import Runtime
-    from shared.services import auth
-
     key_file = settings.var_dir / "dev-admin.key"
     runtime = Runtime(settings, role="cli")
     try:
@@ -39,7 +39,7 @@ def ensure_dev_admin(settings: Settings) -> str:
                     pass  # stale file (database was reset): issue a fresh key below
             admin = session.scalar(select(User).where(User.email == DEV_ADMIN_EMAIL))
             if admin is None:
-                _, issued = auth.create_user(session, DEV_ADMIN_EMAIL, "admin")
+                _, issued = auth.create_user(session, DEV_ADMIN_EMAIL, Role.ADMIN)
             else:
                 issued = auth.issue_api_key(session, admin.id, admin.id, "dev")
     finally:
@@ -50,8 +50,6 @@ def ensure_dev_admin(settings: Settings) -> str:
 
 
 def run_dev(settings: Settings, *, port: int = 8000) -> int:
-    from shared.cli import migrate
-
     settings.var_dir.mkdir(parents=True, exist_ok=True)
     migrate(settings)
     secret = ensure_dev_admin(settings)

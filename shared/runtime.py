@@ -10,7 +10,9 @@ import threading
 from functools import cached_property
 
 from shared.db import Database, utcnow
+from shared.providers import Provider, build_provider
 from shared.settings import Settings, mask_url
+from shared.tools.registry import ToolRegistry, build_registry
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +86,18 @@ class Runtime:
         from shared.services.leases import LeaseKeeper
 
         return LeaseKeeper(self)
+
+    @cached_property
+    def provider(self) -> Provider:
+        """The model provider ``MODEL_PROVIDER`` names, built on first use (tests assign a fake).
+
+        Building one has no I/O, so under gevent no other greenlet runs in between."""
+        return build_provider(self.settings)
+
+    @cached_property
+    def tools(self) -> ToolRegistry:
+        """The tool registry, built on first use: its schemas size holds, its tools run in turns."""
+        return build_registry(self.settings)
 
     def component(self, name: str, factory):
         """A per-process singleton (provider, tool registry), built on first use."""

@@ -21,7 +21,7 @@ from werkzeug.exceptions import HTTPException
 from shared import metrics
 from shared.db import is_database_unavailable
 from shared.errors import DomainError, InvalidInput, NotFound
-from shared.models import Turn
+from shared.models import Turn, TurnStatus
 from shared.services import openai_compat, turns
 from web import streaming
 from web.api import InvalidJsonBody, load_json_body
@@ -132,7 +132,7 @@ def chat_completions():
         return openai_error(
             504, "The model did not answer in time; the turn goes on.", "timeout", None, headers
         )
-    if turn.status == "failed":
+    if turn.status == TurnStatus.FAILED:
         return openai_error(
             openai_compat.failure_status(turn.error_code),
             turn.error_message or "The turn failed.",
@@ -169,7 +169,7 @@ def _chunks(rt, answer: openai_compat.Answer, include_usage: bool) -> Iterator[s
             yield _data(answer.chunk({"content": data["text"]}))
         elif event == "done":
             usage = data["usage"]
-            if data["status"] == "failed":
+            if data["status"] == TurnStatus.FAILED:
                 error = data.get("error") or {}
                 yield _data(
                     {

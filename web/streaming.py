@@ -62,7 +62,7 @@ def read_turn(runtime: Runtime, turn_id: str) -> dict:
     connection is held while the stream waits."""
     with runtime.db.session() as session:
         turn = session.get(Turn, turn_id)
-        body = _turn_schema.dump(turns.present(session, turn))
+        body = _turn_schema.dump(turn)
         session.commit()
     return body
 

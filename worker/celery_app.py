@@ -15,21 +15,22 @@ from kombu import Queue
 from shared.logging import request_id_var, sane_request_id
 from shared.runtime import Runtime
 from shared.settings import Settings
+from shared.task_names import TaskName
 
 QUEUES = ("turns", "summaries", "files", "webhooks")
 # Message header carrying the id of the HTTP request (or task) that sent a task.
 REQUEST_ID_HEADER = "tollgate_request_id"
 
 TASK_ROUTES = {
-    "tollgate.run_turn": {"queue": "turns"},
-    "tollgate.refresh_summary": {"queue": "summaries"},
-    "tollgate.ingest_file": {"queue": "files"},
-    "tollgate.expire_holds": {"queue": "turns"},
-    "tollgate.sync_enforcement": {"queue": "turns"},
-    "tollgate.recover_stuck_turns": {"queue": "turns"},
-    "tollgate.recover_pending_files": {"queue": "files"},
-    "tollgate.deliver_webhook": {"queue": "webhooks"},
-    "tollgate.dispatch_webhooks": {"queue": "webhooks"},
+    TaskName.RUN_TURN: {"queue": "turns"},
+    TaskName.REFRESH_SUMMARY: {"queue": "summaries"},
+    TaskName.INGEST_FILE: {"queue": "files"},
+    TaskName.EXPIRE_HOLDS: {"queue": "turns"},
+    TaskName.SYNC_ENFORCEMENT: {"queue": "turns"},
+    TaskName.RECOVER_STUCK_TURNS: {"queue": "turns"},
+    TaskName.RECOVER_PENDING_FILES: {"queue": "files"},
+    TaskName.DELIVER_WEBHOOK: {"queue": "webhooks"},
+    TaskName.DISPATCH_WEBHOOKS: {"queue": "webhooks"},
 }
 
 TASK_MODULES = [
@@ -119,12 +120,12 @@ def create_celery_app(settings: Settings | None = None, *, role: str = "worker")
         enable_utc=True,
         beat_schedule={
             # Every 10 s: a dead worker's turns are re-sent within TURN_LEASE_SECONDS + 10 s.
-            "recover-stuck-turns": {"task": "tollgate.recover_stuck_turns", "schedule": 10.0},
-            "recover-pending-files": {"task": "tollgate.recover_pending_files", "schedule": 60.0},
-            "expire-holds": {"task": "tollgate.expire_holds", "schedule": 60.0},
-            "sync-enforcement": {"task": "tollgate.sync_enforcement", "schedule": 60.0},
+            "recover-stuck-turns": {"task": TaskName.RECOVER_STUCK_TURNS, "schedule": 10.0},
+            "recover-pending-files": {"task": TaskName.RECOVER_PENDING_FILES, "schedule": 60.0},
+            "expire-holds": {"task": TaskName.EXPIRE_HOLDS, "schedule": 60.0},
+            "sync-enforcement": {"task": TaskName.SYNC_ENFORCEMENT, "schedule": 60.0},
             # Pending webhook deliveries whose send was lost, and retries, within 10 s.
-            "dispatch-webhooks": {"task": "tollgate.dispatch_webhooks", "schedule": 10.0},
+            "dispatch-webhooks": {"task": TaskName.DISPATCH_WEBHOOKS, "schedule": 10.0},
         },
     )
     if settings.result_backend.startswith("db+sqlite"):

@@ -3,6 +3,7 @@
 from shared.models.audit import AdminAuditEvent, SettingEntry
 from shared.models.billing import (
     ALL_USERS,
+    SYSTEM_ACTOR,
     Hold,
     HoldStatus,
     LedgerEntry,
@@ -25,6 +26,7 @@ from shared.models.webhooks import (
 
 __all__ = [
     "ALL_USERS",
+    "SYSTEM_ACTOR",
     "ApiKeySpend",
     "DeliveryStatus",
     "Limit",

@@ -151,6 +151,8 @@ class ModelPrice(Base):
 
 
 ALL_USERS = "*"  # the ``scope`` of the all-users level
+# The actor id (``initiated_by``, ``created_by``) of what no admin did: captures, seeded prices.
+SYSTEM_ACTOR = "system"
 
 
 class UsageHour(Base):

@@ -6,7 +6,7 @@ from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import JSON, Boolean, ForeignKey, Index, Integer, String, Text, UniqueConstraint, false
-from sqlalchemy.orm import Mapped, mapped_column
+from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from shared.db import MONEY, Base, IdColumn, UTCDateTime, check_in, new_id, utcnow
 
@@ -116,6 +116,11 @@ class Turn(Base):
     # tool calls the model answered with, returned to the caller to run (Tollgate runs none).
     request_tools: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON)
     reply_tool_calls: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON)
+    # The tool calls the runner recorded, in order. Read-only here: the runner inserts
+    # ToolCallEvent rows by turn_id, each in its own commit.
+    tool_calls: Mapped[list[ToolCallEvent]] = relationship(
+        order_by="ToolCallEvent.created_at", viewonly=True, lazy="select"
+    )
 
 
 class ToolCallEvent(Base):

@@ -12,21 +12,13 @@ from shared.providers.base import (
     ProviderPermanentError,
     ProviderTransientError,
     ToolCall,
-    build_provider,
 )
-from shared.providers.offline import (
-    ROOM_FILES_PREFIX,
-    SUMMARY_INSTRUCTION_PREFIX,
-    OfflineProvider,
-    extract_search_query,
-    room_files_line,
-)
+from shared.providers.factory import build_provider
+from shared.providers.offline import OfflineProvider
 from shared.providers.openai import OpenAIProvider
 from shared.providers.tokens import count_message_tokens, count_tokens, count_tool_schema_tokens
 
 __all__ = [
-    "ROOM_FILES_PREFIX",
-    "SUMMARY_INSTRUCTION_PREFIX",
     "Completion",
     "OfflineProvider",
     "OpenAIProvider",
@@ -39,6 +31,4 @@ __all__ = [
     "count_message_tokens",
     "count_tokens",
     "count_tool_schema_tokens",
-    "extract_search_query",
-    "room_files_line",
 ]

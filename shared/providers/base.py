@@ -9,12 +9,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
-
-if TYPE_CHECKING:
-    from shared.settings import Settings
-
-DEFAULT_OPENAI_BASE_URL = "https://api.openai.com/v1"
+from typing import Any, Protocol
 
 # Streaming hooks of ``complete()``: ``on_delta(text)`` receives each piece of the answer's
 # text as it arrives; ``should_stop()`` is asked between pieces, and a true answer ends the
@@ -176,30 +171,3 @@ def tool_call_from_raw(call_id: str, name: str, raw_arguments: Any) -> ToolCall:
     if not isinstance(decoded, dict):
         return ToolCall(call_id, name, {}, raw, parse_error="arguments are not a JSON object")
     return ToolCall(call_id, name, decoded, raw)
-
-
-def build_provider(settings: Settings, **options: Any) -> Provider:
-    """The provider ``settings.model_provider`` names, wired from settings.
-
-    ``options`` go to the provider's constructor (e.g. ``backoff_base`` for the
-    ``openai`` provider in tests).
-    """
-    # Imported here, not at module top: both modules import this one for the
-    # shared types, and only the chosen provider needs to be loaded.
-    if settings.model_provider == "offline":
-        from shared.providers.offline import OfflineProvider
-
-        options.setdefault("stream_delay", settings.offline_stream_delay_seconds)
-        return OfflineProvider(**options)
-    if settings.model_provider == "openai":
-        from shared.providers.openai import OpenAIProvider
-
-        options.setdefault("timeout", settings.openai_timeout_seconds)
-        return OpenAIProvider(
-            base_url=settings.openai_base_url or DEFAULT_OPENAI_BASE_URL,
-            api_key=settings.openai_api_key,
-            **options,
-        )
-    from shared.settings import SettingsError
-
-    raise SettingsError(f"MODEL_PROVIDER must be 'offline' or 'openai', got {settings.model_provider!r}")

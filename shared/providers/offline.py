@@ -16,6 +16,9 @@ What it does, in order (docs/providers.md has the user-facing version):
    file named from the ``Room files:`` system line → ``file_read``.
 4. With tool results present, the reply quotes short excerpts of them.
 5. Otherwise an echo-style reply of realistic length.
+
+The formats it recognises (summary request, room files line, search ask, markers)
+are the pipeline's, defined in ``shared/prompts.py``.
 """
 
 from __future__ import annotations
@@ -25,9 +28,9 @@ import hashlib
 import json
 import re
 import time
-from collections.abc import Iterable
 from typing import Any
 
+from shared.prompts import OFFLINE_MARKER, extract_search_query, is_summary_instruction, room_files_in
 from shared.providers.base import (
     CANCELLED,
     Completion,
@@ -45,13 +48,10 @@ from shared.providers.tokens import (
     truncate_to_tokens,
 )
 
-SUMMARY_INSTRUCTION_PREFIX = "Summarize the conversation"
-ROOM_FILES_PREFIX = "Room files:"
 MAX_SLEEP_SECONDS = 30.0
 MAX_FILE_READ_CALLS = 3
 SUMMARY_MAX_CHARS = 800
 
-_MARKER = re.compile(r"\[\[offline:[^\]]*\]\]", re.IGNORECASE)
 _SLEEP = re.compile(r"\[\[offline:sleep=(\d+(?:\.\d+)?)\]\]", re.IGNORECASE)
 _SLEEP_SUMMARY = re.compile(r"\[\[offline:sleep-summary=(\d+(?:\.\d+)?)\]\]", re.IGNORECASE)
 _FAIL = re.compile(r"\[\[offline:fail\]\]", re.IGNORECASE)
@@ -61,11 +61,6 @@ _SLOW = re.compile(r"\[\[offline:slow=(\d+(?:\.\d+)?)\]\]", re.IGNORECASE)
 # A streamed answer goes out in pieces of this many words (a word keeps its trailing space).
 STREAM_WORDS_PER_DELTA = 3
 _STREAM_PIECE = re.compile(r"\S+\s*|\s+")
-# "search for X" / "search: X"; X runs to the end of its sentence or line.
-# A sentence ends at . ? ! followed by a space or the end, so "report.pdf" stays whole.
-_SEARCH = re.compile(r"\bsearch(?:\s+for\b|\s*:)\s*(?P<query>.+?)\s*(?:[.?!](?:\s|$)|\n|$)", re.IGNORECASE)
-_QUOTED = re.compile(r"[\"“']([^\"”']+)[\"”']")
-_ROOM_FILE = re.compile(r"\s*(?P<name>[^;]+?)\s*\[id=(?P<id>[^\]\s]+)\]")
 _WORD = re.compile(r"[A-Za-z][A-Za-z'-]{3,}")
 _STOPWORDS = frozenset(
     "about after again also because been before being between could does doing down during each from "
@@ -85,41 +80,13 @@ _ELABORATIONS = (
 )
 
 
-def room_files_line(files: Iterable[tuple[str, str]]) -> str:
-    """The system-message line that tells the model which files the room holds.
-
-    ``files`` is ``(filename, file_id)`` pairs; the offline model parses exactly
-    this format to decide on ``file_read`` calls.
-    """
-    return ROOM_FILES_PREFIX + " " + "; ".join(f"{name} [id={file_id}]" for name, file_id in files)
-
-
-def extract_search_query(text: str) -> str | None:
-    """The X of ``search for X`` / ``search: X`` in ``text``, or ``None``.
-
-    The heuristic trigger, also usable as the fallback for providers that cannot call tools.
-    """
-    match = _SEARCH.search(_MARKER.sub("", text))
-    if not match:
-        return None
-    query = match.group("query").strip()
-    quoted = _QUOTED.match(query)
-    if quoted:  # search for "exact words" and ... -> the quoted words
-        query = quoted.group(1)
-    query = query.strip("\"'“”‘’`").strip()
-    return query or None
-
-
 def _parse_room_files(messages: list[dict]) -> list[tuple[str, str]]:
     files: list[tuple[str, str]] = []
     for message in messages:
         if message.get("role") != "system":
             continue
         for line in content_text(message.get("content")).splitlines():
-            line = line.strip()
-            if line.startswith(ROOM_FILES_PREFIX):
-                rest = line[len(ROOM_FILES_PREFIX) :]
-                files.extend((m.group("name"), m.group("id")) for m in _ROOM_FILE.finditer(rest))
+            files.extend(room_files_in(line))
     return files
 
 
@@ -279,8 +246,7 @@ class OfflineProvider:
     @staticmethod
     def _is_summary_request(messages: list[dict]) -> bool:
         return any(
-            m.get("role") == "system"
-            and content_text(m.get("content")).lstrip().lower().startswith(SUMMARY_INSTRUCTION_PREFIX.lower())
+            m.get("role") == "system" and is_summary_instruction(content_text(m.get("content")))
             for m in messages
         )
 
@@ -338,14 +304,14 @@ class OfflineProvider:
             result = content_text(message.get("content")).strip()
             excerpt = _excerpt(result, 160) if result else "(no result)"
             lines.append(f'- {name}: "{excerpt}"')
-        asked = _excerpt(_MARKER.sub("", question), 120)
+        asked = _excerpt(OFFLINE_MARKER.sub("", question), 120)
         if asked:
             lines.append(f'That is what the room\'s files and earlier turns say about "{asked}".')
         return "\n".join(lines)
 
     @staticmethod
     def _echo(text: str) -> str:
-        text = _collapse(_MARKER.sub("", text))
+        text = _collapse(OFFLINE_MARKER.sub("", text))
         if not text:
             return "Hello! This is the offline model. Ask a question and I will answer it."
         digest = _digest(text)
@@ -368,9 +334,7 @@ class OfflineProvider:
         source: list[str] = []
         for message in messages:
             text = content_text(message.get("content"))
-            if message.get("role") == "system" and text.lstrip().lower().startswith(
-                SUMMARY_INSTRUCTION_PREFIX.lower()
-            ):
+            if message.get("role") == "system" and is_summary_instruction(text):
                 # The instruction's first line is the ask; anything after it is material.
                 text = text.lstrip().partition("\n")[2]
             source.append(text)
@@ -385,7 +349,7 @@ class OfflineProvider:
                 "provider_unavailable", "The offline model could not summarise ([[offline:fail-summary]])."
             )
         points: list[str] = []
-        for line in _MARKER.sub("", whole).splitlines():
+        for line in OFFLINE_MARKER.sub("", whole).splitlines():
             # A prior summary's points (joined by " / ") carry forward one by one, without
             # nesting "Summary: Summary: ..."; headings such as "New turns:" carry nothing.
             for part in _collapse(line).removeprefix("Summary: ").split(" / "):

@@ -57,6 +57,11 @@ def _new_secret() -> str:
 
 
 def normalize_email(email: str) -> str:
+    """The one form an email is stored and compared in: stripped, lower case. Called at
+    the edges (the users schema, the CLI); services take the normalized address.
+
+    :raises InvalidInput: ``invalid_email``.
+    """
     email = email.strip().lower()
     local, sep, domain = email.partition("@")
     if not sep or not local or "." not in domain or " " in email or len(email) > 320:
@@ -72,14 +77,14 @@ def _issue_key(session: Session, user: User, name: str | None) -> IssuedKey:
 
 
 def create_user(
-    session: Session, email: str, role: str = "user", *, actor_id: str | None = None
+    session: Session, email: str, role: str = Role.USER, *, actor_id: str | None = None
 ) -> tuple[User, IssuedKey]:
     """Create a user with an empty wallet and a first API key, in one transaction.
+    ``email`` is normalized already (:func:`normalize_email`).
 
-    :raises InvalidInput: bad email or role.
+    :raises InvalidInput: bad role.
     :raises Conflict: ``email_taken`` when the email is already registered.
     """
-    email = normalize_email(email)
     if role not in set(Role):
         raise InvalidInput(f"role must be one of {', '.join(Role)}.", error="invalid_role")
     if session.scalar(select(User.id).where(User.email == email)):

@@ -37,13 +37,24 @@ from sqlalchemy.orm import Session
 from shared import metrics
 from shared.db import MONEY_QUANT, new_id, utcnow
 from shared.errors import Conflict, IdempotencyConflict, InsufficientBalance, InvalidInput, NotFound
-from shared.models import ApiKeySpend, Hold, LedgerEntry, Turn, UsageHour, User, Wallet
+from shared.models import (
+    SYSTEM_ACTOR,
+    ApiKeySpend,
+    Hold,
+    HoldStatus,
+    LedgerEntry,
+    LedgerKind,
+    Turn,
+    TurnStatus,
+    UsageHour,
+    User,
+    Wallet,
+)
 from shared.pagination import Listing
 from shared.services import audit, pricing
 
 log = logging.getLogger(__name__)
 
-SYSTEM = "system"
 MAX_CLIENT_KEY_LENGTH = 200  # leaves room for the "grant:" namespace in the 255-char column
 ZERO = Decimal("0")
 
@@ -86,6 +97,12 @@ def _fresh_hold(session: Session, turn_id: str, *, lock: bool = False) -> Hold |
     return session.scalar(statement)
 
 
+def reserved_for(session: Session, turn_id: str) -> Decimal | None:
+    """What the turn's hold reserved, whatever became of it since; ``None``: it has none."""
+    hold = session.scalar(select(Hold).where(Hold.turn_id == turn_id))
+    return hold.amount if hold is not None else None
+
+
 def _entry_by_key(session: Session, *keys: str) -> LedgerEntry | None:
     return session.scalar(
         select(LedgerEntry)
@@ -103,7 +120,7 @@ def _append(
     key: str,
     amount: Decimal = ZERO,
     held_delta: Decimal = ZERO,
-    initiated_by: str = SYSTEM,
+    initiated_by: str = SYSTEM_ACTOR,
     turn_id: str | None = None,
     hold_id: str | None = None,
     reason: str | None = None,
@@ -243,7 +260,7 @@ def place_hold(session: Session, *, user_id: str, turn_id: str, amount: Decimal,
         wallet_id=wallet.id,
         turn_id=turn_id,
         amount=amount,
-        status="active",
+        status=HoldStatus.ACTIVE,
         expires_at=now + timedelta(seconds=ttl_seconds),
         created_at=now,
     )
@@ -251,7 +268,7 @@ def place_hold(session: Session, *, user_id: str, turn_id: str, amount: Decimal,
     _append(
         session,
         wallet,
-        kind="hold",
+        kind=LedgerKind.HOLD,
         key=_turn_key(turn_id, "hold"),
         held_delta=amount,
         turn_id=turn_id,
@@ -273,7 +290,7 @@ class Settlement:
 def _charged_so_far(session: Session, turn_id: str) -> Decimal:
     total = session.scalar(
         select(func.coalesce(func.sum(LedgerEntry.amount), 0)).where(
-            LedgerEntry.turn_id == turn_id, LedgerEntry.kind.in_(("capture", "debit"))
+            LedgerEntry.turn_id == turn_id, LedgerEntry.kind.in_((LedgerKind.CAPTURE, LedgerKind.DEBIT))
         )
     )
     return _q(-Decimal(total or 0))
@@ -322,43 +339,11 @@ def settle_turn(
         raise ValueError("a turn cost cannot be negative")
     now = utcnow()
     hold = _fresh_hold(session, turn_id)
-    if hold is not None and hold.status == "active":
-        charged = min(cost, hold.amount)
-        entry = _append(
-            session,
-            wallet,
-            kind="capture",
-            key=capture_key,
-            amount=-charged,
-            held_delta=-charged,
-            turn_id=turn_id,
-            hold_id=hold.id,
-            now=now,
-        )
-        rest = hold.amount - charged
-        if rest > 0:
-            entry = _append(
-                session,
-                wallet,
-                kind="release",
-                key=_turn_key(turn_id, "release"),
-                held_delta=-rest,
-                turn_id=turn_id,
-                hold_id=hold.id,
-                reason="unused part of the hold",
-                # One microsecond later, so "newest first" lists show the pair in a stable order.
-                now=now + timedelta(microseconds=1),
-            )
-        hold.status = "captured"
-        hold.resolved_at = now
+    if hold is not None and hold.status == HoldStatus.ACTIVE:
+        entry, charged = _capture(session, wallet, hold, cost, key=capture_key, now=now)
     else:
-        charged = cost
-        if enforced:
-            charged = min(charged, max(wallet.available, ZERO))
-            if hold is not None:
-                charged = min(charged, hold.amount)
-        entry = _append(
-            session, wallet, kind="debit", key=debit_key, amount=-charged, turn_id=turn_id, now=now
+        entry, charged = _debit(
+            session, wallet, hold, cost, turn_id=turn_id, enforced=enforced, key=debit_key, now=now
         )
     if charged < cost:
         metrics.hold_overrun(cost - charged)
@@ -379,6 +364,67 @@ def settle_turn(
     return Settlement(entry.balance_after, charged)
 
 
+def _capture(
+    session: Session, wallet: Wallet, hold: Hold, cost: Decimal, *, key: str, now: datetime
+) -> tuple[LedgerEntry, Decimal]:
+    """Capture ``cost`` (at most the hold) from the active ``hold`` and release the rest.
+    Returns the last entry written and what was charged."""
+    turn_id = hold.turn_id
+    charged = min(cost, hold.amount)
+    entry = _append(
+        session,
+        wallet,
+        kind=LedgerKind.CAPTURE,
+        key=key,
+        amount=-charged,
+        held_delta=-charged,
+        turn_id=turn_id,
+        hold_id=hold.id,
+        now=now,
+    )
+    rest = hold.amount - charged
+    if rest > 0:
+        entry = _append(
+            session,
+            wallet,
+            kind=LedgerKind.RELEASE,
+            key=_turn_key(turn_id, "release"),
+            held_delta=-rest,
+            turn_id=turn_id,
+            hold_id=hold.id,
+            reason="unused part of the hold",
+            # One microsecond later, so "newest first" lists show the pair in a stable order.
+            now=now + timedelta(microseconds=1),
+        )
+    hold.status = HoldStatus.CAPTURED
+    hold.resolved_at = now
+    return entry, charged
+
+
+def _debit(
+    session: Session,
+    wallet: Wallet,
+    hold: Hold | None,
+    cost: Decimal,
+    *,
+    turn_id: str,
+    enforced: bool,
+    key: str,
+    now: datetime,
+) -> tuple[LedgerEntry, Decimal]:
+    """Debit a turn without an active hold: ``enforced``, at most what is available now and
+    at most the hold it had; otherwise the whole ``cost``. Returns the entry and the charge."""
+    charged = cost
+    if enforced:
+        charged = min(charged, max(wallet.available, ZERO))
+        if hold is not None:
+            charged = min(charged, hold.amount)
+    entry = _append(
+        session, wallet, kind=LedgerKind.DEBIT, key=key, amount=-charged, turn_id=turn_id, now=now
+    )
+    return entry, charged
+
+
 def confirm_hold(session: Session, *, turn_id: str) -> bool:
     """Is the turn's hold still active? Locks the hold row for the rest of the caller's
     transaction (one statement). Does not commit.
@@ -389,7 +435,7 @@ def confirm_hold(session: Session, *, turn_id: str) -> bool:
     lease, renewed for as long as the turn runs.
     """
     hold = _fresh_hold(session, turn_id, lock=True)
-    return hold is not None and hold.status == "active"
+    return hold is not None and hold.status == HoldStatus.ACTIVE
 
 
 def covers(session: Session, *, user_id: str, amount: Decimal) -> bool:
@@ -411,13 +457,13 @@ def release_hold(session: Session, *, turn_id: str, reason: str) -> bool:
         return False
     wallet = _lock_wallet(session, wallet_id=hold.wallet_id)
     hold = _fresh_hold(session, turn_id)
-    if hold is None or hold.status != "active":
+    if hold is None or hold.status != HoldStatus.ACTIVE:
         return False
     now = utcnow()
     _append(
         session,
         wallet,
-        kind="release",
+        kind=LedgerKind.RELEASE,
         key=_turn_key(turn_id, "release"),
         held_delta=-hold.amount,
         turn_id=turn_id,
@@ -425,7 +471,7 @@ def release_hold(session: Session, *, turn_id: str, reason: str) -> bool:
         reason=reason,
         now=now,
     )
-    hold.status = "released"
+    hold.status = HoldStatus.RELEASED
     hold.resolved_at = now
     session.flush()
     return True
@@ -448,7 +494,7 @@ def expire_stale_holds(
     now = now or utcnow()
     candidates = session.execute(
         select(Hold.turn_id, Hold.wallet_id)
-        .where(Hold.status == "active", Hold.expires_at <= now)
+        .where(Hold.status == HoldStatus.ACTIVE, Hold.expires_at <= now)
         .order_by(Hold.expires_at)
     ).all()
     session.commit()
@@ -458,13 +504,13 @@ def expire_stale_holds(
         # The hold row too: a claim confirming this hold holds it until its turn is running.
         hold = _fresh_hold(session, turn_id, lock=True)
         # Re-checked under the lock: the turn may have captured or released it meanwhile.
-        if hold is None or hold.status != "active" or hold.expires_at > now:
+        if hold is None or hold.status != HoldStatus.ACTIVE or hold.expires_at > now:
             session.rollback()
             continue
         status, started_at, lease_expires_at = session.execute(
             select(Turn.status, Turn.started_at, Turn.lease_expires_at).where(Turn.id == turn_id)
         ).one_or_none() or (None, None, None)
-        if status == "running" and (
+        if status == TurnStatus.RUNNING and (
             (lease_expires_at is not None and lease_expires_at > now)
             or (live_after is not None and started_at is not None and started_at > live_after)
         ):
@@ -473,14 +519,14 @@ def expire_stale_holds(
         _append(
             session,
             wallet,
-            kind="expiry",
+            kind=LedgerKind.EXPIRY,
             key=_turn_key(turn_id, "expiry"),
             held_delta=-hold.amount,
             turn_id=turn_id,
             hold_id=hold.id,
             reason="hold expired",
         )
-        hold.status = "expired"
+        hold.status = HoldStatus.EXPIRED
         hold.resolved_at = utcnow()
         session.commit()
         expired += 1
@@ -520,7 +566,7 @@ def record_summary_usage(
     charged = min(cost, max(wallet.available, ZERO)) if enforce else cost
     if charged < cost:
         metrics.hold_overrun(cost - charged)
-    _append(session, wallet, kind="debit", key=key, amount=-charged, reason="conversation summary")
+    _append(session, wallet, kind=LedgerKind.DEBIT, key=key, amount=-charged, reason="conversation summary")
     record_usage(
         session,
         user_id=user_id,
@@ -634,7 +680,7 @@ def grant_credit(
     reason = (reason.strip() or None) if reason else None
     return _admin_entry(
         session,
-        kind="grant",
+        kind=LedgerKind.GRANT,
         actor_id=actor_id,
         user_id=user_id,
         value=value,
@@ -673,7 +719,7 @@ def adjust_credit(
         raise InvalidInput("An adjustment needs a reason.", error="reason_required", field="reason")
     return _admin_entry(
         session,
-        kind="adjustment",
+        kind=LedgerKind.ADJUSTMENT,
         actor_id=actor_id,
         user_id=user_id,
         value=-value if negative else value,

@@ -71,7 +71,7 @@ def search_users(session: Session, search: str | None) -> Listing:
 
 def user_rows(users: list[User], low_balance_threshold: Decimal) -> list[UserRow]:
     return [
-        UserRow(user, wallets.summarize(user.wallet, low_balance_threshold) if user.wallet else None)
+        UserRow(user, wallets.summary_of(user.wallet, low_balance_threshold) if user.wallet else None)
         for user in users
     ]
 

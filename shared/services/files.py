@@ -16,7 +16,6 @@ import os
 import re
 import time
 import unicodedata
-import uuid
 from datetime import timedelta
 from enum import StrEnum
 from typing import Protocol
@@ -25,11 +24,12 @@ from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, undefer
 
-from shared.db import utcnow
+from shared.db import is_uuid, utcnow
 from shared.errors import FileTooLarge, InvalidInput, NotFound, UnsupportedMediaType
-from shared.models import UploadedFile
+from shared.models import FileStatus, UploadedFile
 from shared.pagination import Listing
 from shared.services.rooms import owned_room
+from shared.task_names import TaskName
 
 log = logging.getLogger(__name__)
 
@@ -138,13 +138,6 @@ class IncomingFile(Protocol):
     def read(self, size: int = -1, /) -> bytes: ...
 
 
-def _is_uuid(value: str) -> bool:
-    try:
-        return str(uuid.UUID(value)) == value.lower()
-    except (ValueError, AttributeError, TypeError):
-        return False
-
-
 def sanitize_filename(raw: str | None) -> str:
     """A safe display/download name: the basename, without control or format characters
     (e.g. the right-to-left override used to disguise extensions), without characters
@@ -217,7 +210,7 @@ def upload(
         size_bytes=len(data),
         sha256=hashlib.sha256(data).hexdigest(),
         data=data,
-        status="pending",
+        status=FileStatus.PENDING,
     )
     session.add(stored)
     session.commit()
@@ -227,7 +220,7 @@ def upload(
 def enqueue_ingest(celery_app, file_id: str) -> bool:
     """Send ``ingest_file``; a broker outage is logged, not raised (the beat job re-sends)."""
     try:
-        celery_app.send_task("tollgate.ingest_file", args=[file_id])
+        celery_app.send_task(TaskName.INGEST_FILE, args=[file_id])
         return True
     except Exception:
         log.warning(
@@ -264,7 +257,7 @@ def list_files(session: Session, user_id: str, room_id: str) -> Listing:
 
 def owned_file(session: Session, user_id: str, file_id: str, *, with_data: bool = False) -> UploadedFile:
     """:raises NotFound: unknown, malformed, or another user's file."""
-    if not _is_uuid(file_id):
+    if not is_uuid(file_id):
         raise NotFound("No such file.")
     statement = select(UploadedFile).where(UploadedFile.id == file_id, UploadedFile.user_id == user_id)
     if with_data:
@@ -406,10 +399,10 @@ def ingest(
         session.scalar(
             select(UploadedFile).where(UploadedFile.id == file_id).options(undefer(UploadedFile.data))
         )
-        if _is_uuid(file_id)
+        if is_uuid(file_id)
         else None
     )
-    if stored is None or stored.status != "pending":
+    if stored is None or stored.status != FileStatus.PENDING:
         session.rollback()
         return None if stored is None else stored.status
     content_type, data = stored.content_type, stored.data
@@ -417,15 +410,15 @@ def ingest(
 
     try:
         text = extract_text(content_type, data, max_chars=max_chars, time_limit_seconds=time_limit_seconds)
-        values = {"status": "ready", "text": text, "error": None, "ready_at": utcnow()}
+        values = {"status": FileStatus.READY, "text": text, "error": None, "ready_at": utcnow()}
     except (ExtractionError, SoftTimeLimitExceeded) as exc:
         failure = exc if isinstance(exc, ExtractionError) else timed_out()
         log.info("file %s failed extraction: %s", file_id, failure)
-        values = {"status": "failed", "text": None, "error": str(failure)[:MAX_ERROR_CHARS]}
+        values = {"status": FileStatus.FAILED, "text": None, "error": str(failure)[:MAX_ERROR_CHARS]}
 
     result = session.execute(
         update(UploadedFile)
-        .where(UploadedFile.id == file_id, UploadedFile.status == "pending")
+        .where(UploadedFile.id == file_id, UploadedFile.status == FileStatus.PENDING)
         .values(**values)
         .execution_options(synchronize_session=False)
     )
@@ -442,9 +435,11 @@ def recover_pending_files(session: Session, celery_app) -> dict[str, int]:
     now = utcnow()
     gave_up = session.execute(
         update(UploadedFile)
-        .where(UploadedFile.status == "pending", UploadedFile.created_at < now - INGEST_GIVE_UP_AFTER)
+        .where(
+            UploadedFile.status == FileStatus.PENDING, UploadedFile.created_at < now - INGEST_GIVE_UP_AFTER
+        )
         .values(
-            status="failed",
+            status=FileStatus.FAILED,
             error=f"{ExtractionFailure.ABANDONED}: text extraction did not complete in time",
         )
         .execution_options(synchronize_session=False)
@@ -453,7 +448,9 @@ def recover_pending_files(session: Session, celery_app) -> dict[str, int]:
     stale = list(
         session.scalars(
             select(UploadedFile.id)
-            .where(UploadedFile.status == "pending", UploadedFile.created_at < now - INGEST_RESEND_AFTER)
+            .where(
+                UploadedFile.status == FileStatus.PENDING, UploadedFile.created_at < now - INGEST_RESEND_AFTER
+            )
             .order_by(UploadedFile.created_at)
             .limit(500)
         )

@@ -4,30 +4,18 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from functools import lru_cache
-from pathlib import Path
 
 from sqlalchemy import text
 
 from shared.errors import ServiceUnavailable
+from shared.migrations import code_migration_head
 from shared.runtime import Runtime
+from shared.task_names import TaskName
 
 log = logging.getLogger(__name__)
 
-MIGRATIONS_DIR = Path(__file__).resolve().parent.parent.parent / "migrations"
 # The ping holds the caller's web thread while it waits for a worker's answer.
 WORKER_PING_TIMEOUT_SECONDS = 3.0
-
-
-@lru_cache(maxsize=1)
-def code_migration_head() -> str | None:
-    """The Alembic head this code expects (read from the migration scripts)."""
-    from alembic.config import Config
-    from alembic.script import ScriptDirectory
-
-    config = Config()
-    config.set_main_option("script_location", str(MIGRATIONS_DIR))
-    return ScriptDirectory.from_config(config).get_current_head()
 
 
 @dataclass
@@ -87,7 +75,7 @@ def _check_broker(celery_app) -> dict:
 
 def _check_worker(celery_app, timeout: float) -> dict:
     try:
-        reply = celery_app.send_task("tollgate.ping", ignore_result=False).get(timeout=timeout)
+        reply = celery_app.send_task(TaskName.PING, ignore_result=False).get(timeout=timeout)
         return {"ok": reply == "pong"}
     except Exception as exc:
         return {"ok": False, "detail": type(exc).__name__}

@@ -17,7 +17,7 @@ from decimal import Decimal
 from sqlalchemy import and_, exists, func, select
 from sqlalchemy.orm import Session, aliased
 
-from shared.models import Hold, LedgerEntry, Turn, Wallet
+from shared.models import Hold, HoldStatus, LedgerEntry, LedgerKind, Turn, Wallet
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,7 @@ def find_mismatches(session: Session) -> list[Mismatch]:
     )
     holds = (
         select(Hold.wallet_id, func.coalesce(func.sum(Hold.amount), 0).label("total"))
-        .where(Hold.status == "active")
+        .where(Hold.status == HoldStatus.ACTIVE)
         .group_by(Hold.wallet_id)
         .subquery()
     )
@@ -80,7 +80,7 @@ def find_violations(session: Session) -> list[Violation]:
     # Charges not made under enforcement: a debit of an unenforced turn, or a summary debit.
     unenforced_charge = and_(
         other.wallet_id == LedgerEntry.wallet_id,
-        other.kind == "debit",
+        other.kind == LedgerKind.DEBIT,
         other.amount < 0,
         other.created_at >= Hold.created_at,
         other.created_at <= LedgerEntry.created_at,
@@ -99,7 +99,7 @@ def find_violations(session: Session) -> list[Violation]:
         )
     charged = (
         select(LedgerEntry.turn_id, func.sum(-LedgerEntry.amount).label("charged"))
-        .where(LedgerEntry.kind.in_(("capture", "debit")), LedgerEntry.turn_id.is_not(None))
+        .where(LedgerEntry.kind.in_((LedgerKind.CAPTURE, LedgerKind.DEBIT)), LedgerEntry.turn_id.is_not(None))
         .group_by(LedgerEntry.turn_id)
         .subquery()
     )

@@ -35,7 +35,7 @@ from zoneinfo import ZoneInfo
 from sqlalchemy import and_, exists, func, or_, select, update
 from sqlalchemy.orm import Session
 
-from shared.db import MONEY_QUANT, utcnow
+from shared.db import MONEY_QUANT, is_uuid, utcnow
 from shared.errors import InvalidInput, NotFound, SpendLimitReached, TooManyRequests
 from shared.models import (
     ApiKey,
@@ -51,11 +51,10 @@ from shared.models import (
     WebhookEventType,
 )
 from shared.services import audit, pricing, usage, wallets, webhooks
-from shared.services.rooms import _is_uuid
 
 log = logging.getLogger(__name__)
 
-MAX_SPEND_AMOUNT = Decimal(10**12)
+MAX_SPEND_AMOUNT = pricing.MAX_AMOUNT
 MAX_REQUESTS_PER_MINUTE = 1_000_000
 MAX_CONCURRENT_TURNS = 100_000
 RATE_WINDOW = timedelta(seconds=60)
@@ -347,11 +346,11 @@ def note_refusal(session: Session, exc: SpendLimitReached) -> bool:
 def _subject_owner(session: Session, subject_type: str, subject_id: str) -> str:
     """The user a limit subject belongs to. :raises NotFound: no such user or key."""
     if subject_type == LimitSubject.API_KEY:
-        key = session.get(ApiKey, subject_id) if _is_uuid(subject_id) else None
+        key = session.get(ApiKey, subject_id) if is_uuid(subject_id) else None
         if key is None:
             raise NotFound("No such API key.")
         return key.user_id
-    user = session.get(User, subject_id) if _is_uuid(subject_id) else None
+    user = session.get(User, subject_id) if is_uuid(subject_id) else None
     if user is None:
         raise NotFound("No such user.")
     return user.id

@@ -18,16 +18,15 @@ from sqlalchemy.orm import Session
 
 from shared.db import MONEY_QUANT, utcnow
 from shared.errors import InvalidInput
-from shared.models import ModelPrice
+from shared.models import SYSTEM_ACTOR, ModelPrice
 from shared.services import audit
 
 log = logging.getLogger(__name__)
 
 OFFLINE_MODELS = {"offline-small": (Decimal("0.001000"), Decimal("0.002000"))}
-SYSTEM_ACTOR = "system"
 # Seeded defaults take effect "since always", so a turn started at any time finds them.
 SEED_EFFECTIVE_FROM = datetime(2000, 1, 1, tzinfo=UTC)
-MAX_MODEL_NAME = 200
+MAX_MODEL_NAME = 200  # characters; the edge checks names against it
 MAX_PRICE_PER_1K = Decimal("1000000")
 TOKENS_PER_UNIT = Decimal(1000)
 MAX_AMOUNT = Decimal("1000000000000")  # 1e12: far below NUMERIC(20,6)'s 14 integer digits
@@ -126,15 +125,6 @@ def cost_of(price: ModelPrice, input_tokens: int, output_tokens: int) -> Decimal
     return raw.quantize(MONEY_QUANT, rounding=ROUND_HALF_UP)
 
 
-def _model_name(model: str) -> str:
-    name = (model or "").strip()
-    if not name or len(name) > MAX_MODEL_NAME or not name.isprintable():
-        raise InvalidInput(
-            f"model must be 1-{MAX_MODEL_NAME} printable characters.", error="invalid_model", field="model"
-        )
-    return name
-
-
 def set_price(
     session: Session, actor_id: str, model: str, input_per_1k: object, output_per_1k: object
 ) -> ModelPrice:
@@ -142,9 +132,10 @@ def set_price(
 
     Prices are decimal strings or numbers, non-negative, at most 6 decimal places.
 
-    :raises InvalidInput: ``invalid_price`` / ``invalid_model``.
+    ``model`` is a checked name (``web.schemas.billing.checked_model_name``, at the edge).
+
+    :raises InvalidInput: ``invalid_price``.
     """
-    model = _model_name(model)
     prices = {
         name: parse_money(value, field=name, error="invalid_price", allow_zero=True, maximum=MAX_PRICE_PER_1K)
         for name, value in (("input_per_1k", input_per_1k), ("output_per_1k", output_per_1k))

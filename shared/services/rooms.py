@@ -2,26 +2,18 @@
 
 from __future__ import annotations
 
-import uuid
-
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from shared.db import is_uuid
 from shared.errors import NotFound
 from shared.models import ChatSession, Room
 from shared.pagination import Listing
 
 
-def _is_uuid(value: str) -> bool:
-    try:
-        return str(uuid.UUID(value)) == value.lower()
-    except (ValueError, AttributeError, TypeError):
-        return False
-
-
 def owned_room(session: Session, user_id: str, room_id: str) -> Room:
     """:raises NotFound: unknown, malformed, or another user's room."""
-    room = session.get(Room, room_id) if _is_uuid(room_id) else None
+    room = session.get(Room, room_id) if is_uuid(room_id) else None
     if room is None or room.user_id != user_id:
         raise NotFound("No such room.")
     return room
@@ -29,7 +21,7 @@ def owned_room(session: Session, user_id: str, room_id: str) -> Room:
 
 def owned_session(session: Session, user_id: str, chat_session_id: str) -> ChatSession:
     """:raises NotFound: unknown, malformed, or another user's session."""
-    chat = session.get(ChatSession, chat_session_id) if _is_uuid(chat_session_id) else None
+    chat = session.get(ChatSession, chat_session_id) if is_uuid(chat_session_id) else None
     if chat is None or chat.user_id != user_id:
         raise NotFound("No such session.")
     return chat

@@ -25,7 +25,8 @@ from sqlalchemy.orm import Session
 
 from shared import metrics
 from shared.db import utcnow
-from shared.models import ChatSession, Turn
+from shared.models import ChatSession, Turn, TurnKind, TurnStatus
+from shared.prompts import SUMMARY_PROMPT
 from shared.providers import ProviderError
 
 log = logging.getLogger(__name__)
@@ -36,10 +37,6 @@ SUMMARY_BATCH_TURNS = 4
 SUMMARY_MAX_OUTPUT_TOKENS = 256
 SUMMARY_TIMEOUT_SECONDS = 20.0
 SUMMARY_MAX_CHARS = 2000
-SUMMARY_PROMPT = (
-    "Summarize the conversation so far for a model that will continue it. Keep names, numbers, "
-    "decisions and open questions; at most 150 words."
-)
 
 
 @dataclass(frozen=True)
@@ -63,7 +60,7 @@ def window(session: Session, chat: ChatSession, before_seq: int) -> tuple[list[T
     One bounded read; a second, only of the uncovered turns, when a batch may be
     complete. Never the session's whole history.
     """
-    completed = (Turn.session_id == chat.id, Turn.kind == "chat", Turn.status == "completed")
+    completed = (Turn.session_id == chat.id, Turn.kind == TurnKind.CHAT, Turn.status == TurnStatus.COMPLETED)
     latest = list(
         reversed(
             session.scalars(
@@ -138,7 +135,7 @@ def fallback(prior: str | None, turns: list[Turn], reason: str) -> SummaryResult
     return SummaryResult(text=extractive_summary(prior, turns), through_seq=turns[-1].seq, used_fallback=True)
 
 
-def summarize(
+def fold_turns(
     provider, model: str, prior: str | None, turns: list[Turn], *, allow_fallback: bool
 ) -> SummaryResult:
     """Fold ``turns`` into ``prior`` with a model call.

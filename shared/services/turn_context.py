@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from shared.models import ChatSession, Turn, UploadedFile
-from shared.providers import room_files_line
+from shared.models import ChatSession, FileStatus, Turn, UploadedFile
+from shared.prompts import room_files_line
 from shared.services import summaries
 
 SYSTEM_PROMPT = (
@@ -53,7 +53,7 @@ def load(session: Session, chat: ChatSession, before_seq: int) -> TurnContext:
 def _room_files_line(session: Session, room_id: str) -> str | None:
     files = session.execute(
         select(UploadedFile.filename, UploadedFile.id)
-        .where(UploadedFile.room_id == room_id, UploadedFile.status == "ready")
+        .where(UploadedFile.room_id == room_id, UploadedFile.status == FileStatus.READY)
         .order_by(UploadedFile.created_at.desc())
         .limit(ROOM_FILES_LISTED)
     ).all()

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -30,17 +31,15 @@ from shared import metrics
 from shared.db import is_database_unavailable, new_id, utcnow
 from shared.errors import Conflict, InsufficientBalance
 from shared.logging import turn_id_var
-from shared.models import ChatSession, Hold, ToolCallEvent, Turn, TurnStatus
-from shared.providers import (
-    ProviderError,
-    ProviderTransientError,
-    extract_search_query,
-)
+from shared.models import ChatSession, ToolCallEvent, ToolCallStatus, Turn, TurnKind, TurnStatus
+from shared.prompts import extract_search_query
+from shared.providers import ProviderError, ProviderTransientError
 from shared.runtime import Runtime
 from shared.services import billing, enforcement, pricing, summaries, turn_context, turn_events
 from shared.services.text import clean_json, clean_text
 from shared.services.turn_budget import BudgetExhausted, HoldPolicy, TurnBudget
 from shared.services.turns import FINISHED, owned_turn, place_turn_hold, wait_until_finished
+from shared.task_names import TaskName
 from shared.tools.registry import ToolContext, ToolResult
 
 log = logging.getLogger(__name__)
@@ -141,7 +140,7 @@ def _end_locked(
             output_tokens=output_tokens,
             at=now,
             enforced=turn.enforced,
-            completed=status == "completed",
+            completed=status == TurnStatus.COMPLETED,
             api_key_id=turn.api_key_id,
         )
         cost, balance_after = settled.charged, settled.balance_after
@@ -165,7 +164,13 @@ def _fail_locked(
     used_in = max(turn.input_tokens, execution.input_tokens if execution else 0)
     used_out = max(turn.output_tokens, execution.output_tokens if execution else 0)
     _end_locked(
-        runtime, session, turn, status="failed", input_tokens=used_in, output_tokens=used_out, now=utcnow()
+        runtime,
+        session,
+        turn,
+        status=TurnStatus.FAILED,
+        input_tokens=used_in,
+        output_tokens=used_out,
+        now=utcnow(),
     )
     if execution is not None and execution.usage_estimated:
         turn.usage_estimated = True
@@ -312,7 +317,9 @@ def _record_tool_call(
 def _call_tool(session, tools, turn: Turn, name: str, arguments: dict, parse_error: str | None, stream=None):
     started = time.monotonic()
     if parse_error:
-        result = ToolResult(status="error", content=f"invalid arguments: {parse_error}", data=None)
+        result = ToolResult(
+            status=ToolCallStatus.ERROR, content=f"invalid arguments: {parse_error}", data=None
+        )
     else:
         ctx = ToolContext(
             session=session,
@@ -364,10 +371,7 @@ def budget_for(runtime: Runtime, session: Session, turn: Turn) -> TurnBudget:
     """The budget of this attempt: the turn's active hold (none: unbounded), at the turn's
     price, less what earlier attempts used."""
     price = pricing.price_in_force(session, turn.model, at=turn.created_at)
-    reserved = None
-    if turn.enforced:
-        hold = session.scalar(select(Hold).where(Hold.turn_id == turn.id))
-        reserved = hold.amount if hold is not None else None
+    reserved = billing.reserved_for(session, turn.id) if turn.enforced else None
     return TurnBudget(
         price,
         HoldPolicy.from_settings(runtime.settings),
@@ -396,8 +400,6 @@ def execute(
     result.usage_estimated = turn.usage_estimated
     if turn.request_messages is not None:
         return _execute_messages(runtime, turn, provider, result, stream)
-    on_delta = stream.delta if stream is not None else None
-    should_stop = stream.should_stop if stream is not None else None
 
     def cancelled_now() -> bool:
         if stream is not None and stream.should_stop(now=True):
@@ -412,27 +414,10 @@ def execute(
         result.summary_due_after = summaries.due_after(context.recent)
         budget = budget_for(runtime, session, turn)
         session.commit()
-        tool_schemas = tools.schemas() if provider.supports_tools else None
-        max_output = turn.max_output_tokens
 
         summary_text = context.summary
         if context.summary_due and not cancelled_now():
-            answer = budget.call_cost(
-                turn_context.messages(context, turn.content, summary=context.summary), None, 1
-            )
-            if budget.allows_summary(summaries.request_messages(context.summary, context.missing), answer):
-                summary = summaries.summarize(
-                    provider, turn.model, context.summary, context.missing, allow_fallback=True
-                )
-            else:
-                summary = summaries.fallback(context.summary, context.missing, "budget")
-            summary_text = summary.text
-            result.summary_used_fallback = summary.used_fallback
-            result.add(summary.input_tokens, summary.output_tokens)
-            budget.record(summary.input_tokens, summary.output_tokens)
-            if summary.input_tokens or summary.output_tokens:
-                _save_usage(session, turn, result)
-            summaries.store(session, chat.id, summary)
+            summary_text = _refresh_summary(session, provider, turn, chat.id, context, budget, result)
 
         search_results = None
         if not provider.supports_tools:
@@ -444,46 +429,89 @@ def execute(
             context, turn.content, summary=summary_text, search_results=search_results
         )
         history = turn_context.history_bounds(messages, context)
-
-        for round_number in range(MAX_TOOL_ROUNDS + 1):
-            if cancelled_now():
-                break
-            offer_tools = tool_schemas if round_number < MAX_TOOL_ROUNDS else None
-            if offer_tools and not budget.allows_tool_round(messages, offer_tools, max_output):
-                offer_tools = None  # the hold pays for an answer, not another tool round
-            send, call_max_output = budget.fit(messages, offer_tools, max_output, history)
-            completion = provider.complete(
-                send,
-                model=turn.model,
-                max_output_tokens=call_max_output,
-                tools=offer_tools,
-                on_delta=on_delta,
-                should_stop=should_stop,
-            )
-            if stream is not None:
-                stream.flush()
-            result.add(
-                completion.input_tokens, completion.output_tokens, estimated=completion.usage_estimated
-            )
-            budget.record(
-                completion.input_tokens,
-                completion.output_tokens,
-                estimated_input=budget.estimate_input(send, offer_tools),
-            )
-            if completion.cancelled:
-                result.cancelled = True
-                result.reply = clean_text(completion.content or "")
-                break
-            if not completion.tool_calls or offer_tools is None:
-                result.reply = clean_text(completion.content or "")
-                break
-            _save_usage(session, turn, result)
-            messages.append(completion.assistant_message())
-            for call in completion.tool_calls:
-                found = _call_tool(session, tools, turn, call.name, call.arguments, call.parse_error, stream)
-                messages.append({"role": "tool", "tool_call_id": call.id, "content": found.content})
+        _run_model_with_tools(
+            session, provider, tools, turn, messages, history, budget, result, stream, cancelled_now
+        )
     result.messages = messages
     return result
+
+
+def _refresh_summary(
+    session: Session, provider, turn: Turn, chat_id: str, context, budget: TurnBudget, result: Execution
+) -> str:
+    """Fold the turns that left the window into the session's summary (a model call when
+    what is left of the hold allows it, else the extractive fallback); count and save its
+    tokens and store it. Returns the new summary's text."""
+    answer = budget.call_cost(turn_context.messages(context, turn.content, summary=context.summary), None, 1)
+    if budget.allows_summary(summaries.request_messages(context.summary, context.missing), answer):
+        summary = summaries.fold_turns(
+            provider, turn.model, context.summary, context.missing, allow_fallback=True
+        )
+    else:
+        summary = summaries.fallback(context.summary, context.missing, "budget")
+    result.summary_used_fallback = summary.used_fallback
+    result.add(summary.input_tokens, summary.output_tokens)
+    budget.record(summary.input_tokens, summary.output_tokens)
+    if summary.input_tokens or summary.output_tokens:
+        _save_usage(session, turn, result)
+    summaries.store(session, chat_id, summary)
+    return summary.text
+
+
+def _run_model_with_tools(
+    session: Session,
+    provider,
+    tools,
+    turn: Turn,
+    messages: list[dict],
+    history,
+    budget: TurnBudget,
+    result: Execution,
+    stream,
+    cancelled_now: Callable[[], bool],
+) -> None:
+    """Call the model, run the tools it asks for and call it again with their results, for
+    at most ``MAX_TOOL_ROUNDS`` rounds (the last one offers no tools), each call fitted to
+    what is left of the hold. Appends to ``messages``; the answer goes to ``result.reply``."""
+    tool_schemas = tools.schemas() if provider.supports_tools else None
+    max_output = turn.max_output_tokens
+    on_delta = stream.delta if stream is not None else None
+    should_stop = stream.should_stop if stream is not None else None
+    for round_number in range(MAX_TOOL_ROUNDS + 1):
+        if cancelled_now():
+            break
+        offer_tools = tool_schemas if round_number < MAX_TOOL_ROUNDS else None
+        if offer_tools and not budget.allows_tool_round(messages, offer_tools, max_output):
+            offer_tools = None  # the hold pays for an answer, not another tool round
+        send, call_max_output = budget.fit(messages, offer_tools, max_output, history)
+        completion = provider.complete(
+            send,
+            model=turn.model,
+            max_output_tokens=call_max_output,
+            tools=offer_tools,
+            on_delta=on_delta,
+            should_stop=should_stop,
+        )
+        if stream is not None:
+            stream.flush()
+        result.add(completion.input_tokens, completion.output_tokens, estimated=completion.usage_estimated)
+        budget.record(
+            completion.input_tokens,
+            completion.output_tokens,
+            estimated_input=budget.estimate_input(send, offer_tools),
+        )
+        if completion.cancelled:
+            result.cancelled = True
+            result.reply = clean_text(completion.content or "")
+            break
+        if not completion.tool_calls or offer_tools is None:
+            result.reply = clean_text(completion.content or "")
+            break
+        _save_usage(session, turn, result)
+        messages.append(completion.assistant_message())
+        for call in completion.tool_calls:
+            found = _call_tool(session, tools, turn, call.name, call.arguments, call.parse_error, stream)
+            messages.append({"role": "tool", "tool_call_id": call.id, "content": found.content})
 
 
 def _execute_messages(runtime: Runtime, turn: Turn, provider, result: Execution, stream) -> Execution:
@@ -524,7 +552,13 @@ def _cancel_locked(runtime: Runtime, session: Session, turn: Turn, result: Execu
     used_in = max(turn.input_tokens, result.input_tokens if result else 0)
     used_out = max(turn.output_tokens, result.output_tokens if result else 0)
     _end_locked(
-        runtime, session, turn, status="cancelled", input_tokens=used_in, output_tokens=used_out, now=utcnow()
+        runtime,
+        session,
+        turn,
+        status=TurnStatus.CANCELLED,
+        input_tokens=used_in,
+        output_tokens=used_out,
+        now=utcnow(),
     )
     if result is not None:
         turn.reply = result.reply or None
@@ -573,7 +607,7 @@ def cancel(runtime: Runtime, session: Session, user_id: str, turn_id: str) -> Tu
         _cancel_locked(runtime, session, turn, None)
         session.commit()
         _ended(runtime, turn)
-        metrics.turn_cancelled("queued")
+        metrics.turn_cancelled(TurnStatus.QUEUED)
         return turn
     first_request = turn.cancel_requested_at is None
     if first_request:
@@ -581,7 +615,7 @@ def cancel(runtime: Runtime, session: Session, user_id: str, turn_id: str) -> Tu
     session.commit()
     turn_events.request_cancel(runtime, turn.id)
     if first_request:
-        metrics.turn_cancelled("running")
+        metrics.turn_cancelled(TurnStatus.RUNNING)
     return wait_until_finished(runtime, session, turn, runtime.settings.turn_cancel_wait_seconds)
 
 
@@ -596,7 +630,7 @@ def complete(runtime: Runtime, turn_id: str, result: Execution) -> bool:
             runtime,
             session,
             turn,
-            status="completed",
+            status=TurnStatus.COMPLETED,
             input_tokens=result.input_tokens,
             output_tokens=result.output_tokens,
             now=utcnow(),
@@ -667,7 +701,7 @@ def _run_claimed(
         result.add(exc.input_tokens, exc.output_tokens, estimated=exc.usage_estimated)
         if final_attempt:
             fail(runtime, turn_id, exc.code, execution=result)
-            return "failed"
+            return TurnStatus.FAILED
         _requeue(runtime, turn_id, result)
         raise RetryLater(
             exc.code, retry_countdown(runtime.settings.turn_retry_base_seconds, turn.attempts)
@@ -676,28 +710,28 @@ def _run_claimed(
         log.warning("model call failed: %s (%s)", exc.code, exc.message)
         result.add(exc.input_tokens, exc.output_tokens, estimated=exc.usage_estimated)
         fail(runtime, turn_id, exc.code, execution=result)
-        return "failed"
+        return TurnStatus.FAILED
     except BudgetExhausted as exc:
         fail(runtime, turn_id, exc.code, execution=result)
-        return "failed"
+        return TurnStatus.FAILED
     except Exception as exc:
         if isinstance(exc, reraise) or is_database_unavailable(exc):
             raise
         _fail_unexpected(runtime, turn_id, exc, result)
-        return "failed"
+        return TurnStatus.FAILED
     try:
         if result.cancelled:
-            return "cancelled" if finish_cancelled(runtime, turn_id, result) else "skipped"
+            return TurnStatus.CANCELLED if finish_cancelled(runtime, turn_id, result) else "skipped"
         if not complete(runtime, turn_id, result):
             return "skipped"
     except Exception as exc:
         if isinstance(exc, reraise) or is_database_unavailable(exc):
             raise
         _fail_unexpected(runtime, turn_id, exc, result)
-        return "failed"
+        return TurnStatus.FAILED
     if after_complete is not None and result.summary_due_after:
         after_complete(turn)
-    return "completed"
+    return TurnStatus.COMPLETED
 
 
 def _publisher(runtime: Runtime, turn: Turn) -> turn_events.TurnPublisher:
@@ -731,7 +765,7 @@ def _fail_unexpected(runtime: Runtime, turn_id: str, exc: Exception, result: Exe
 def _requeue(runtime: Runtime, turn_id: str, result: Execution) -> None:
     with runtime.db.session() as session:
         turn = _lock(session, turn_id)
-        if turn is not None and turn.status == "running":
+        if turn is not None and turn.status == TurnStatus.RUNNING:
             turn.status = TurnStatus.QUEUED
             turn.lease_owner = turn.lease_expires_at = None
             turn.input_tokens, turn.output_tokens = result.input_tokens, result.output_tokens
@@ -754,7 +788,7 @@ def refresh_summary(runtime: Runtime, chat_session_id: str, *, provider) -> bool
             return False
         latest = session.scalar(
             select(Turn)
-            .where(Turn.session_id == chat.id, Turn.kind == "chat")
+            .where(Turn.session_id == chat.id, Turn.kind == TurnKind.CHAT)
             .order_by(Turn.seq.desc())
             .limit(1)
         )
@@ -776,7 +810,7 @@ def refresh_summary(runtime: Runtime, chat_session_id: str, *, provider) -> bool
                 return False
         session.commit()
         try:
-            summary = summaries.summarize(provider, model, chat.summary, missing, allow_fallback=False)
+            summary = summaries.fold_turns(provider, model, chat.summary, missing, allow_fallback=False)
         except ProviderError as exc:
             log.info("refresh_summary skipped: %s", exc.code)
             return False
@@ -813,18 +847,21 @@ def recover_stuck_turns(runtime: Runtime, celery_app, *, queued_grace_seconds: f
     with runtime.db.session() as session:
         queued = session.scalars(
             select(Turn.id).where(
-                Turn.status == "queued", Turn.updated_at < now - timedelta(seconds=queued_grace_seconds)
+                Turn.status == TurnStatus.QUEUED,
+                Turn.updated_at < now - timedelta(seconds=queued_grace_seconds),
             )
         ).all()
         stale = session.scalars(select(Turn.id).where(Turn.status == TurnStatus.RUNNING, _lapsed(now))).all()
     for turn_id in queued:
-        celery_app.send_task("tollgate.run_turn", args=[turn_id])
+        celery_app.send_task(TaskName.RUN_TURN, args=[turn_id])
         counts["queued"] += 1
     if queued:
         # Restart the grace period so a turn waiting in a long queue is not re-sent every run.
         with runtime.db.session() as session:
             session.execute(
-                update(Turn).where(Turn.id.in_(queued), Turn.status == "queued").values(updated_at=now)
+                update(Turn)
+                .where(Turn.id.in_(queued), Turn.status == TurnStatus.QUEUED)
+                .values(updated_at=now)
             )
             session.commit()
     for turn_id in stale:
@@ -843,7 +880,7 @@ def recover_stuck_turns(runtime: Runtime, celery_app, *, queued_grace_seconds: f
             session.commit()
         if handed:
             celery_app.send_task(
-                "tollgate.run_turn", args=[turn_id], kwargs={"takeover": True}, task_id=task_id
+                TaskName.RUN_TURN, args=[turn_id], kwargs={"takeover": True}, task_id=task_id
             )
             counts["running"] += 1
     if queued or stale:

@@ -18,22 +18,23 @@ from decimal import Decimal
 
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, selectinload
 
 from shared import metrics
+from shared.db import is_uuid
 from shared.errors import IdempotencyConflict, InsufficientBalance, InvalidInput, NotFound, SpendLimitReached
-from shared.models import ChatSession, Hold, ToolCallEvent, Turn, User
+from shared.models import ChatSession, Hold, Turn, TurnKind, TurnStatus, User
 from shared.pagination import Listing
 from shared.runtime import Runtime
 from shared.services import billing, enforcement, limits, pricing, turn_budget, turn_context
-from shared.services.rooms import _is_uuid, owned_session
-from shared.tools.registry import build_registry
+from shared.services.rooms import owned_session
+from shared.task_names import TaskName
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_OUTPUT_TOKENS = 512
 MAX_IDEMPOTENCY_KEY_LENGTH = 255
-FINISHED = ("completed", "failed", "cancelled")
+FINISHED = (TurnStatus.COMPLETED, TurnStatus.FAILED, TurnStatus.CANCELLED)
 
 
 @dataclass(frozen=True)
@@ -73,7 +74,7 @@ def turn_worst_case(runtime: Runtime, session: Session, turn: Turn, price=None) 
         turn_context.load(session, chat, turn.seq),
         turn.content,
         turn.max_output_tokens,
-        runtime.component("tools", build_registry).schemas(),
+        runtime.tools.schemas(),
     )
 
 
@@ -115,6 +116,31 @@ def _existing_for_key(session: Session, user_id: str, key: str, request_hash: st
     return turn
 
 
+def _check_idempotency_key(key: str | None) -> None:
+    """:raises InvalidInput: ``invalid_idempotency_key``: empty, too long or unprintable."""
+    if key is not None and (not key or len(key) > MAX_IDEMPOTENCY_KEY_LENGTH or not key.isprintable()):
+        raise InvalidInput(
+            f"Idempotency-Key must be 1-{MAX_IDEMPOTENCY_KEY_LENGTH} printable characters.",
+            error="invalid_idempotency_key",
+        )
+
+
+def _add_turn(session: Session, turn: Turn, chat_session_id: str) -> Turn:
+    """Give ``turn`` the session's next ``seq`` and add it (flushed), the session row locked."""
+    # Lock the session row: seq allocation is serialised per session. NO KEY UPDATE, not
+    # UPDATE: it must not block the foreign-key checks (KEY SHARE) of other transactions
+    # writing this session's turns, or a worker settling a turn (turn -> wallet) and this
+    # request (session -> wallet) could deadlock.
+    chat = session.scalar(
+        select(ChatSession).where(ChatSession.id == chat_session_id).with_for_update(key_share=True)
+    )
+    turn.session_id = chat.id
+    turn.seq = (session.scalar(select(func.max(Turn.seq)).where(Turn.session_id == chat.id)) or 0) + 1
+    session.add(turn)
+    session.flush()
+    return turn
+
+
 def submit(
     runtime: Runtime,
     session: Session,
@@ -136,11 +162,7 @@ def submit(
         (whatever the enforcement toggle; shared/services/limits.py).
     :raises TooManyRequests: ``rate_limited`` or ``too_many_concurrent_turns``.
     """
-    if key is not None and (not key or len(key) > MAX_IDEMPOTENCY_KEY_LENGTH or not key.isprintable()):
-        raise InvalidInput(
-            f"Idempotency-Key must be 1-{MAX_IDEMPOTENCY_KEY_LENGTH} printable characters.",
-            error="invalid_idempotency_key",
-        )
+    _check_idempotency_key(key)
     chat = owned_session(session, user.id, chat_session_id)
     request_hash = _request_hash(chat.id, data)
     if key is not None:
@@ -151,32 +173,24 @@ def submit(
     price = pricing.price_in_force(session, model)  # unpriced: refused before anything is written
     enforced = enforcement.is_enforced(runtime)
     try:
-        # Lock the session row: seq allocation is serialised per session. NO KEY UPDATE, not
-        # UPDATE: it must not block the foreign-key checks (KEY SHARE) of other transactions
-        # writing this session's turns, or a worker settling a turn (turn -> wallet) and this
-        # request (session -> wallet) could deadlock.
-        chat = session.scalar(
-            select(ChatSession).where(ChatSession.id == chat.id).with_for_update(key_share=True)
+        turn = _add_turn(
+            session,
+            Turn(
+                room_id=chat.room_id,
+                user_id=user.id,
+                status=TurnStatus.QUEUED,
+                content=content,
+                model=model,
+                max_output_tokens=max_output_tokens,
+                enforced=enforced,
+                idempotency_key=key,
+                request_hash=request_hash,
+                api_key_id=api_key_id,
+                request_messages=data.get("messages"),
+                request_tools=data.get("tools"),
+            ),
+            chat.id,
         )
-        seq = (session.scalar(select(func.max(Turn.seq)).where(Turn.session_id == chat.id)) or 0) + 1
-        turn = Turn(
-            session_id=chat.id,
-            room_id=chat.room_id,
-            user_id=user.id,
-            seq=seq,
-            status="queued",
-            content=content,
-            model=model,
-            max_output_tokens=max_output_tokens,
-            enforced=enforced,
-            idempotency_key=key,
-            request_hash=request_hash,
-            api_key_id=api_key_id,
-            request_messages=data.get("messages"),
-            request_tools=data.get("tools"),
-        )
-        session.add(turn)
-        session.flush()
         reserve = limits.admit(
             session, turn, lambda: turn_worst_case(runtime, session, turn, price), now=runtime.clock()
         )
@@ -209,7 +223,7 @@ def submit(
 def enqueue_run(celery_app, turn_id: str) -> bool:
     """Send ``run_turn``; a broker outage is logged, not raised (the beat job re-sends)."""
     try:
-        celery_app.send_task("tollgate.run_turn", args=[turn_id])
+        celery_app.send_task(TaskName.RUN_TURN, args=[turn_id])
         return True
     except Exception:
         log.warning("could not enqueue run_turn for %s; recover_stuck_turns will", turn_id, exc_info=True)
@@ -264,7 +278,7 @@ def submit_and_wait(
 
 def owned_turn(session: Session, user_id: str, turn_id: str) -> Turn:
     """:raises NotFound: unknown, malformed, or another user's turn."""
-    turn = session.get(Turn, turn_id) if _is_uuid(turn_id) else None
+    turn = session.get(Turn, turn_id) if is_uuid(turn_id) else None
     if turn is None or turn.user_id != user_id:
         raise NotFound("No such turn.")
     return turn
@@ -272,63 +286,10 @@ def owned_turn(session: Session, user_id: str, turn_id: str) -> Turn:
 
 def list_turns(session: Session, user_id: str, chat_session_id: str) -> Listing:
     chat = owned_session(session, user_id, chat_session_id)
-    return _PresentedListing(
-        session, select(Turn).where(Turn.session_id == chat.id, Turn.kind == "chat").order_by(Turn.seq)
+    return Listing(
+        session,
+        select(Turn)
+        .where(Turn.session_id == chat.id, Turn.kind == TurnKind.CHAT)
+        .order_by(Turn.seq)
+        .options(selectinload(Turn.tool_calls)),
     )
-
-
-def present(session: Session, turn: Turn) -> dict:
-    """TurnRead as a dict, with its tool calls."""
-    events = session.scalars(
-        select(ToolCallEvent).where(ToolCallEvent.turn_id == turn.id).order_by(ToolCallEvent.created_at)
-    ).all()
-    return _as_read(turn, events)
-
-
-def _as_read(turn: Turn, events) -> dict:
-    return {
-        "id": turn.id,
-        "session_id": turn.session_id,
-        "room_id": turn.room_id,
-        "seq": turn.seq,
-        "status": turn.status,
-        "content": turn.content,
-        "reply": turn.reply,
-        "model": turn.model,
-        "usage": {"input_tokens": turn.input_tokens, "output_tokens": turn.output_tokens},
-        "cost": turn.cost,
-        "balance_after": turn.balance_after,
-        "low_balance": turn.low_balance,
-        "summary_used_fallback": turn.summary_used_fallback,
-        "tool_calls": [
-            {
-                "id": event.id,
-                "tool": event.tool,
-                "arguments": event.arguments,
-                "status": event.status,
-                "duration_ms": event.duration_ms,
-                "result_excerpt": event.result_excerpt,
-            }
-            for event in events
-        ],
-        "error": {"code": turn.error_code, "message": turn.error_message or ""} if turn.error_code else None,
-        "usage_estimated": turn.usage_estimated,
-        "created_at": turn.created_at,
-        "completed_at": turn.completed_at,
-    }
-
-
-class _PresentedListing(Listing):
-    def __getitem__(self, window: slice) -> list:
-        page = super().__getitem__(window)
-        if not page:
-            return []
-        events = self.session.scalars(
-            select(ToolCallEvent)
-            .where(ToolCallEvent.turn_id.in_([t.id for t in page]))
-            .order_by(ToolCallEvent.created_at)
-        ).all()
-        by_turn: dict[str, list] = {}
-        for event in events:
-            by_turn.setdefault(event.turn_id, []).append(event)
-        return [_as_read(turn, by_turn.get(turn.id, [])) for turn in page]

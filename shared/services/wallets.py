@@ -20,7 +20,7 @@ class WalletSummary:
     low_balance: bool
 
 
-def summarize(wallet: Wallet, low_balance_threshold: Decimal) -> WalletSummary:
+def summary_of(wallet: Wallet, low_balance_threshold: Decimal) -> WalletSummary:
     return WalletSummary(
         balance=wallet.balance,
         held=wallet.held,
@@ -34,4 +34,4 @@ def wallet_summary(session: Session, user_id: str, low_balance_threshold: Decima
     wallet = session.scalar(select(Wallet).where(Wallet.user_id == user_id))
     if wallet is None:
         raise NotFound("No wallet for this user.")
-    return summarize(wallet, low_balance_threshold)
+    return summary_of(wallet, low_balance_threshold)

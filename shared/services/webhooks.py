@@ -49,7 +49,7 @@ from sqlalchemy import event as sa_event
 from sqlalchemy import inspect, select
 from sqlalchemy.orm import Session
 
-from shared.db import MONEY_QUANT, new_id, utcnow
+from shared.db import MONEY_QUANT, is_uuid, new_id, utcnow
 from shared.errors import InvalidInput, NotFound
 from shared.models import (
     DeliveryStatus,
@@ -61,6 +61,7 @@ from shared.models import (
 )
 from shared.pagination import Listing
 from shared.services import audit
+from shared.task_names import TaskName
 
 log = logging.getLogger(__name__)
 
@@ -218,9 +219,7 @@ def list_endpoints(session: Session) -> Listing:
 
 
 def _endpoint(session: Session, endpoint_id: str) -> WebhookEndpoint:
-    from shared.services.rooms import _is_uuid
-
-    endpoint = session.get(WebhookEndpoint, endpoint_id) if _is_uuid(endpoint_id) else None
+    endpoint = session.get(WebhookEndpoint, endpoint_id) if is_uuid(endpoint_id) else None
     if endpoint is None or endpoint.deleted_at is not None:
         raise NotFound("No such webhook.")
     return endpoint
@@ -296,10 +295,8 @@ def redeliver(session: Session, *, actor_id: str, endpoint_id: str, delivery_id:
 
     :raises NotFound: no such webhook or delivery.
     """
-    from shared.services.rooms import _is_uuid
-
     endpoint = _endpoint(session, endpoint_id)
-    delivery = session.get(WebhookDelivery, delivery_id) if _is_uuid(delivery_id) else None
+    delivery = session.get(WebhookDelivery, delivery_id) if is_uuid(delivery_id) else None
     if delivery is None or delivery.endpoint_id != endpoint.id:
         raise NotFound("No such delivery.")
     now = utcnow()
@@ -401,7 +398,7 @@ def install(runtime, database) -> None:
             return
         for delivery_id in delivery_ids:
             try:
-                sender("tollgate.deliver_webhook", args=[delivery_id])
+                sender(TaskName.DELIVER_WEBHOOK, args=[delivery_id])
             except Exception:
                 # The beat job tollgate.dispatch_webhooks sends it later.
                 log.warning("could not enqueue webhook delivery %s", delivery_id, exc_info=True)
@@ -565,5 +562,5 @@ def dispatch_due(runtime, send_task, *, now: datetime | None = None) -> int:
         ).all()
         session.commit()
     for delivery_id in due:
-        send_task("tollgate.deliver_webhook", args=[delivery_id])
+        send_task(TaskName.DELIVER_WEBHOOK, args=[delivery_id])
     return len(due)

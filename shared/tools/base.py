@@ -5,11 +5,11 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 from sqlalchemy.orm import Session
 
-ToolStatus = Literal["ok", "error", "timeout"]
+from shared.models import ToolCallStatus
 
 
 @dataclass
@@ -26,7 +26,7 @@ class ToolContext:
 
 @dataclass
 class ToolResult:
-    status: ToolStatus
+    status: ToolCallStatus
     content: str  # what the model sees
     data: dict[str, Any] | None = None
 

@@ -7,11 +7,10 @@ would confirm it exists). Offsets count characters of the extracted text.
 
 from __future__ import annotations
 
-import uuid
-
 from sqlalchemy import func, select
 
-from shared.models import FileStatus, UploadedFile
+from shared.db import is_uuid
+from shared.models import FileStatus, ToolCallStatus, UploadedFile
 from shared.tools.base import Tool, ToolContext, ToolError, ToolResult
 
 DEFAULT_MAX_CHARS = 2000
@@ -20,20 +19,13 @@ MAX_OFFSET = 1_000_000_000  # far beyond any upload; keeps SQL substr() within i
 NOT_FOUND = "file not found"
 
 
-def _is_uuid(value: str) -> bool:
-    try:
-        return str(uuid.UUID(value)) == value.lower()
-    except (ValueError, AttributeError, TypeError):
-        return False
-
-
 def _find(ctx: ToolContext, file_id: str | None, filename: str | None) -> UploadedFile:
     in_scope = (UploadedFile.room_id == ctx.room_id, UploadedFile.user_id == ctx.user_id)
     if file_id is not None:
         wanted = file_id.strip().lower()
         found = (
             ctx.session.scalar(select(UploadedFile).where(UploadedFile.id == wanted, *in_scope))
-            if _is_uuid(wanted)
+            if is_uuid(wanted)
             else None
         )
     else:
@@ -88,7 +80,7 @@ def file_read(
         f'file "{stored.filename}" (file_id={stored.id}), characters {offset}-{end} of {total} ({position}):'
     )
     return ToolResult(
-        "ok",
+        ToolCallStatus.OK,
         f"{header}\n{chunk}",
         {
             "file_id": stored.id,

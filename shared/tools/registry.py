@@ -1,7 +1,7 @@
 """The tool registry: what the model may call, argument validation, timeouts.
 
 One ``ToolRegistry`` is built per process (``build_registry``, held by the
-runtime as a component). ``call`` never raises: an unknown tool, arguments that
+runtime as ``Runtime.tools``). ``call`` never raises: an unknown tool, arguments that
 do not match the tool's JSON schema, a tool that fails or one that runs past
 its timeout all come back as a ``ToolResult`` the model can read.
 """
@@ -19,6 +19,7 @@ from typing import Any
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
+from shared.models import ToolCallStatus
 from shared.tools.base import Tool, ToolContext, ToolError, ToolResult
 from shared.tools.file_read import FILE_READ_TOOL
 from shared.tools.search import SEARCH_TOOL
@@ -171,11 +172,11 @@ class ToolRegistry:
         tool = self.tools.get(name)
         if tool is None:
             known = ", ".join(self.tools) or "none"
-            return ToolResult("error", f"unknown tool {name!r} (available: {known})")
+            return ToolResult(ToolCallStatus.ERROR, f"unknown tool {name!r} (available: {known})")
         try:
             validated = validate_arguments(tool.parameters, arguments)
         except ArgumentError as exc:
-            return ToolResult("error", f"invalid arguments for {name}: {exc}")
+            return ToolResult(ToolCallStatus.ERROR, f"invalid arguments for {name}: {exc}")
 
         outcome: list[ToolResult] = []
         # The caller's context (request and turn ids) goes along, for the tool's log lines.
@@ -189,7 +190,7 @@ class ToolRegistry:
         thread.join(timeout)
         if thread.is_alive() or not outcome:
             log.warning("tool %s timed out after %.1fs", name, timeout)
-            return ToolResult("timeout", f"{name} did not finish within {timeout:g} seconds")
+            return ToolResult(ToolCallStatus.TIMEOUT, f"{name} did not finish within {timeout:g} seconds")
         return outcome[0]
 
     @staticmethod
@@ -203,10 +204,12 @@ class ToolRegistry:
             session.rollback()  # tools only read
             outcome.append(result)
         except ToolError as exc:
-            outcome.append(ToolResult("error", str(exc)))
+            outcome.append(ToolResult(ToolCallStatus.ERROR, str(exc)))
         except Exception:
             log.exception("tool %s failed", tool.name)
-            outcome.append(ToolResult("error", f"{tool.name} failed unexpectedly; try again or rephrase"))
+            outcome.append(
+                ToolResult(ToolCallStatus.ERROR, f"{tool.name} failed unexpectedly; try again or rephrase")
+            )
         finally:
             session.close()
 

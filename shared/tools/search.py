@@ -25,7 +25,7 @@ from typing import Any
 from sqlalchemy import and_, func, or_, select, text
 from sqlalchemy.orm import Session
 
-from shared.models import FileStatus, Turn, UploadedFile
+from shared.models import FileStatus, ToolCallStatus, Turn, UploadedFile
 from shared.tools.base import Tool, ToolContext, ToolError, ToolResult
 
 # Also written literally in the index definitions of migration 20261125_0002: the
@@ -288,7 +288,9 @@ def search(ctx: ToolContext, query: str, limit: int = DEFAULT_LIMIT) -> ToolResu
             header = f'No document has every word of "{query}"; {len(hits)} match some of them, best first:'
         content = "\n".join([header, *(hit.line(n) for n, hit in enumerate(hits, 1))])
     return ToolResult(
-        "ok", content, {"query": query, "match": match, "results": [hit.as_data() for hit in hits]}
+        ToolCallStatus.OK,
+        content,
+        {"query": query, "match": match, "results": [hit.as_data() for hit in hits]},
     )
 
 

@@ -20,8 +20,9 @@ import pytest
 import redis as redis_lib
 from sqlalchemy import text
 
-from shared.cli import migrate
+from shared.migrations import migrate
 from shared.settings import Settings, normalize_database_url
+from shared.task_names import TaskName
 from tests.factories import Actor, make_actor
 from web.app import create_app
 from worker.celery_app import create_celery_app
@@ -226,7 +227,7 @@ class WorkerProcess:
             if self.process.poll() is not None:
                 raise RuntimeError(f"worker exited early; see {self.log_path}")
             try:
-                if celery_app.send_task("tollgate.ping", ignore_result=False).get(timeout=2) == "pong":
+                if celery_app.send_task(TaskName.PING, ignore_result=False).get(timeout=2) == "pong":
                     return
             except Exception:
                 time.sleep(0.2)

@@ -16,6 +16,7 @@ from shared.db import new_id
 from shared.errors import InsufficientBalance
 from shared.models import Hold, LedgerEntry, UsageHour, Wallet
 from shared.services import billing, ledger_check
+from shared.task_names import TaskName
 from tests.integration.conftest import ROOT, service_env
 
 D = Decimal
@@ -231,7 +232,7 @@ def test_the_beat_task_expires_holds_in_a_live_worker(pg_app, pg_admin, pg_user,
         )
         session.commit()
     celery_app = create_celery_app(live_worker.settings, role="test")
-    celery_app.send_task("tollgate.expire_holds")  # fire and forget, as beat sends it
+    celery_app.send_task(TaskName.EXPIRE_HOLDS)  # fire and forget, as beat sends it
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         with runtime.db.session() as session:

@@ -13,6 +13,7 @@ from sqlalchemy import func, select
 
 from shared.models import Hold, Turn, Wallet
 from shared.services import billing, ledger_check
+from shared.task_names import TaskName
 from tests.integration.test_turns_pg import _children, post_turn, wait_for
 from web.app import create_app
 
@@ -117,7 +118,7 @@ def test_every_way_a_turn_ends_leaves_no_credit_reserved(
     expired_id = response.get_json()["id"]
     time.sleep(1.2)
     assert billing.expire_stale_holds(pg_db) == 1
-    pg_app.extensions["celery"].send_task("tollgate.run_turn", args=[expired_id])
+    pg_app.extensions["celery"].send_task(TaskName.RUN_TURN, args=[expired_id])
     expired = wait_for(pg_client, pg_user, expired_id)
     assert expired["status"] == "failed" and expired["error"]["code"] == "hold_expired"
     parked_app.extensions["tollgate"].close()
@@ -155,7 +156,7 @@ def test_a_turn_queued_while_enforcement_was_off_is_refused_in_the_worker_when_i
     assert response.status_code == 202  # enforcement off: the empty wallet is no obstacle
     parked_app.extensions["tollgate"].close()
     pg_client.patch("/api/v1/admin/settings/enforcement", json={"enabled": True}, headers=pg_admin.headers)
-    pg_app.extensions["celery"].send_task("tollgate.run_turn", args=[response.get_json()["id"]])
+    pg_app.extensions["celery"].send_task(TaskName.RUN_TURN, args=[response.get_json()["id"]])
     turn = wait_for(pg_client, pg_user, response.get_json()["id"])
     assert turn["status"] == "failed"
     assert turn["error"]["code"] == "insufficient_balance"

@@ -21,6 +21,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 
 from shared.runtime import Runtime
 from shared.services import turn_runner
+from shared.task_names import TaskName
 from tests.integration.conftest import WorkerProcess
 from tests.integration.faults import (
     BackendKiller,
@@ -361,7 +362,7 @@ def test_a_worker_killed_mid_turn_is_taken_over_and_the_turn_billed_once(
     assert query(fault_settings, "SELECT attempts FROM turns WHERE id = %s", turn_id) == [(2,)]
 
     # The dead worker's message comes back one day (visibility timeout): it changes nothing.
-    fault_app.extensions["celery"].send_task("tollgate.run_turn", args=[turn_id], kwargs={"takeover": True})
+    fault_app.extensions["celery"].send_task(TaskName.RUN_TURN, args=[turn_id], kwargs={"takeover": True})
     after = post_turn(client, pg_user, chat, "the next question", wait=True)
     assert after.status_code == 201 and after.get_json()["status"] == "completed"
     assert query(fault_settings, "SELECT attempts FROM turns WHERE id = %s", turn_id) == [(2,)]
@@ -423,10 +424,10 @@ def test_a_turn_outliving_the_soft_time_limit_fails_unbilled_instead_of_waiting_
     turn_id = submit(client, pg_user, new_chat(client, pg_user), "a question with too many slow rounds")
     celery_app = create_celery_app(fault_settings)
     celery_app.loader.import_default_modules()
-    celery_app.tollgate.component("provider", lambda _settings: _OverTimeProvider())
+    celery_app.tollgate.provider = _OverTimeProvider()
 
     # The task as the worker runs it, in this process, with the provider above.
-    assert celery_app.tasks["tollgate.run_turn"].apply(args=[turn_id]).get() == "failed"
+    assert celery_app.tasks[TaskName.RUN_TURN].apply(args=[turn_id]).get() == "failed"
     assert turn_states(fault_settings, [turn_id])[turn_id] == ("failed", "turn_timeout")
     assert_each_turn_billed_once(fault_settings, [turn_id])
     assert_ledger_check_passes(fault_settings)

@@ -8,8 +8,8 @@ import time
 import psycopg
 import redis as redis_lib
 
-from shared.cli import migrate
 from shared.db import Database
+from shared.migrations import migrate
 from shared.settings import Settings
 from tests.factories import make_actor
 from web.app import create_app

@@ -13,6 +13,7 @@ from sqlalchemy import update
 
 from shared.models import Turn
 from shared.services import billing, turn_runner
+from shared.task_names import TaskName
 from tests.integration.test_enforced_turns_pg import grant, new_chat
 from tests.integration.test_turns_pg import post_turn, wait_for
 from web.app import create_app
@@ -51,7 +52,7 @@ def get_limits(client, admin, path):
 
 def run_on_live_worker(pg_app, turn_ids):
     for turn_id in turn_ids:
-        pg_app.extensions["celery"].send_task("tollgate.run_turn", args=[turn_id])
+        pg_app.extensions["celery"].send_task(TaskName.RUN_TURN, args=[turn_id])
 
 
 def worst_case(client, admin, user, chat) -> Decimal:

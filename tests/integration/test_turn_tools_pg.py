@@ -15,8 +15,9 @@ from sqlalchemy import select
 from shared.models import ChatSession as ChatSessionRow
 from shared.models import Room, ToolCallEvent, Turn
 from shared.providers import OpenAIProvider
-from shared.services import files, turn_runner, turns
+from shared.services import files, turn_runner
 from shared.tools.registry import build_registry
+from web.schemas.chat import TurnSchema
 
 pytest_plugins = ["tests.fakes.openai_server"]
 
@@ -127,7 +128,7 @@ def test_the_model_calls_search_then_file_read_and_answers_from_the_results(
     assert (done.input_tokens, done.output_tokens) == (600, 30)
     # 600 input tokens at 0.01/1k + 30 output at 0.03/1k
     assert str(done.cost) == "0.006900"
-    shown = turns.present(pg_db, done)["tool_calls"]
+    shown = TurnSchema().dump(done)["tool_calls"]
     assert [c["tool"] for c in shown] == ["search", "file_read"] and shown[0]["result_excerpt"]
 
 
@@ -201,5 +202,5 @@ def test_an_upstream_error_body_never_reaches_the_turns_error_message(
     assert run(pg_app, turn, OpenAIProvider(fake_openai.base_url, backoff_base=0.01)) == "failed"
 
     pg_db.expire_all()
-    shown = turns.present(pg_db, pg_db.get(Turn, turn.id))["error"]
+    shown = TurnSchema().dump(pg_db.get(Turn, turn.id))["error"]
     assert shown == {"code": "provider_rejected", "message": "The model provider rejected the request."}

@@ -17,6 +17,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from shared.services import webhooks
+from shared.task_names import TaskName
 from tests.integration.conftest import WorkerProcess
 from tests.integration.test_enforced_turns_pg import grant, new_chat
 from tests.integration.test_turns_pg import post_turn
@@ -89,7 +90,7 @@ class WebhookWorker(WorkerProcess):
             if self.process.poll() is not None:
                 raise RuntimeError(f"worker exited early; see {self.log_path}")
             try:
-                ping = celery_app.send_task("tollgate.ping", queue="webhooks", ignore_result=False)
+                ping = celery_app.send_task(TaskName.PING, queue="webhooks", ignore_result=False)
                 if ping.get(timeout=2) == "pong":
                     return
             except Exception:

@@ -2,7 +2,8 @@ import subprocess
 import sys
 from decimal import Decimal
 
-from shared.cli import main, migrate
+from shared.cli import main
+from shared.migrations import migrate
 from shared.models import LedgerEntry, Wallet
 from shared.runtime import Runtime
 from shared.settings import Settings

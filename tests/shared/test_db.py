@@ -2,7 +2,6 @@ import logging
 import re
 from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
-from typing import get_args
 
 import pytest
 from sqlalchemy import CheckConstraint, func, select, text
@@ -26,7 +25,6 @@ from shared.models import (
     WebhookEventType,
 )
 from shared.settings import Settings
-from shared.tools.base import ToolStatus
 
 
 def test_every_id_column_has_one_width():
@@ -135,10 +133,6 @@ def test_every_state_column_is_held_by_a_check_built_from_its_enum():
         sql = str(checks[f"ck_{table}_{column}"].sqltext)
         assert sql.startswith(f"{column} IN (")
         assert set(re.findall(r"'([^']*)'", sql)) == {member.value for member in names}
-
-
-def test_a_tool_result_status_is_a_tool_call_status():
-    assert set(get_args(ToolStatus)) == set(ToolCallStatus)
 
 
 def test_create_all_installs_the_checks_and_the_ledger_triggers_on_sqlite(sqlite_db):

@@ -6,6 +6,7 @@ import time
 
 import pytest
 
+from shared.prompts import extract_search_query, room_files_line
 from shared.providers import (
     OfflineProvider,
     ProviderPermanentError,
@@ -14,8 +15,6 @@ from shared.providers import (
     count_message_tokens,
     count_tokens,
     count_tool_schema_tokens,
-    extract_search_query,
-    room_files_line,
 )
 from shared.settings import Settings
 

@@ -29,7 +29,7 @@ def test_the_extractive_fallback_keeps_the_newest_text_within_its_limit():
 
 
 def test_a_model_summary_reports_its_tokens_and_coverage():
-    result = summaries.summarize(
+    result = summaries.fold_turns(
         OfflineProvider(),
         "offline-small",
         None,
@@ -44,12 +44,12 @@ def test_a_model_summary_reports_its_tokens_and_coverage():
 
 def test_a_failing_generator_falls_back_or_raises_as_asked():
     turns = [turn(1, "Gamma. [[offline:fail-summary]]")]
-    fallback = summaries.summarize(OfflineProvider(), "offline-small", None, turns, allow_fallback=True)
+    fallback = summaries.fold_turns(OfflineProvider(), "offline-small", None, turns, allow_fallback=True)
     assert fallback.used_fallback is True
     assert fallback.text == summaries.extractive_summary(None, turns)
     assert (fallback.input_tokens, fallback.output_tokens) == (0, 0)
     try:
-        summaries.summarize(OfflineProvider(), "offline-small", None, turns, allow_fallback=False)
+        summaries.fold_turns(OfflineProvider(), "offline-small", None, turns, allow_fallback=False)
     except ProviderTransientError:
         pass
     else:

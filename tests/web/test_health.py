@@ -4,7 +4,7 @@ import time
 
 import pytest
 
-from shared.cli import migrate
+from shared.migrations import migrate
 from tests.web.test_files import queued_tasks
 from web.app import create_app
 

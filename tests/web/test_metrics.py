@@ -211,7 +211,7 @@ def test_refusals_for_insufficient_credit_are_counted_at_submit_and_in_the_worke
 def test_summary_fallbacks_are_counted(client):
     before = scrape(client)
     turns = [SimpleNamespace(seq=1, content="Gamma. [[offline:fail-summary]]", reply="Sure.")]
-    result = summaries.summarize(OfflineProvider(), "offline-small", None, turns, allow_fallback=True)
+    result = summaries.fold_turns(OfflineProvider(), "offline-small", None, turns, allow_fallback=True)
     assert result.used_fallback
     after = scrape(client)
     assert value(after, "tollgate_summary_fallbacks_total", reason="provider_error") == (

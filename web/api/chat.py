@@ -125,7 +125,7 @@ class SessionTurns(MethodView):
             response.headers.update(headers)
             return response
         # 201 and 202 are both contract (design §3): the one place a view picks its status.
-        return turns.present(db(), outcome.turn), (201 if outcome.finished else 202), headers
+        return outcome.turn, (201 if outcome.finished else 202), headers
 
 
 @blp.route("/turns/<string:turn_id>")
@@ -134,7 +134,7 @@ class TurnItem(MethodView):
     @blp.alt_response(404, schema=ErrorSchema)
     def get(self, turn_id):
         """Get a turn"""
-        return turns.present(db(), turns.owned_turn(db(), current_user().id, turn_id))
+        return turns.owned_turn(db(), current_user().id, turn_id)
 
 
 @blp.route("/turns/<string:turn_id>/events")
@@ -167,5 +167,4 @@ class TurnCancel(MethodView):
     @blp.alt_response(409, schema=ErrorSchema, description="`turn_finished`: it completed or failed first")
     def post(self, turn_id):
         """Cancel a turn: stop generating, bill what was used, release the rest"""
-        turn = turn_runner.cancel(runtime(), db(), current_user().id, turn_id)
-        return turns.present(db(), turn)
+        return turn_runner.cancel(runtime(), db(), current_user().id, turn_id)

@@ -5,6 +5,8 @@ import re
 from marshmallow import fields, validate
 
 from shared.errors import InvalidInput
+from shared.services import pricing
+from shared.services.pricing import MAX_MODEL_NAME
 from web.schemas.common import BaseSchema, Money, MoneyInput, NonBlankString
 
 AMOUNT_DOC = (
@@ -23,11 +25,12 @@ MODEL_PATH_PARAMETER = {
     "in": "path",
     "name": "model",
     "required": True,
-    "description": "Model name, at most 200 characters; anything else is 422 `invalid_model`.",
-    "schema": {"type": "string", "maxLength": 200, "pattern": MODEL_NAME_PATTERN},
+    "description": f"Model name, at most {MAX_MODEL_NAME} characters; anything else is 422 `invalid_model`.",
+    "schema": {"type": "string", "maxLength": MAX_MODEL_NAME, "pattern": MODEL_NAME_PATTERN},
 }
-MAX_AMOUNT = 10**12
-MAX_PRICE_PER_1K = 10**6
+# The service's limits, as the integers MoneyInput documents them with.
+MAX_AMOUNT = int(pricing.MAX_AMOUNT)
+MAX_PRICE_PER_1K = int(pricing.MAX_PRICE_PER_1K)
 
 
 class LedgerEntrySchema(BaseSchema):
@@ -71,9 +74,9 @@ class AdjustmentCreateSchema(BaseSchema):
 
 def checked_model_name(model: str) -> str:
     """The pricing path's model name. :raises InvalidInput: ``invalid_model``."""
-    if len(model) > 200 or not re.fullmatch(MODEL_NAME_PATTERN, model):
+    if len(model) > MAX_MODEL_NAME or not re.fullmatch(MODEL_NAME_PATTERN, model):
         raise InvalidInput(
-            "model must be at most 200 letters, digits or ._:@+- in segments joined by '/'.",
+            f"model must be at most {MAX_MODEL_NAME} letters, digits or ._:@+- in segments joined by '/'.",
             error="invalid_model",
             field="model",
         )

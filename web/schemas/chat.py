@@ -1,5 +1,6 @@
 from marshmallow import fields, validate
 
+from shared.services.pricing import MAX_MODEL_NAME
 from web.schemas.common import BaseSchema, Money, StrictInteger
 
 
@@ -28,7 +29,9 @@ class SessionSchema(BaseSchema):
 
 class TurnCreateSchema(BaseSchema):
     content = fields.String(required=True, metadata={"description": "The user's message; not blank"})
-    model = fields.String(load_default=None, allow_none=True, validate=validate.Length(min=1, max=200))
+    model = fields.String(
+        load_default=None, allow_none=True, validate=validate.Length(min=1, max=MAX_MODEL_NAME)
+    )
     max_output_tokens = StrictInteger(
         load_default=None, allow_none=True, validate=validate.Range(min=1, max=8192)
     )
@@ -58,7 +61,7 @@ class TurnErrorSchema(BaseSchema):
 
 
 class TurnSchema(BaseSchema):
-    """TurnRead."""
+    """TurnRead, dumped from a ``Turn`` (its ``tool_calls`` loaded on access)."""
 
     id = fields.String(required=True)
     session_id = fields.String(required=True)
@@ -83,3 +86,11 @@ class TurnSchema(BaseSchema):
     )
     created_at = fields.DateTime(required=True)
     completed_at = fields.DateTime(allow_none=True)
+
+    def get_attribute(self, obj, attr, default):
+        # `usage` and `error` group columns of the turn; every other field is one attribute.
+        if attr == "usage":
+            return {"input_tokens": obj.input_tokens, "output_tokens": obj.output_tokens}
+        if attr == "error":
+            return {"code": obj.error_code, "message": obj.error_message or ""} if obj.error_code else None
+        return super().get_attribute(obj, attr, default)

@@ -1,6 +1,7 @@
-from marshmallow import fields, validate
+from marshmallow import fields, post_load, validate
 
 from shared.models import Role
+from shared.services.auth import normalize_email
 from web.schemas.common import WHITESPACE_CLASS, BaseSchema, Money, PatternString
 
 # What the service accepts: a local part, "@", a domain with a dot; no whitespace inside
@@ -37,6 +38,11 @@ class UserCreateSchema(BaseSchema):
         validate=validate.Length(max=320),
     )
     role = fields.String(load_default=Role.USER.value, validate=validate.OneOf([role.value for role in Role]))
+
+    @post_load
+    def _normalized_email(self, data, **kwargs):
+        # After every field's own checks, so a request gets the same first error as ever.
+        return {**data, "email": normalize_email(data["email"])}
 
 
 class ApiKeySchema(BaseSchema):

@@ -4,10 +4,11 @@ from celery import shared_task
 from sqlalchemy.exc import OperationalError
 
 from shared.services import files
+from shared.task_names import TaskName
 
 
 @shared_task(
-    name="tollgate.ingest_file",
+    name=TaskName.INGEST_FILE,
     bind=True,
     max_retries=5,
     # The service stops at its own limit (EXTRACTION_TIME_LIMIT_SECONDS, default 30 s),
@@ -32,7 +33,7 @@ def ingest_file(self, file_id: str) -> str | None:
         raise self.retry(countdown=2 ** (self.request.retries + 1), exc=exc) from exc
 
 
-@shared_task(name="tollgate.recover_pending_files", bind=True, acks_late=False)
+@shared_task(name=TaskName.RECOVER_PENDING_FILES, bind=True, acks_late=False)
 def recover_pending_files(self) -> dict:
     with self.app.tollgate.db.session() as session:
         return files.recover_pending_files(session, self.app)

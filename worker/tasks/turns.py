@@ -6,21 +6,13 @@ from celery import shared_task
 from celery.exceptions import SoftTimeLimitExceeded
 
 from shared.db import is_database_unavailable
-from shared.providers import build_provider
+from shared.models import TurnStatus
 from shared.services import turn_runner
-from shared.tools.registry import build_registry
+from shared.task_names import TaskName
 
 # Retries for a database outage (1, 2, 4 … 30 s apart: about 3 minutes in all); a longer
 # outage leaves the turn to the recover_stuck_turns beat job.
 DATABASE_RETRIES = 10
-
-
-def _provider(runtime):
-    return runtime.component("provider", build_provider)
-
-
-def _tools(runtime):
-    return runtime.component("tools", build_registry)
 
 
 def _soft_time_limit(seconds: float | None):
@@ -36,7 +28,7 @@ def _soft_time_limit(seconds: float | None):
     return Timeout(seconds, SoftTimeLimitExceeded())
 
 
-@shared_task(name="tollgate.run_turn", bind=True, max_retries=3)
+@shared_task(name=TaskName.RUN_TURN, bind=True, max_retries=3)
 def run_turn(self, turn_id: str, takeover: bool = False) -> str:
     runtime = self.app.tollgate
     # A redelivered message means the worker that had it died (acks_late +
@@ -47,12 +39,12 @@ def run_turn(self, turn_id: str, takeover: bool = False) -> str:
             return turn_runner.run_turn(
                 runtime,
                 turn_id,
-                provider=_provider(runtime),
-                tools=_tools(runtime),
+                provider=runtime.provider,
+                tools=runtime.tools,
                 takeover=takeover or redelivered,
                 final_attempt=self.request.retries >= self.max_retries,
                 after_complete=lambda turn: self.app.send_task(
-                    "tollgate.refresh_summary", args=[turn.session_id]
+                    TaskName.REFRESH_SUMMARY, args=[turn.session_id]
                 ),
                 reraise=(SoftTimeLimitExceeded,),
                 owner=self.request.id,
@@ -63,7 +55,7 @@ def run_turn(self, turn_id: str, takeover: bool = False) -> str:
         # Slow model rounds added up past the soft limit. Another run would likely do the
         # same, and a turn left "running" would wait for its lease to lapse and a takeover: end it.
         turn_runner.fail(runtime, turn_id, "turn_timeout")
-        return "failed"
+        return TurnStatus.FAILED
     except Exception as exc:
         if not is_database_unavailable(exc):
             raise
@@ -79,11 +71,11 @@ def run_turn(self, turn_id: str, takeover: bool = False) -> str:
         ) from exc
 
 
-@shared_task(name="tollgate.refresh_summary", bind=True, max_retries=0)
+@shared_task(name=TaskName.REFRESH_SUMMARY, bind=True, max_retries=0)
 def refresh_summary(self, session_id: str) -> bool:
-    return turn_runner.refresh_summary(self.app.tollgate, session_id, provider=_provider(self.app.tollgate))
+    return turn_runner.refresh_summary(self.app.tollgate, session_id, provider=self.app.tollgate.provider)
 
 
-@shared_task(name="tollgate.recover_stuck_turns", bind=True, acks_late=False)
+@shared_task(name=TaskName.RECOVER_STUCK_TURNS, bind=True, acks_late=False)
 def recover_stuck_turns(self) -> dict:
     return turn_runner.recover_stuck_turns(self.app.tollgate, self.app)
