@@ -16,11 +16,11 @@ from zoneinfo import ZoneInfo
 from sqlalchemy import or_, select
 from sqlalchemy.orm import Session, selectinload
 
+from shared.db import is_uuid
 from shared.errors import InvalidInput, NotFound
 from shared.models import Limit, LimitSubject, ModelPrice, Turn, TurnStatus, User, WebhookEndpoint
 from shared.pagination import Listing
 from shared.services import limits, usage, wallets
-from shared.services.rooms import _is_uuid
 from shared.services.wallets import WalletSummary
 
 RECENT_FAILURES = 10
@@ -207,7 +207,7 @@ def webhook_endpoints(session: Session) -> Listing:
 
 def webhook_endpoint(session: Session, endpoint_id: str) -> WebhookEndpoint:
     """:raises NotFound: no such webhook (a deleted one is found: its page says so)."""
-    endpoint = session.get(WebhookEndpoint, endpoint_id) if _is_uuid(endpoint_id) else None
+    endpoint = session.get(WebhookEndpoint, endpoint_id) if is_uuid(endpoint_id) else None
     if endpoint is None:
         raise NotFound("No such webhook.")
     return endpoint
