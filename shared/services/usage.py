@@ -18,11 +18,11 @@ Kathmandu, any quarter for Lord Howe); an hour's usage before and after such a c
 difference of two stored prefixes, and each part counts on the local date of its start
 (``_rollup_statement``).
 
-Postgres buckets with ``date_trunc`` over ``part_start AT TIME ZONE tz``; SQLite shifts
-the part's start by the zone's UTC offset with date modifiers (one ``CASE`` arm per
-offset in force during the range, computed here from the IANA database) and truncates
-with ``'weekday 0', '-6 days'`` / ``'start of month'``. Both answer identically (tests
-run one suite on both).
+Both dialects shift the part's start by the zone's UTC offset (one ``CASE`` arm per offset
+in force during the range, computed here from Python's IANA database; Postgres's own is
+never asked), then Postgres truncates with ``date_trunc`` and SQLite with
+``'weekday 0', '-6 days'`` / ``'start of month'``. Both answer identically (tests run one
+suite on both).
 
 ``summary_from_turns`` computes the same summary from the raw completed turns with a
 plain ``GROUP BY date_trunc`` over each turn's local ``completed_at``: the oracle of the
@@ -61,7 +61,6 @@ from sqlalchemy import (
     text,
     union_all,
 )
-from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from shared.db import MONEY_QUANT, UTCDateTime
@@ -271,6 +270,13 @@ def _offset_minutes(moment: datetime, zone: ZoneInfo) -> int:
 
 @lru_cache(maxsize=256)
 def offset_segments(zone: ZoneInfo, lo: datetime, hi: datetime) -> list[tuple[datetime | None, int]]:
+    """The zone's UTC offset (minutes) at each period start in ``[lo, hi)``, as segments
+    (:func:`_offset_segments`, remembered: a summary asks for the same range several times)."""
+    return list(_offset_segments(zone, lo, hi))
+
+
+@lru_cache(maxsize=256)
+def _offset_segments(zone: ZoneInfo, lo: datetime, hi: datetime) -> tuple[tuple[datetime | None, int], ...]:
     """The zone's UTC offset (minutes) at each period start in ``[lo, hi)``, as segments.
 
     ``[(until, minutes), ...]``: ``minutes`` applies to instants before ``until``; the
@@ -292,7 +298,7 @@ def offset_segments(zone: ZoneInfo, lo: datetime, hi: datetime) -> list[tuple[da
                 moment += _PERIOD
         day_start = day_end
     segments.append((None, current))
-    return segments
+    return tuple(segments)
 
 
 # -- SQL --------------------------------------------------------------------------------
@@ -309,11 +315,29 @@ def _bucket_expr(dialect: str, query: UsageQuery, moment, lo: datetime, hi: date
     SQLite, where it is also compared with the bound transition instants, moved back by
     the shift instead of shifting every row).
     """
-    if dialect == "postgresql":
-        if shift_minutes:
-            moment = moment + literal(timedelta(minutes=shift_minutes), Interval())
-        return func.date_trunc(query.bucket, func.timezone(query.tz, moment))
     segments = offset_segments(query.zone, lo, hi)
+    if dialect == "postgresql":
+        # Local time = UTC + the zone's offset, taken from Python's IANA database as on SQLite
+        # (one constant, or one CASE arm per offset in force during the range): cheaper per
+        # row than converting to a named zone (Kolkata costs what UTC costs), the dialects
+        # agree by construction, and Postgres's own zone database is never consulted.
+        def offset(minutes: int):
+            return literal(timedelta(minutes=minutes + shift_minutes), Interval())
+
+        if len(segments) == 1:
+            shift_to_local = offset(segments[0][1])
+        else:
+            shift_to_local = case(
+                *[
+                    (
+                        moment < literal(until - timedelta(minutes=shift_minutes), DateTime(timezone=True)),
+                        offset(m),
+                    )
+                    for until, m in segments[:-1]
+                ],
+                else_=offset(segments[-1][1]),
+            )
+        return func.date_trunc(query.bucket, func.timezone("UTC", moment) + shift_to_local)
     shift = timedelta(minutes=shift_minutes)
     if len(segments) == 1:
         modifier = literal(_sqlite_modifier(segments[0][1] + shift_minutes))
@@ -574,15 +598,9 @@ def _turns_statement(dialect: str, query: UsageQuery, lo: datetime, hi: datetime
 def _rows(session: Session, statement, *, stream: bool = False):
     if stream:
         statement = statement.execution_options(stream_results=True, yield_per=EXPORT_BATCH)
-    try:
-        return session.execute(statement)
-    except DBAPIError as exc:
-        # Python and Postgres each carry an IANA database; a name only Python knows
-        # is still the caller's bad input, not a server error.
-        session.rollback()
-        if "time zone" in str(exc.orig).lower():
-            raise _invalid("tz", "invalid_timezone", "This time zone is unknown to the database.") from exc
-        raise
+    # No zone name reaches the database (offsets come from Python's IANA database), so a
+    # zone Postgres's own database lacks cannot fail a query.
+    return session.execute(statement)
 
 
 def _bucket_rows(session: Session, query: UsageQuery, statement, *, stream: bool = False):
