@@ -4,7 +4,6 @@ connection mid-stream, one that sends no usage, one slow enough to cancel."""
 
 from __future__ import annotations
 
-import time
 from decimal import Decimal
 from urllib.parse import urlsplit, urlunsplit
 
@@ -18,6 +17,7 @@ from shared.services import ledger_check, pricing
 from tests.fakes.openai_server import Behaviour, FakeOpenAIServer
 from tests.integration.conftest import WorkerProcess
 from tests.integration.test_enforced_turns_pg import assert_no_credit_reserved, grant, new_chat
+from tests.integration.test_streaming_pg import wait_for_status
 from tests.sse import Event, events, parse
 from web.app import create_app
 
@@ -93,15 +93,7 @@ def stream_turn(client, actor, chat, content, **body):
 
 
 def final_turn(pg_db, turn_id, statuses=("completed", "failed", "cancelled"), timeout=30.0) -> Turn:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        pg_db.expire_all()
-        turn = pg_db.get(Turn, turn_id)
-        pg_db.commit()
-        if turn.status in statuses:
-            return turn
-        time.sleep(0.05)
-    raise AssertionError(f"turn {turn_id} is still {turn.status}")
+    return wait_for_status(pg_db, turn_id, statuses, timeout)
 
 
 def charged(pg_db, turn_id) -> Decimal:

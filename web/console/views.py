@@ -1,16 +1,4 @@
-"""The admin console: server-rendered HTML pages at ``/admin/`` (design §9, docs/admin_console.md).
-
-- **Sign-in**: an admin API key is exchanged for a server-side session
-  (``shared/services/admin_sessions.py``); the browser gets a random token in an
-  HttpOnly, SameSite=Strict cookie (Secure when the request came over HTTPS) and
-  never the key.
-- **CSRF**: every POST but the sign-in carries the session's token in a hidden
-  field; without it, or with another, nothing changes (403).
-- **One rule, one place**: each change calls the service the JSON API calls, so
-  validation, idempotency and audit events are the API's.
-- **Assets**: templates, CSS and JS ship in this package; charts are inline SVG
-  drawn on the server. The Content-Security-Policy allows this origin only.
-"""
+"""The console's routes; what the console is and its rules: the package docstring (``web/console``)."""
 
 from __future__ import annotations
 
@@ -365,11 +353,11 @@ def user_detail(user_id: str):
     return render_user(user_id)
 
 
-@blp.post("/users/<string:user_id>/grants")
-def grant(user_id: str):
+def _credit_form(user_id: str, schema, move, notice: str):
+    """A grant or adjustment form: the API's schema, then ``move`` (the API's service)."""
     try:
-        data = load_form(GrantCreateSchema(), "amount", "reason")
-        billing.grant_credit(
+        data = load_form(schema, "amount", "reason")
+        move(
             db(),
             actor_id=console_session().user.id,
             user_id=user_id,
@@ -382,27 +370,17 @@ def grant(user_id: str):
             raise
         message, status = problem(exc)
         return render_user(user_id, status, error=message)
-    return done("console.user_detail", "granted", user_id=user_id)
+    return done("console.user_detail", notice, user_id=user_id)
+
+
+@blp.post("/users/<string:user_id>/grants")
+def grant(user_id: str):
+    return _credit_form(user_id, GrantCreateSchema(), billing.grant_credit, "granted")
 
 
 @blp.post("/users/<string:user_id>/adjustments")
 def adjust(user_id: str):
-    try:
-        data = load_form(AdjustmentCreateSchema(), "amount", "reason")
-        billing.adjust_credit(
-            db(),
-            actor_id=console_session().user.id,
-            user_id=user_id,
-            amount=data["amount"],
-            reason=data["reason"],
-            idempotency_key=form_value("idempotency_key") or None,
-        )
-    except (DomainError, ValidationError) as exc:
-        if isinstance(exc, NotFound):
-            raise
-        message, status = problem(exc)
-        return render_user(user_id, status, error=message)
-    return done("console.user_detail", "adjusted", user_id=user_id)
+    return _credit_form(user_id, AdjustmentCreateSchema(), billing.adjust_credit, "adjusted")
 
 
 @blp.post("/users/<string:user_id>/api-keys")
