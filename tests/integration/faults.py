@@ -116,19 +116,35 @@ def _plain_url(settings: Settings) -> str:
     return settings.database_url.replace("+psycopg", "")
 
 
-def terminate_backends(settings: Settings, limit: int | None = None) -> int:
+def terminate_backends(settings: Settings, limit: int | None = None, *, wait: bool = True) -> int:
     """``pg_terminate_backend`` every other connection to the test database (web, worker,
     the test's own pools), or ``limit`` of them picked at random: what a Postgres failover,
-    a proxy dropping connections or an operator's kill looks like."""
+    a proxy dropping connections or an operator's kill looks like.
+
+    ``pg_terminate_backend`` only signals; with ``wait`` this returns once the victims have
+    exited (their last words sent, their sockets closed), so "after every connection was
+    killed" means after, not while the backends are still finishing their statement."""
     with psycopg.connect(_plain_url(settings), autocommit=True) as conn:
-        rows = conn.execute(
-            "SELECT pg_terminate_backend(pid) FROM ("
-            "  SELECT pid FROM pg_stat_activity"
-            "  WHERE datname = current_database() AND pid <> pg_backend_pid()"
-            "  ORDER BY random() LIMIT %s) AS victims",
-            (limit,),
-        ).fetchall()
-    return sum(1 for (killed,) in rows if killed)
+        victims = [
+            pid
+            for pid, killed in conn.execute(
+                "SELECT pid, pg_terminate_backend(pid) FROM ("
+                "  SELECT pid FROM pg_stat_activity"
+                "  WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                "  ORDER BY random() LIMIT %s) AS victims",
+                (limit,),
+            ).fetchall()
+            if killed
+        ]
+        deadline = time.monotonic() + 10
+        while wait and victims and time.monotonic() < deadline:
+            (alive,) = conn.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE pid = ANY(%s)", (victims,)
+            ).fetchone()
+            if not alive:
+                break
+            time.sleep(0.01)
+    return len(victims)
 
 
 class BackendKiller:
@@ -146,7 +162,7 @@ class BackendKiller:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.killed += terminate_backends(self.settings, self.limit)
+            self.killed += terminate_backends(self.settings, self.limit, wait=False)
             self.rounds += 1
             self._stop.wait(self.interval)
 

@@ -169,7 +169,9 @@ def test_concurrent_admissions_through_pgbouncer_never_overdraw_the_wallet(
     turn_worker()
     with pg_client.application.extensions["tollgate"].db.session() as session:
         pricing.set_price(session, pg_admin.id, SLOW_MODEL, "0.001000", "0.002000")
-    upstream.latency_by_model[SLOW_MODEL] = 1.0
+    # Longer than the race takes on a loaded machine: no admitted turn may end (and free its
+    # hold for a later one) before the last request is answered.
+    upstream.latency_by_model[SLOW_MODEL] = 6.0
     assert pg_client.patch(
         "/api/v1/admin/settings/enforcement", json={"enabled": True}, headers=pg_admin.headers
     ).status_code == 200
