@@ -12,10 +12,14 @@ Every entry carries a unique ``idempotency_key``; the per-turn keys are
 ``turn:{turn_id}:hold|capture|release|expiry|debit``, grants use
 ``grant:{Idempotency-Key}`` and summaries ``summary:{session_id}:{through_seq}``.
 The key is the last line of defence against double billing: each function
-checks state under the wallet lock first.
+checks state under a lock first (the wallet's, or for a turn's settlement the turn's,
+which its caller holds).
 
-Lock order: (turn row, held by the caller) → wallet → hold. Hold rows are only
-changed under their wallet's lock.
+Lock order: (turn row, held by the caller) → hold → wallet. A hold row is locked
+before its wallet and only changed under its own row lock; the wallet, the one row every
+charge of a user shares, is locked last and as late as the transaction allows (a turn's
+settlement takes it with the one ``UPDATE … RETURNING`` that moves it), so it stays
+locked for the few statements that need its balance.
 
 Functions documented "does not commit" join the caller's open transaction.
 """
@@ -27,15 +31,17 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
 from functools import cache
+from typing import NoReturn
 
-from sqlalchemy import func, select
+from sqlalchemy import bindparam, func, insert, select, union_all, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
+from sqlalchemy.orm.util import identity_key
 
 from shared import metrics
-from shared.db import MONEY_QUANT, new_id, utcnow
+from shared.db import MONEY, MONEY_QUANT, UTCDateTime, new_id, utcnow
 from shared.errors import Conflict, IdempotencyConflict, InsufficientBalance, InvalidInput, NotFound
 from shared.models import (
     SYSTEM_ACTOR,
@@ -150,6 +156,191 @@ def _append(
     return entry
 
 
+@dataclass(frozen=True)
+class _Move:
+    """One ledger entry of a wallet move: what ``_append`` takes, for ``_move_wallet``."""
+
+    kind: str
+    key: str
+    amount: Decimal
+    held_delta: Decimal
+    turn_id: str | None
+    hold_id: str | None
+    reason: str | None
+    created_at: datetime
+
+
+WALLET_MOVES = "tollgate.wallet_moves"
+
+
+@dataclass(frozen=True)
+class _Riders:
+    """Rows written with a wallet move, in the same round trip on Postgres: the usage
+    rollups (``UsageHour.rows_for``) and an API key's spend (``_key_spend_row``)."""
+
+    usage: list[dict] | None = None
+    key_spend: dict | None = None
+
+
+def _move_wallet(
+    session: Session,
+    user_id: str,
+    moves: list[_Move],
+    *,
+    covering: Decimal | None = None,
+    riders: _Riders = _Riders(),
+) -> tuple[str, Decimal]:
+    """Move the user's wallet by ``moves``, append their entries and write ``riders``,
+    without loading the wallet: an ``UPDATE … RETURNING`` takes the wallet's lock and moves
+    it, the entries get the ``balance_after`` it returned. On Postgres it is all one
+    statement (the update, the entries' and the riders' inserts as CTEs), so the wallet
+    stays locked for that one round trip and the commit; elsewhere one statement each.
+
+    For moves whose amount does not depend on the balance (a capture within its hold, an
+    unenforced debit), or that need only ``covering`` to be available (a hold: the check
+    is the ``UPDATE``'s condition, evaluated on the locked row). Returns the wallet's id and
+    the balance after. Does not commit.
+
+    The move is noted in ``session.info[WALLET_MOVES]`` (balance and held before and after)
+    for hooks that watch wallets (the webhooks outbox), as a flushed ORM wallet would be.
+
+    :raises NotFound: no wallet for this user.
+    :raises InsufficientBalance: ``available`` is below ``covering``.
+    """
+    amount = sum((move.amount for move in moves), ZERO)
+    held_delta = sum((move.held_delta for move in moves), ZERO)
+    params = {
+        "w_user_id": user_id,
+        "w_amount": _q(amount),
+        "w_held_delta": _q(held_delta),
+        "w_now": moves[-1].created_at,
+        "w_covering": covering,
+    }
+    # Entry i's balance_after is the new balance less the moves after it.
+    rest = amount
+    entries = []
+    for move in moves:
+        rest -= move.amount
+        entries.append(
+            {
+                "id": new_id(),
+                "user_id": user_id,
+                "kind": move.kind,
+                "amount": _q(move.amount),
+                "held_delta": _q(move.held_delta),
+                "offset": _q(rest),
+                "turn_id": move.turn_id,
+                "hold_id": move.hold_id,
+                "idempotency_key": move.key,
+                "initiated_by": SYSTEM_ACTOR,
+                "reason": move.reason,
+                "created_at": move.created_at,
+            }
+        )
+    if session.get_bind().dialect.name == "postgresql":
+        statement = _wallet_move_statement(
+            len(entries), covering is not None, riders.usage is not None, riders.key_spend is not None
+        )
+        for index, entry in enumerate(entries):
+            params.update({f"e{index}_{name}": value for name, value in entry.items()})
+        for index, row in enumerate(riders.usage or ()):
+            params.update({f"u{index}_{name}": value for name, value in row.items()})
+        params.update({f"k_{name}": value for name, value in (riders.key_spend or {}).items()})
+        row = session.execute(statement, params).one_or_none()
+    else:
+        row = session.execute(_wallet_update(covering is not None), params).one_or_none()
+    if row is None:
+        _refuse(session, user_id, covering)
+    wallet_id, balance, held = row
+    if session.get_bind().dialect.name != "postgresql":
+        rows = []
+        for entry in entries:
+            offset = entry.pop("offset")
+            rows.append({**entry, "wallet_id": wallet_id, "balance_after": balance - offset})
+        session.execute(insert(LedgerEntry.__table__), rows)
+        if riders.usage is not None:
+            session.execute(_usage_upsert("sqlite"), riders.usage)
+        if riders.key_spend is not None:
+            session.execute(_key_spend_upsert("sqlite"), riders.key_spend)
+    stale = session.identity_map.get(identity_key(Wallet, wallet_id))
+    if stale is not None:
+        session.expire(stale)
+    session.info.setdefault(WALLET_MOVES, []).append(
+        (wallet_id, user_id, balance - amount, held - held_delta, balance, held)
+    )
+    return wallet_id, _q(balance)
+
+
+@cache
+def _wallet_update(covering: bool):
+    """``UPDATE wallets … RETURNING id, balance, held`` for ``_move_wallet``'s parameters."""
+    wallets = Wallet.__table__
+    statement = update(wallets).where(wallets.c.user_id == bindparam("w_user_id"))
+    if covering:
+        available = wallets.c.balance - wallets.c.held
+        statement = statement.where(available >= bindparam("w_covering", type_=MONEY))
+    return statement.values(
+        balance=wallets.c.balance + bindparam("w_amount", type_=MONEY),
+        held=wallets.c.held + bindparam("w_held_delta", type_=MONEY),
+        updated_at=bindparam("w_now", type_=UTCDateTime()),
+    ).returning(wallets.c.id, wallets.c.balance, wallets.c.held)
+
+
+@cache
+def _wallet_move_statement(entries: int, covering: bool, usage: bool, key_spend: bool):
+    """``_move_wallet`` on Postgres, one statement per shape, built once: the wallet's
+    ``UPDATE`` as CTE ``w``, the entries inserted from it (``e``), then the usage rows
+    (``u``) and the key's spend (``k``) upserted — in that order, as every writer locks
+    them — and ``w``'s row selected."""
+    w = _wallet_update(covering).cte("w")
+    ledger = LedgerEntry.__table__
+    names = [column.name for column in ledger.columns]
+
+    def entry(index: int):
+        def value(name: str):
+            if name == "wallet_id":
+                return w.c.id
+            if name == "balance_after":
+                return w.c.balance - bindparam(f"e{index}_offset", type_=MONEY)
+            return bindparam(f"e{index}_{name}", type_=ledger.c[name].type)
+
+        return select(*(value(name) for name in names))
+
+    rows = [entry(index) for index in range(entries)]
+    ctes = [insert(ledger).from_select(names, rows[0] if entries == 1 else union_all(*rows)).cte("e")]
+    if usage:
+        table = UsageHour.__table__
+        names = [column.name for column in table.columns]
+        # Rows as SELECTs of parameters (a multi-row VALUES of parameters is not cacheable).
+        rows = [
+            select(*(bindparam(f"u{index}_{column.name}", type_=column.type) for column in table.columns))
+            for index in range(2)
+        ]
+        statement = pg_insert(table).from_select(names, union_all(*rows))
+        ctes.append(_on_usage_conflict(statement).cte("u"))
+    if key_spend:
+        table = ApiKeySpend.__table__
+        row = select(*(bindparam(f"k_{column.name}", type_=column.type) for column in table.columns))
+        statement = pg_insert(table).from_select([column.name for column in table.columns], row)
+        ctes.append(_on_key_spend_conflict(statement).cte("k"))
+    return select(w.c.id, w.c.balance, w.c.held).add_cte(*ctes)
+
+
+def _refuse(session: Session, user_id: str, required: Decimal | None) -> NoReturn:
+    """Why ``_move_wallet`` moved nothing: no wallet, or not enough available credit (its
+    figures as read now, without a lock)."""
+    wallet = session.scalar(
+        select(Wallet).where(Wallet.user_id == user_id).execution_options(populate_existing=True)
+    )
+    if wallet is None or required is None:
+        raise NotFound("No wallet for this user.")
+    raise InsufficientBalance(
+        balance=money_str(wallet.balance),
+        available=money_str(wallet.available),
+        required=money_str(required),
+    )
+
+
 def _turn_key(turn_id: str, kind: str) -> str:
     return f"turn:{turn_id}:{kind}"
 
@@ -185,18 +376,36 @@ def record_usage(
     session.execute(_usage_upsert(session.get_bind().dialect.name), rows)
 
 
-def _add_key_spend(session: Session, *, api_key_id: str, at: datetime, cost: Decimal) -> None:
-    """Upsert the (API key, UTC quarter hour) spend of a turn's charge, in the caller's
-    transaction: what per-key spend limits read (shared/services/limits.py)."""
-    session.execute(
-        _key_spend_upsert(session.get_bind().dialect.name),
-        {
-            "id": new_id(),
-            "api_key_id": api_key_id,
-            "period_start": UsageHour.quarter_of(at),
-            "cost": _q(cost),
-        },
+def _usage_rows(
+    user_id: str,
+    model: str,
+    at: datetime,
+    completed: bool,
+    input_tokens: int,
+    output_tokens: int,
+    cost: Decimal,
+) -> list[dict]:
+    """A turn's ``usage_hours`` rows (``record_usage``'s): the turn counts when ``completed``."""
+    return UsageHour.rows_for(
+        user_id=user_id,
+        model=model,
+        at=at,
+        turns=1 if completed else 0,
+        input_tokens=input_tokens,
+        output_tokens=output_tokens,
+        cost=_q(cost),
     )
+
+
+def _key_spend_row(api_key_id: str, at: datetime, cost: Decimal) -> dict:
+    """The (API key, UTC quarter hour) spend row of a turn's charge: what per-key spend
+    limits read (shared/services/limits.py)."""
+    return {
+        "id": new_id(),
+        "api_key_id": api_key_id,
+        "period_start": UsageHour.quarter_of(at),
+        "cost": _q(cost),
+    }
 
 
 # The two upserts every settle runs are built once per dialect and executed with parameters:
@@ -204,9 +413,11 @@ def _add_key_spend(session: Session, *, api_key_id: str, at: datetime, cost: Dec
 # round trip (bench: 2.5 ms -> see docs/architecture.md "The hot path, counted").
 @cache
 def _usage_upsert(dialect: str):
-    insert = pg_insert if dialect == "postgresql" else sqlite_insert
+    return _on_usage_conflict((pg_insert if dialect == "postgresql" else sqlite_insert)(UsageHour.__table__))
+
+
+def _on_usage_conflict(statement):
     table = UsageHour.__table__
-    statement = insert(table)
     keys = ("scope", "hour_start", "model")
     return statement.on_conflict_do_update(
         index_elements=list(keys),
@@ -220,9 +431,13 @@ def _usage_upsert(dialect: str):
 
 @cache
 def _key_spend_upsert(dialect: str):
-    insert = pg_insert if dialect == "postgresql" else sqlite_insert
+    return _on_key_spend_conflict(
+        (pg_insert if dialect == "postgresql" else sqlite_insert)(ApiKeySpend.__table__)
+    )
+
+
+def _on_key_spend_conflict(statement):
     table = ApiKeySpend.__table__
-    statement = insert(table)
     return statement.on_conflict_do_update(
         index_elements=["api_key_id", "period_start"],
         set_={"cost": table.c.cost + statement.excluded.cost},
@@ -244,37 +459,23 @@ def place_hold(session: Session, *, user_id: str, turn_id: str, amount: Decimal,
     amount = _q(amount)
     if amount < 0:
         raise ValueError("a hold amount cannot be negative")
-    wallet = _lock_wallet(session, user_id=user_id)
+    # The caller holds the turn (created in this transaction, or its row locked), so no
+    # other hold for it can appear meanwhile; the unique turn_id stays the last defence.
     existing = _fresh_hold(session, turn_id)
     if existing is not None:
         return existing
-    if wallet.available < amount:
-        raise InsufficientBalance(
-            balance=money_str(wallet.balance),
-            available=money_str(wallet.available),
-            required=money_str(amount),
-        )
     now = utcnow()
     hold = Hold(
         id=new_id(),
-        wallet_id=wallet.id,
         turn_id=turn_id,
         amount=amount,
         status=HoldStatus.ACTIVE,
         expires_at=now + timedelta(seconds=ttl_seconds),
         created_at=now,
     )
+    move = _Move(LedgerKind.HOLD, _turn_key(turn_id, "hold"), ZERO, amount, turn_id, hold.id, None, now)
+    hold.wallet_id, _ = _move_wallet(session, user_id, [move], covering=amount)
     session.add(hold)
-    _append(
-        session,
-        wallet,
-        kind=LedgerKind.HOLD,
-        key=_turn_key(turn_id, "hold"),
-        held_delta=amount,
-        turn_id=turn_id,
-        hold_id=hold.id,
-        now=now,
-    )
     session.flush()
     return hold
 
@@ -329,8 +530,8 @@ def settle_turn(
     for the same turn writes nothing and returns the first result.
     """
     capture_key, debit_key = _turn_key(turn_id, "capture"), _turn_key(turn_id, "debit")
-    wallet = _lock_wallet(session, user_id=user_id)
-    # Checked under the lock: a concurrent settle of the same turn has committed by now.
+    # The caller holds the turn's row lock, so no other settle of this turn runs now (and the
+    # entries' unique keys stay the last line of defence): checked before any other lock.
     done = _entry_by_key(session, capture_key, debit_key)
     if done is not None:
         return Settlement(done.balance_after, _charged_so_far(session, turn_id))
@@ -338,91 +539,78 @@ def settle_turn(
     if cost < 0:
         raise ValueError("a turn cost cannot be negative")
     now = utcnow()
-    hold = _fresh_hold(session, turn_id)
+
+    def riders(charged: Decimal) -> _Riders:
+        usage = _usage_rows(user_id, model, at, completed, input_tokens, output_tokens, charged)
+        key_spend = _key_spend_row(api_key_id, at, charged) if api_key_id is not None else None
+        return _Riders(usage, key_spend)
+
+    hold = _fresh_hold(session, turn_id, lock=True)
     if hold is not None and hold.status == HoldStatus.ACTIVE:
-        entry, charged = _capture(session, wallet, hold, cost, key=capture_key, now=now)
+        charged = min(cost, hold.amount)
+        moves = _capture(session, hold, charged, key=capture_key, now=now)
+        _, balance_after = _move_wallet(session, user_id, moves, riders=riders(charged))
+    elif not enforced:
+        charged = cost
+        move = _Move(LedgerKind.DEBIT, debit_key, -cost, ZERO, turn_id, None, None, now)
+        _, balance_after = _move_wallet(session, user_id, [move], riders=riders(charged))
     else:
-        entry, charged = _debit(
-            session, wallet, hold, cost, turn_id=turn_id, enforced=enforced, key=debit_key, now=now
+        balance_after, charged = _debit_available(
+            session, user_id, turn_id, hold, cost, key=debit_key, now=now
         )
+        session.execute(_usage_upsert(session.get_bind().dialect.name), riders(charged).usage)
+        if api_key_id is not None:
+            session.execute(_key_spend_upsert(session.get_bind().dialect.name), riders(charged).key_spend)
     if charged < cost:
         metrics.hold_overrun(cost - charged)
         log.warning("turn %s charged %s of its cost %s (enforced, not covered)", turn_id, charged, cost)
-    record_usage(
-        session,
-        user_id=user_id,
-        model=model,
-        at=at,
-        turns=1 if completed else 0,
-        input_tokens=input_tokens,
-        output_tokens=output_tokens,
-        cost=charged,
-    )
-    if api_key_id is not None:
-        _add_key_spend(session, api_key_id=api_key_id, at=at, cost=charged)
-    session.flush()
-    return Settlement(entry.balance_after, charged)
+    return Settlement(balance_after, charged)
 
 
-def _capture(
-    session: Session, wallet: Wallet, hold: Hold, cost: Decimal, *, key: str, now: datetime
-) -> tuple[LedgerEntry, Decimal]:
-    """Capture ``cost`` (at most the hold) from the active ``hold`` and release the rest.
-    Returns the last entry written and what was charged."""
+def _capture(session: Session, hold: Hold, charged: Decimal, *, key: str, now: datetime) -> list[_Move]:
+    """Mark the active ``hold`` (locked by the caller) captured and return the moves that
+    capture ``charged`` from it and release the rest. The hold's row is written now, before
+    the wallet is locked."""
     turn_id = hold.turn_id
-    charged = min(cost, hold.amount)
-    entry = _append(
-        session,
-        wallet,
-        kind=LedgerKind.CAPTURE,
-        key=key,
-        amount=-charged,
-        held_delta=-charged,
-        turn_id=turn_id,
-        hold_id=hold.id,
-        now=now,
-    )
+    moves = [_Move(LedgerKind.CAPTURE, key, -charged, -charged, turn_id, hold.id, None, now)]
     rest = hold.amount - charged
     if rest > 0:
-        entry = _append(
-            session,
-            wallet,
-            kind=LedgerKind.RELEASE,
-            key=_turn_key(turn_id, "release"),
-            held_delta=-rest,
-            turn_id=turn_id,
-            hold_id=hold.id,
-            reason="unused part of the hold",
-            # One microsecond later, so "newest first" lists show the pair in a stable order.
-            now=now + timedelta(microseconds=1),
+        # One microsecond later, so "newest first" lists show the pair in a stable order.
+        later = now + timedelta(microseconds=1)
+        reason = "unused part of the hold"
+        moves.append(
+            _Move(
+                LedgerKind.RELEASE,
+                _turn_key(turn_id, "release"),
+                ZERO,
+                -rest,
+                turn_id,
+                hold.id,
+                reason,
+                later,
+            )
         )
     hold.status = HoldStatus.CAPTURED
     hold.resolved_at = now
-    return entry, charged
+    session.flush()
+    return moves
 
 
-def _debit(
-    session: Session,
-    wallet: Wallet,
-    hold: Hold | None,
-    cost: Decimal,
-    *,
-    turn_id: str,
-    enforced: bool,
-    key: str,
-    now: datetime,
-) -> tuple[LedgerEntry, Decimal]:
-    """Debit a turn without an active hold: ``enforced``, at most what is available now and
-    at most the hold it had; otherwise the whole ``cost``. Returns the entry and the charge."""
-    charged = cost
-    if enforced:
-        charged = min(charged, max(wallet.available, ZERO))
-        if hold is not None:
-            charged = min(charged, hold.amount)
+def _debit_available(
+    session: Session, user_id: str, turn_id: str, hold: Hold | None, cost: Decimal, *, key: str, now: datetime
+) -> tuple[Decimal, Decimal]:
+    """Debit an enforced turn whose hold is gone (expired or released while its worker was
+    away): at most what is available now, at most what the hold was. Returns the balance
+    after and what was charged."""
+    wallet = _lock_wallet(session, user_id=user_id)
+    charged = min(cost, max(wallet.available, ZERO))
+    if hold is not None:
+        charged = min(charged, hold.amount)
     entry = _append(
         session, wallet, kind=LedgerKind.DEBIT, key=key, amount=-charged, turn_id=turn_id, now=now
     )
-    return entry, charged
+    session.flush()
+    return entry.balance_after, charged
 
 
 def confirm_hold(session: Session, *, turn_id: str) -> bool:
@@ -452,13 +640,10 @@ def release_hold(session: Session, *, turn_id: str, reason: str) -> bool:
     Returns False (and writes nothing) when the turn has no hold or it already
     resolved (captured, released or expired): a hold resolves at most once.
     """
-    hold = session.scalar(select(Hold).where(Hold.turn_id == turn_id))
-    if hold is None:
-        return False
-    wallet = _lock_wallet(session, wallet_id=hold.wallet_id)
-    hold = _fresh_hold(session, turn_id)
+    hold = _fresh_hold(session, turn_id, lock=True)
     if hold is None or hold.status != HoldStatus.ACTIVE:
         return False
+    wallet = _lock_wallet(session, wallet_id=hold.wallet_id)
     now = utcnow()
     _append(
         session,
@@ -486,7 +671,7 @@ def expire_stale_holds(
     A hold whose turn is ``running`` under a live lease (its worker is renewing it:
     shared/services/leases.py) is kept: it is paying for a model call in flight (design §4,
     "a hold cannot expire under a running turn"); ``live_after`` also keeps a running turn
-    whose attempt started after it. The turn is read after the wallet lock is taken, so a
+    whose attempt started after it. The turn is read after the hold's lock is taken, so a
     claim (``confirm_hold``) and an expiry never both win.
 
     Returns how many holds this call expired.
@@ -500,8 +685,8 @@ def expire_stale_holds(
     session.commit()
     expired = 0
     for turn_id, wallet_id in candidates:
-        wallet = _lock_wallet(session, wallet_id=wallet_id)
-        # The hold row too: a claim confirming this hold holds it until its turn is running.
+        # The hold row first (the lock order): a claim confirming this hold, or a settle
+        # capturing it, holds it until its transaction ends.
         hold = _fresh_hold(session, turn_id, lock=True)
         # Re-checked under the lock: the turn may have captured or released it meanwhile.
         if hold is None or hold.status != HoldStatus.ACTIVE or hold.expires_at > now:
@@ -516,6 +701,7 @@ def expire_stale_holds(
         ):
             session.rollback()
             continue
+        wallet = _lock_wallet(session, wallet_id=wallet_id)
         _append(
             session,
             wallet,

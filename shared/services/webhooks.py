@@ -3,10 +3,12 @@
 **Outbox.** An event row and one delivery row per subscribed endpoint are written in the
 transaction of the change that caused the event (:func:`emit`): a change that rolls back
 sends nothing, a change that commits is delivered even if every process dies right after.
-Wallet events are found by a ``before_flush`` hook on the process's sessionmaker
-(:func:`install`) that compares each dirty wallet's balance and available credit with
-what they were before, so every writer — grants, adjustments, holds, captures, debits,
-expiries — is covered without a call in each of them, and under the wallet's row lock:
+Wallet events are found by a ``before_flush`` (and ``before_commit``) hook on the process's
+sessionmaker (:func:`install`) that compares each dirty wallet's balance and available
+credit with what they were before, and each move ``billing`` made with one ``UPDATE …
+RETURNING`` (noted in the session), so every writer — grants, adjustments, holds,
+captures, debits, expiries — is covered without a call in each of them, and under the
+wallet's row lock:
 
 - ``wallet.low_balance``: the balance goes from ``>= LOW_BALANCE_THRESHOLD`` to below it.
   Once per crossing: a change that stays below is no crossing; a change back above
@@ -60,7 +62,7 @@ from shared.models import (
     WebhookEventType,
 )
 from shared.pagination import Listing
-from shared.services import audit
+from shared.services import audit, billing
 from shared.task_names import TaskName
 
 log = logging.getLogger(__name__)
@@ -359,6 +361,8 @@ def _before(history, current):
 
 
 def _wallet_events(session: Session, threshold: Decimal) -> None:
+    """Events for every wallet this session moved since the last check: dirty ORM wallets,
+    and the moves ``billing`` made with one ``UPDATE`` (noted in ``session.info``)."""
     for wallet in [obj for obj in session.dirty if isinstance(obj, Wallet)]:
         state = inspect(wallet)
         balance_history, held_history = state.attrs.balance.history, state.attrs.held.history
@@ -368,18 +372,39 @@ def _wallet_events(session: Session, threshold: Decimal) -> None:
         old_held = _before(held_history, wallet.held)
         if old_balance is None or old_held is None:
             continue
-        old_available, available = old_balance - old_held, wallet.balance - wallet.held
-        data = {
-            "user_id": wallet.user_id,
-            "wallet_id": wallet.id,
-            "balance": _money(wallet.balance),
-            "available": _money(available),
-            "threshold": _money(threshold),
-        }
-        if old_balance >= threshold > wallet.balance:
-            emit(session, WebhookEventType.WALLET_LOW_BALANCE, data)
-        if old_available > 0 >= available:
-            emit(session, WebhookEventType.WALLET_DEPLETED, data)
+        _wallet_moved(
+            session, threshold, wallet.id, wallet.user_id, old_balance, old_held, wallet.balance, wallet.held
+        )
+    _noted_wallet_moves(session, threshold)
+
+
+def _noted_wallet_moves(session: Session, threshold: Decimal) -> None:
+    for move in session.info.pop(billing.WALLET_MOVES, ()):
+        _wallet_moved(session, threshold, *move)
+
+
+def _wallet_moved(
+    session: Session,
+    threshold: Decimal,
+    wallet_id: str,
+    user_id: str,
+    old_balance: Decimal,
+    old_held: Decimal,
+    balance: Decimal,
+    held: Decimal,
+) -> None:
+    old_available, available = old_balance - old_held, balance - held
+    data = {
+        "user_id": user_id,
+        "wallet_id": wallet_id,
+        "balance": _money(balance),
+        "available": _money(available),
+        "threshold": _money(threshold),
+    }
+    if old_balance >= threshold > balance:
+        emit(session, WebhookEventType.WALLET_LOW_BALANCE, data)
+    if old_available > 0 >= available:
+        emit(session, WebhookEventType.WALLET_DEPLETED, data)
 
 
 def install(runtime, database) -> None:
@@ -405,8 +430,11 @@ def install(runtime, database) -> None:
 
     def after_rollback(session) -> None:
         session.info.pop(SESSION_KEY, None)
+        session.info.pop(billing.WALLET_MOVES, None)
 
     sa_event.listen(maker, "before_flush", before_flush)
+    # A move noted by billing may be the transaction's last write: checked before the commit.
+    sa_event.listen(maker, "before_commit", lambda session: _noted_wallet_moves(session, threshold))
     sa_event.listen(maker, "after_commit", after_commit)
     sa_event.listen(maker, "after_soft_rollback", lambda session, _previous: after_rollback(session))
 
