@@ -4,7 +4,8 @@ replays the same completion and bills once; what the endpoint does not do is ref
 with 400 ``unsupported_parameter`` and what it cannot read with 400 ``invalid_json`` /
 ``context_length_exceeded``, all before any turn exists; an answer cut at ``max_tokens``
 finishes with ``length``; a turn that does not end in time is a 504 ``timeout`` while the
-turn goes on (docs/openai_compatible.md)."""
+turn goes on; a key's concurrency limit is a 429 ``too_many_concurrent_turns`` with
+``Retry-After`` (docs/openai_compatible.md)."""
 
 from __future__ import annotations
 
@@ -193,7 +194,7 @@ def serve(app):
     from werkzeug.serving import make_server
 
     server = make_server("127.0.0.1", 0, app, threaded=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
     thread.start()
     try:
         yield f"http://127.0.0.1:{server.server_port}"
@@ -226,3 +227,37 @@ def test_a_turn_that_does_not_end_in_time_is_504_timeout_and_goes_on(
     turn_id = timed_out.value.response.headers["X-Tollgate-Turn-Id"]
     pg_db.expire_all()
     assert pg_db.get(Turn, turn_id).status == "queued"  # not failed, not cancelled: it goes on
+
+
+def test_a_keys_concurrency_limit_refuses_a_v1_call_with_429_and_retry_after(
+    pg_app, pg_settings, pg_client, pg_admin, pg_user, pg_db
+):
+    keys = pg_client.get(f"/api/v1/admin/users/{pg_user.id}/api-keys", headers=pg_admin.headers).get_json()
+    body = {"max_concurrent_turns": 1}
+    assert (
+        pg_client.put(
+            f"/api/v1/admin/api-keys/{keys[0]['id']}/limits", json=body, headers=pg_admin.headers
+        ).status_code
+        == 200
+    )
+    # Nobody runs the first call's turn (its task goes to the app's own Redis database): a
+    # streamed call returns at once and its turn holds the key's one slot.
+    quiet = create_app(
+        pg_settings.replace(
+            celery_broker_url=pg_settings.redis_url, celery_result_backend=pg_settings.redis_url
+        )
+    )
+    try:
+        with serve(quiet) as url:
+            client = sdk(url, pg_user.key)
+            with client.chat.completions.with_streaming_response.create(
+                model="offline-small", messages=HI, stream=True
+            ) as first:
+                assert first.status_code == 200
+            with pytest.raises(openai.RateLimitError) as refused:
+                client.chat.completions.create(model="offline-small", messages=HI)
+    finally:
+        quiet.extensions["tollgate"].close()
+    assert refused.value.body["code"] == "too_many_concurrent_turns"
+    assert int(refused.value.response.headers["Retry-After"]) >= 1
+    assert turn_count(pg_db) == 1
