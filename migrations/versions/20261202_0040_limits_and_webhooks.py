@@ -1,8 +1,8 @@
 """spend, rate and concurrency limits; per-key spend rollups; the webhook outbox
 
 - ``limits``: one row per user or API key (``subject_type``, ``subject_id``);
-- ``api_key_spend_rollups``: charges per API key and UTC quarter hour (the per-user twin is
-  ``usage_rollups``), written with the charge;
+- ``api_key_spend_rollups``: charges per API key and UTC quarter hour, written with the
+  charge (a user's spend is read from ``usage_hours``, migration 20261202_0010);
 - ``turns.api_key_id`` (the key a turn was submitted with) and ``turns.limit_reserve``
   (its worst case, reserved against a spend limit while it is in flight), with the
   indexes the per-minute rate check reads;

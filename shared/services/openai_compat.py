@@ -31,6 +31,9 @@ MAX_TOKENS_LIMIT = 8192
 # The caller's whole conversation is the context: bounded, as a turn's content is.
 MESSAGES_CHARS_FACTOR = 8
 UNSUPPORTED = ("functions", "function_call", "n", "logprobs", "response_format")
+# The one value of an unsupported parameter that asks for nothing (its default), typed:
+# ``True == 1`` in Python, and ``logprobs: true`` must not pass for ``n: 1``.
+UNSUPPORTED_DEFAULTS = {"n": (int, 1), "logprobs": (bool, False)}
 MAX_TOOLS = 128
 
 
@@ -104,7 +107,8 @@ def parse_request(body: object, *, max_turn_chars: int) -> CompletionRequest:
     if not isinstance(body, dict):
         raise _invalid("The body must be a JSON object.")
     for name in UNSUPPORTED:
-        if body.get(name) not in (None, 1, False) or (name == "functions" and body.get(name)):
+        value = body.get(name)
+        if value is not None and (type(value), value) != UNSUPPORTED_DEFAULTS.get(name):
             raise _invalid(f"'{name}' is not supported by this endpoint.", name, "unsupported_parameter")
     tools = _tools(body.get("tools"), body.get("tool_choice"))
     model = body.get("model")

@@ -34,6 +34,7 @@ only the first 500 characters of a response are kept.
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import hmac
 import ipaddress
@@ -500,12 +501,17 @@ def post(url: str, secret: str, event_id: str, body: bytes, settings) -> Outcome
             with client.stream(
                 "POST", target, content=body, headers=headers, extensions=extensions
             ) as response:
-                received = b""
+                # Characters, not bytes: a cut inside a multibyte character would keep
+                # fewer characters and a replacement character at the end.
+                decoder = codecs.getincrementaldecoder("utf-8")("replace")
+                received = ""
                 for chunk in response.iter_bytes():
-                    received += chunk
+                    received += decoder.decode(chunk)
                     if len(received) >= EXCERPT_CHARS:
                         break
-                excerpt = received[:EXCERPT_CHARS].decode("utf-8", "replace").replace("\x00", "")
+                else:
+                    received += decoder.decode(b"", final=True)
+                excerpt = received[:EXCERPT_CHARS].replace("\x00", "")
                 error = None
                 if 300 <= response.status_code < 400:
                     error = "redirect not followed"

@@ -55,7 +55,9 @@ def test_a_waiter_wakes_on_the_push_and_reads_the_turn_only_then(client, monkeyp
         turn_events.publish_ended(FakeRuntime(client), "turn-1")
 
     threading.Thread(target=end_later).start()
+    started = time.monotonic()
     assert waiter.wait("turn-1", timeout=30, finished=finished) is True
+    assert time.monotonic() - started < 5  # woken by the push, not by the deadline
     # One read after subscribing, one on the push: no polling in between.
     assert len(reads) == 2
 
@@ -103,8 +105,10 @@ def test_many_waiters_in_one_process_share_one_subscription(client, monkeypatch,
     for n in range(50):
         ended.add(f"turn-{n}")
         turn_events.publish_ended(FakeRuntime(client), f"turn-{n}")
+    started = time.monotonic()
     for thread in threads:
         thread.join(10)
+    assert time.monotonic() - started < 5  # the pushes woke them, not their deadlines
     assert results == {n: True for n in range(50)}
     subscribers = client.pubsub_numsub(turn_events.CHANNEL)[0][1]
     assert subscribers == others + 1
