@@ -70,59 +70,50 @@ def _money(value: Decimal) -> str:
 @dataclass(frozen=True)
 class SpendLimit:
     amount: Decimal
-    period: str
-    tz: str
+    period: SpendPeriod
+    tz: str  # a known IANA zone name
 
 
 @dataclass(frozen=True)
 class Limits:
+    """A subject's limits as the edge parsed them (``web/schemas/limits.py``); None: no limit."""
+
     spend: SpendLimit | None
     requests_per_minute: int | None
     max_concurrent_turns: int | None
 
 
-def _positive_int(raw: object, field: str, maximum: int) -> int | None:
-    if raw is None:
-        return None
-    if isinstance(raw, bool) or not isinstance(raw, int) or not 1 <= raw <= maximum:
+def _check_count(value: int | None, field: str, maximum: int) -> int | None:
+    if value is not None and not 1 <= value <= maximum:
         raise InvalidInput(
             f"{field} must be an integer from 1 to {maximum}, or null.", error="invalid_limit", field=field
         )
-    return raw
+    return value
 
 
-def parse_limits(data: dict) -> Limits:
-    """The limits of a PUT body, each parsed into its type.
+def check_limits(limits: Limits) -> Limits:
+    """The limits' domain rules: a spend amount from 0 to ``MAX_SPEND_AMOUNT`` (6 places),
+    counts from 1 to their maximum.
 
-    :raises InvalidInput: ``invalid_limit_amount`` (negative, float, over 1e12, > 6 places),
-        ``invalid_period``, ``invalid_timezone``, ``invalid_limit`` (rate or concurrency).
+    :raises InvalidInput: ``invalid_limit_amount``, ``invalid_limit``.
     """
-    spend = data.get("spend")
-    parsed_spend = None
+    spend = limits.spend
     if spend is not None:
-        if not isinstance(spend, dict):
-            raise InvalidInput("spend must be an object or null.", error="invalid_spend_limit", field="spend")
-        amount = pricing.parse_money(
-            spend.get("amount"),
+        amount = pricing.check_money(
+            spend.amount,
             field="amount",
             error="invalid_limit_amount",
             allow_zero=True,
             maximum=MAX_SPEND_AMOUNT,
         )
-        period = spend.get("period")
-        if period not in {p.value for p in SpendPeriod}:
-            raise InvalidInput("period must be day, week or month.", error="invalid_period", field="period")
-        tz = spend.get("tz")
-        if tz is not None and not isinstance(tz, str):
-            raise InvalidInput("tz must be an IANA time zone name.", error="invalid_timezone", field="tz")
-        parsed_spend = SpendLimit(amount=amount, period=period, tz=usage.parse_zone(tz))
+        spend = SpendLimit(amount=amount, period=spend.period, tz=spend.tz)
     return Limits(
-        spend=parsed_spend,
-        requests_per_minute=_positive_int(
-            data.get("requests_per_minute"), "requests_per_minute", MAX_REQUESTS_PER_MINUTE
+        spend=spend,
+        requests_per_minute=_check_count(
+            limits.requests_per_minute, "requests_per_minute", MAX_REQUESTS_PER_MINUTE
         ),
-        max_concurrent_turns=_positive_int(
-            data.get("max_concurrent_turns"), "max_concurrent_turns", MAX_CONCURRENT_TURNS
+        max_concurrent_turns=_check_count(
+            limits.max_concurrent_turns, "max_concurrent_turns", MAX_CONCURRENT_TURNS
         ),
     )
 
@@ -409,15 +400,15 @@ def set_limits(
     actor_id: str,
     subject_type: str,
     subject_id: str,
-    data: dict,
+    limits: Limits,
     now: datetime | None = None,
 ) -> dict:
-    """Replace a user's or API key's limits (null: none of that kind); audited. Commits.
+    """Replace a user's or API key's limits (None: none of that kind); audited. Commits.
 
     :raises NotFound: no such user or key.
-    :raises InvalidInput: see :func:`parse_limits`.
+    :raises InvalidInput: see :func:`check_limits`.
     """
-    limits = parse_limits(data)
+    limits = check_limits(limits)
     user_id = _subject_owner(session, subject_type, subject_id)
     now = now or utcnow()
     row = _row(session, subject_type, subject_id)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from datetime import UTC, datetime, timedelta
-from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
+from decimal import ROUND_HALF_UP, Decimal
 
 from sqlalchemy import and_, func, select
 from sqlalchemy.exc import IntegrityError
@@ -32,18 +32,18 @@ TOKENS_PER_UNIT = Decimal(1000)
 MAX_AMOUNT = Decimal("1000000000000")  # 1e12: far below NUMERIC(20,6)'s 14 integer digits
 
 
-def parse_money(
-    raw: object,
+def check_money(
+    value: Decimal,
     *,
     field: str,
     error: str,
     allow_zero: bool = False,
     maximum: Decimal = MAX_AMOUNT,
 ) -> Decimal:
-    """A money amount from a request: a decimal string or a JSON number.
+    """A money amount's domain rules; the edge has already parsed it (``shared.money``).
 
-    Refuses booleans, NaN/Infinity, negatives, zero (unless ``allow_zero``),
-    more than 6 decimal places and values above ``maximum``; never rounds.
+    Refuses NaN/Infinity, negatives, zero (unless ``allow_zero``), more than 6 decimal
+    places and values above ``maximum``; never rounds. Returns the value with 6 places.
 
     :raises InvalidInput: with the given ``error`` code and ``field``.
     """
@@ -51,13 +51,6 @@ def parse_money(
     def refuse(why: str) -> InvalidInput:
         return InvalidInput(f"{field} {why}", error=error, field=field)
 
-    if isinstance(raw, bool) or not isinstance(raw, str | int | float | Decimal):
-        raise refuse('must be a decimal string such as "12.50".')
-    text = raw.strip() if isinstance(raw, str) else repr(raw) if isinstance(raw, float) else str(raw)
-    try:
-        value = Decimal(text)
-    except InvalidOperation:
-        raise refuse('must be a decimal string such as "12.50".') from None
     if not value.is_finite():
         raise refuse("must be a finite number.")
     if value < 0 or (value == 0 and not allow_zero):
@@ -126,18 +119,18 @@ def cost_of(price: ModelPrice, input_tokens: int, output_tokens: int) -> Decimal
 
 
 def set_price(
-    session: Session, actor_id: str, model: str, input_per_1k: object, output_per_1k: object
+    session: Session, actor_id: str, model: str, input_per_1k: Decimal, output_per_1k: Decimal
 ) -> ModelPrice:
     """Add a new price version for ``model``, effective now; history is kept. Commits.
 
-    Prices are decimal strings or numbers, non-negative, at most 6 decimal places.
+    Prices are non-negative, at most 6 decimal places, at most ``MAX_PRICE_PER_1K``.
 
     ``model`` is a checked name (``web.schemas.billing.checked_model_name``, at the edge).
 
     :raises InvalidInput: ``invalid_price``.
     """
     prices = {
-        name: parse_money(value, field=name, error="invalid_price", allow_zero=True, maximum=MAX_PRICE_PER_1K)
+        name: check_money(value, field=name, error="invalid_price", allow_zero=True, maximum=MAX_PRICE_PER_1K)
         for name, value in (("input_per_1k", input_per_1k), ("output_per_1k", output_per_1k))
     }
     now = utcnow()

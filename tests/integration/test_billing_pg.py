@@ -61,7 +61,7 @@ def test_fifty_concurrent_grants_with_ten_keys_credit_exactly_ten_times(
                 session,
                 actor_id=pg_admin.id,
                 user_id=pg_user.id,
-                amount="1.5",
+                amount=Decimal("1.5"),
                 reason="promo",
                 idempotency_key=f"promo-{i % 10}",
             )
@@ -101,7 +101,12 @@ def test_sixty_four_concurrent_turns_on_a_small_wallet_never_overdraw(pg_app, pg
     runtime = pg_app.extensions["tollgate"]
     with runtime.db.session() as session:
         billing.grant_credit(
-            session, actor_id=pg_admin.id, user_id=pg_user.id, amount="1", reason=None, idempotency_key=None
+            session,
+            actor_id=pg_admin.id,
+            user_id=pg_user.id,
+            amount=Decimal("1"),
+            reason=None,
+            idempotency_key=None,
         )
     hold_amount, cost = D("0.25"), D("0.2")
     seen_balances: list[Decimal] = []
@@ -152,7 +157,12 @@ def test_a_hold_raced_by_capture_release_and_expiry_resolves_exactly_once(pg_app
     runtime = pg_app.extensions["tollgate"]
     with runtime.db.session() as session:
         billing.grant_credit(
-            session, actor_id=pg_admin.id, user_id=pg_user.id, amount="100", reason=None, idempotency_key=None
+            session,
+            actor_id=pg_admin.id,
+            user_id=pg_user.id,
+            amount=Decimal("100"),
+            reason=None,
+            idempotency_key=None,
         )
         turn_ids = []
         for _ in range(8):
@@ -208,7 +218,12 @@ def test_stale_holds_expire_on_postgres_and_free_the_credit(pg_app, pg_admin, pg
     runtime = pg_app.extensions["tollgate"]
     with runtime.db.session() as session:
         billing.grant_credit(
-            session, actor_id=pg_admin.id, user_id=pg_user.id, amount="5", reason=None, idempotency_key=None
+            session,
+            actor_id=pg_admin.id,
+            user_id=pg_user.id,
+            amount=Decimal("5"),
+            reason=None,
+            idempotency_key=None,
         )
         for ttl in (0, 0, 3600):
             billing.place_hold(session, user_id=pg_user.id, turn_id=new_id(), amount=D("1"), ttl_seconds=ttl)
@@ -225,7 +240,12 @@ def test_the_beat_task_expires_holds_in_a_live_worker(pg_app, pg_admin, pg_user,
     runtime = pg_app.extensions["tollgate"]
     with runtime.db.session() as session:
         billing.grant_credit(
-            session, actor_id=pg_admin.id, user_id=pg_user.id, amount="5", reason=None, idempotency_key=None
+            session,
+            actor_id=pg_admin.id,
+            user_id=pg_user.id,
+            amount=Decimal("5"),
+            reason=None,
+            idempotency_key=None,
         )
         stale = billing.place_hold(
             session, user_id=pg_user.id, turn_id=new_id(), amount=D("2"), ttl_seconds=0

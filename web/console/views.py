@@ -428,13 +428,13 @@ def save_limits(subject_type: str, subject_id: str) -> dict:
 
     :raises DomainError: the API's 404 and 422 codes. :raises ValidationError: other field errors.
     """
-    data = LimitsUpdateSchema().load(limits_body())
+    new_limits = LimitsUpdateSchema().load(limits_body())
     return limits.set_limits(
         db(),
         actor_id=console_session().user.id,
         subject_type=subject_type,
         subject_id=subject_id,
-        data=data,
+        limits=new_limits,
         now=runtime().clock(),
     )
 
