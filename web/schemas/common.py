@@ -5,12 +5,15 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from decimal import Decimal
+from functools import lru_cache
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
 
 from marshmallow import INCLUDE, RAISE, Schema, ValidationError, fields, pre_load
 
 from shared.db import MONEY_QUANT
 from shared.errors import InvalidInput
 from shared.money import amount_pattern, parse_amount
+from shared.services.usage import query_error
 
 
 def _has_nul(value) -> bool:
@@ -187,3 +190,21 @@ def nul_free_strings(self, field, ret, **kwargs) -> dict:
     if isinstance(field, fields.String) and ret.get("type") == "string" and "pattern" not in ret:
         return {"pattern": r"^[^\x00]*$"}
     return {}
+
+
+@lru_cache(maxsize=1)
+def _zone_names() -> frozenset[str]:
+    return frozenset(available_timezones())
+
+
+def zone_named(name: str | None) -> ZoneInfo:
+    """The IANA zone ``name`` (UTC when absent or empty), for every edge that reads one
+    (usage queries, spend limits, the console). :raises InvalidInput: ``invalid_timezone``."""
+    if name is None or name == "":
+        return ZoneInfo("UTC")
+    if name not in _zone_names():
+        raise query_error("tz", "invalid_timezone", f"Unknown time zone {name[:64]!r}; use an IANA name.")
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError) as exc:
+        raise query_error("tz", "invalid_timezone", f"Unknown time zone {name[:64]!r}.") from exc

@@ -2,7 +2,6 @@ from marshmallow import ValidationError, fields, post_load, validate
 
 from shared.errors import InvalidInput
 from shared.models import SpendPeriod
-from shared.services import usage
 from shared.services.limits import (
     MAX_CONCURRENT_TURNS,
     MAX_REQUESTS_PER_MINUTE,
@@ -10,7 +9,7 @@ from shared.services.limits import (
     Limits,
     SpendLimit,
 )
-from web.schemas.common import BaseSchema, Money, MoneyInput, PatternString, StrictInteger
+from web.schemas.common import BaseSchema, Money, MoneyInput, PatternString, StrictInteger, zone_named
 from web.schemas.users import WalletSummarySchema
 
 
@@ -106,7 +105,7 @@ class LimitsUpdateSchema(BaseSchema):
         spend = data.get("spend")
         return Limits(
             spend=SpendLimit(
-                amount=spend["amount"], period=SpendPeriod(spend["period"]), tz=usage.parse_zone(spend["tz"])
+                amount=spend["amount"], period=SpendPeriod(spend["period"]), tz=zone_named(spend["tz"]).key
             )
             if spend is not None
             else None,
