@@ -1,14 +1,17 @@
 """Model prices: versioned by ``effective_from``; a turn is priced at the version in force when it ran.
 
-The offline model is priced out of the box: its default price is inserted
-lazily, the first time anything asks for it, at a fixed early
-``effective_from`` so it is "in force" for any moment a turn could have run.
-An admin's ``PUT /admin/pricing/{model}`` adds a newer version on top.
+The offline model is priced out of the box: its built-in price (:func:`builtin_price`,
+a fixed id, ``effective_from`` 2000-01-01 so it is "in force" for any moment a turn could
+have run) is inserted when a turn first needs it (``price_in_force``, inside the turn's
+transaction); reads that list prices (``GET /admin/pricing``, ``GET /v1/models``, the
+console) show the same row without writing it. An admin's ``PUT /admin/pricing/{model}``
+adds a newer version on top.
 """
 
 from __future__ import annotations
 
 import logging
+import uuid
 from datetime import UTC, datetime, timedelta
 from decimal import ROUND_HALF_UP, Decimal
 
@@ -30,6 +33,7 @@ MAX_MODEL_NAME = 200  # characters; the edge checks names against it
 MAX_PRICE_PER_1K = Decimal("1000000")
 TOKENS_PER_UNIT = Decimal(1000)
 MAX_AMOUNT = Decimal("1000000000000")  # 1e12: far below NUMERIC(20,6)'s 14 integer digits
+_BUILTIN_PRICE_IDS = uuid.UUID("6f1d3c52-3f0e-4f7a-9a53-1c7e0d2b8a41")  # uuid5 namespace
 
 
 def check_money(
@@ -71,21 +75,27 @@ def _latest(session: Session, model: str, at: datetime) -> ModelPrice | None:
     )
 
 
+def builtin_price(model: str) -> ModelPrice:
+    """The built-in price of an ``OFFLINE_MODELS`` model, as its row is written (not added to
+    any session): its id and times are fixed, so a read shows what the row will hold."""
+    input_per_1k, output_per_1k = OFFLINE_MODELS[model]
+    return ModelPrice(
+        id=str(uuid.uuid5(_BUILTIN_PRICE_IDS, model)),
+        model=model,
+        input_per_1k=input_per_1k,
+        output_per_1k=output_per_1k,
+        effective_from=SEED_EFFECTIVE_FROM,
+        created_by=SYSTEM_ACTOR,
+        created_at=SEED_EFFECTIVE_FROM,
+    )
+
+
 def _seed_default(session: Session, model: str) -> None:
     """Insert the built-in price inside a savepoint, so a concurrent seeder's win
     (unique ``(model, effective_from)``) leaves the caller's transaction intact."""
-    input_per_1k, output_per_1k = OFFLINE_MODELS[model]
     try:
         with session.begin_nested():
-            session.add(
-                ModelPrice(
-                    model=model,
-                    input_per_1k=input_per_1k,
-                    output_per_1k=output_per_1k,
-                    effective_from=SEED_EFFECTIVE_FROM,
-                    created_by=SYSTEM_ACTOR,
-                )
-            )
+            session.add(builtin_price(model))
     except IntegrityError:
         log.debug("default price for %s was seeded concurrently", model)
 
@@ -158,10 +168,8 @@ def set_price(
 
 
 def list_current_prices(session: Session) -> list[ModelPrice]:
-    """The version in force now for every priced model (built-in ones included), by model name."""
-    for model in OFFLINE_MODELS:
-        price_in_force(session, model)
-    session.commit()
+    """The version in force now for every priced model, by model name; a built-in model not
+    priced in the database yet is listed with its :func:`builtin_price`. Writes nothing."""
     now = utcnow()
     newest = (
         select(ModelPrice.model, func.max(ModelPrice.effective_from).label("effective_from"))
@@ -169,7 +177,7 @@ def list_current_prices(session: Session) -> list[ModelPrice]:
         .group_by(ModelPrice.model)
         .subquery()
     )
-    return list(
+    current = list(
         session.scalars(
             select(ModelPrice)
             .join(
@@ -181,3 +189,7 @@ def list_current_prices(session: Session) -> list[ModelPrice]:
             .order_by(ModelPrice.model)
         )
     )
+    unstored = OFFLINE_MODELS.keys() - {price.model for price in current}
+    if not unstored:
+        return current
+    return sorted([*current, *map(builtin_price, unstored)], key=lambda price: price.model)
