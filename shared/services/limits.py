@@ -244,53 +244,70 @@ def admit(
         return None
     now = now or utcnow()
     for row in rows:
-        if row.max_concurrent_turns is not None:
-            running = in_flight_turns(session, row, turn.id)
-            if running >= row.max_concurrent_turns:
-                raise TooManyRequests(
-                    f"At most {row.max_concurrent_turns} turns may be in flight at once for this "
-                    f"{'API key' if row.subject_type == LimitSubject.API_KEY else 'user'}.",
-                    error="too_many_concurrent_turns",
-                    retry_after=CONCURRENCY_RETRY_AFTER_SECONDS,
-                    limit_source=row.subject_type,
-                    limit=row.max_concurrent_turns,
-                    in_flight=running,
-                )
-        if row.requests_per_minute is not None:
-            recent = requests_last_minute(session, row, now, turn.id)
-            if recent >= row.requests_per_minute:
-                raise TooManyRequests(
-                    f"At most {row.requests_per_minute} turns per minute.",
-                    error="rate_limited",
-                    retry_after=_rate_retry_after(session, row, now, turn.id),
-                    limit_source=row.subject_type,
-                    limit=row.requests_per_minute,
-                )
+        _check_concurrency(session, row, turn)
+        _check_rate(session, row, turn, now)
     reserve = None
     for row in rows:
         if row.spend_amount is None:
             continue
         if reserve is None:
             reserve = Decimal(worst_case()).quantize(MONEY_QUANT)
-        start, resets_at = period_bounds(row.spend_period, row.spend_tz or "UTC", now)
-        # held before spent: a settle committing between the two reads is then counted
-        # twice (refusing too early, never admitting too much), not missed.
-        reserved = held(session, row, turn.id)
-        charged = spent(session, row, start, resets_at)
-        if charged + reserved + reserve > row.spend_amount:
-            exc = SpendLimitReached(
-                limit_source=row.subject_type,
-                limit=_money(row.spend_amount),
-                spent=_money(charged),
-                held=_money(reserved),
-                required=_money(reserve),
-                resets_at=resets_at.isoformat().replace("+00:00", "Z"),
-            )
-            exc.limit_id, exc.period_start = row.id, start  # type: ignore[attr-defined]
-            raise exc
+        _check_spend(session, row, turn, reserve, now)
     if reserve is not None:
         turn.limit_reserve = reserve
     return reserve
+
+
+def _check_concurrency(session: Session, row: Limit, turn: Turn) -> None:
+    """:raises TooManyRequests: ``too_many_concurrent_turns``."""
+    if row.max_concurrent_turns is None:
+        return
+    running = in_flight_turns(session, row, turn.id)
+    if running >= row.max_concurrent_turns:
+        raise TooManyRequests(
+            f"At most {row.max_concurrent_turns} turns may be in flight at once for this "
+            f"{'API key' if row.subject_type == LimitSubject.API_KEY else 'user'}.",
+            error="too_many_concurrent_turns",
+            retry_after=CONCURRENCY_RETRY_AFTER_SECONDS,
+            limit_source=row.subject_type,
+            limit=row.max_concurrent_turns,
+            in_flight=running,
+        )
+
+
+def _check_rate(session: Session, row: Limit, turn: Turn, now: datetime) -> None:
+    """:raises TooManyRequests: ``rate_limited``."""
+    if row.requests_per_minute is None:
+        return
+    recent = requests_last_minute(session, row, now, turn.id)
+    if recent >= row.requests_per_minute:
+        raise TooManyRequests(
+            f"At most {row.requests_per_minute} turns per minute.",
+            error="rate_limited",
+            retry_after=_rate_retry_after(session, row, now, turn.id),
+            limit_source=row.subject_type,
+            limit=row.requests_per_minute,
+        )
+
+
+def _check_spend(session: Session, row: Limit, turn: Turn, reserve: Decimal, now: datetime) -> None:
+    """:raises SpendLimitReached: spent + held + ``reserve`` exceeds the row's spend limit."""
+    start, resets_at = period_bounds(row.spend_period, row.spend_tz or "UTC", now)
+    # held before spent: a settle committing between the two reads is then counted
+    # twice (refusing too early, never admitting too much), not missed.
+    reserved = held(session, row, turn.id)
+    charged = spent(session, row, start, resets_at)
+    if charged + reserved + reserve > row.spend_amount:
+        exc = SpendLimitReached(
+            limit_source=row.subject_type,
+            limit=_money(row.spend_amount),
+            spent=_money(charged),
+            held=_money(reserved),
+            required=_money(reserve),
+            resets_at=resets_at.isoformat().replace("+00:00", "Z"),
+        )
+        exc.limit_id, exc.period_start = row.id, start  # type: ignore[attr-defined]
+        raise exc
 
 
 def note_refusal(session: Session, exc: SpendLimitReached) -> bool:
