@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from enum import StrEnum
-from functools import lru_cache
+from functools import lru_cache, partial
 from zoneinfo import ZoneInfo
 
 from sqlalchemy import (
@@ -454,66 +454,93 @@ def _rollup_statement(dialect: str, query: UsageQuery, lo: datetime, hi: datetim
     3. Sum per bucket (and key); buckets whose parts hold no usage are left out.
     """
     cuts = hour_cuts(query.zone, lo, hi)
-    key_col = _group_column(query, UsageHour)
-    parts = []
-
-    def part(source, shift_minutes: int, measures: list, *conditions):
-        bucket = (
-            [_bucket_expr(dialect, query, source.c.hour_start, lo, hi, shift_minutes).label("bucket")]
-            if query.known_bucket
-            else []
-        )
-        keyed = [source.c.group_key] if key_col is not None else []
-        labelled = [value.label(measure) for measure, value in zip(UsageHour.MEASURES, measures, strict=True)]
-        return select(*bucket, *keyed, *labelled).where(*conditions)
-
+    keyed = _group_column(query, UsageHour) is not None
+    part = partial(_part, dialect, query, lo, hi, keyed)
     cut = cuts[-1]
     # One user's year has ~1,250 active hours: mapping each twice costs less there than
     # looking up the ~366 hours that start a day (measured: bench/usage.py); weeks and
     # months start far more rarely.
     corrections = cut == 0 or query.user_id is None or query.bucket != "day"
     if len(cuts) <= 2 and lo.minute == hi.minute == cut and corrections:
-        # Hours whose moment at ``cut`` lies in [lo, hi): here lo - cut and hi - cut are on the hour.
-        first, last = lo - timedelta(minutes=cut), hi - timedelta(minutes=cut)
-        hours = _hour_sums(query, [60], UsageHour.hour_start >= first, UsageHour.hour_start < last)
-        hours = hours.subquery("hours")
-        parts.append(part(hours, cut, [hours.c[f"{measure}_60"] for measure in UsageHour.MEASURES]))
-        if cut:
-            changes = _hours_of(bucket_changes(query, lo, hi))
-            if dialect == "postgresql":  # one array parameter: 366 of them cost more to bind and plan
-                edge_hours = UsageHour.hour_start == any_(literal(changes, ARRAY(DateTime(timezone=True))))
-            else:
-                edge_hours = UsageHour.hour_start.in_(changes)
-            edges = _hour_sums(query, [cut], edge_hours).cte("edges")
-            head = [edges.c[f"{measure}_{cut}"] for measure in UsageHour.MEASURES]
-            # Out of the bucket of hour + cut (counted whole above, when it was in the window)…
-            moved = [-value for value in head]
-            parts.append(part(edges, cut, moved, edges.c.hour_start >= first, edges.c.hour_start < last))
-            # …into the bucket of the hour's start, when that start is in the window.
-            parts.append(part(edges, 0, head, edges.c.hour_start >= lo, edges.c.hour_start < hi))
+        parts = _whole_hour_parts(dialect, query, lo, hi, cut, part)
     else:
-        minutes = [*cuts[1:], 60]
-        hours = _hour_sums(
-            query, minutes, UsageHour.hour_start >= UsageHour.hour_of(lo), UsageHour.hour_start < hi
-        )
-        hours = hours.cte("hours")
-        for start, end in zip(cuts, minutes, strict=True):
-            measures = []
-            for measure in UsageHour.MEASURES:
-                value = hours.c[f"{measure}_{end}"]
-                measures.append(value - hours.c[f"{measure}_{start}"] if start else value)
-            shift = timedelta(minutes=start)
-            parts.append(
-                part(
-                    hours, start, measures, hours.c.hour_start >= lo - shift, hours.c.hour_start < hi - shift
-                )
-            )
+        parts = _cut_hour_parts(query, lo, hi, cuts, part)
+    return _bucket_sums(query, parts, keyed)
 
+
+def _part(
+    dialect: str,
+    query: UsageQuery,
+    lo: datetime,
+    hi: datetime,
+    keyed: bool,
+    source,
+    shift_minutes: int,
+    measures: list,
+    *conditions,
+):
+    """Stage 2 for one part: ``source``'s rows mapped to the bucket of ``hour_start + shift_minutes``."""
+    bucket = (
+        [_bucket_expr(dialect, query, source.c.hour_start, lo, hi, shift_minutes).label("bucket")]
+        if query.known_bucket
+        else []
+    )
+    keys = [source.c.group_key] if keyed else []
+    labelled = [value.label(measure) for measure, value in zip(UsageHour.MEASURES, measures, strict=True)]
+    return select(*bucket, *keys, *labelled).where(*conditions)
+
+
+def _whole_hour_parts(dialect: str, query: UsageQuery, lo: datetime, hi: datetime, cut: int, part) -> list:
+    """Every hour whole to the bucket of ``hour + cut``, then the first ``cut`` minutes of
+    the hours that start a bucket moved back to the bucket of the hour's start."""
+    # Hours whose moment at ``cut`` lies in [lo, hi): here lo - cut and hi - cut are on the hour.
+    first, last = lo - timedelta(minutes=cut), hi - timedelta(minutes=cut)
+    hours = _hour_sums(query, [60], UsageHour.hour_start >= first, UsageHour.hour_start < last)
+    hours = hours.subquery("hours")
+    parts = [part(hours, cut, [hours.c[f"{measure}_60"] for measure in UsageHour.MEASURES])]
+    if cut:
+        changes = _hours_of(bucket_changes(query, lo, hi))
+        if dialect == "postgresql":  # one array parameter: 366 of them cost more to bind and plan
+            edge_hours = UsageHour.hour_start == any_(literal(changes, ARRAY(DateTime(timezone=True))))
+        else:
+            edge_hours = UsageHour.hour_start.in_(changes)
+        edges = _hour_sums(query, [cut], edge_hours).cte("edges")
+        head = [edges.c[f"{measure}_{cut}"] for measure in UsageHour.MEASURES]
+        # Out of the bucket of hour + cut (counted whole above, when it was in the window)…
+        moved = [-value for value in head]
+        parts.append(part(edges, cut, moved, edges.c.hour_start >= first, edges.c.hour_start < last))
+        # …into the bucket of the hour's start, when that start is in the window.
+        parts.append(part(edges, 0, head, edges.c.hour_start >= lo, edges.c.hour_start < hi))
+    return parts
+
+
+def _cut_hour_parts(query: UsageQuery, lo: datetime, hi: datetime, cuts: tuple[int, ...], part) -> list:
+    """Each hour in its parts between the cuts, each part to the bucket of its own start."""
+    minutes = [*cuts[1:], 60]
+    hours = _hour_sums(
+        query, minutes, UsageHour.hour_start >= UsageHour.hour_of(lo), UsageHour.hour_start < hi
+    )
+    hours = hours.cte("hours")
+    parts = []
+    for start, end in zip(cuts, minutes, strict=True):
+        measures = []
+        for measure in UsageHour.MEASURES:
+            value = hours.c[f"{measure}_{end}"]
+            measures.append(value - hours.c[f"{measure}_{start}"] if start else value)
+        shift = timedelta(minutes=start)
+        parts.append(
+            part(hours, start, measures, hours.c.hour_start >= lo - shift, hours.c.hour_start < hi - shift)
+        )
+    return parts
+
+
+def _bucket_sums(query: UsageQuery, parts: list, keyed: bool):
+    """Stage 3: the parts summed per bucket (and key), buckets without usage left out."""
     mapped = (parts[0] if len(parts) == 1 else union_all(*parts)).subquery("parts")
     sums = [func.sum(mapped.c[measure]) for measure in UsageHour.MEASURES]
     if not query.known_bucket:
         return select(*sums)
-    outer_keys = [mapped.c.bucket] + ([mapped.c.group_key] if key_col is not None else [])
+    outer_keys = [mapped.c.bucket] + ([mapped.c.group_key] if keyed else [])
     return (
         select(*outer_keys, *sums)
         .group_by(*outer_keys)
