@@ -81,7 +81,7 @@ def test_a_grant_credits_the_wallet_with_an_attributed_entry_and_an_audit_event(
         db,
         actor_id=admin.id,
         user_id=user.id,
-        amount=Decimal("12.5"),
+        amount=D("12.5"),
         reason=" welcome ",
         idempotency_key="k1",
     )
@@ -96,7 +96,7 @@ def test_a_grant_credits_the_wallet_with_an_attributed_entry_and_an_audit_event(
 
 def test_replaying_a_grant_key_returns_the_first_entry_and_credits_once(db, admin, user):
     first = billing.grant_credit(
-        db, actor_id=admin.id, user_id=user.id, amount=Decimal("5"), reason=None, idempotency_key="same"
+        db, actor_id=admin.id, user_id=user.id, amount=D("5"), reason=None, idempotency_key="same"
     )
     again = billing.grant_credit(
         db, actor_id=admin.id, user_id=user.id, amount=D("5.000000"), reason=None, idempotency_key="same"
@@ -107,15 +107,15 @@ def test_replaying_a_grant_key_returns_the_first_entry_and_credits_once(db, admi
 
 def test_a_grant_key_reused_for_another_amount_or_user_is_a_conflict(db, admin, user):
     billing.grant_credit(
-        db, actor_id=admin.id, user_id=user.id, amount=Decimal("5"), reason=None, idempotency_key="k"
+        db, actor_id=admin.id, user_id=user.id, amount=D("5"), reason=None, idempotency_key="k"
     )
     with pytest.raises(IdempotencyConflict):
         billing.grant_credit(
-            db, actor_id=admin.id, user_id=user.id, amount=Decimal("6"), reason=None, idempotency_key="k"
+            db, actor_id=admin.id, user_id=user.id, amount=D("6"), reason=None, idempotency_key="k"
         )
     with pytest.raises(IdempotencyConflict):
         billing.grant_credit(
-            db, actor_id=admin.id, user_id=admin.id, amount=Decimal("5"), reason=None, idempotency_key="k"
+            db, actor_id=admin.id, user_id=admin.id, amount=D("5"), reason=None, idempotency_key="k"
         )
     assert wallet_of(db, user.id).balance == D("5")
     assert wallet_of(db, admin.id).balance == D("0")
@@ -142,7 +142,7 @@ def test_grant_amounts_are_exact_decimals(db, admin, user, amount):
 def test_a_grant_to_an_unknown_user_is_not_found(db, admin):
     with pytest.raises(NotFound):
         billing.grant_credit(
-            db, actor_id=admin.id, user_id=new_id(), amount=Decimal("1"), reason=None, idempotency_key=None
+            db, actor_id=admin.id, user_id=new_id(), amount=D("1"), reason=None, idempotency_key=None
         )
 
 
@@ -366,8 +366,8 @@ def test_an_unpriced_model_is_refused(db):
 
 def test_a_new_price_version_applies_from_now_and_history_prices_the_past(db, admin):
     before = datetime.now(UTC)
-    first = pricing.set_price(db, admin.id, "gpt-x", Decimal("1"), Decimal("2"))
-    second = pricing.set_price(db, admin.id, "gpt-x", Decimal("0.5"), Decimal("0.75"))
+    first = pricing.set_price(db, admin.id, "gpt-x", D("1"), D("2"))
+    second = pricing.set_price(db, admin.id, "gpt-x", D("0.5"), D("0.75"))
     assert second.effective_from > first.effective_from
     assert pricing.price_in_force(db, "gpt-x").id == second.id
     assert pricing.price_in_force(db, "gpt-x", at=first.effective_from).id == first.id
