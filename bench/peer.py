@@ -36,6 +36,7 @@ import subprocess
 import sys
 import time
 from contextlib import contextmanager
+from decimal import Decimal
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -251,12 +252,12 @@ def prepare_tollgate(settings, base: str, clients: int) -> tuple[str, list[str]]
         admin, _ = auth.create_user(session, "bench-admin@example.com", "admin")
         user, issued = auth.create_user(session, "bench-peer@example.com", "user")
         for model in MODELS.values():
-            pricing.set_price(session, admin.id, model, "0.001000", "0.002000")
+            pricing.set_price(session, admin.id, model, Decimal("0.001000"), Decimal("0.002000"))
         billing.grant_credit(
             session,
             actor_id=admin.id,
             user_id=user.id,
-            amount="1000000",
+            amount=Decimal("1000000"),
             reason="bench",
             idempotency_key=None,
         )

@@ -37,6 +37,7 @@ import sys
 import time
 from datetime import date, timedelta
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 import psycopg
 from _stack import fresh_database, percentile, report
@@ -224,7 +225,9 @@ def export_child(url: str, start: str, end: str) -> None:
         )
         started = time.perf_counter()
         rows = -1  # the header
-        for chunk in usage.export_csv(session, bucket="day", start=start, end=end, group_by="user"):
+        for chunk in usage.export_csv(
+            session, bucket="day", start=start, end=end, group_by=usage.GroupBy.USER
+        ):
             rows += chunk.count("\r\n")
         seconds = time.perf_counter() - started
     database.dispose()
@@ -268,9 +271,11 @@ def main() -> None:
                 for scope, user_id in (("all", None), ("user", one_user)):
                     for bucket in ("month", "week", "day"):
                         name = f"{scope}_{bucket}"
-                        query = usage.UsageQuery(bucket, YEAR_START, YEAR_END, "UTC", user_id=user_id)
+                        query = usage.UsageQuery(
+                            bucket, YEAR_START, YEAR_END, usage.UTC_ZONE, user_id=user_id
+                        )
                         kolkata = usage.UsageQuery(
-                            bucket, YEAR_START, YEAR_END, "Asia/Kolkata", user_id=user_id
+                            bucket, YEAR_START, YEAR_END, ZoneInfo("Asia/Kolkata"), user_id=user_id
                         )
                         samples, answers = timed(
                             session,
@@ -304,13 +309,17 @@ def main() -> None:
                         )
                 shapes = {
                     "all_month": usage.UsageQuery("month", YEAR_START, YEAR_END),
-                    "kolkata_all_day": usage.UsageQuery("day", YEAR_START, YEAR_END, "Asia/Kolkata"),
+                    "kolkata_all_day": usage.UsageQuery(
+                        "day", YEAR_START, YEAR_END, ZoneInfo("Asia/Kolkata")
+                    ),
                     "all_month_one_model": usage.UsageQuery("month", YEAR_START, YEAR_END, model=MODELS[0]),
                     "user_month": usage.UsageQuery("month", YEAR_START, YEAR_END, user_id=one_user),
                     "user_day_one_model": usage.UsageQuery(
                         "day", YEAR_START, YEAR_END, user_id=one_user, model=MODELS[1]
                     ),
-                    "export_by_user_day": usage.UsageQuery("day", YEAR_START, YEAR_END, group_by="user"),
+                    "export_by_user_day": usage.UsageQuery(
+                        "day", YEAR_START, YEAR_END, group_by=usage.GroupBy.USER
+                    ),
                 }
                 for shape, query in shapes.items():
                     plan = explain(session, query)

@@ -45,6 +45,31 @@ def _int(raw: str, name: str) -> int:
         raise SettingsError(f"{name} must be an integer, got {raw!r}") from exc
 
 
+class _Env:
+    """Typed reads of the environment; each names its variable once (and in its error)."""
+
+    def __init__(self, environ: Mapping[str, str]) -> None:
+        self.environ = environ
+
+    def get(self, name: str, default: str | None = None) -> str | None:
+        return self.environ.get(name, default)
+
+    def __getitem__(self, name: str) -> str:
+        return self.environ[name]
+
+    def bool(self, name: str, default: str) -> bool:
+        return _bool(self.environ.get(name, default), name)
+
+    def decimal(self, name: str, default: str) -> Decimal:
+        return _decimal(self.environ.get(name, default), name)
+
+    def int(self, name: str, default: str) -> int:
+        return _int(self.environ.get(name, default), name)
+
+    def seconds(self, name: str, default: str) -> float:
+        return float(self.decimal(name, default))
+
+
 def normalize_database_url(url: str) -> str:
     """Accept URLs as providers hand them out and pick our driver.
 
@@ -133,7 +158,7 @@ class Settings:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
-        env = os.environ if environ is None else environ
+        env = _Env(os.environ if environ is None else environ)
         var_dir = Path(env.get("TOLLGATE_VAR_DIR") or DEFAULT_VAR_DIR)
         database_url = env.get("DATABASE_URL") or f"sqlite:///{var_dir / 'tollgate.sqlite'}"
         provider = env.get("MODEL_PROVIDER", "offline").strip().lower() or "offline"
@@ -147,51 +172,33 @@ class Settings:
             database_pool_url=normalize_database_url(env["DATABASE_POOL_URL"])
             if env.get("DATABASE_POOL_URL")
             else None,
-            database_pool_size=_int(env.get("DATABASE_POOL_SIZE", "10"), "DATABASE_POOL_SIZE"),
-            database_max_overflow=_int(env.get("DATABASE_MAX_OVERFLOW", "10"), "DATABASE_MAX_OVERFLOW"),
+            database_pool_size=env.int("DATABASE_POOL_SIZE", "10"),
+            database_max_overflow=env.int("DATABASE_MAX_OVERFLOW", "10"),
             redis_url=env.get("REDIS_URL") or None,
             celery_broker_url=env.get("CELERY_BROKER_URL") or None,
             celery_result_backend=env.get("CELERY_RESULT_BACKEND") or None,
-            billing_enforcement_enabled=_bool(
-                env.get("BILLING_ENFORCEMENT_ENABLED", "false"), "BILLING_ENFORCEMENT_ENABLED"
-            ),
-            low_balance_threshold=_decimal(env.get("LOW_BALANCE_THRESHOLD", "1.00"), "LOW_BALANCE_THRESHOLD"),
+            billing_enforcement_enabled=env.bool("BILLING_ENFORCEMENT_ENABLED", "false"),
+            low_balance_threshold=env.decimal("LOW_BALANCE_THRESHOLD", "1.00"),
             model_provider=provider,
             openai_base_url=env.get("OPENAI_BASE_URL") or None,
             openai_api_key=env.get("OPENAI_API_KEY") or None,
-            openai_timeout_seconds=float(
-                _decimal(env.get("OPENAI_TIMEOUT_SECONDS", "60"), "OPENAI_TIMEOUT_SECONDS")
-            ),
+            openai_timeout_seconds=env.seconds("OPENAI_TIMEOUT_SECONDS", "60"),
             default_model=default_model,
-            turn_wait_seconds=float(_decimal(env.get("TURN_WAIT_SECONDS", "30"), "TURN_WAIT_SECONDS")),
-            auth_cache_seconds=float(_decimal(env.get("AUTH_CACHE_SECONDS", "60"), "AUTH_CACHE_SECONDS")),
-            offline_stream_delay_seconds=float(
-                _decimal(env.get("OFFLINE_STREAM_DELAY_SECONDS", "0.02"), "OFFLINE_STREAM_DELAY_SECONDS")
-            ),
-            turn_stream_ttl_seconds=max(
-                3600, _int(env.get("TURN_STREAM_TTL_SECONDS", "3600"), "TURN_STREAM_TTL_SECONDS")
-            ),
-            turn_cancel_wait_seconds=float(
-                _decimal(env.get("TURN_CANCEL_WAIT_SECONDS", "5"), "TURN_CANCEL_WAIT_SECONDS")
-            ),
-            max_upload_bytes=_int(env.get("MAX_UPLOAD_BYTES", str(10 * 1024 * 1024)), "MAX_UPLOAD_BYTES"),
-            hold_ttl_seconds=_int(env.get("HOLD_TTL_SECONDS", "900"), "HOLD_TTL_SECONDS"),
-            max_extracted_chars=_int(env.get("MAX_EXTRACTED_CHARS", "2000000"), "MAX_EXTRACTED_CHARS"),
-            extraction_time_limit_seconds=float(
-                _decimal(env.get("EXTRACTION_TIME_LIMIT_SECONDS", "30"), "EXTRACTION_TIME_LIMIT_SECONDS")
-            ),
-            turn_lease_seconds=_int(env.get("TURN_LEASE_SECONDS", "20"), "TURN_LEASE_SECONDS"),
-            task_soft_time_limit_seconds=_int(
-                env.get("TASK_SOFT_TIME_LIMIT_SECONDS", "240"), "TASK_SOFT_TIME_LIMIT_SECONDS"
-            ),
-            turn_retry_base_seconds=float(
-                _decimal(env.get("TURN_RETRY_BASE_SECONDS", "2"), "TURN_RETRY_BASE_SECONDS")
-            ),
-            hold_model_rounds=_int(env.get("HOLD_MODEL_ROUNDS", "2"), "HOLD_MODEL_ROUNDS"),
-            hold_tool_result_tokens=_int(
-                env.get("HOLD_TOOL_RESULT_TOKENS", "2048"), "HOLD_TOOL_RESULT_TOKENS"
-            ),
-            hold_token_margin=_decimal(env.get("HOLD_TOKEN_MARGIN", "1.25"), "HOLD_TOKEN_MARGIN"),
+            turn_wait_seconds=env.seconds("TURN_WAIT_SECONDS", "30"),
+            auth_cache_seconds=env.seconds("AUTH_CACHE_SECONDS", "60"),
+            offline_stream_delay_seconds=env.seconds("OFFLINE_STREAM_DELAY_SECONDS", "0.02"),
+            turn_stream_ttl_seconds=max(3600, env.int("TURN_STREAM_TTL_SECONDS", "3600")),
+            turn_cancel_wait_seconds=env.seconds("TURN_CANCEL_WAIT_SECONDS", "5"),
+            max_upload_bytes=env.int("MAX_UPLOAD_BYTES", str(10 * 1024 * 1024)),
+            hold_ttl_seconds=env.int("HOLD_TTL_SECONDS", "900"),
+            max_extracted_chars=env.int("MAX_EXTRACTED_CHARS", "2000000"),
+            extraction_time_limit_seconds=env.seconds("EXTRACTION_TIME_LIMIT_SECONDS", "30"),
+            turn_lease_seconds=env.int("TURN_LEASE_SECONDS", "20"),
+            task_soft_time_limit_seconds=env.int("TASK_SOFT_TIME_LIMIT_SECONDS", "240"),
+            turn_retry_base_seconds=env.seconds("TURN_RETRY_BASE_SECONDS", "2"),
+            hold_model_rounds=env.int("HOLD_MODEL_ROUNDS", "2"),
+            hold_tool_result_tokens=env.int("HOLD_TOOL_RESULT_TOKENS", "2048"),
+            hold_token_margin=env.decimal("HOLD_TOKEN_MARGIN", "1.25"),
             var_dir=var_dir,
             log_level=env.get("LOG_LEVEL", "INFO").upper(),
             code_version=env.get("TOLLGATE_VERSION") or env.get("SOURCE_VERSION") or _code_version(),
@@ -199,17 +206,11 @@ class Settings:
             if env.get("PROMETHEUS_MULTIPROC_DIR")
             else None,
             metrics_token=env.get("METRICS_TOKEN") or None,
-            trusted_proxies=_int(env.get("TRUSTED_PROXIES", "0"), "TRUSTED_PROXIES"),
-            webhook_allow_private=_bool(env.get("WEBHOOK_ALLOW_PRIVATE", "false"), "WEBHOOK_ALLOW_PRIVATE"),
-            webhook_timeout_seconds=float(
-                _decimal(env.get("WEBHOOK_TIMEOUT_SECONDS", "5"), "WEBHOOK_TIMEOUT_SECONDS")
-            ),
-            webhook_retry_base_seconds=float(
-                _decimal(env.get("WEBHOOK_RETRY_BASE_SECONDS", "30"), "WEBHOOK_RETRY_BASE_SECONDS")
-            ),
-            webhook_max_age_seconds=_int(
-                env.get("WEBHOOK_MAX_AGE_SECONDS", "86400"), "WEBHOOK_MAX_AGE_SECONDS"
-            ),
+            trusted_proxies=env.int("TRUSTED_PROXIES", "0"),
+            webhook_allow_private=env.bool("WEBHOOK_ALLOW_PRIVATE", "false"),
+            webhook_timeout_seconds=env.seconds("WEBHOOK_TIMEOUT_SECONDS", "5"),
+            webhook_retry_base_seconds=env.seconds("WEBHOOK_RETRY_BASE_SECONDS", "30"),
+            webhook_max_age_seconds=env.int("WEBHOOK_MAX_AGE_SECONDS", "86400"),
         )
 
     def replace(self, **changes: object) -> Settings:

@@ -27,12 +27,13 @@ from flask import Response
 from shared.models import Turn
 from shared.runtime import Runtime
 from shared.services import turn_events, turns
-from web.schemas.chat import TurnSchema
+from web.schemas.chat import ToolCallSchema, TurnSchema
 
 START, DONE = "0", "done"
 _STREAM_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
 _EMBEDDED_ID = re.compile(r"^(?:t(\d{1,6})|r)$")
 _turn_schema = TurnSchema()
+_tool_call_schema = ToolCallSchema()
 
 
 def sse(event_id: str | None, event: str | None, data) -> str:
@@ -95,7 +96,11 @@ def relay(runtime: Runtime, turn_id: str, after: str = START) -> Iterator[tuple[
         yield from _embedded(runtime, turn_id, after)
         return
     cursor = after if _STREAM_ID.match(after) else START
-    yield from turn_events.follow(runtime, turn_id, cursor, lambda: is_finished(runtime, turn_id))
+    for item in turn_events.follow(runtime, turn_id, cursor, lambda: is_finished(runtime, turn_id)):
+        if item is not None and item[1] == turn_events.TOOL_CALL:
+            # The worker wrote the recorded row; the client sees TurnRead's tool_calls entry.
+            item = (item[0], item[1], _tool_call_schema.dump(item[2]))
+        yield item
     yield (DONE, "done", read_turn(runtime, turn_id))
 
 

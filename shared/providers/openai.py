@@ -14,6 +14,7 @@ import os
 import random
 import threading
 import time
+from collections.abc import Callable
 from email.utils import parsedate_to_datetime
 from typing import Any
 
@@ -134,40 +135,14 @@ class OpenAIProvider:
         on_delta: OnDelta | None = None,
         should_stop: ShouldStop | None = None,
     ) -> Completion:
-        body: dict[str, Any] = {"model": model, "messages": messages, "max_tokens": max_output_tokens}
-        if tools:
-            body["tools"] = tools
-        headers = {"Content-Type": "application/json", "Accept": "application/json"}
-        if on_delta is not None:
-            body["stream"] = True
-            body["stream_options"] = {"include_usage": True}
-            headers["Accept"] = "text/event-stream"
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
+        body, headers = self._request(messages, model, max_output_tokens, tools, stream=on_delta is not None)
         attempt_timeout = httpx.Timeout(self.timeout if timeout is None else timeout)
 
         for attempt in range(1, self.max_attempts + 1):
             try:
-                if on_delta is not None:
-                    # Retried below only while nothing reached on_delta: a stream that broke
-                    # after its first piece raises ProviderPermanentError (stream_interrupted).
-                    streamed = _Stream(messages, tools, model, on_delta, should_stop)
-                    with self._http().stream(
-                        "POST", self.url, json=body, headers=headers, timeout=attempt_timeout
-                    ) as response:
-                        if response.is_success and _is_event_stream(response):
-                            return streamed.read(response)
-                        response.read()
-                        if response.is_success:
-                            # A server that ignores "stream": one JSON completion, one piece.
-                            completion = self._parse(response, messages, tools, model)
-                            if completion.content:
-                                on_delta(completion.content)
-                            return completion
-                else:
-                    response = self._http().post(
-                        self.url, json=body, headers=headers, timeout=attempt_timeout
-                    )
+                answer = self._send(
+                    body, headers, attempt_timeout, messages, tools, model, on_delta, should_stop
+                )
             except httpx.TimeoutException as exc:
                 error: ProviderError = ProviderTransientError(
                     "provider_timeout", f"The model provider did not answer within {attempt_timeout.read} s."
@@ -179,9 +154,11 @@ class OpenAIProvider:
                 )
                 cause = exc
             else:
-                if response.is_success:
-                    return self._parse(response, messages, tools, model)
-                error = self._status_error(response)
+                if isinstance(answer, Completion):
+                    return answer
+                if answer.is_success:
+                    return self._parse(answer, messages, tools, model)
+                error = self._status_error(answer)
                 cause = None
                 if not error.transient:
                     raise error
@@ -198,6 +175,58 @@ class OpenAIProvider:
             )
             time.sleep(delay)
         raise AssertionError("unreachable")  # the loop returns or raises
+
+    def _request(
+        self,
+        messages: list[dict],
+        model: str,
+        max_output_tokens: int,
+        tools: list[dict] | None,
+        *,
+        stream: bool,
+    ) -> tuple[dict[str, Any], dict[str, str]]:
+        """The body and headers of a chat completion call (streamed with usage when ``stream``)."""
+        body: dict[str, Any] = {"model": model, "messages": messages, "max_tokens": max_output_tokens}
+        if tools:
+            body["tools"] = tools
+        headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        if stream:
+            body["stream"] = True
+            body["stream_options"] = {"include_usage": True}
+            headers["Accept"] = "text/event-stream"
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        return body, headers
+
+    def _send(
+        self,
+        body: dict[str, Any],
+        headers: dict[str, str],
+        timeout: httpx.Timeout,
+        messages: list[dict],
+        tools: list[dict] | None,
+        model: str,
+        on_delta: OnDelta | None,
+        should_stop: ShouldStop | None,
+    ) -> Completion | httpx.Response:
+        """One attempt: the completion when a stream answered (or a server that ignores
+        ``stream`` answered in one piece), else the response for ``complete`` to judge."""
+        if on_delta is None:
+            return self._http().post(self.url, json=body, headers=headers, timeout=timeout)
+        # Retried by ``complete`` only while nothing reached on_delta: a stream that broke
+        # after its first piece raises ProviderPermanentError (stream_interrupted).
+        streamed = _Stream(messages, tools, model, on_delta, should_stop)
+        with self._http().stream("POST", self.url, json=body, headers=headers, timeout=timeout) as response:
+            if response.is_success and _is_event_stream(response):
+                return streamed.read(response)
+            response.read()
+            if response.is_success:
+                # A server that ignores "stream": one JSON completion, one piece.
+                completion = self._parse(response, messages, tools, model)
+                if completion.content:
+                    on_delta(completion.content)
+                return completion
+        return response
 
     def _delay(self, attempt: int, retry_after: float | None) -> float:
         if retry_after is not None:
@@ -245,41 +274,9 @@ class OpenAIProvider:
             raise bad("the body is not JSON") from None
         if not isinstance(payload, dict):
             raise bad("the body is not a JSON object")
-        choices = payload.get("choices")
-        if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
-            raise bad("no choices")
-        choice = choices[0]
-        message = choice.get("message")
-        if not isinstance(message, dict):
-            raise bad("choices[0].message is missing")
-        content = message.get("content")
-        if content is not None and not isinstance(content, str):
-            raise bad("choices[0].message.content is not a string")
-
+        choice, message, content = _first_choice(payload, bad)
         usage = payload.get("usage") if isinstance(payload.get("usage"), dict) else {}
-        raw_calls = message.get("tool_calls") or []
-        if not isinstance(raw_calls, list):
-            raise bad("choices[0].message.tool_calls is not a list")
-        tool_calls: list[ToolCall] = []
-        for index, raw in enumerate(raw_calls):
-            function = raw.get("function") if isinstance(raw, dict) else None
-            name = function.get("name") if isinstance(function, dict) else None
-            if not isinstance(name, str) or not name:
-                raise bad(f"tool_calls[{index}] has no function name")
-            call_id = raw.get("id") if isinstance(raw.get("id"), str) and raw.get("id") else f"call_{index}"
-            try:
-                tool_calls.append(tool_call_from_raw(call_id, name, function.get("arguments")))
-            except RecursionError:
-                # Arguments nested past the parser's recursion limit: not a call anyone can
-                # run, and not one to feed back (it would come again). The answer was still
-                # produced, so the tokens it reports are billed with the failed turn.
-                raise ProviderPermanentError(
-                    "bad_model_output",
-                    f"tool_calls[{index}] arguments are nested too deeply to parse",
-                    status_code=response.status_code,
-                    input_tokens=_reported(usage, "prompt_tokens"),
-                    output_tokens=_reported(usage, "completion_tokens"),
-                ) from None
+        tool_calls = _tool_calls(message, usage, bad, response.status_code)
 
         input_tokens = usage.get("prompt_tokens")
         output_tokens = usage.get("completion_tokens")
@@ -299,6 +296,53 @@ class OpenAIProvider:
             model=payload.get("model") if isinstance(payload.get("model"), str) else model,
             finish_reason=finish_reason if isinstance(finish_reason, str) else None,
         )
+
+
+def _first_choice(
+    payload: dict, bad: Callable[[str], ProviderPermanentError]
+) -> tuple[dict, dict, str | None]:
+    """``choices[0]``, its message and the message's text content, checked."""
+    choices = payload.get("choices")
+    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+        raise bad("no choices")
+    choice = choices[0]
+    message = choice.get("message")
+    if not isinstance(message, dict):
+        raise bad("choices[0].message is missing")
+    content = message.get("content")
+    if content is not None and not isinstance(content, str):
+        raise bad("choices[0].message.content is not a string")
+    return choice, message, content
+
+
+def _tool_calls(
+    message: dict, usage: dict, bad: Callable[[str], ProviderPermanentError], status_code: int
+) -> list[ToolCall]:
+    """The message's tool calls, each with a function name (ids made up where missing)."""
+    raw_calls = message.get("tool_calls") or []
+    if not isinstance(raw_calls, list):
+        raise bad("choices[0].message.tool_calls is not a list")
+    tool_calls: list[ToolCall] = []
+    for index, raw in enumerate(raw_calls):
+        function = raw.get("function") if isinstance(raw, dict) else None
+        name = function.get("name") if isinstance(function, dict) else None
+        if not isinstance(name, str) or not name:
+            raise bad(f"tool_calls[{index}] has no function name")
+        call_id = raw.get("id") if isinstance(raw.get("id"), str) and raw.get("id") else f"call_{index}"
+        try:
+            tool_calls.append(tool_call_from_raw(call_id, name, function.get("arguments")))
+        except RecursionError:
+            # Arguments nested past the parser's recursion limit: not a call anyone can
+            # run, and not one to feed back (it would come again). The answer was still
+            # produced, so the tokens it reports are billed with the failed turn.
+            raise ProviderPermanentError(
+                "bad_model_output",
+                f"tool_calls[{index}] arguments are nested too deeply to parse",
+                status_code=status_code,
+                input_tokens=_reported(usage, "prompt_tokens"),
+                output_tokens=_reported(usage, "completion_tokens"),
+            ) from None
+    return tool_calls
 
 
 def _is_event_stream(response: httpx.Response) -> bool:

@@ -847,13 +847,13 @@ def grant_credit(
     *,
     actor_id: str,
     user_id: str,
-    amount: object,
+    amount: Decimal,
     reason: str | None,
     idempotency_key: str | None,
 ) -> LedgerEntry:
     """Credit a user's wallet; writes a ``grant`` entry and an audit event. Commits.
 
-    ``amount``: a decimal string or number, > 0, ≤ 6 places, ≤ 1e12.
+    ``amount``: > 0, ≤ 6 places, ≤ 1e12.
     Replaying an ``idempotency_key`` with the same user, amount and reason
     returns the first entry and credits nothing; concurrent duplicates credit
     exactly once (the key's UNIQUE constraint decides the race).
@@ -862,7 +862,7 @@ def grant_credit(
     :raises NotFound: no such user.
     :raises IdempotencyConflict: the key was used for another grant.
     """
-    value = pricing.parse_money(amount, field="amount", error="invalid_amount")
+    value = pricing.check_money(amount, field="amount", error="invalid_amount")
     reason = (reason.strip() or None) if reason else None
     return _admin_entry(
         session,
@@ -880,11 +880,12 @@ def adjust_credit(
     *,
     actor_id: str,
     user_id: str,
-    amount: object,
+    amount: Decimal,
     reason: str | None,
     idempotency_key: str | None,
 ) -> LedgerEntry:
-    """An admin correction: a signed, non-zero ``amount`` with a required reason. Commits.
+    """An admin correction: a signed, non-zero ``amount`` (magnitude ≤ 6 places, ≤ 1e12)
+    with a required reason. Commits.
 
     A negative adjustment may not take ``available`` below zero, so a correction
     never overdraws a wallet (nor eats credit reserved by in-flight turns).
@@ -894,12 +895,7 @@ def adjust_credit(
     :raises NotFound: no such user.
     :raises IdempotencyConflict: the key was used for another adjustment.
     """
-    negative = isinstance(amount, str) and amount.strip().startswith("-")
-    if isinstance(amount, int | float | Decimal) and not isinstance(amount, bool) and amount < 0:
-        negative, amount = True, -amount
-    elif negative:
-        amount = amount.strip()[1:]
-    value = pricing.parse_money(amount, field="amount", error="invalid_amount")
+    magnitude = pricing.check_money(abs(amount), field="amount", error="invalid_amount")
     reason = reason.strip() if reason else ""
     if not reason:
         raise InvalidInput("An adjustment needs a reason.", error="reason_required", field="reason")
@@ -908,7 +904,7 @@ def adjust_credit(
         kind=LedgerKind.ADJUSTMENT,
         actor_id=actor_id,
         user_id=user_id,
-        value=-value if negative else value,
+        value=-magnitude if amount < 0 else magnitude,
         reason=reason,
         idempotency_key=idempotency_key,
     )

@@ -112,16 +112,12 @@ def price_history(session: Session, limit: int = PRICE_HISTORY) -> list[ModelPri
     )
 
 
-def period_totals(session: Session, tz: str, today: date | None = None) -> PeriodTotals:
-    """Usage totals for today, this ISO week and this month, in ``tz``.
-
-    :raises InvalidInput: ``invalid_timezone``.
-    """
-    tz = usage.parse_zone(tz)
-    today = today or datetime.now(ZoneInfo(tz)).date()
+def period_totals(session: Session, zone: ZoneInfo, today: date | None = None) -> PeriodTotals:
+    """Usage totals for today, this ISO week and this month, in ``zone``."""
+    today = today or datetime.now(zone).date()
 
     def since(start: date) -> usage.UsageTotals:
-        query = usage.UsageQuery(bucket="day", start=start, end=today, tz=tz)
+        query = usage.UsageQuery(bucket="day", start=start, end=today, zone=zone)
         return usage.summarize(session, query).totals
 
     return PeriodTotals(
@@ -131,17 +127,18 @@ def period_totals(session: Session, tz: str, today: date | None = None) -> Perio
     )
 
 
-def usage_chart(session: Session, *, bucket: str, tz: str, split: str, today: date | None = None) -> Chart:
-    """The buckets of the last 30 days, 12 weeks or 12 months in ``tz``, per model or user.
+def usage_chart(
+    session: Session, *, bucket: str, zone: ZoneInfo, split: str, today: date | None = None
+) -> Chart:
+    """The buckets of the last 30 days, 12 weeks or 12 months in ``zone``, per model or user.
 
-    :raises InvalidInput: ``invalid_timezone``; an unknown bucket or split is ``invalid_input``.
+    :raises InvalidInput: an unknown bucket or split is ``invalid_input``.
     """
-    tz = usage.parse_zone(tz)
     if bucket not in usage.BUCKETS or split not in SPLITS:
         raise InvalidInput(
             "bucket must be day, week or month and split model or user.", error="invalid_input"
         )
-    today = today or datetime.now(ZoneInfo(tz)).date()
+    today = today or datetime.now(zone).date()
     if bucket == "month":
         months_back = today.year * 12 + today.month - 1 - 11
         start = date(months_back // 12, months_back % 12 + 1, 1)
@@ -149,7 +146,7 @@ def usage_chart(session: Session, *, bucket: str, tz: str, split: str, today: da
         start = today - CHART_SPANS[bucket]
         if bucket == "week":
             start -= timedelta(days=start.weekday())
-    query = usage.UsageQuery(bucket=bucket, start=start, end=today, tz=tz, group_by=split)
+    query = usage.UsageQuery(bucket=bucket, start=start, end=today, zone=zone, group_by=usage.GroupBy(split))
     buckets = usage.grouped_buckets(session, query)
     keys = {bucket.user_id if split == "user" else bucket.model for bucket in buckets}
     labels = {key: key for key in keys if key}

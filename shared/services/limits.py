@@ -70,59 +70,50 @@ def _money(value: Decimal) -> str:
 @dataclass(frozen=True)
 class SpendLimit:
     amount: Decimal
-    period: str
-    tz: str
+    period: SpendPeriod
+    tz: str  # a known IANA zone name
 
 
 @dataclass(frozen=True)
 class Limits:
+    """A subject's limits as the edge parsed them (``web/schemas/limits.py``); None: no limit."""
+
     spend: SpendLimit | None
     requests_per_minute: int | None
     max_concurrent_turns: int | None
 
 
-def _positive_int(raw: object, field: str, maximum: int) -> int | None:
-    if raw is None:
-        return None
-    if isinstance(raw, bool) or not isinstance(raw, int) or not 1 <= raw <= maximum:
+def _check_count(value: int | None, field: str, maximum: int) -> int | None:
+    if value is not None and not 1 <= value <= maximum:
         raise InvalidInput(
             f"{field} must be an integer from 1 to {maximum}, or null.", error="invalid_limit", field=field
         )
-    return raw
+    return value
 
 
-def parse_limits(data: dict) -> Limits:
-    """The limits of a PUT body, each parsed into its type.
+def check_limits(limits: Limits) -> Limits:
+    """The limits' domain rules: a spend amount from 0 to ``MAX_SPEND_AMOUNT`` (6 places),
+    counts from 1 to their maximum.
 
-    :raises InvalidInput: ``invalid_limit_amount`` (negative, float, over 1e12, > 6 places),
-        ``invalid_period``, ``invalid_timezone``, ``invalid_limit`` (rate or concurrency).
+    :raises InvalidInput: ``invalid_limit_amount``, ``invalid_limit``.
     """
-    spend = data.get("spend")
-    parsed_spend = None
+    spend = limits.spend
     if spend is not None:
-        if not isinstance(spend, dict):
-            raise InvalidInput("spend must be an object or null.", error="invalid_spend_limit", field="spend")
-        amount = pricing.parse_money(
-            spend.get("amount"),
+        amount = pricing.check_money(
+            spend.amount,
             field="amount",
             error="invalid_limit_amount",
             allow_zero=True,
             maximum=MAX_SPEND_AMOUNT,
         )
-        period = spend.get("period")
-        if period not in {p.value for p in SpendPeriod}:
-            raise InvalidInput("period must be day, week or month.", error="invalid_period", field="period")
-        tz = spend.get("tz")
-        if tz is not None and not isinstance(tz, str):
-            raise InvalidInput("tz must be an IANA time zone name.", error="invalid_timezone", field="tz")
-        parsed_spend = SpendLimit(amount=amount, period=period, tz=usage.parse_zone(tz))
+        spend = SpendLimit(amount=amount, period=spend.period, tz=spend.tz)
     return Limits(
-        spend=parsed_spend,
-        requests_per_minute=_positive_int(
-            data.get("requests_per_minute"), "requests_per_minute", MAX_REQUESTS_PER_MINUTE
+        spend=spend,
+        requests_per_minute=_check_count(
+            limits.requests_per_minute, "requests_per_minute", MAX_REQUESTS_PER_MINUTE
         ),
-        max_concurrent_turns=_positive_int(
-            data.get("max_concurrent_turns"), "max_concurrent_turns", MAX_CONCURRENT_TURNS
+        max_concurrent_turns=_check_count(
+            limits.max_concurrent_turns, "max_concurrent_turns", MAX_CONCURRENT_TURNS
         ),
     )
 
@@ -253,53 +244,70 @@ def admit(
         return None
     now = now or utcnow()
     for row in rows:
-        if row.max_concurrent_turns is not None:
-            running = in_flight_turns(session, row, turn.id)
-            if running >= row.max_concurrent_turns:
-                raise TooManyRequests(
-                    f"At most {row.max_concurrent_turns} turns may be in flight at once for this "
-                    f"{'API key' if row.subject_type == LimitSubject.API_KEY else 'user'}.",
-                    error="too_many_concurrent_turns",
-                    retry_after=CONCURRENCY_RETRY_AFTER_SECONDS,
-                    limit_source=row.subject_type,
-                    limit=row.max_concurrent_turns,
-                    in_flight=running,
-                )
-        if row.requests_per_minute is not None:
-            recent = requests_last_minute(session, row, now, turn.id)
-            if recent >= row.requests_per_minute:
-                raise TooManyRequests(
-                    f"At most {row.requests_per_minute} turns per minute.",
-                    error="rate_limited",
-                    retry_after=_rate_retry_after(session, row, now, turn.id),
-                    limit_source=row.subject_type,
-                    limit=row.requests_per_minute,
-                )
+        _check_concurrency(session, row, turn)
+        _check_rate(session, row, turn, now)
     reserve = None
     for row in rows:
         if row.spend_amount is None:
             continue
         if reserve is None:
             reserve = Decimal(worst_case()).quantize(MONEY_QUANT)
-        start, resets_at = period_bounds(row.spend_period, row.spend_tz or "UTC", now)
-        # held before spent: a settle committing between the two reads is then counted
-        # twice (refusing too early, never admitting too much), not missed.
-        reserved = held(session, row, turn.id)
-        charged = spent(session, row, start, resets_at)
-        if charged + reserved + reserve > row.spend_amount:
-            exc = SpendLimitReached(
-                limit_source=row.subject_type,
-                limit=_money(row.spend_amount),
-                spent=_money(charged),
-                held=_money(reserved),
-                required=_money(reserve),
-                resets_at=resets_at.isoformat().replace("+00:00", "Z"),
-            )
-            exc.limit_id, exc.period_start = row.id, start  # type: ignore[attr-defined]
-            raise exc
+        _check_spend(session, row, turn, reserve, now)
     if reserve is not None:
         turn.limit_reserve = reserve
     return reserve
+
+
+def _check_concurrency(session: Session, row: Limit, turn: Turn) -> None:
+    """:raises TooManyRequests: ``too_many_concurrent_turns``."""
+    if row.max_concurrent_turns is None:
+        return
+    running = in_flight_turns(session, row, turn.id)
+    if running >= row.max_concurrent_turns:
+        raise TooManyRequests(
+            f"At most {row.max_concurrent_turns} turns may be in flight at once for this "
+            f"{'API key' if row.subject_type == LimitSubject.API_KEY else 'user'}.",
+            error="too_many_concurrent_turns",
+            retry_after=CONCURRENCY_RETRY_AFTER_SECONDS,
+            limit_source=row.subject_type,
+            limit=row.max_concurrent_turns,
+            in_flight=running,
+        )
+
+
+def _check_rate(session: Session, row: Limit, turn: Turn, now: datetime) -> None:
+    """:raises TooManyRequests: ``rate_limited``."""
+    if row.requests_per_minute is None:
+        return
+    recent = requests_last_minute(session, row, now, turn.id)
+    if recent >= row.requests_per_minute:
+        raise TooManyRequests(
+            f"At most {row.requests_per_minute} turns per minute.",
+            error="rate_limited",
+            retry_after=_rate_retry_after(session, row, now, turn.id),
+            limit_source=row.subject_type,
+            limit=row.requests_per_minute,
+        )
+
+
+def _check_spend(session: Session, row: Limit, turn: Turn, reserve: Decimal, now: datetime) -> None:
+    """:raises SpendLimitReached: spent + held + ``reserve`` exceeds the row's spend limit."""
+    start, resets_at = period_bounds(row.spend_period, row.spend_tz or "UTC", now)
+    # held before spent: a settle committing between the two reads is then counted
+    # twice (refusing too early, never admitting too much), not missed.
+    reserved = held(session, row, turn.id)
+    charged = spent(session, row, start, resets_at)
+    if charged + reserved + reserve > row.spend_amount:
+        exc = SpendLimitReached(
+            limit_source=row.subject_type,
+            limit=_money(row.spend_amount),
+            spent=_money(charged),
+            held=_money(reserved),
+            required=_money(reserve),
+            resets_at=resets_at.isoformat().replace("+00:00", "Z"),
+        )
+        exc.limit_id, exc.period_start = row.id, start  # type: ignore[attr-defined]
+        raise exc
 
 
 def note_refusal(session: Session, exc: SpendLimitReached) -> bool:
@@ -409,15 +417,15 @@ def set_limits(
     actor_id: str,
     subject_type: str,
     subject_id: str,
-    data: dict,
+    limits: Limits,
     now: datetime | None = None,
 ) -> dict:
-    """Replace a user's or API key's limits (null: none of that kind); audited. Commits.
+    """Replace a user's or API key's limits (None: none of that kind); audited. Commits.
 
     :raises NotFound: no such user or key.
-    :raises InvalidInput: see :func:`parse_limits`.
+    :raises InvalidInput: see :func:`check_limits`.
     """
-    limits = parse_limits(data)
+    limits = check_limits(limits)
     user_id = _subject_owner(session, subject_type, subject_id)
     now = now or utcnow()
     row = _row(session, subject_type, subject_id)

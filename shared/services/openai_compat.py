@@ -114,40 +114,8 @@ def parse_request(body: object, *, max_turn_chars: int) -> CompletionRequest:
     model = body.get("model")
     if not isinstance(model, str) or not model.strip() or len(model) > 200:
         raise _invalid("'model' must be a model name.", "model")
-    raw_messages = body.get("messages")
-    if not isinstance(raw_messages, list) or not raw_messages:
-        raise _invalid("'messages' must be a non-empty list.", "messages")
-    messages: list[dict] = []
-    total = 0
-    for index, message in enumerate(raw_messages):
-        if not isinstance(message, dict) or message.get("role") not in ROLES:
-            raise _invalid(f"messages[{index}] needs a role among {sorted(ROLES)}.", "messages")
-        raw = message.get("content")
-        if raw is not None and not isinstance(raw, str | list):
-            raise _invalid(f"messages[{index}].content must be a string or a list of parts.", "messages")
-        text = content_text(raw) if raw is not None else ""
-        if "\x00" in text:
-            raise _invalid(f"messages[{index}].content holds a NUL character.", "messages")
-        total += len(text)
-        role = "system" if message["role"] == "developer" else message["role"]
-        normalized: dict = {"role": role, "content": text}
-        if role == "assistant" and message.get("tool_calls"):
-            normalized["tool_calls"] = _message_tool_calls(message["tool_calls"], index)
-            normalized["content"] = text or None
-            total += len(json.dumps(normalized["tool_calls"]))
-        if role == "tool":
-            call_id = message.get("tool_call_id")
-            if not isinstance(call_id, str) or not call_id or len(call_id) > 200:
-                raise _invalid(f"messages[{index}] (a tool result) needs its tool_call_id.", "messages")
-            normalized["tool_call_id"] = call_id
-        messages.append(normalized)
-    if total > max_turn_chars * MESSAGES_CHARS_FACTOR:
-        raise _invalid("The messages are too long.", "messages", "context_length_exceeded")
-    last_user = next((m for m in reversed(messages) if m["role"] == "user"), None)
-    if last_user is None or not last_user["content"].strip():
-        raise _invalid("The messages need a user message with content.", "messages")
-    if len(last_user["content"]) > max_turn_chars:
-        raise _invalid(f"The last user message is longer than {max_turn_chars} characters.", "messages")
+    messages = _messages(body.get("messages"), max_turn_chars)
+    content = _last_user_content(messages, max_turn_chars)
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
     if max_tokens is None:
         max_tokens = DEFAULT_MAX_TOKENS
@@ -166,12 +134,65 @@ def parse_request(body: object, *, max_turn_chars: int) -> CompletionRequest:
     return CompletionRequest(
         model=model.strip(),
         messages=messages,
-        content=last_user["content"],
+        content=content,
         max_tokens=max_tokens,
         stream=stream,
         include_usage=bool(options.get("include_usage")),
         tools=tools,
     )
+
+
+def _messages(raw_messages: object, max_turn_chars: int) -> list[dict]:
+    """The conversation, each message normalized (:func:`_message`), within the size cap."""
+    if not isinstance(raw_messages, list) or not raw_messages:
+        raise _invalid("'messages' must be a non-empty list.", "messages")
+    messages = [_message(index, message) for index, message in enumerate(raw_messages)]
+    total = sum(map(_chars, messages))
+    if total > max_turn_chars * MESSAGES_CHARS_FACTOR:
+        raise _invalid("The messages are too long.", "messages", "context_length_exceeded")
+    return messages
+
+
+def _chars(message: dict) -> int:
+    """What a message weighs against the size cap: its text and its tool calls' JSON."""
+    size = len(message["content"] or "")
+    if "tool_calls" in message:
+        size += len(json.dumps(message["tool_calls"]))
+    return size
+
+
+def _message(index: int, message: object) -> dict:
+    """One message as the pipeline takes it: text content, ``developer`` as ``system``, an
+    assistant's tool calls and a tool result's ``tool_call_id`` checked."""
+    if not isinstance(message, dict) or message.get("role") not in ROLES:
+        raise _invalid(f"messages[{index}] needs a role among {sorted(ROLES)}.", "messages")
+    raw = message.get("content")
+    if raw is not None and not isinstance(raw, str | list):
+        raise _invalid(f"messages[{index}].content must be a string or a list of parts.", "messages")
+    text = content_text(raw) if raw is not None else ""
+    if "\x00" in text:
+        raise _invalid(f"messages[{index}].content holds a NUL character.", "messages")
+    role = "system" if message["role"] == "developer" else message["role"]
+    normalized: dict = {"role": role, "content": text}
+    if role == "assistant" and message.get("tool_calls"):
+        normalized["tool_calls"] = _message_tool_calls(message["tool_calls"], index)
+        normalized["content"] = text or None
+    if role == "tool":
+        call_id = message.get("tool_call_id")
+        if not isinstance(call_id, str) or not call_id or len(call_id) > 200:
+            raise _invalid(f"messages[{index}] (a tool result) needs its tool_call_id.", "messages")
+        normalized["tool_call_id"] = call_id
+    return normalized
+
+
+def _last_user_content(messages: list[dict], max_turn_chars: int) -> str:
+    """The turn's content: the last user message's, which must say something and fit a turn."""
+    last_user = next((m for m in reversed(messages) if m["role"] == "user"), None)
+    if last_user is None or not last_user["content"].strip():
+        raise _invalid("The messages need a user message with content.", "messages")
+    if len(last_user["content"]) > max_turn_chars:
+        raise _invalid(f"The last user message is longer than {max_turn_chars} characters.", "messages")
+    return last_user["content"]
 
 
 def _tools(tools: object, tool_choice: object) -> list[dict] | None:

@@ -1,16 +1,19 @@
 """Model prices: versioned by ``effective_from``; a turn is priced at the version in force when it ran.
 
-The offline model is priced out of the box: its default price is inserted
-lazily, the first time anything asks for it, at a fixed early
-``effective_from`` so it is "in force" for any moment a turn could have run.
-An admin's ``PUT /admin/pricing/{model}`` adds a newer version on top.
+The offline model is priced out of the box: its built-in price (:func:`builtin_price`,
+a fixed id, ``effective_from`` 2000-01-01 so it is "in force" for any moment a turn could
+have run) is inserted when a turn first needs it (``price_in_force``, inside the turn's
+transaction); reads that list prices (``GET /admin/pricing``, ``GET /v1/models``, the
+console) show the same row without writing it. An admin's ``PUT /admin/pricing/{model}``
+adds a newer version on top.
 """
 
 from __future__ import annotations
 
 import logging
+import uuid
 from datetime import UTC, datetime, timedelta
-from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
+from decimal import ROUND_HALF_UP, Decimal
 
 from sqlalchemy import and_, func, select
 from sqlalchemy.exc import IntegrityError
@@ -30,20 +33,21 @@ MAX_MODEL_NAME = 200  # characters; the edge checks names against it
 MAX_PRICE_PER_1K = Decimal("1000000")
 TOKENS_PER_UNIT = Decimal(1000)
 MAX_AMOUNT = Decimal("1000000000000")  # 1e12: far below NUMERIC(20,6)'s 14 integer digits
+_BUILTIN_PRICE_IDS = uuid.UUID("6f1d3c52-3f0e-4f7a-9a53-1c7e0d2b8a41")  # uuid5 namespace
 
 
-def parse_money(
-    raw: object,
+def check_money(
+    value: Decimal,
     *,
     field: str,
     error: str,
     allow_zero: bool = False,
     maximum: Decimal = MAX_AMOUNT,
 ) -> Decimal:
-    """A money amount from a request: a decimal string or a JSON number.
+    """A money amount's domain rules; the edge has already parsed it (``shared.money``).
 
-    Refuses booleans, NaN/Infinity, negatives, zero (unless ``allow_zero``),
-    more than 6 decimal places and values above ``maximum``; never rounds.
+    Refuses NaN/Infinity, negatives, zero (unless ``allow_zero``), more than 6 decimal
+    places and values above ``maximum``; never rounds. Returns the value with 6 places.
 
     :raises InvalidInput: with the given ``error`` code and ``field``.
     """
@@ -51,13 +55,6 @@ def parse_money(
     def refuse(why: str) -> InvalidInput:
         return InvalidInput(f"{field} {why}", error=error, field=field)
 
-    if isinstance(raw, bool) or not isinstance(raw, str | int | float | Decimal):
-        raise refuse('must be a decimal string such as "12.50".')
-    text = raw.strip() if isinstance(raw, str) else repr(raw) if isinstance(raw, float) else str(raw)
-    try:
-        value = Decimal(text)
-    except InvalidOperation:
-        raise refuse('must be a decimal string such as "12.50".') from None
     if not value.is_finite():
         raise refuse("must be a finite number.")
     if value < 0 or (value == 0 and not allow_zero):
@@ -78,21 +75,27 @@ def _latest(session: Session, model: str, at: datetime) -> ModelPrice | None:
     )
 
 
+def builtin_price(model: str) -> ModelPrice:
+    """The built-in price of an ``OFFLINE_MODELS`` model, as its row is written (not added to
+    any session): its id and times are fixed, so a read shows what the row will hold."""
+    input_per_1k, output_per_1k = OFFLINE_MODELS[model]
+    return ModelPrice(
+        id=str(uuid.uuid5(_BUILTIN_PRICE_IDS, model)),
+        model=model,
+        input_per_1k=input_per_1k,
+        output_per_1k=output_per_1k,
+        effective_from=SEED_EFFECTIVE_FROM,
+        created_by=SYSTEM_ACTOR,
+        created_at=SEED_EFFECTIVE_FROM,
+    )
+
+
 def _seed_default(session: Session, model: str) -> None:
     """Insert the built-in price inside a savepoint, so a concurrent seeder's win
     (unique ``(model, effective_from)``) leaves the caller's transaction intact."""
-    input_per_1k, output_per_1k = OFFLINE_MODELS[model]
     try:
         with session.begin_nested():
-            session.add(
-                ModelPrice(
-                    model=model,
-                    input_per_1k=input_per_1k,
-                    output_per_1k=output_per_1k,
-                    effective_from=SEED_EFFECTIVE_FROM,
-                    created_by=SYSTEM_ACTOR,
-                )
-            )
+            session.add(builtin_price(model))
     except IntegrityError:
         log.debug("default price for %s was seeded concurrently", model)
 
@@ -126,18 +129,18 @@ def cost_of(price: ModelPrice, input_tokens: int, output_tokens: int) -> Decimal
 
 
 def set_price(
-    session: Session, actor_id: str, model: str, input_per_1k: object, output_per_1k: object
+    session: Session, actor_id: str, model: str, input_per_1k: Decimal, output_per_1k: Decimal
 ) -> ModelPrice:
     """Add a new price version for ``model``, effective now; history is kept. Commits.
 
-    Prices are decimal strings or numbers, non-negative, at most 6 decimal places.
+    Prices are non-negative, at most 6 decimal places, at most ``MAX_PRICE_PER_1K``.
 
     ``model`` is a checked name (``web.schemas.billing.checked_model_name``, at the edge).
 
     :raises InvalidInput: ``invalid_price``.
     """
     prices = {
-        name: parse_money(value, field=name, error="invalid_price", allow_zero=True, maximum=MAX_PRICE_PER_1K)
+        name: check_money(value, field=name, error="invalid_price", allow_zero=True, maximum=MAX_PRICE_PER_1K)
         for name, value in (("input_per_1k", input_per_1k), ("output_per_1k", output_per_1k))
     }
     now = utcnow()
@@ -165,10 +168,8 @@ def set_price(
 
 
 def list_current_prices(session: Session) -> list[ModelPrice]:
-    """The version in force now for every priced model (built-in ones included), by model name."""
-    for model in OFFLINE_MODELS:
-        price_in_force(session, model)
-    session.commit()
+    """The version in force now for every priced model, by model name; a built-in model not
+    priced in the database yet is listed with its :func:`builtin_price`. Writes nothing."""
     now = utcnow()
     newest = (
         select(ModelPrice.model, func.max(ModelPrice.effective_from).label("effective_from"))
@@ -176,7 +177,7 @@ def list_current_prices(session: Session) -> list[ModelPrice]:
         .group_by(ModelPrice.model)
         .subquery()
     )
-    return list(
+    current = list(
         session.scalars(
             select(ModelPrice)
             .join(
@@ -188,3 +189,7 @@ def list_current_prices(session: Session) -> list[ModelPrice]:
             .order_by(ModelPrice.model)
         )
     )
+    unstored = OFFLINE_MODELS.keys() - {price.model for price in current}
+    if not unstored:
+        return current
+    return sorted([*current, *map(builtin_price, unstored)], key=lambda price: price.model)

@@ -34,6 +34,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 
+from shared.models import ToolCallEvent
 from shared.services.pubsub import ChannelListener
 
 log = logging.getLogger(__name__)
@@ -122,9 +123,13 @@ class TurnPublisher:
         if self.deltas == 1 or time.monotonic() - self._last_flush >= COALESCE_SECONDS:
             self.flush()
 
-    def tool_call(self, call: dict) -> None:
+    def tool_call(self, event: ToolCallEvent) -> None:
+        """The recorded call, as its row holds it: readers show it through their own
+        schema (the web: ``ToolCallSchema``, as in TurnRead)."""
         self.flush()
-        self._append(TOOL_CALL, call)
+        self._append(
+            TOOL_CALL, {column.key: getattr(event, column.key) for column in event.__table__.columns}
+        )
 
     def reset(self, attempt: int) -> None:
         """A new attempt starts over: readers drop the deltas they have (``reset`` event)."""

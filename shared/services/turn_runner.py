@@ -334,20 +334,8 @@ def _call_tool(session, tools, turn: Turn, name: str, arguments: dict, parse_err
     metrics.tool_called(name if name in tools.names() else "unknown", result.status, elapsed)
     event = _record_tool_call(session, turn, name, arguments, result, int(elapsed * 1000))
     if stream is not None:
-        stream.tool_call(tool_call_read(event))
+        stream.tool_call(event)
     return result
-
-
-def tool_call_read(event: ToolCallEvent) -> dict:
-    """A recorded tool call as TurnRead's ``tool_calls`` entries show it."""
-    return {
-        "id": event.id,
-        "tool": event.tool,
-        "arguments": event.arguments,
-        "status": event.status,
-        "duration_ms": event.duration_ms,
-        "result_excerpt": event.result_excerpt,
-    }
 
 
 def _save_usage(session: Session, turn: Turn, result: Execution) -> None:

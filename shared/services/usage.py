@@ -35,14 +35,13 @@ from __future__ import annotations
 
 import csv
 import io
-import re
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
-from functools import lru_cache
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
+from enum import StrEnum
+from functools import lru_cache, partial
+from zoneinfo import ZoneInfo
 
 from sqlalchemy import (
     ARRAY,
@@ -68,16 +67,22 @@ from shared.errors import InvalidInput
 from shared.models import ALL_USERS, Turn, TurnStatus, UsageHour
 
 BUCKETS = ("day", "week", "month")
-GROUP_BY = ("user", "model")
 DEFAULT_RANGE_DAYS = 30
 MAX_RANGE_DAYS = 3660  # ten years and change; beyond that a summary is a data export
 MIN_DATE = date(1970, 1, 1)
 MAX_DATE = date(9998, 12, 31)
 MAX_MODEL_LENGTH = 200
 EXPORT_BATCH = 1000
-_DATE_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+UTC_ZONE = ZoneInfo("UTC")
 _PERIOD = UsageHour.QUARTER
 _DAY = timedelta(days=1)
+
+
+class GroupBy(StrEnum):
+    """The export's ``group_by``: one row per bucket and user, or per bucket and model."""
+
+    USER = "user"
+    MODEL = "model"
 
 
 # -- the query --------------------------------------------------------------------------
@@ -90,14 +95,15 @@ class UsageQuery:
     bucket: str
     start: date
     end: date
-    tz: str = "UTC"
+    zone: ZoneInfo = UTC_ZONE
     user_id: str | None = None
     model: str | None = None
-    group_by: str | None = None
+    group_by: GroupBy | None = None
 
     @property
-    def zone(self) -> ZoneInfo:
-        return ZoneInfo(self.tz)
+    def tz(self) -> str:
+        """The zone's IANA name."""
+        return self.zone.key
 
     @property
     def known_bucket(self) -> bool:
@@ -134,96 +140,47 @@ class UsageSummary:
     daily: list[UsageBucket] = field(default_factory=list)
 
 
-def _invalid(field_name: str, error: str, message: str) -> InvalidInput:
+def query_error(field_name: str, error: str, message: str) -> InvalidInput:
+    """A bad query-string value: 422 with ``error`` and the message under ``errors.query``."""
     return InvalidInput(message, error=error, field=field_name, errors={"query": {field_name: [message]}})
 
 
-@lru_cache(maxsize=1)
-def _zone_names() -> frozenset[str]:
-    return frozenset(available_timezones())
-
-
-def parse_zone(name: str | None) -> str:
-    """The IANA zone name, ``UTC`` when absent. :raises InvalidInput: ``invalid_timezone``."""
-    if name is None or name == "":
-        return "UTC"
-    if name not in _zone_names():
-        raise _invalid("tz", "invalid_timezone", f"Unknown time zone {name[:64]!r}; use an IANA name.")
-    try:
-        ZoneInfo(name)
-    except (ZoneInfoNotFoundError, ValueError) as exc:
-        raise _invalid("tz", "invalid_timezone", f"Unknown time zone {name[:64]!r}.") from exc
-    return name
-
-
-def _parse_date(raw: str | None, field_name: str) -> date | None:
-    if raw is None or raw == "":
-        return None
-    message = f"{field_name} must be a date YYYY-MM-DD between {MIN_DATE} and {MAX_DATE}."
-    if not _DATE_RE.match(raw):
-        raise _invalid(field_name, "invalid_date", message)
-    try:
-        value = date.fromisoformat(raw)
-    except ValueError as exc:
-        raise _invalid(field_name, "invalid_date", message) from exc
-    if not MIN_DATE <= value <= MAX_DATE:
-        raise _invalid(field_name, "invalid_date", message)
-    return value
-
-
-def parse_query(
+def make_query(
     *,
     bucket: str | None = None,
-    start: str | None = None,
-    end: str | None = None,
+    start: date | None = None,
+    end: date | None = None,
+    tz: ZoneInfo | None = None,
     user_id: str | None = None,
     model: str | None = None,
-    tz: str | None = None,
-    group_by: str | None = None,
+    group_by: GroupBy | None = None,
     today: date | None = None,
 ) -> UsageQuery:
-    """Validate raw query-string values.
+    """The query of a summary or an export, from values the edge parsed
+    (``web/schemas/usage.py``); this applies the defaults and the range rules.
 
     Defaults: ``bucket=day``, ``tz=UTC``, ``end`` = today in ``tz``, ``start`` =
     ``end - 29 days``. An unknown ``bucket`` is kept (the summary then has totals only).
 
-    :raises InvalidInput: ``invalid_date``, ``invalid_range`` (start after end),
-        ``range_too_large``, ``invalid_user_id``, ``invalid_timezone``,
-        ``invalid_model``, ``invalid_group_by``.
+    :raises InvalidInput: ``invalid_range`` (start after end), ``range_too_large``.
     """
-    tz_name = parse_zone(tz)
-    start_date = _parse_date(start, "start")
-    end_date = _parse_date(end, "end")
-    if end_date is None:
-        end_date = today or datetime.now(ZoneInfo(tz_name)).date()
-    if start_date is None:
-        start_date = end_date - timedelta(days=DEFAULT_RANGE_DAYS - 1)
-    if start_date > end_date:
-        raise _invalid("start", "invalid_range", f"start ({start_date}) is after end ({end_date}).")
-    if (end_date - start_date).days + 1 > MAX_RANGE_DAYS:
-        raise _invalid("end", "range_too_large", f"The range may span at most {MAX_RANGE_DAYS} days.")
-    if user_id is not None and user_id != "":
-        try:
-            parsed = uuid.UUID(user_id)
-        except (ValueError, AttributeError) as exc:
-            raise _invalid("user_id", "invalid_user_id", "user_id must be a UUID.") from exc
-        if len(user_id) != 36:
-            raise _invalid("user_id", "invalid_user_id", "user_id must be a UUID (36 characters).")
-        user_id = str(parsed)
-    else:
-        user_id = None
-    if model is not None and len(model) > MAX_MODEL_LENGTH:
-        raise _invalid("model", "invalid_model", f"model may be at most {MAX_MODEL_LENGTH} characters.")
-    if group_by is not None and group_by != "" and group_by not in GROUP_BY:
-        raise _invalid("group_by", "invalid_group_by", "group_by must be user or model.")
+    zone = tz or UTC_ZONE
+    if end is None:
+        end = today or datetime.now(zone).date()
+    if start is None:
+        start = end - timedelta(days=DEFAULT_RANGE_DAYS - 1)
+    if start > end:
+        raise query_error("start", "invalid_range", f"start ({start}) is after end ({end}).")
+    if (end - start).days + 1 > MAX_RANGE_DAYS:
+        raise query_error("end", "range_too_large", f"The range may span at most {MAX_RANGE_DAYS} days.")
     return UsageQuery(
-        bucket=bucket if bucket not in (None, "") else "day",
-        start=start_date,
-        end=end_date,
-        tz=tz_name,
+        bucket=bucket or "day",
+        start=start,
+        end=end,
+        zone=zone,
         user_id=user_id,
-        model=model or None,
-        group_by=group_by or None,
+        model=model,
+        group_by=group_by,
     )
 
 
@@ -413,9 +370,9 @@ def _to_date(value) -> date:
 
 
 def _group_column(query: UsageQuery, source):
-    if query.group_by == "user":
+    if query.group_by == GroupBy.USER:
         return source.scope if source is UsageHour else source.user_id
-    if query.group_by == "model":
+    if query.group_by == GroupBy.MODEL:
         return source.model
     return None
 
@@ -425,7 +382,7 @@ def _level_filter(query: UsageQuery):
     the all-users rows. The model filter then narrows either."""
     if query.user_id:
         return UsageHour.scope == query.user_id
-    if query.group_by == "user":
+    if query.group_by == GroupBy.USER:
         return UsageHour.scope != ALL_USERS
     return UsageHour.scope == ALL_USERS
 
@@ -497,66 +454,93 @@ def _rollup_statement(dialect: str, query: UsageQuery, lo: datetime, hi: datetim
     3. Sum per bucket (and key); buckets whose parts hold no usage are left out.
     """
     cuts = hour_cuts(query.zone, lo, hi)
-    key_col = _group_column(query, UsageHour)
-    parts = []
-
-    def part(source, shift_minutes: int, measures: list, *conditions):
-        bucket = (
-            [_bucket_expr(dialect, query, source.c.hour_start, lo, hi, shift_minutes).label("bucket")]
-            if query.known_bucket
-            else []
-        )
-        keyed = [source.c.group_key] if key_col is not None else []
-        labelled = [value.label(measure) for measure, value in zip(UsageHour.MEASURES, measures, strict=True)]
-        return select(*bucket, *keyed, *labelled).where(*conditions)
-
+    keyed = _group_column(query, UsageHour) is not None
+    part = partial(_part, dialect, query, lo, hi, keyed)
     cut = cuts[-1]
     # One user's year has ~1,250 active hours: mapping each twice costs less there than
     # looking up the ~366 hours that start a day (measured: bench/usage.py); weeks and
     # months start far more rarely.
     corrections = cut == 0 or query.user_id is None or query.bucket != "day"
     if len(cuts) <= 2 and lo.minute == hi.minute == cut and corrections:
-        # Hours whose moment at ``cut`` lies in [lo, hi): here lo - cut and hi - cut are on the hour.
-        first, last = lo - timedelta(minutes=cut), hi - timedelta(minutes=cut)
-        hours = _hour_sums(query, [60], UsageHour.hour_start >= first, UsageHour.hour_start < last)
-        hours = hours.subquery("hours")
-        parts.append(part(hours, cut, [hours.c[f"{measure}_60"] for measure in UsageHour.MEASURES]))
-        if cut:
-            changes = _hours_of(bucket_changes(query, lo, hi))
-            if dialect == "postgresql":  # one array parameter: 366 of them cost more to bind and plan
-                edge_hours = UsageHour.hour_start == any_(literal(changes, ARRAY(DateTime(timezone=True))))
-            else:
-                edge_hours = UsageHour.hour_start.in_(changes)
-            edges = _hour_sums(query, [cut], edge_hours).cte("edges")
-            head = [edges.c[f"{measure}_{cut}"] for measure in UsageHour.MEASURES]
-            # Out of the bucket of hour + cut (counted whole above, when it was in the window)…
-            moved = [-value for value in head]
-            parts.append(part(edges, cut, moved, edges.c.hour_start >= first, edges.c.hour_start < last))
-            # …into the bucket of the hour's start, when that start is in the window.
-            parts.append(part(edges, 0, head, edges.c.hour_start >= lo, edges.c.hour_start < hi))
+        parts = _whole_hour_parts(dialect, query, lo, hi, cut, part)
     else:
-        minutes = [*cuts[1:], 60]
-        hours = _hour_sums(
-            query, minutes, UsageHour.hour_start >= UsageHour.hour_of(lo), UsageHour.hour_start < hi
-        )
-        hours = hours.cte("hours")
-        for start, end in zip(cuts, minutes, strict=True):
-            measures = []
-            for measure in UsageHour.MEASURES:
-                value = hours.c[f"{measure}_{end}"]
-                measures.append(value - hours.c[f"{measure}_{start}"] if start else value)
-            shift = timedelta(minutes=start)
-            parts.append(
-                part(
-                    hours, start, measures, hours.c.hour_start >= lo - shift, hours.c.hour_start < hi - shift
-                )
-            )
+        parts = _cut_hour_parts(query, lo, hi, cuts, part)
+    return _bucket_sums(query, parts, keyed)
 
+
+def _part(
+    dialect: str,
+    query: UsageQuery,
+    lo: datetime,
+    hi: datetime,
+    keyed: bool,
+    source,
+    shift_minutes: int,
+    measures: list,
+    *conditions,
+):
+    """Stage 2 for one part: ``source``'s rows mapped to the bucket of ``hour_start + shift_minutes``."""
+    bucket = (
+        [_bucket_expr(dialect, query, source.c.hour_start, lo, hi, shift_minutes).label("bucket")]
+        if query.known_bucket
+        else []
+    )
+    keys = [source.c.group_key] if keyed else []
+    labelled = [value.label(measure) for measure, value in zip(UsageHour.MEASURES, measures, strict=True)]
+    return select(*bucket, *keys, *labelled).where(*conditions)
+
+
+def _whole_hour_parts(dialect: str, query: UsageQuery, lo: datetime, hi: datetime, cut: int, part) -> list:
+    """Every hour whole to the bucket of ``hour + cut``, then the first ``cut`` minutes of
+    the hours that start a bucket moved back to the bucket of the hour's start."""
+    # Hours whose moment at ``cut`` lies in [lo, hi): here lo - cut and hi - cut are on the hour.
+    first, last = lo - timedelta(minutes=cut), hi - timedelta(minutes=cut)
+    hours = _hour_sums(query, [60], UsageHour.hour_start >= first, UsageHour.hour_start < last)
+    hours = hours.subquery("hours")
+    parts = [part(hours, cut, [hours.c[f"{measure}_60"] for measure in UsageHour.MEASURES])]
+    if cut:
+        changes = _hours_of(bucket_changes(query, lo, hi))
+        if dialect == "postgresql":  # one array parameter: 366 of them cost more to bind and plan
+            edge_hours = UsageHour.hour_start == any_(literal(changes, ARRAY(DateTime(timezone=True))))
+        else:
+            edge_hours = UsageHour.hour_start.in_(changes)
+        edges = _hour_sums(query, [cut], edge_hours).cte("edges")
+        head = [edges.c[f"{measure}_{cut}"] for measure in UsageHour.MEASURES]
+        # Out of the bucket of hour + cut (counted whole above, when it was in the window)…
+        moved = [-value for value in head]
+        parts.append(part(edges, cut, moved, edges.c.hour_start >= first, edges.c.hour_start < last))
+        # …into the bucket of the hour's start, when that start is in the window.
+        parts.append(part(edges, 0, head, edges.c.hour_start >= lo, edges.c.hour_start < hi))
+    return parts
+
+
+def _cut_hour_parts(query: UsageQuery, lo: datetime, hi: datetime, cuts: tuple[int, ...], part) -> list:
+    """Each hour in its parts between the cuts, each part to the bucket of its own start."""
+    minutes = [*cuts[1:], 60]
+    hours = _hour_sums(
+        query, minutes, UsageHour.hour_start >= UsageHour.hour_of(lo), UsageHour.hour_start < hi
+    )
+    hours = hours.cte("hours")
+    parts = []
+    for start, end in zip(cuts, minutes, strict=True):
+        measures = []
+        for measure in UsageHour.MEASURES:
+            value = hours.c[f"{measure}_{end}"]
+            measures.append(value - hours.c[f"{measure}_{start}"] if start else value)
+        shift = timedelta(minutes=start)
+        parts.append(
+            part(hours, start, measures, hours.c.hour_start >= lo - shift, hours.c.hour_start < hi - shift)
+        )
+    return parts
+
+
+def _bucket_sums(query: UsageQuery, parts: list, keyed: bool):
+    """Stage 3: the parts summed per bucket (and key), buckets without usage left out."""
     mapped = (parts[0] if len(parts) == 1 else union_all(*parts)).subquery("parts")
     sums = [func.sum(mapped.c[measure]) for measure in UsageHour.MEASURES]
     if not query.known_bucket:
         return select(*sums)
-    outer_keys = [mapped.c.bucket] + ([mapped.c.group_key] if key_col is not None else [])
+    outer_keys = [mapped.c.bucket] + ([mapped.c.group_key] if keyed else [])
     return (
         select(*outer_keys, *sums)
         .group_by(*outer_keys)
@@ -612,8 +596,8 @@ def _bucket_rows(session: Session, query: UsageQuery, statement, *, stream: bool
         turns, input_tokens, output_tokens, cost = values
         yield UsageBucket(
             bucket_start=_to_date(bucket_value),
-            user_id=group_key if query.group_by == "user" else None,
-            model=group_key if query.group_by == "model" else None,
+            user_id=group_key if query.group_by == GroupBy.USER else None,
+            model=group_key if query.group_by == GroupBy.MODEL else None,
             turns=int(turns or 0),
             input_tokens=int(input_tokens or 0),
             output_tokens=int(output_tokens or 0),
@@ -669,12 +653,12 @@ def grouped_buckets(session: Session, query: UsageQuery) -> list[UsageBucket]:
 def _ungrouped(query: UsageQuery) -> UsageQuery:
     if query.group_by is None:
         return query
-    return UsageQuery(query.bucket, query.start, query.end, query.tz, query.user_id, query.model)
+    return UsageQuery(query.bucket, query.start, query.end, query.zone, query.user_id, query.model)
 
 
-def usage_summary(session: Session, **params: str | None) -> UsageSummary:
-    """Parse the query-string values and summarise. :raises InvalidInput: see ``parse_query``."""
-    return summarize(session, parse_query(**params))
+def usage_summary(session: Session, **params) -> UsageSummary:
+    """Summarise the query ``make_query`` makes of ``params``. :raises InvalidInput: see ``make_query``."""
+    return summarize(session, make_query(**params))
 
 
 # -- CSV --------------------------------------------------------------------------------
@@ -687,7 +671,7 @@ def csv_header(group_by: str | None) -> list[str]:
     return [CSV_COLUMNS[0], *key, *CSV_COLUMNS[1:]]
 
 
-def export_csv(session: Session, **params: str | None) -> Iterator[str]:
+def export_csv(session: Session, **params) -> Iterator[str]:
     """Validate now, then stream CSV lines (RFC 4180 quoting, CRLF line ends).
 
     Columns: ``bucket_start`` (local ISO date), then ``user_id`` or ``model``
@@ -695,9 +679,9 @@ def export_csv(session: Session, **params: str | None) -> Iterator[str]:
     Rows ascend by bucket, then by the group key. An unknown bucket yields the
     header alone (the summary's ``daily: []``).
 
-    :raises InvalidInput: as ``parse_query``, before the first line is produced.
+    :raises InvalidInput: as ``make_query``, before the first line is produced.
     """
-    query = parse_query(**params)
+    query = make_query(**params)
     dialect = session.get_bind().dialect.name
     lo, hi = utc_window(query.start, query.end, query.zone)
     # Build (and so validate) the statement before the response starts streaming.

@@ -50,6 +50,12 @@ def wallet_of(session, user_id) -> Wallet:
     return session.scalar(select(Wallet).where(Wallet.user_id == user_id))
 
 
+def fund(session, admin, user, amount: str) -> None:
+    billing.grant_credit(
+        session, actor_id=admin.id, user_id=user.id, amount=D(amount), reason=None, idempotency_key=None
+    )
+
+
 def test_fifty_concurrent_grants_with_ten_keys_credit_exactly_ten_times(
     pg_app, pg_admin, pg_user, pg_settings
 ):
@@ -61,7 +67,7 @@ def test_fifty_concurrent_grants_with_ten_keys_credit_exactly_ten_times(
                 session,
                 actor_id=pg_admin.id,
                 user_id=pg_user.id,
-                amount="1.5",
+                amount=D("1.5"),
                 reason="promo",
                 idempotency_key=f"promo-{i % 10}",
             )
@@ -100,9 +106,7 @@ def test_concurrent_duplicate_grant_requests_over_http_credit_once(pg_app, pg_ad
 def test_sixty_four_concurrent_turns_on_a_small_wallet_never_overdraw(pg_app, pg_admin, pg_user, pg_settings):
     runtime = pg_app.extensions["tollgate"]
     with runtime.db.session() as session:
-        billing.grant_credit(
-            session, actor_id=pg_admin.id, user_id=pg_user.id, amount="1", reason=None, idempotency_key=None
-        )
+        fund(session, pg_admin, pg_user, "1")
     hold_amount, cost = D("0.25"), D("0.2")
     seen_balances: list[Decimal] = []
 
@@ -151,9 +155,7 @@ def test_sixty_four_concurrent_turns_on_a_small_wallet_never_overdraw(pg_app, pg
 def test_a_hold_raced_by_capture_release_and_expiry_resolves_exactly_once(pg_app, pg_admin, pg_user):
     runtime = pg_app.extensions["tollgate"]
     with runtime.db.session() as session:
-        billing.grant_credit(
-            session, actor_id=pg_admin.id, user_id=pg_user.id, amount="100", reason=None, idempotency_key=None
-        )
+        fund(session, pg_admin, pg_user, "100")
         turn_ids = []
         for _ in range(8):
             turn_id = new_id()
@@ -207,9 +209,7 @@ def test_a_hold_raced_by_capture_release_and_expiry_resolves_exactly_once(pg_app
 def test_stale_holds_expire_on_postgres_and_free_the_credit(pg_app, pg_admin, pg_user):
     runtime = pg_app.extensions["tollgate"]
     with runtime.db.session() as session:
-        billing.grant_credit(
-            session, actor_id=pg_admin.id, user_id=pg_user.id, amount="5", reason=None, idempotency_key=None
-        )
+        fund(session, pg_admin, pg_user, "5")
         for ttl in (0, 0, 3600):
             billing.place_hold(session, user_id=pg_user.id, turn_id=new_id(), amount=D("1"), ttl_seconds=ttl)
         session.commit()
@@ -224,9 +224,7 @@ def test_the_beat_task_expires_holds_in_a_live_worker(pg_app, pg_admin, pg_user,
 
     runtime = pg_app.extensions["tollgate"]
     with runtime.db.session() as session:
-        billing.grant_credit(
-            session, actor_id=pg_admin.id, user_id=pg_user.id, amount="5", reason=None, idempotency_key=None
-        )
+        fund(session, pg_admin, pg_user, "5")
         stale = billing.place_hold(
             session, user_id=pg_user.id, turn_id=new_id(), amount=D("2"), ttl_seconds=0
         )

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
+from decimal import Decimal
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx
@@ -115,7 +116,7 @@ def web(io_settings, tmp_path, io_env):
 
 @pytest.fixture
 def funded_slow_model(pg_client, pg_admin, pg_user, pg_db):
-    pricing.set_price(pg_db, pg_admin.id, SLOW_MODEL, "0.001000", "0.002000")
+    pricing.set_price(pg_db, pg_admin.id, SLOW_MODEL, Decimal("0.001000"), Decimal("0.002000"))
     assert (
         pg_client.patch(
             "/api/v1/admin/settings/enforcement", json={"enabled": True}, headers=pg_admin.headers

@@ -385,7 +385,7 @@ class MoneyModel(RuleBasedStateMachine):
                 session,
                 actor_id=self.admin.id,
                 user_id=self.user.id,
-                amount=amount,
+                amount=D(amount),
                 reason="model",
                 idempotency_key=None,
             )
@@ -403,7 +403,7 @@ class MoneyModel(RuleBasedStateMachine):
                     session,
                     actor_id=self.admin.id,
                     user_id=self.user.id,
-                    amount=amount,
+                    amount=value,
                     reason="model correction",
                     idempotency_key=None,
                 )
@@ -429,7 +429,7 @@ class MoneyModel(RuleBasedStateMachine):
     def set_price(self, price: tuple[str, str]) -> None:
         """A new version, effective now: turns already submitted keep the price of their time."""
         with self.runtime.db.session() as session:
-            pricing.set_price(session, self.admin.id, MODEL, *price)
+            pricing.set_price(session, self.admin.id, MODEL, D(price[0]), D(price[1]))
         self.price = SimpleNamespace(input_per_1k=D(price[0]), output_per_1k=D(price[1]))
 
     # -- rules: turns ----------------------------------------------------------------------

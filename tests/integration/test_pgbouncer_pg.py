@@ -168,13 +168,16 @@ def test_concurrent_admissions_through_pgbouncer_never_overdraw_the_wallet(
     nothing behind, and after the turns finish the wallet never went below zero."""
     turn_worker()
     with pg_client.application.extensions["tollgate"].db.session() as session:
-        pricing.set_price(session, pg_admin.id, SLOW_MODEL, "0.001000", "0.002000")
+        pricing.set_price(session, pg_admin.id, SLOW_MODEL, Decimal("0.001000"), Decimal("0.002000"))
     # Longer than the race takes on a loaded machine: no admitted turn may end (and free its
     # hold for a later one) before the last request is answered.
     upstream.latency_by_model[SLOW_MODEL] = 6.0
-    assert pg_client.patch(
-        "/api/v1/admin/settings/enforcement", json={"enabled": True}, headers=pg_admin.headers
-    ).status_code == 200
+    assert (
+        pg_client.patch(
+            "/api/v1/admin/settings/enforcement", json={"enabled": True}, headers=pg_admin.headers
+        ).status_code
+        == 200
+    )
     sessions = new_sessions(web, pg_user, 32)
 
     def submit(index: int) -> httpx.Response:
@@ -188,9 +191,12 @@ def test_concurrent_admissions_through_pgbouncer_never_overdraw_the_wallet(
     # The empty wallet's refusal names one turn's worst case: fund about three and a half.
     required = Decimal(submit(0).json()["required"])
     grant = (required * Decimal("3.5")).quantize(Decimal("0.000001"))
-    assert pg_client.post(
-        f"/api/v1/admin/users/{pg_user.id}/grants", json={"amount": str(grant)}, headers=pg_admin.headers
-    ).status_code == 201
+    assert (
+        pg_client.post(
+            f"/api/v1/admin/users/{pg_user.id}/grants", json={"amount": str(grant)}, headers=pg_admin.headers
+        ).status_code
+        == 201
+    )
     with ThreadPoolExecutor(32) as pool:
         responses = list(pool.map(submit, range(32)))
     admitted = [r.json()["id"] for r in responses if r.status_code == 202]
@@ -199,7 +205,9 @@ def test_concurrent_admissions_through_pgbouncer_never_overdraw_the_wallet(
     assert 1 <= len(admitted) <= 3 and refused
     assert {body["error"] for body in refused} == {"insufficient_balance"}
     # While the admitted turns wait on the model, their holds fit inside the wallet.
-    (held, balance), = query(io_settings, "SELECT held, balance FROM wallets WHERE user_id = %s", pg_user.id)
+    ((held, balance),) = query(
+        io_settings, "SELECT held, balance FROM wallets WHERE user_id = %s", pg_user.id
+    )
     assert Decimal(0) < held <= balance
     assert query(io_settings, "SELECT count(*) FROM turns") == [(len(admitted),)]
 
@@ -208,6 +216,8 @@ def test_concurrent_admissions_through_pgbouncer_never_overdraw_the_wallet(
         assert time.monotonic() < deadline, "turns did not finish"
         time.sleep(0.2)
     assert_each_turn_billed_once(io_settings, admitted)
-    (held, balance), = query(io_settings, "SELECT held, balance FROM wallets WHERE user_id = %s", pg_user.id)
+    ((held, balance),) = query(
+        io_settings, "SELECT held, balance FROM wallets WHERE user_id = %s", pg_user.id
+    )
     assert held == 0 and balance >= 0
     assert_ledger_check_passes(io_settings)

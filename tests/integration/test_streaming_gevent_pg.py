@@ -6,6 +6,7 @@ Last-Event-ID through gunicorn loses and repeats nothing."""
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
+from decimal import Decimal
 
 import httpx
 
@@ -24,7 +25,7 @@ def test_one_gevent_web_process_relays_30_streams_at_once(
 ):
     from tests.integration.test_io_pools_pg import new_sessions
 
-    pricing.set_price(pg_db, pg_admin.id, MODEL, "0.001000", "0.002000")
+    pricing.set_price(pg_db, pg_admin.id, MODEL, Decimal("0.001000"), Decimal("0.002000"))
     upstream.stream_delay = 0.1  # ~40 chunks per answer: every stream is open for seconds
     turn_worker()
     clients = 30

@@ -76,6 +76,15 @@ def test_a_streamed_turn_sends_turn_then_deltas_that_make_the_reply_then_done(pg
     assert pg_client.get(f"/api/v1/turns/{final['id']}", headers=pg_user.headers).get_json() == final
 
 
+def test_a_streamed_tool_call_is_the_entry_turn_read_lists(pg_client, pg_user):
+    chat = new_chat(pg_client, pg_user)
+    received = events(stream_turn(pg_client, pg_user, chat, "search for double-entry ledgers"))
+    calls = [e.data for e in received if e.event == "tool_call"]
+    final = received[-1].data
+    assert final["status"] == "completed" and final["tool_calls"]
+    assert calls == final["tool_calls"]
+
+
 def test_re_attaching_after_the_kth_event_yields_exactly_the_rest(pg_client, pg_user):
     chat = new_chat(pg_client, pg_user)
     whole = events(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+from decimal import Decimal
 
 import pytest
 from sqlalchemy import select
@@ -54,7 +55,7 @@ def room_with_file(pg_app, pg_db, pg_user):
 def make_turn(pg_db, pg_user, chat, content, model="gpt-test") -> Turn:
     from shared.services import pricing
 
-    pricing.set_price(pg_db, pg_user.id, model, "0.010000", "0.030000")
+    pricing.set_price(pg_db, pg_user.id, model, Decimal("0.010000"), Decimal("0.030000"))
     turn = Turn(
         session_id=chat.id,
         room_id=chat.room_id,

@@ -12,7 +12,6 @@ import sys
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
-from zoneinfo import ZoneInfo
 
 import pytest
 from sqlalchemy import delete, text
@@ -23,6 +22,7 @@ from tests.integration.conftest import service_env
 from tests.web.test_usage_api import (  # noqa: F401 - collected again with the Postgres usage_env
     EVENTS,
     UsageEnv,
+    parsed_query,
     seed,
     test_a_range_without_usage_is_empty_not_an_error,
     test_a_well_formed_unknown_user_id_is_an_empty_filter,
@@ -55,7 +55,7 @@ def test_postgres_buckets_with_date_trunc_at_the_requested_zone(usage_env):
     """The SQL really is date_trunc over the local time (UTC plus the zone's offsets, one
     CASE arm per offset in force: Berlin changes on 2026-03-29) and is independent of the
     connection's own TimeZone setting."""
-    query = usage.parse_query(bucket="day", start="2026-03-28", end="2026-03-30", tz="Europe/Berlin")
+    query = parsed_query(bucket="day", start="2026-03-28", end="2026-03-30", tz="Europe/Berlin")
     lo, hi = usage.utc_window(query.start, query.end, query.zone)
     statement = usage._rollup_statement("postgresql", query, lo, hi)
     assert "date_trunc" in str(statement.compile(dialect=usage_env.session.get_bind().dialect))
@@ -70,21 +70,19 @@ def test_a_zone_only_python_knows_is_summarised_without_asking_postgres(usage_en
     """Python and Postgres each carry an IANA database and their versions may differ: the
     offsets come from Python's (as on SQLite), so a zone Postgres does not know still gets
     its answer (here Python's idea of it is UTC), never a 500."""
-    query = _PythonThinksUtc(
-        bucket="day", start=date(2026, 3, 28), end=date(2026, 3, 30), tz="Nowhere/Atlantis"
-    )
-    utc = usage.UsageQuery(bucket="day", start=date(2026, 3, 28), end=date(2026, 3, 30), tz="UTC")
+    query = _PythonThinksUtc(bucket="day", start=date(2026, 3, 28), end=date(2026, 3, 30))
+    utc = usage.UsageQuery(bucket="day", start=date(2026, 3, 28), end=date(2026, 3, 30))
     answered = usage.summarize(usage_env.session, query).daily
     assert answered and answered == usage.summarize(usage_env.session, utc).daily
 
 
 @dataclass(frozen=True)
 class _PythonThinksUtc(usage.UsageQuery):
-    """A query whose ``tz`` only Postgres checks (Python computes its window in UTC)."""
+    """A query named for a zone only Postgres could check (Python's ``zone`` is UTC)."""
 
     @property
-    def zone(self) -> ZoneInfo:
-        return ZoneInfo("UTC")
+    def tz(self) -> str:
+        return "Nowhere/Atlantis"
 
 
 def test_the_usage_rebuild_command_agrees_with_the_raw_turns(usage_env, pg_settings):
@@ -92,7 +90,7 @@ def test_the_usage_rebuild_command_agrees_with_the_raw_turns(usage_env, pg_setti
     session = usage_env.session
     session.execute(delete(UsageHour).where(UsageHour.scope == ALL_USERS))
     session.commit()
-    query = usage.parse_query(bucket="day", start="2020-12-01", end="2026-12-31", tz="Asia/Kolkata")
+    query = parsed_query(bucket="day", start="2020-12-01", end="2026-12-31", tz="Asia/Kolkata")
     assert usage.summarize(session, query).daily == []
     session.rollback()
     done = subprocess.run(
@@ -107,6 +105,6 @@ def test_the_usage_rebuild_command_agrees_with_the_raw_turns(usage_env, pg_setti
     assert f"turns: 0 -> {len(EVENTS)}" in done.stdout
     for tz in ("UTC", "Asia/Kolkata", "Asia/Kathmandu", "Pacific/Chatham", "Europe/Berlin"):
         for bucket in ("day", "week", "month"):
-            query = usage.parse_query(bucket=bucket, start="2020-12-01", end="2026-12-31", tz=tz)
+            query = parsed_query(bucket=bucket, start="2020-12-01", end="2026-12-31", tz=tz)
             assert usage.summarize(session, query) == usage.summary_from_turns(session, query)
     session.rollback()

@@ -41,7 +41,7 @@ def entries(db, user_id) -> list[LedgerEntry]:
 
 def fund(db, admin, user, amount="10") -> None:
     billing.grant_credit(
-        db, actor_id=admin.id, user_id=user.id, amount=amount, reason="test", idempotency_key=None
+        db, actor_id=admin.id, user_id=user.id, amount=D(amount), reason="test", idempotency_key=None
     )
 
 
@@ -78,7 +78,12 @@ def assert_ledger_clean(db) -> None:
 
 def test_a_grant_credits_the_wallet_with_an_attributed_entry_and_an_audit_event(db, admin, user):
     entry = billing.grant_credit(
-        db, actor_id=admin.id, user_id=user.id, amount="12.5", reason=" welcome ", idempotency_key="k1"
+        db,
+        actor_id=admin.id,
+        user_id=user.id,
+        amount=D("12.5"),
+        reason=" welcome ",
+        idempotency_key="k1",
     )
     assert (entry.kind, entry.amount, entry.balance_after) == ("grant", D("12.5"), D("12.5"))
     assert entry.initiated_by == admin.id and entry.reason == "welcome"
@@ -91,7 +96,7 @@ def test_a_grant_credits_the_wallet_with_an_attributed_entry_and_an_audit_event(
 
 def test_replaying_a_grant_key_returns_the_first_entry_and_credits_once(db, admin, user):
     first = billing.grant_credit(
-        db, actor_id=admin.id, user_id=user.id, amount="5", reason=None, idempotency_key="same"
+        db, actor_id=admin.id, user_id=user.id, amount=D("5"), reason=None, idempotency_key="same"
     )
     again = billing.grant_credit(
         db, actor_id=admin.id, user_id=user.id, amount=D("5.000000"), reason=None, idempotency_key="same"
@@ -101,47 +106,43 @@ def test_replaying_a_grant_key_returns_the_first_entry_and_credits_once(db, admi
 
 
 def test_a_grant_key_reused_for_another_amount_or_user_is_a_conflict(db, admin, user):
-    billing.grant_credit(db, actor_id=admin.id, user_id=user.id, amount="5", reason=None, idempotency_key="k")
+    billing.grant_credit(
+        db, actor_id=admin.id, user_id=user.id, amount=D("5"), reason=None, idempotency_key="k"
+    )
     with pytest.raises(IdempotencyConflict):
         billing.grant_credit(
-            db, actor_id=admin.id, user_id=user.id, amount="6", reason=None, idempotency_key="k"
+            db, actor_id=admin.id, user_id=user.id, amount=D("6"), reason=None, idempotency_key="k"
         )
     with pytest.raises(IdempotencyConflict):
         billing.grant_credit(
-            db, actor_id=admin.id, user_id=admin.id, amount="5", reason=None, idempotency_key="k"
+            db, actor_id=admin.id, user_id=admin.id, amount=D("5"), reason=None, idempotency_key="k"
         )
     assert wallet_of(db, user.id).balance == D("5")
     assert wallet_of(db, admin.id).balance == D("0")
 
 
-@pytest.mark.parametrize(
-    "amount",
-    ["0", "-1", "abc", "", "1.0000001", "NaN", "Infinity", "-Infinity", "1e13", 0, -5, 1e-7, True, None, [1]],
-)
-def test_bad_grant_amounts_are_refused_with_invalid_amount(db, admin, user, amount):
+@pytest.mark.parametrize("amount", ["0", "-1", "1.0000001", "NaN", "Infinity", "-Infinity", "1e13"])
+def test_grants_outside_the_domain_are_refused_with_invalid_amount(db, admin, user, amount):
     with pytest.raises(InvalidInput) as caught:
         billing.grant_credit(
-            db, actor_id=admin.id, user_id=user.id, amount=amount, reason=None, idempotency_key=None
+            db, actor_id=admin.id, user_id=user.id, amount=D(amount), reason=None, idempotency_key=None
         )
     assert caught.value.error == "invalid_amount"
     assert entries(db, user.id) == []
 
 
-@pytest.mark.parametrize(
-    ("amount", "expected"),
-    [("1", "1"), (" 2.50 ", "2.5"), (7, "7"), (0.1, "0.1"), ("0.000001", "0.000001"), ("1e12", "1e12")],
-)
-def test_grant_amounts_are_exact_decimals(db, admin, user, amount, expected):
+@pytest.mark.parametrize("amount", ["1", "2.50", "0.000001", "1e12"])
+def test_grant_amounts_are_exact_decimals(db, admin, user, amount):
     entry = billing.grant_credit(
-        db, actor_id=admin.id, user_id=user.id, amount=amount, reason=None, idempotency_key=None
+        db, actor_id=admin.id, user_id=user.id, amount=D(amount), reason=None, idempotency_key=None
     )
-    assert entry.amount == D(expected)
+    assert entry.amount == D(amount)
 
 
 def test_a_grant_to_an_unknown_user_is_not_found(db, admin):
     with pytest.raises(NotFound):
         billing.grant_credit(
-            db, actor_id=admin.id, user_id=new_id(), amount="1", reason=None, idempotency_key=None
+            db, actor_id=admin.id, user_id=new_id(), amount=D("1"), reason=None, idempotency_key=None
         )
 
 
@@ -365,8 +366,8 @@ def test_an_unpriced_model_is_refused(db):
 
 def test_a_new_price_version_applies_from_now_and_history_prices_the_past(db, admin):
     before = datetime.now(UTC)
-    first = pricing.set_price(db, admin.id, "gpt-x", "1", "2")
-    second = pricing.set_price(db, admin.id, "gpt-x", "0.5", "0.75")
+    first = pricing.set_price(db, admin.id, "gpt-x", D("1"), D("2"))
+    second = pricing.set_price(db, admin.id, "gpt-x", D("0.5"), D("0.75"))
     assert second.effective_from > first.effective_from
     assert pricing.price_in_force(db, "gpt-x").id == second.id
     assert pricing.price_in_force(db, "gpt-x", at=first.effective_from).id == first.id
@@ -378,10 +379,10 @@ def test_a_new_price_version_applies_from_now_and_history_prices_the_past(db, ad
     assert len(db.scalars(select(ModelPrice).where(ModelPrice.model == "gpt-x")).all()) == 2
 
 
-@pytest.mark.parametrize("value", ["-0.1", "x", "0.0000001", None, True, "NaN"])
-def test_bad_prices_are_refused_with_invalid_price(db, admin, value):
+@pytest.mark.parametrize("value", ["-0.1", "0.0000001", "NaN", "1000001"])
+def test_prices_outside_the_domain_are_refused_with_invalid_price(db, admin, value):
     with pytest.raises(InvalidInput) as caught:
-        pricing.set_price(db, admin.id, "gpt-x", value, "1")
+        pricing.set_price(db, admin.id, "gpt-x", D(value), D("1"))
     assert caught.value.error == "invalid_price"
 
 

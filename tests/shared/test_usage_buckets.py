@@ -16,8 +16,8 @@ from shared.services.usage import (
     csv_header,
     hour_cuts,
     local_day,
+    make_query,
     offset_segments,
-    parse_query,
     utc_window,
 )
 
@@ -135,7 +135,7 @@ def test_every_period_gets_the_offset_in_force_at_its_start():
 
 
 def test_query_defaults_are_day_utc_and_the_last_30_days():
-    query = parse_query(today=date(2026, 3, 1))
+    query = make_query(today=date(2026, 3, 1))
     assert (query.bucket, query.tz, query.start, query.end) == (
         "day",
         "UTC",
@@ -143,43 +143,34 @@ def test_query_defaults_are_day_utc_and_the_last_30_days():
         date(2026, 3, 1),
     )
     assert (query.end - query.start).days + 1 == DEFAULT_RANGE_DAYS
-    assert parse_query(end="2026-01-30").start == date(2026, 1, 1)
-    assert parse_query(start="2026-01-01", today=date(2026, 1, 5)).end == date(2026, 1, 5)
+    assert make_query(end=date(2026, 1, 30)).start == date(2026, 1, 1)
+    assert make_query(start=date(2026, 1, 1), today=date(2026, 1, 5)).end == date(2026, 1, 5)
 
 
-def test_query_keeps_an_unknown_bucket_and_normalises_the_user_id():
-    query = parse_query(bucket="year", user_id="ABCDEF12-1234-5678-1234-567812345678", today=date(2026, 1, 1))
+def test_query_keeps_an_unknown_bucket():
+    query = make_query(bucket="year", today=date(2026, 1, 1))
     assert query.bucket == "year" and not query.known_bucket
-    assert query.user_id == "abcdef12-1234-5678-1234-567812345678"
 
 
 @pytest.mark.parametrize(
     ("params", "error"),
     [
-        ({"start": "2026-01-02", "end": "2026-01-01"}, "invalid_range"),
-        ({"start": "2026-1-2"}, "invalid_date"),
-        ({"start": "2026-01-01T00:00"}, "invalid_date"),
-        ({"end": "9999-12-31"}, "invalid_date"),
-        ({"start": "1969-12-31", "end": "1970-01-01"}, "invalid_date"),
-        ({"start": "2016-01-01", "end": "2026-12-31"}, "range_too_large"),
-        ({"user_id": "12345678123456781234567812345678"}, "invalid_user_id"),  # a UUID, not in 8-4-4-4-12
-        ({"tz": "Europe/Atlantis"}, "invalid_timezone"),
-        ({"tz": "europe/berlin"}, "invalid_timezone"),
-        ({"group_by": "team"}, "invalid_group_by"),
+        ({"start": date(2026, 1, 2), "end": date(2026, 1, 1)}, "invalid_range"),
+        ({"start": date(2016, 1, 1), "end": date(2026, 12, 31)}, "range_too_large"),
     ],
 )
-def test_query_errors_carry_stable_codes(params, error):
+def test_range_errors_carry_stable_codes(params, error):
     with pytest.raises(InvalidInput) as caught:
-        parse_query(today=date(2026, 6, 1), **params)
+        make_query(today=date(2026, 6, 1), **params)
     assert caught.value.error == error
     assert caught.value.status_code == 422
 
 
 def test_the_range_cap_is_inclusive():
     start = date(2020, 1, 1)
-    parse_query(start=start.isoformat(), end=(start + timedelta(days=MAX_RANGE_DAYS - 1)).isoformat())
+    make_query(start=start, end=start + timedelta(days=MAX_RANGE_DAYS - 1))
     with pytest.raises(InvalidInput):
-        parse_query(start=start.isoformat(), end=(start + timedelta(days=MAX_RANGE_DAYS)).isoformat())
+        make_query(start=start, end=start + timedelta(days=MAX_RANGE_DAYS))
 
 
 def test_csv_header_names_the_group_column():

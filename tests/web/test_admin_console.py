@@ -339,10 +339,10 @@ def test_the_chart_stacks_the_five_largest_series_and_draws_the_rest_as_others()
     from datetime import date
 
     from shared.services.console import Chart
-    from shared.services.usage import UsageBucket, UsageQuery
+    from shared.services.usage import GroupBy, UsageBucket, UsageQuery
     from web.console import chart as chart_view
 
-    query = UsageQuery(bucket="week", start=date(2026, 11, 2), end=date(2026, 11, 22), group_by="model")
+    query = UsageQuery(bucket="week", start=date(2026, 11, 2), end=date(2026, 11, 22), group_by=GroupBy.MODEL)
     buckets = [
         UsageBucket(bucket_start=date(2026, 11, 9), model=f"m{n}", turns=1, cost=Decimal(n) / 1000)
         for n in range(1, 9)

@@ -22,10 +22,17 @@ from sqlalchemy.orm import Session
 from shared.models import ALL_USERS, ChatSession, Room, Turn, UsageHour
 from shared.services import billing, usage
 from tests.factories import Actor, make_actor
+from web.schemas.usage import UsageExportQuerySchema
 
 SUMMARY = "/api/v1/admin/usage/summary"
 EXPORT = "/api/v1/admin/usage/export.csv"
 QUOTED_MODEL = 'beta, "quoted"'
+
+
+def parsed_query(**params: str) -> usage.UsageQuery:
+    """A query as the API makes it from query-string values: the schema, then the service."""
+    return usage.make_query(**UsageExportQuerySchema().load(params))
+
 
 # -- seeding ----------------------------------------------------------------------------
 
@@ -373,7 +380,7 @@ def test_rollup_summary_equals_the_sum_over_raw_completed_turns(usage_env, tz, b
         {"model": QUOTED_MODEL},
         {"user_id": usage_env.users["ann"], "model": "alpha"},
     ):
-        query = usage.parse_query(bucket=bucket, start="2020-12-01", end="2026-12-31", tz=tz, **filters)
+        query = parsed_query(bucket=bucket, start="2020-12-01", end="2026-12-31", tz=tz, **filters)
         from_rollups = usage.summarize(usage_env.session, query)
         from_turns = usage.summary_from_turns(usage_env.session, query)
         assert from_rollups == from_turns
@@ -409,9 +416,7 @@ def test_grouped_buckets_equal_the_raw_turns_grouped_the_same_way(usage_env, tz,
     level) match the turns grouped by bucket and key."""
     session = usage_env.session
     for bucket in ("day", "week", "month"):
-        query = usage.parse_query(
-            bucket=bucket, start="2020-12-01", end="2026-12-31", tz=tz, group_by=group_by
-        )
+        query = parsed_query(bucket=bucket, start="2020-12-01", end="2026-12-31", tz=tz, group_by=group_by)
         lo, hi = usage.utc_window(query.start, query.end, query.zone)
         dialect = session.get_bind().dialect.name
         from_rollups = list(
@@ -431,8 +436,8 @@ def test_grouped_buckets_equal_the_raw_turns_grouped_the_same_way(usage_env, tz,
     ],
 )
 def test_totals_with_an_unknown_bucket_cut_the_window_exactly(usage_env, start, end, tz):
-    query = usage.parse_query(bucket="quarter", start=start, end=end, tz=tz)
-    days = usage.summarize(usage_env.session, usage.parse_query(start=start, end=end, tz=tz))
+    query = parsed_query(bucket="quarter", start=start, end=end, tz=tz)
+    days = usage.summarize(usage_env.session, parsed_query(start=start, end=end, tz=tz))
     assert usage.summarize(usage_env.session, query).totals == days.totals
     assert usage.summary_from_turns(usage_env.session, query).totals == days.totals
 
@@ -442,7 +447,7 @@ def test_usage_rebuild_recomputes_both_levels_from_the_turns(usage_env):
     turns, and its result agrees with the raw-turns oracle everywhere."""
     session = usage_env.session
     queries = [
-        usage.parse_query(bucket=bucket, start="2020-12-01", end="2026-12-31", tz=tz, **filters)
+        parsed_query(bucket=bucket, start="2020-12-01", end="2026-12-31", tz=tz, **filters)
         for bucket in ("day", "week", "month")
         for tz in ("UTC", "Asia/Kolkata", "Pacific/Chatham", "Australia/Lord_Howe")
         for filters in ({}, {"user_id": usage_env.users["bob"]}, {"model": QUOTED_MODEL})
@@ -512,7 +517,7 @@ def test_rollups_written_by_billing_match_the_raw_turns(usage_env):
         )
         session.commit()
     for tz in ("UTC", "Asia/Kolkata", "Asia/Kathmandu"):
-        query = usage.parse_query(start="2027-02-01", end="2027-02-02", tz=tz)
+        query = parsed_query(start="2027-02-01", end="2027-02-02", tz=tz)
         assert usage.summarize(session, query) == usage.summary_from_turns(session, query)
     body = usage_env.summary(start="2027-02-01", end="2027-02-01")
     assert body["totals"] == {"turns": 3, "input_tokens": 303, "output_tokens": 30, "cost": "0.037269"}
@@ -554,6 +559,15 @@ INVALID_QUERIES = [
     pytest.param({"tz": "../../etc/passwd"}, "invalid_timezone", "tz", id="path-as-zone"),
     pytest.param({"tz": "+05:30"}, "invalid_timezone", "tz", id="offset-as-zone"),
     pytest.param({"model": "m" * 201}, "invalid_model", "model", id="model-too-long"),
+    pytest.param({"start": "2026-01-01T00:00"}, "invalid_date", "start", id="date-time"),
+    pytest.param({"end": "9999-12-31"}, "invalid_date", "end", id="after-max-date"),
+    pytest.param(
+        {"user_id": "12345678123456781234567812345678"},
+        "invalid_user_id",
+        "user_id",
+        id="uuid-without-hyphens",
+    ),
+    pytest.param({"tz": "europe/berlin"}, "invalid_timezone", "tz", id="zone-in-lower-case"),
 ]
 
 

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from decimal import Decimal
 
 import pytest
+from sqlalchemy import event, func, select
 
 from shared.db import new_id
-from shared.services import billing
+from shared.models import ModelPrice
+from shared.services import billing, pricing
 from tests.factories import make_actor
 
 LEDGER_FIELDS = {
@@ -210,6 +214,41 @@ def test_pricing_lists_the_offline_model_out_of_the_box(client, admin):
     assert price["model"] == "offline-small"
     assert (price["input_per_1k"], price["output_per_1k"]) == ("0.001000", "0.002000")
     assert price["created_by"] == "system"
+
+
+@contextmanager
+def statements(app) -> Iterator[list[str]]:
+    """The SQL the app runs inside the block."""
+    seen: list[str] = []
+
+    def record(_conn, _cursor, statement, *_args):
+        seen.append(statement)
+
+    engine = app.extensions["tollgate"].db.engine
+    event.listen(engine, "before_cursor_execute", record)
+    try:
+        yield seen
+    finally:
+        event.remove(engine, "before_cursor_execute", record)
+
+
+@pytest.mark.parametrize("path", ["/api/v1/admin/pricing", "/v1/models"])
+def test_listing_prices_writes_nothing(app, client, admin, db, path):
+    client.get(path, headers=admin.headers)  # the key's first use may be recorded
+    with statements(app) as seen:
+        first = client.get(path, headers=admin.headers)
+        again = client.get(path, headers=admin.headers)
+    assert first.status_code == again.status_code == 200
+    assert first.get_json() == again.get_json()
+    assert [sql for sql in seen if sql.split()[0].upper() in ("INSERT", "UPDATE", "DELETE")] == []
+    assert db.scalar(select(func.count()).select_from(ModelPrice)) == 0
+
+
+def test_the_built_in_price_listed_is_the_row_a_turn_writes(app, client, admin, db):
+    listed = client.get("/api/v1/admin/pricing", headers=admin.headers).get_json()
+    pricing.price_in_force(db, "offline-small")  # what the first turn on the model does
+    db.commit()
+    assert client.get("/api/v1/admin/pricing", headers=admin.headers).get_json() == listed
 
 
 def test_a_price_put_adds_a_version_effective_now(client, admin):

@@ -23,14 +23,14 @@ class UserLimits(MethodView):
     @blp.arguments(LimitsUpdateSchema)
     @blp.response(200, LimitsSchema)
     @blp.alt_response(404, schema=ErrorSchema)
-    def put(self, data, user_id):
+    def put(self, new_limits, user_id):
         """Replace a user's limits (null: no limit of that kind)"""
         return limits.set_limits(
             db(),
             actor_id=current_user().id,
             subject_type=LimitSubject.USER,
             subject_id=user_id,
-            data=data,
+            limits=new_limits,
             now=runtime().clock(),
         )
 
@@ -46,13 +46,13 @@ class ApiKeyLimits(MethodView):
     @blp.arguments(LimitsUpdateSchema)
     @blp.response(200, LimitsSchema)
     @blp.alt_response(404, schema=ErrorSchema)
-    def put(self, data, key_id):
+    def put(self, new_limits, key_id):
         """Replace an API key's limits (null: no limit of that kind)"""
         return limits.set_limits(
             db(),
             actor_id=current_user().id,
             subject_type=LimitSubject.API_KEY,
             subject_id=key_id,
-            data=data,
+            limits=new_limits,
             now=runtime().clock(),
         )

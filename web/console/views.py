@@ -32,6 +32,7 @@ from web.schemas.billing import (
     PriceUpdateSchema,
     checked_model_name,
 )
+from web.schemas.common import zone_named
 from web.schemas.limits import LimitsUpdateSchema
 from web.schemas.users import ApiKeyCreateSchema
 from web.schemas.webhooks import EVENT_TYPES, WebhookCreateSchema
@@ -247,14 +248,14 @@ def done(endpoint: str, notice: str, **values) -> Response:
 def overview():
     """Enforcement, usage totals and chart, recent failures."""
     bucket = request.args.get("bucket", "day")
-    tz = request.args.get("tz", "UTC")
     split = request.args.get("split", "model")
     error, status = None, 200
     try:
-        chart = console.usage_chart(db(), bucket=bucket, tz=tz, split=split)
+        zone = zone_named(request.args.get("tz", "UTC"))
+        chart = console.usage_chart(db(), bucket=bucket, zone=zone, split=split)
     except InvalidInput as exc:
         error, status = problem(exc)
-        chart = console.usage_chart(db(), bucket="day", tz="UTC", split="model")
+        chart = console.usage_chart(db(), bucket="day", zone=zone_named("UTC"), split="model")
     state = enforcement.current_state(runtime())
     return render(
         "overview.html",
@@ -263,7 +264,7 @@ def overview():
         notice=NOTICES.get(request.args.get("notice", "")),
         state=state,
         set_by=console.emails(db(), [state.updated_by]).get(state.updated_by, state.updated_by),
-        totals=console.period_totals(db(), chart.query.tz),
+        totals=console.period_totals(db(), chart.query.zone),
         chart=chart,
         view=chart_view.build(chart),
         zones=ZONES if chart.query.tz in ZONES else (*ZONES, chart.query.tz),
@@ -428,13 +429,13 @@ def save_limits(subject_type: str, subject_id: str) -> dict:
 
     :raises DomainError: the API's 404 and 422 codes. :raises ValidationError: other field errors.
     """
-    data = LimitsUpdateSchema().load(limits_body())
+    new_limits = LimitsUpdateSchema().load(limits_body())
     return limits.set_limits(
         db(),
         actor_id=console_session().user.id,
         subject_type=subject_type,
         subject_id=subject_id,
-        data=data,
+        limits=new_limits,
         now=runtime().clock(),
     )
 

@@ -5,11 +5,15 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from decimal import Decimal
+from functools import lru_cache
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
 
 from marshmallow import INCLUDE, RAISE, Schema, ValidationError, fields, pre_load
 
 from shared.db import MONEY_QUANT
 from shared.errors import InvalidInput
+from shared.money import amount_pattern, parse_amount
+from shared.services.usage import query_error
 
 
 def _has_nul(value) -> bool:
@@ -113,27 +117,13 @@ class NonBlankString(fields.String):
         return text
 
 
-def _decimal_pattern(integer_digits: int, maximum: str, *, allow_zero: bool, signed: bool) -> str:
-    """Decimal strings with at most 6 places (trailing zeros beyond are fine), no exponent,
-    no leading zeros, in [0 or >0, maximum]."""
-    fraction = r"(?:\.[0-9]{1,6}0*)?"
-    positive = [
-        rf"[1-9][0-9]{{0,{integer_digits - 1}}}{fraction}",
-        r"0\.[0-9]{0,5}[1-9]0*",
-        rf"{maximum}(?:\.0+)?",
-    ]
-    if allow_zero:
-        positive.append(r"0(?:\.0+)?")
-    sign = "-?" if signed else ""
-    return rf"^{sign}(?:{'|'.join(positive)})$"
-
-
 class MoneyInput(fields.Field):
-    """A money amount in a request: a decimal string (at most 6 places) or a JSON integer.
+    """A money amount in a request: a decimal string (at most 6 places) or a JSON integer,
+    deserialized to a ``Decimal`` (``shared.money.parse_amount``).
 
     JSON floats are refused (money is never a float). The documented schema is exactly
-    what is accepted; anything else is 422 with the stable ``error`` code given (the
-    service re-checks the same rules).
+    what is accepted; anything else is 422 with the stable ``error`` code given. Services
+    receive the ``Decimal`` and check only their domain rules.
     """
 
     def __init__(
@@ -147,18 +137,16 @@ class MoneyInput(fields.Field):
         **kwargs,
     ):
         self.error_code = error
-        self.pattern = _decimal_pattern(
-            len(str(maximum)) - 1, str(maximum), allow_zero=allow_zero, signed=signed
-        )
-        self.minimum = 0 if allow_zero else 1
         self.maximum = maximum
+        self.allow_zero = allow_zero
         self.signed = signed
-        integer_ranges = [{"type": "integer", "minimum": self.minimum, "maximum": maximum}]
+        pattern = amount_pattern(maximum, allow_zero=allow_zero, signed=signed)
+        integer_ranges = [{"type": "integer", "minimum": 0 if allow_zero else 1, "maximum": maximum}]
         if signed:
             integer_ranges.append({"type": "integer", "minimum": -maximum, "maximum": -1})
         kwargs["metadata"] = {
             "description": description,
-            "anyOf": [{"type": "string", "pattern": self.pattern, "example": "25.50"}, *integer_ranges],
+            "anyOf": [{"type": "string", "pattern": pattern, "example": "25.50"}, *integer_ranges],
             **kwargs.get("metadata", {}),
         }
         super().__init__(**kwargs)
@@ -166,25 +154,17 @@ class MoneyInput(fields.Field):
     def deserialize(self, value, attr=None, data=None, **kwargs):
         # null gets the stable code too, not marshmallow's generic "may not be null".
         if value is None:
-            self._refuse(attr)
+            return self._deserialize(value, attr, data, **kwargs)
         return super().deserialize(value, attr, data, **kwargs)
 
-    def _deserialize(self, value, attr, data, **kwargs):
-        # fullmatch: Python's `$` would also match before a trailing newline, ECMA's does not.
-        if isinstance(value, str) and re.fullmatch(self.pattern, value):
-            return value
-        if isinstance(value, int) and not isinstance(value, bool):
-            magnitude = abs(value) if self.signed else value
-            if self.minimum <= magnitude <= self.maximum:
-                return value
-        self._refuse(attr)
-
-    def _refuse(self, attr):
-        raise InvalidInput(
-            f'{attr} must be a decimal string such as "12.50" with at most 6 decimal places, '
-            f"or an integer, at most {self.maximum}{'' if self.minimum == 0 else ' and not zero'}.",
-            error=self.error_code,
+    def _deserialize(self, value, attr, data, **kwargs) -> Decimal:
+        return parse_amount(
+            value,
             field=attr,
+            error=self.error_code,
+            maximum=self.maximum,
+            allow_zero=self.allow_zero,
+            signed=self.signed,
         )
 
 
@@ -210,3 +190,21 @@ def nul_free_strings(self, field, ret, **kwargs) -> dict:
     if isinstance(field, fields.String) and ret.get("type") == "string" and "pattern" not in ret:
         return {"pattern": r"^[^\x00]*$"}
     return {}
+
+
+@lru_cache(maxsize=1)
+def _zone_names() -> frozenset[str]:
+    return frozenset(available_timezones())
+
+
+def zone_named(name: str | None) -> ZoneInfo:
+    """The IANA zone ``name`` (UTC when absent or empty), for every edge that reads one
+    (usage queries, spend limits, the console). :raises InvalidInput: ``invalid_timezone``."""
+    if name is None or name == "":
+        return ZoneInfo("UTC")
+    if name not in _zone_names():
+        raise query_error("tz", "invalid_timezone", f"Unknown time zone {name[:64]!r}; use an IANA name.")
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError) as exc:
+        raise query_error("tz", "invalid_timezone", f"Unknown time zone {name[:64]!r}.") from exc

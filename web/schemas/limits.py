@@ -1,8 +1,15 @@
-from marshmallow import ValidationError, fields, validate
+from marshmallow import ValidationError, fields, post_load, validate
 
 from shared.errors import InvalidInput
-from shared.services.limits import MAX_CONCURRENT_TURNS, MAX_REQUESTS_PER_MINUTE, MAX_SPEND_AMOUNT
-from web.schemas.common import BaseSchema, Money, MoneyInput, PatternString, StrictInteger
+from shared.models import SpendPeriod
+from shared.services.limits import (
+    MAX_CONCURRENT_TURNS,
+    MAX_REQUESTS_PER_MINUTE,
+    MAX_SPEND_AMOUNT,
+    Limits,
+    SpendLimit,
+)
+from web.schemas.common import BaseSchema, Money, MoneyInput, PatternString, StrictInteger, zone_named
 from web.schemas.users import WalletSummarySchema
 
 
@@ -85,9 +92,26 @@ class SpendField(fields.Field):
 
 
 class LimitsUpdateSchema(BaseSchema):
+    """Loads to ``limits.Limits``, every value in its type."""
+
     spend = SpendField()
     requests_per_minute = LimitInteger(MAX_REQUESTS_PER_MINUTE)
     max_concurrent_turns = LimitInteger(MAX_CONCURRENT_TURNS)
+
+    @post_load
+    def _limits(self, data, **_kwargs) -> Limits:
+        # The zone is checked last, after every field (as the service did), so a body with
+        # several bad values keeps answering with the same code.
+        spend = data.get("spend")
+        return Limits(
+            spend=SpendLimit(
+                amount=spend["amount"], period=SpendPeriod(spend["period"]), tz=zone_named(spend["tz"]).key
+            )
+            if spend is not None
+            else None,
+            requests_per_minute=data.get("requests_per_minute"),
+            max_concurrent_turns=data.get("max_concurrent_turns"),
+        )
 
 
 class SpendLimitSchema(BaseSchema):
