@@ -12,6 +12,7 @@ from types import SimpleNamespace
 import pytest
 import redis as redis_lib
 
+from shared.models import ToolCallEvent
 from shared.services import turn_events
 from shared.services.turn_events import TurnPublisher
 
@@ -33,7 +34,7 @@ def test_every_write_to_a_turns_stream_sets_its_expiry_to_at_least_an_hour(clien
         publisher.delta("first piece")
         assert expected - 5 < client.ttl(stream) <= expected
         client.expire(stream, 10)  # a later write moves the expiry out again
-        publisher.tool_call({"name": "search"})
+        publisher.tool_call(ToolCallEvent(id="call-1", turn_id=turn_id, tool="search", arguments={}))
         assert expected - 5 < client.ttl(stream) <= expected
         turn_events.request_cancel(runtime, turn_id)
         assert expected - 5 < client.ttl(flag) <= expected
