@@ -25,7 +25,7 @@ chunks, the first after the model's latency): LiteLLM's ``/v1/chat/completions``
 Tollgate's own OpenAI-compatible ``/v1/chat/completions`` (each client in its own session,
 ``X-Tollgate-Session``). Reported: streamed turns/s and the time to first token (the first
 chunk with text) p50/p99 on each side. ``--sides tollgate`` runs Tollgate alone (no
-LiteLLM install), for a quick look.
+LiteLLM install, no ratios), for a quick look.
 """
 
 from __future__ import annotations
@@ -333,12 +333,11 @@ def main() -> None:
                             **streamed,
                         }
                     stream_rows(figures, streamed, clients, latency, args.seconds, args.rounds)
-                for clients, latency in loads if litellm_port else []:
+                for clients, latency in loads:
                     model = MODELS[latency]
-                    sides = {
-                        "litellm": (litellm_port, *litellm_request(model)),
-                        "tollgate": (tollgate_port, *tollgate_request(key, sessions, model)),
-                    }
+                    sides = {"tollgate": (tollgate_port, *tollgate_request(key, sessions, model))}
+                    if litellm_port:
+                        sides = {"litellm": (litellm_port, *litellm_request(model)), **sides}
                     # Warm both (connections, prices, pools) before measuring.
                     for port, request, accept in sides.values():
                         drive("127.0.0.1", port, request, accept, min(clients, 8), 2.0)
@@ -354,15 +353,16 @@ def main() -> None:
                         figures[f"{label}_{name}_p50_s"] = sorted(r["p50"] for r in runs)[len(runs) // 2]
                         figures[f"{label}_{name}_p99_s"] = max(r["p99"] for r in runs)
                         figures[f"{label}_{name}_errors"] = sum(r["errors"] for r in runs)
-                    figures[f"{label}_ratio_tollgate_to_litellm"] = (
-                        figures[f"{label}_tollgate_req_per_s"] / figures[f"{label}_litellm_req_per_s"]
-                    )
-                    print(
-                        f"{label}: litellm {figures[f'{label}_litellm_req_per_s']:.1f} req/s, "
-                        f"tollgate {figures[f'{label}_tollgate_req_per_s']:.1f} turns/s, "
-                        f"ratio {figures[f'{label}_ratio_tollgate_to_litellm']:.2f}",
-                        flush=True,
-                    )
+                    line = f"tollgate {figures[f'{label}_tollgate_req_per_s']:.1f} turns/s"
+                    if litellm_port:
+                        figures[f"{label}_ratio_tollgate_to_litellm"] = (
+                            figures[f"{label}_tollgate_req_per_s"] / figures[f"{label}_litellm_req_per_s"]
+                        )
+                        line = (
+                            f"litellm {figures[f'{label}_litellm_req_per_s']:.1f} req/s, {line}, "
+                            f"ratio {figures[f'{label}_ratio_tollgate_to_litellm']:.2f}"
+                        )
+                    print(f"{label}: {line}", flush=True)
             figures["ledger_check_ok"] = int(ledger_check(settings))
         log.close()
     report("peer", figures)

@@ -27,7 +27,7 @@ class Runtime:
         self.role = role
         self._lock = threading.Lock()
         self._db: Database | None = None
-        self._components: dict[str, object] = {}
+        self._sqlite_reader: tuple[int, object] | None = None
         # The clock limits read (spend periods, rate windows); tests inject another.
         self.clock = utcnow
         # How this process sends a Celery task (set by the web app and the Celery app):
@@ -99,20 +99,52 @@ class Runtime:
         """The tool registry, built on first use: its schemas size holds, its tools run in turns."""
         return build_registry(self.settings)
 
-    def component(self, name: str, factory):
-        """A per-process singleton (provider, tool registry), built on first use."""
+    @cached_property
+    def enforcement_memory(self):
+        """What this process last saw of the enforcement toggle (shared/services/enforcement.py)."""
+        from shared.services.enforcement import ProcessMemory
+
+        return ProcessMemory()
+
+    @property
+    def sqlite_reader(self):
+        """Embedded mode: a sessionmaker whose reads run outside the main engine's
+        ``BEGIN IMMEDIATE`` (shared/services/enforcement.py); rebuilt in a forked child,
+        which must not reuse its parent's SQLite handles."""
+        import os
+
+        from shared.services.enforcement import sqlite_reader
+
         with self._lock:
-            if name not in self._components:
-                self._components[name] = factory(self.settings)
-            return self._components[name]
+            if self._sqlite_reader is None or self._sqlite_reader[0] != os.getpid():
+                self._sqlite_reader = (os.getpid(), sqlite_reader(self.settings))
+            return self._sqlite_reader[1]
+
+    @cached_property
+    def stream_redis(self):
+        """A Redis client for blocking stream reads (shared/services/turn_events.py): the
+        usual client fails fast, which a read blocked for seconds would trip."""
+        from shared.services.turn_events import blocking_client
+
+        return blocking_client(self.settings)
+
+    @cached_property
+    def broker_redis(self):
+        """A client of the Celery broker's Redis, for the queue-depth metrics."""
+        import redis
+
+        return redis.Redis.from_url(
+            self.settings.broker_url,
+            socket_timeout=REDIS_SOCKET_TIMEOUT,
+            socket_connect_timeout=REDIS_SOCKET_TIMEOUT,
+        )
 
     def reset_after_fork(self) -> None:
         """Drop connections inherited from a parent process."""
         if self._db is not None:
             self._db.engine.dispose(close=False)
             self._db = None
-        self.__dict__.pop("redis", None)
-        for name in ("turn_waiter", "key_cache", "leases"):
+        for name in ("redis", "stream_redis", "broker_redis", "turn_waiter", "key_cache", "leases"):
             self.__dict__.pop(name, None)
 
     def close(self) -> None:
@@ -123,6 +155,7 @@ class Runtime:
             component = self.__dict__.pop(name, None)
             if component is not None:
                 component.close()
-        client = self.__dict__.pop("redis", None)
-        if client is not None:
-            client.close()
+        for name in ("redis", "stream_redis", "broker_redis"):
+            client = self.__dict__.pop(name, None)
+            if client is not None:
+                client.close()

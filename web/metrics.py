@@ -42,22 +42,10 @@ def _record_request(response):
     return response
 
 
-def _broker_redis(settings):
-    import redis
-
-    from shared.runtime import REDIS_SOCKET_TIMEOUT
-
-    return redis.Redis.from_url(
-        settings.broker_url, socket_timeout=REDIS_SOCKET_TIMEOUT, socket_connect_timeout=REDIS_SOCKET_TIMEOUT
-    )
-
-
 def metrics_view():
     current = runtime()
     token = current.settings.metrics_token
     if token and not hmac.compare_digest((bearer_token() or "").encode(), token.encode()):
         raise Unauthorized("A valid metrics token is required (Authorization: Bearer <token>).")
-    queue_depth = metrics.QueueDepthCollector(
-        current.settings, QUEUES, lambda: current.component("metrics_broker_redis", _broker_redis)
-    )
+    queue_depth = metrics.QueueDepthCollector(current.settings, QUEUES, lambda: current.broker_redis)
     return Response(metrics.exposition(queue_depth), mimetype=None, content_type=metrics.CONTENT_TYPE)

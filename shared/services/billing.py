@@ -530,9 +530,12 @@ def settle_turn(
     for the same turn writes nothing and returns the first result.
     """
     capture_key, debit_key = _turn_key(turn_id, "capture"), _turn_key(turn_id, "debit")
-    # The caller holds the turn's row lock, so no other settle of this turn runs now (and the
-    # entries' unique keys stay the last line of defence): checked before any other lock.
-    done = _entry_by_key(session, capture_key, debit_key)
+    hold = _fresh_hold(session, turn_id, lock=True)
+    active = hold is not None and hold.status == HoldStatus.ACTIVE
+    # An active hold means no settle yet (a settle captures it in its own transaction).
+    # Otherwise the caller's lock on the turn row keeps other settles of this turn out while
+    # we look (the entries' unique keys stay the last line of defence).
+    done = None if active else _entry_by_key(session, capture_key, debit_key)
     if done is not None:
         return Settlement(done.balance_after, _charged_so_far(session, turn_id))
     cost = _q(cost)
@@ -545,8 +548,7 @@ def settle_turn(
         key_spend = _key_spend_row(api_key_id, at, charged) if api_key_id is not None else None
         return _Riders(usage, key_spend)
 
-    hold = _fresh_hold(session, turn_id, lock=True)
-    if hold is not None and hold.status == HoldStatus.ACTIVE:
+    if active:
         charged = min(cost, hold.amount)
         moves = _capture(session, hold, charged, key=capture_key, now=now)
         _, balance_after = _move_wallet(session, user_id, moves, riders=riders(charged))

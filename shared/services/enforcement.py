@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import threading
 import time
 from dataclasses import dataclass
@@ -108,7 +107,7 @@ class _Stored:
         return cls(override, int(data["version"]), data.get("updated_by"), updated_at)
 
 
-class _ProcessMemory:
+class ProcessMemory:
     """The last state this process saw, for when Redis is unreachable."""
 
     def __init__(self, _settings=None) -> None:
@@ -133,14 +132,14 @@ class _ProcessMemory:
         return failed_at is not None and time.monotonic() - failed_at < RETRY_AFTER_FAILURE_SECONDS
 
 
-def _memory(runtime: Runtime) -> _ProcessMemory:
-    return runtime.component("enforcement_memory", _ProcessMemory)
+def _memory(runtime: Runtime) -> ProcessMemory:
+    return runtime.enforcement_memory
 
 
 # -- the durable copy ----------------------------------------------------------------------
 
 
-def _sqlite_reader(settings) -> sessionmaker:
+def sqlite_reader(settings) -> sessionmaker:
     # The main SQLite engine opens every transaction with BEGIN IMMEDIATE. A check
     # made while the caller's own transaction holds that lock (turn admission does)
     # would wait on itself; this engine's plain SELECTs run without a transaction,
@@ -154,8 +153,7 @@ def _sqlite_reader(settings) -> sessionmaker:
 def _reader(runtime: Runtime) -> sessionmaker:
     if runtime.db.dialect != "sqlite":
         return runtime.db.sessionmaker
-    # Keyed by pid: a forked worker child must not reuse its parent's SQLite handles.
-    return runtime.component(f"enforcement_sqlite_reader:{os.getpid()}", _sqlite_reader)
+    return runtime.sqlite_reader
 
 
 def _from_row(row: SettingEntry | None) -> _Stored:
@@ -198,7 +196,7 @@ def _state(runtime: Runtime, stored: _Stored, *, stale: bool) -> EnforcementStat
     )
 
 
-def _fallback(runtime: Runtime, memory: _ProcessMemory) -> EnforcementState:
+def _fallback(runtime: Runtime, memory: ProcessMemory) -> EnforcementState:
     stored = memory.last
     if stored is None:
         try:

@@ -182,7 +182,7 @@ class TurnPublisher:
         return self._cancelled
 
 
-def _blocking_client(settings):
+def blocking_client(settings):
     """A client for blocking stream reads: the process's usual client fails fast (0.5 s
     socket timeout), which a read blocked for ``PING_SECONDS`` would trip."""
     import redis
@@ -203,7 +203,7 @@ def follow(runtime, turn_id: str, after: str, finished: Callable[[], bool]) -> I
     The worker appends every event before it commits the turn's end, so once ``finished()``
     (a read of the turn row) is true, one more read of the stream has them all.
     """
-    client = runtime.component("turn_stream_reader", _blocking_client)
+    client = runtime.stream_redis
     key = stream_key(turn_id)
     cursor = after
     # The database is read when the reader attaches, when the stream says the turn ended,

@@ -31,7 +31,7 @@ from shared import metrics
 from shared.db import is_database_unavailable, new_id, utcnow
 from shared.errors import Conflict, InsufficientBalance
 from shared.logging import turn_id_var
-from shared.models import ChatSession, ToolCallEvent, ToolCallStatus, Turn, TurnKind, TurnStatus
+from shared.models import ChatSession, ModelPrice, ToolCallEvent, ToolCallStatus, Turn, TurnKind, TurnStatus
 from shared.prompts import extract_search_query
 from shared.providers import ProviderError, ProviderTransientError
 from shared.runtime import Runtime
@@ -99,6 +99,9 @@ class Execution:
     # This turn pushes the oldest turn of a full window out: a background summary refresh is due.
     summary_due_after: bool = False
     messages: list[dict] = field(default_factory=list)
+    # The turn's price, once read: the price in force at the turn's creation stays so, and
+    # the settlement bills at the price the budget (and the hold) was sized with.
+    price: ModelPrice | None = None
 
     def add(self, input_tokens: int, output_tokens: int, *, estimated: bool = False) -> None:
         self.input_tokens += input_tokens
@@ -121,15 +124,18 @@ def _end_locked(
     input_tokens: int,
     output_tokens: int,
     now,
+    price: ModelPrice | None = None,
 ) -> None:
-    """Bill what the turn used (nothing used: release its hold) and record it. Caller commits.
+    """Bill what the turn used (nothing used: release its hold) and record it, at ``price``
+    (when the attempt read it already) or the price in force at the turn's creation. Caller
+    commits.
 
     The turn row is written once, after billing: a second UPDATE of a row this transaction
     already changed makes Postgres re-check its foreign keys (KEY SHARE on the session row).
     """
     cost = balance_after = None
     if input_tokens or output_tokens:
-        price = pricing.price_in_force(session, turn.model, at=turn.created_at)
+        price = price or pricing.price_in_force(session, turn.model, at=turn.created_at)
         settled = billing.settle_turn(
             session,
             user_id=turn.user_id,
@@ -171,6 +177,7 @@ def _fail_locked(
         input_tokens=used_in,
         output_tokens=used_out,
         now=utcnow(),
+        price=execution.price if execution else None,
     )
     if execution is not None and execution.usage_estimated:
         turn.usage_estimated = True
@@ -401,6 +408,7 @@ def execute(
         context = turn_context.load(session, chat, turn.seq)
         result.summary_due_after = summaries.due_after(context.recent)
         budget = budget_for(runtime, session, turn)
+        result.price = budget.price
         session.commit()
 
         summary_text = context.summary
@@ -508,6 +516,7 @@ def _execute_messages(runtime: Runtime, turn: Turn, provider, result: Execution,
     none: the calls go back to the caller), trimmed to the hold like any other."""
     with runtime.db.session() as session:
         budget = budget_for(runtime, session, turn)
+        result.price = budget.price
         session.commit()
     messages = list(turn.request_messages or [])
     if stream is not None and stream.should_stop(now=True):
@@ -547,6 +556,7 @@ def _cancel_locked(runtime: Runtime, session: Session, turn: Turn, result: Execu
         input_tokens=used_in,
         output_tokens=used_out,
         now=utcnow(),
+        price=result.price if result else None,
     )
     if result is not None:
         turn.reply = result.reply or None
@@ -622,6 +632,7 @@ def complete(runtime: Runtime, turn_id: str, result: Execution) -> bool:
             input_tokens=result.input_tokens,
             output_tokens=result.output_tokens,
             now=utcnow(),
+            price=result.price,
         )
         turn.reply = result.reply
         turn.reply_tool_calls = result.reply_tool_calls
