@@ -226,7 +226,11 @@ def export_child(url: str, start: str, end: str) -> None:
         started = time.perf_counter()
         rows = -1  # the header
         for chunk in usage.export_csv(
-            session, bucket="day", start=start, end=end, group_by=usage.GroupBy.USER
+            session,
+            bucket="day",
+            start=date.fromisoformat(start),
+            end=date.fromisoformat(end),
+            group_by=usage.GroupBy.USER,
         ):
             rows += chunk.count("\r\n")
         seconds = time.perf_counter() - started
