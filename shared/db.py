@@ -261,6 +261,13 @@ class Database:
             max_overflow=max_overflow,
         )
         self.sessionmaker = sessionmaker(self.engine, expire_on_commit=False)
+        # Reads that need no transaction (a safe-method request: each statement sees what
+        # was committed when it ran, as it would under READ COMMITTED anyway) skip the
+        # BEGIN and ROLLBACK round trips on Postgres. SQLite keeps its transactions.
+        self.read_sessionmaker = self.sessionmaker
+        if self.engine.dialect.name == "postgresql":
+            reads = self.engine.execution_options(isolation_level="AUTOCOMMIT")
+            self.read_sessionmaker = sessionmaker(reads, expire_on_commit=False)
 
     @classmethod
     def from_settings(cls, settings: Settings, *, role: str) -> Database:

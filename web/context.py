@@ -19,9 +19,20 @@ def runtime() -> Runtime:
     return current_app.extensions["tollgate"]
 
 
-def db() -> Session:
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+def db(*, transaction: bool = False) -> Session:
+    """The request's session. A safe-method request reads without a transaction
+    (``Database.read_sessionmaker``): no BEGIN/ROLLBACK round trips around its reads,
+    unless it asks for one (``transaction``: e.g. a server-side cursor needs it)."""
+    reads_only = request.method in SAFE_METHODS and not transaction
+    if "db_session" in g and g.db_session_reads_only and not reads_only:
+        close_db()  # its reads are done; nothing to keep
     if "db_session" not in g:
-        g.db_session = runtime().db.sessionmaker()
+        database = runtime().db
+        g.db_session = (database.read_sessionmaker if reads_only else database.sessionmaker)()
+        g.db_session_reads_only = reads_only
     return g.db_session
 
 

@@ -18,7 +18,7 @@ from decimal import Decimal
 
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session, selectinload
+from sqlalchemy.orm import Session, joinedload, selectinload
 
 from shared import metrics
 from shared.db import is_uuid
@@ -277,8 +277,10 @@ def submit_and_wait(
 
 
 def owned_turn(session: Session, user_id: str, turn_id: str) -> Turn:
-    """:raises NotFound: unknown, malformed, or another user's turn."""
-    turn = session.get(Turn, turn_id) if is_uuid(turn_id) else None
+    """The turn with its tool calls, in one query (a TurnRead lists them).
+
+    :raises NotFound: unknown, malformed, or another user's turn."""
+    turn = session.get(Turn, turn_id, options=[joinedload(Turn.tool_calls)]) if is_uuid(turn_id) else None
     if turn is None or turn.user_id != user_id:
         raise NotFound("No such turn.")
     return turn

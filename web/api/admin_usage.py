@@ -53,7 +53,8 @@ class UsageExport(MethodView):
     @blp.alt_response(422, description=f"Bad query: {VALIDATION_CODES}, `invalid_group_by`")
     def get(self, args):
         """The summary's buckets as streamed CSV, optionally per user or model"""
-        lines = usage.export_csv(db(), **args)
+        # Streamed through a server-side cursor, which lives in a transaction.
+        lines = usage.export_csv(db(transaction=True), **args)
         return Response(
             stream_with_context(lines),
             mimetype="text/csv",
