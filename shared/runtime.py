@@ -10,6 +10,7 @@ import threading
 from functools import cached_property
 
 from shared.db import Database, utcnow
+from shared.keyed_locks import KeyedLocks
 from shared.providers import Provider, build_provider
 from shared.settings import Settings, mask_url
 from shared.tools.registry import ToolRegistry, build_registry
@@ -98,6 +99,11 @@ class Runtime:
     def tools(self) -> ToolRegistry:
         """The tool registry, built on first use: its schemas size holds, its tools run in turns."""
         return build_registry(self.settings)
+
+    @cached_property
+    def admissions(self) -> KeyedLocks:
+        """Turn admissions in this process, one at a time per user (``turns.submit``)."""
+        return KeyedLocks()
 
     @cached_property
     def enforcement_memory(self):

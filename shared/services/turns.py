@@ -161,8 +161,28 @@ def submit(
     :raises SpendLimitReached: a spend limit of the user or ``api_key_id`` does not cover it
         (whatever the enforcement toggle; shared/services/limits.py).
     :raises TooManyRequests: ``rate_limited`` or ``too_many_concurrent_turns``.
+
+    A process admits one turn of a user at a time (``Runtime.admissions``): a burst of one
+    user's requests waits here, holding no database connection, instead of in Postgres on
+    the user's wallet row with a pool connection each (256 clients of one user emptied the
+    web's pool that way, and requests failed after the pool's 30 s timeout).
     """
     _check_idempotency_key(key)
+    session.commit()  # only reads came before (the caller's key): wait without a connection
+    with runtime.admissions.holding(user.id):
+        return _admit(runtime, session, user, chat_session_id, data, key, api_key_id)
+
+
+def _admit(
+    runtime: Runtime,
+    session: Session,
+    user: User,
+    chat_session_id: str,
+    data: dict,
+    key: str | None,
+    api_key_id: str | None,
+) -> tuple[Turn, bool]:
+    """``submit`` once it is this user's turn in the process."""
     chat = owned_session(session, user.id, chat_session_id)
     request_hash = _request_hash(chat.id, data)
     if key is not None:
