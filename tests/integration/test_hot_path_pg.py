@@ -24,7 +24,7 @@ from web.app import create_app
 BUDGET = {
     "admission": (2, 12, 1),
     "run_turn": (3, 13, 3),
-    "get_turn": (1, 2, 0),
+    "get_turn": (1, 1, 0),
     "get_wallet": (1, 2, 0),
 }
 
