@@ -237,7 +237,8 @@ def _move_wallet(
                 "created_at": move.created_at,
             }
         )
-    if session.get_bind().dialect.name == "postgresql":
+    postgres = session.get_bind().dialect.name == "postgresql"
+    if postgres:
         statement = _wallet_move_statement(
             len(entries), covering is not None, riders.usage is not None, riders.key_spend is not None
         )
@@ -252,16 +253,13 @@ def _move_wallet(
     if row is None:
         _refuse(session, user_id, covering)
     wallet_id, balance, held = row
-    if session.get_bind().dialect.name != "postgresql":
+    if not postgres:
         rows = []
         for entry in entries:
             offset = entry.pop("offset")
             rows.append({**entry, "wallet_id": wallet_id, "balance_after": balance - offset})
         session.execute(insert(LedgerEntry.__table__), rows)
-        if riders.usage is not None:
-            session.execute(_usage_upsert("sqlite"), riders.usage)
-        if riders.key_spend is not None:
-            session.execute(_key_spend_upsert("sqlite"), riders.key_spend)
+        _write_riders(session, riders)
     stale = session.identity_map.get(identity_key(Wallet, wallet_id))
     if stale is not None:
         session.expire(stale)
@@ -326,6 +324,15 @@ def _wallet_move_statement(entries: int, covering: bool, usage: bool, key_spend:
     return select(w.c.id, w.c.balance, w.c.held).add_cte(*ctes)
 
 
+def _write_riders(session: Session, riders: _Riders) -> None:
+    """The riders' upserts as statements of their own (where they are not CTEs of a move)."""
+    dialect = session.get_bind().dialect.name
+    if riders.usage is not None:
+        session.execute(_usage_upsert(dialect), riders.usage)
+    if riders.key_spend is not None:
+        session.execute(_key_spend_upsert(dialect), riders.key_spend)
+
+
 def _refuse(session: Session, user_id: str, required: Decimal | None) -> NoReturn:
     """Why ``_move_wallet`` moved nothing: no wallet, or not enough available credit (its
     figures as read now, without a lock)."""
@@ -364,33 +371,18 @@ def record_usage(
     already serialised by the wallet lock, then the shared all-users row), and the shared
     row stays locked only until the caller commits.
     """
-    rows = UsageHour.rows_for(
-        user_id=user_id,
-        model=model,
-        at=at,
-        turns=turns,
-        input_tokens=input_tokens,
-        output_tokens=output_tokens,
-        cost=_q(cost),
-    )
-    session.execute(_usage_upsert(session.get_bind().dialect.name), rows)
+    _write_riders(session, _Riders(_usage_rows(user_id, model, at, turns, input_tokens, output_tokens, cost)))
 
 
 def _usage_rows(
-    user_id: str,
-    model: str,
-    at: datetime,
-    completed: bool,
-    input_tokens: int,
-    output_tokens: int,
-    cost: Decimal,
+    user_id: str, model: str, at: datetime, turns: int, input_tokens: int, output_tokens: int, cost: Decimal
 ) -> list[dict]:
-    """A turn's ``usage_hours`` rows (``record_usage``'s): the turn counts when ``completed``."""
+    """The two ``usage_hours`` rows (the user's, all users') one charge adds to."""
     return UsageHour.rows_for(
         user_id=user_id,
         model=model,
         at=at,
-        turns=1 if completed else 0,
+        turns=turns,
         input_tokens=input_tokens,
         output_tokens=output_tokens,
         cost=_q(cost),
@@ -544,7 +536,7 @@ def settle_turn(
     now = utcnow()
 
     def riders(charged: Decimal) -> _Riders:
-        usage = _usage_rows(user_id, model, at, completed, input_tokens, output_tokens, charged)
+        usage = _usage_rows(user_id, model, at, 1 if completed else 0, input_tokens, output_tokens, charged)
         key_spend = _key_spend_row(api_key_id, at, charged) if api_key_id is not None else None
         return _Riders(usage, key_spend)
 
@@ -560,9 +552,7 @@ def settle_turn(
         balance_after, charged = _debit_available(
             session, user_id, turn_id, hold, cost, key=debit_key, now=now
         )
-        session.execute(_usage_upsert(session.get_bind().dialect.name), riders(charged).usage)
-        if api_key_id is not None:
-            session.execute(_key_spend_upsert(session.get_bind().dialect.name), riders(charged).key_spend)
+        _write_riders(session, riders(charged))
     if charged < cost:
         metrics.hold_overrun(cost - charged)
         log.warning("turn %s charged %s of its cost %s (enforced, not covered)", turn_id, charged, cost)
