@@ -27,7 +27,13 @@ from sqlalchemy import (
     event,
 )
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import DBAPIError, DisconnectionError, InterfaceError, OperationalError
+from sqlalchemy.exc import (
+    DBAPIError,
+    DisconnectionError,
+    InterfaceError,
+    InvalidRequestError,
+    OperationalError,
+)
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 from sqlalchemy.sql import operators
@@ -160,7 +166,20 @@ def is_database_unavailable(exc: BaseException) -> bool:
     later is the answer; none of these means the work itself was wrong."""
     if isinstance(exc, OperationalError | InterfaceError | PoolTimeout):
         return True
-    return isinstance(exc, DBAPIError) and exc.connection_invalidated
+    return (isinstance(exc, DBAPIError) and exc.connection_invalidated) or _checkout_exhausted(exc)
+
+
+def _checkout_exhausted(exc: BaseException) -> bool:
+    """The pool found its connection dead at checkout (``_drop_dead_connection``), and the
+    fresh one it opened in its place too: SQLAlchemy then gives up with a bare
+    ``InvalidRequestError("This connection is closed")`` raised by its checkout. A server
+    killing every new connection is unavailable, not a bug of ours."""
+    if type(exc) is not InvalidRequestError or exc.args != ("This connection is closed",):
+        return False
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and tb.tb_frame.f_code.co_name == "_checkout"
 
 
 class Base(DeclarativeBase):

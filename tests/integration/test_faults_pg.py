@@ -18,6 +18,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from celery.exceptions import SoftTimeLimitExceeded
+from sqlalchemy import event
+from sqlalchemy.exc import DisconnectionError
 
 from shared.runtime import Runtime
 from shared.services import turn_runner
@@ -267,6 +269,30 @@ def test_requests_after_every_database_connection_was_killed_succeed(
     assert second.status_code == 201 and second.get_json()["status"] == "completed", second.get_json()
     assert_each_turn_billed_once(fault_settings, [first.get_json()["id"], second.get_json()["id"]])
     assert_ledger_check_passes(fault_settings)
+
+
+def test_a_server_killing_each_new_connection_at_checkout_gives_503s_then_serves_again(
+    client, fault_app, pg_user
+):
+    # The pool finds its connection dead at checkout and the fresh one it opens in its place
+    # dead too (a killer faster than the reconnect, as under test_connections_killed_… below):
+    # SQLAlchemy gives up with a bare InvalidRequestError, which must read as "unavailable".
+    pool = fault_app.extensions["tollgate"].db.engine.pool
+    checks = []
+
+    def dead_on_checkout(*_args):
+        checks.append(1)
+        raise DisconnectionError("killed before use")
+
+    event.listen(pool, "checkout", dead_on_checkout)
+    try:
+        for path in ("/api/v1/wallet", "/api/v1/auth/me"):
+            assert_json_error(client.get(path, headers=pg_user.headers), 503, "service_unavailable")
+        assert len(checks) >= 4  # each request: the pooled connection, then a fresh one
+    finally:
+        event.remove(pool, "checkout", dead_on_checkout)
+    assert pool.checkedout() == 0
+    assert client.get("/api/v1/wallet", headers=pg_user.headers).status_code == 200
 
 
 def test_connections_killed_under_concurrent_requests_and_turns_give_503s_never_500s(
