@@ -26,6 +26,7 @@ from sqlalchemy import (
     create_engine,
     event,
 )
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import (
     DBAPIError,
@@ -157,6 +158,13 @@ def check_in(column: str, allowed: type[StrEnum]) -> CheckConstraint:
     by the naming convention: the database refuses a state the code does not know."""
     values = ", ".join(f"'{member.value}'" for member in allowed)
     return CheckConstraint(f"{column} IN ({values})", name=column)
+
+
+def dialect_insert(dialect: str, table):
+    """``INSERT`` for ``table`` in ``dialect``'s own flavour, which has ``ON CONFLICT``."""
+    if dialect == "postgresql":
+        return postgresql.insert(table)
+    return sqlite.insert(table)
 
 
 def is_database_unavailable(exc: BaseException) -> bool:
@@ -308,6 +316,22 @@ class Database:
     @contextmanager
     def session(self) -> Iterator[Session]:
         session = self.sessionmaker()
+        try:
+            yield session
+        finally:
+            session.close()
+
+    def reads_without_transaction(self, session: Session) -> None:
+        """Run ``session``'s next statements, up to its commit, each in autocommit (Postgres):
+        a block of reads then costs no BEGIN and no COMMIT round trip. Call it before the
+        session's first statement of that block; SQLite keeps its transaction."""
+        if self.engine.dialect.name == "postgresql":
+            session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
+
+    @contextmanager
+    def read_session(self) -> Iterator[Session]:
+        """A session for reads alone (``read_sessionmaker``: no transaction on Postgres)."""
+        session = self.read_sessionmaker()
         try:
             yield session
         finally:

@@ -116,18 +116,20 @@ def chat_completions():
     turn, created = turns.submit(
         rt, session, user, chat.id, completion_request.turn_data(), idempotency_key(), api_key_id=key.id
     )
-    if created:
-        turns.enqueue_run(current_app.extensions["celery"], turn.id)
+    celery_app, turn_id = current_app.extensions["celery"], turn.id
+    start = (lambda: turns.enqueue_run(celery_app, turn_id)) if created else None
     headers = {"X-Tollgate-Turn-Id": turn.id, "X-Tollgate-Session": chat.id}
     answer = openai_compat.Answer.of(turn)
     session.commit()
     if completion_request.stream:
+        if start is not None:
+            start()
         metrics.stream_opened("openai")
         response = streaming.event_stream(_chunks(rt, answer, completion_request.include_usage))
         response.headers.update(headers)
         return response
     wait = rt.settings.task_soft_time_limit_seconds + WAIT_MARGIN_SECONDS
-    turn = turns.wait_until_finished(rt, session, turn, wait)
+    turn = turns.wait_until_finished(rt, session, turn, wait, start=start)
     if turn.status not in turns.FINISHED:
         return openai_error(
             504, "The model did not answer in time; the turn goes on.", "timeout", None, headers

@@ -35,13 +35,12 @@ from typing import NoReturn
 
 from sqlalchemy import bindparam, func, insert, select, union_all, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.util import identity_key
 
 from shared import metrics
-from shared.db import MONEY, MONEY_QUANT, UTCDateTime, new_id, utcnow
+from shared.db import MONEY, MONEY_QUANT, UTCDateTime, dialect_insert, new_id, utcnow
 from shared.errors import Conflict, IdempotencyConflict, InsufficientBalance, InvalidInput, NotFound
 from shared.models import (
     SYSTEM_ACTOR,
@@ -405,7 +404,7 @@ def _key_spend_row(api_key_id: str, at: datetime, cost: Decimal) -> dict:
 # round trip (bench: 2.5 ms -> see docs/architecture.md "The hot path, counted").
 @cache
 def _usage_upsert(dialect: str):
-    return _on_usage_conflict((pg_insert if dialect == "postgresql" else sqlite_insert)(UsageHour.__table__))
+    return _on_usage_conflict(dialect_insert(dialect, UsageHour.__table__))
 
 
 def _on_usage_conflict(statement):
@@ -423,9 +422,7 @@ def _on_usage_conflict(statement):
 
 @cache
 def _key_spend_upsert(dialect: str):
-    return _on_key_spend_conflict(
-        (pg_insert if dialect == "postgresql" else sqlite_insert)(ApiKeySpend.__table__)
-    )
+    return _on_key_spend_conflict(dialect_insert(dialect, ApiKeySpend.__table__))
 
 
 def _on_key_spend_conflict(statement):
@@ -439,10 +436,13 @@ def _on_key_spend_conflict(statement):
 # -- holds and turn settlement (join the caller's transaction) ----------------------------
 
 
-def place_hold(session: Session, *, user_id: str, turn_id: str, amount: Decimal, ttl_seconds: int) -> Hold:
+def place_hold(
+    session: Session, *, user_id: str, turn_id: str, amount: Decimal, ttl_seconds: int, new_turn: bool = False
+) -> Hold:
     """Reserve ``amount`` for a turn, expiring after ``ttl_seconds``. Does not commit.
 
-    Placing a hold for a turn that already has one returns the existing hold.
+    Placing a hold for a turn that already has one returns the existing hold (``new_turn``:
+    the turn was created in the caller's transaction, so there is none to look for).
 
     :raises InsufficientBalance: ``available`` (balance − active holds) is below ``amount``;
         details ``balance``, ``available``, ``required`` as money strings.
@@ -453,7 +453,7 @@ def place_hold(session: Session, *, user_id: str, turn_id: str, amount: Decimal,
         raise ValueError("a hold amount cannot be negative")
     # The caller holds the turn (created in this transaction, or its row locked), so no
     # other hold for it can appear meanwhile; the unique turn_id stays the last defence.
-    existing = _fresh_hold(session, turn_id)
+    existing = None if new_turn else _fresh_hold(session, turn_id)
     if existing is not None:
         return existing
     now = utcnow()

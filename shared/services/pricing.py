@@ -19,7 +19,7 @@ from sqlalchemy import and_, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from shared.db import MONEY_QUANT, utcnow
+from shared.db import MONEY_QUANT, dialect_insert, utcnow
 from shared.errors import InvalidInput
 from shared.models import SYSTEM_ACTOR, ModelPrice
 from shared.services import audit
@@ -91,13 +91,13 @@ def builtin_price(model: str) -> ModelPrice:
 
 
 def _seed_default(session: Session, model: str) -> None:
-    """Insert the built-in price inside a savepoint, so a concurrent seeder's win
-    (unique ``(model, effective_from)``) leaves the caller's transaction intact."""
-    try:
-        with session.begin_nested():
-            session.add(builtin_price(model))
-    except IntegrityError:
-        log.debug("default price for %s was seeded concurrently", model)
+    """Insert the built-in price unless a concurrent seeder's row is there already (its id
+    and ``(model, effective_from)`` are the same): one statement, no savepoint, so it runs
+    in the caller's transaction or where the caller reads without one."""
+    row = builtin_price(model)
+    values = {column.key: getattr(row, column.key) for column in ModelPrice.__table__.columns}
+    insert = dialect_insert(session.get_bind().dialect.name, ModelPrice.__table__)
+    session.execute(insert.values(values).on_conflict_do_nothing())
 
 
 def price_in_force(session: Session, model: str, at: datetime | None = None) -> ModelPrice:

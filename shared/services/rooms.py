@@ -19,9 +19,13 @@ def owned_room(session: Session, user_id: str, room_id: str) -> Room:
     return room
 
 
-def owned_session(session: Session, user_id: str, chat_session_id: str) -> ChatSession:
-    """:raises NotFound: unknown, malformed, or another user's session."""
-    chat = session.get(ChatSession, chat_session_id) if is_uuid(chat_session_id) else None
+def owned_session(session: Session, user_id: str, chat_session_id: str, *, lock: bool = False) -> ChatSession:
+    """``lock``: also lock its row (NO KEY UPDATE) for the transaction, in the same statement.
+
+    :raises NotFound: unknown, malformed, or another user's session."""
+    if not is_uuid(chat_session_id):
+        raise NotFound("No such session.")
+    chat = session.get(ChatSession, chat_session_id, with_for_update={"key_share": True} if lock else None)
     if chat is None or chat.user_id != user_id:
         raise NotFound("No such session.")
     return chat

@@ -257,21 +257,35 @@ class TurnWaiter:
         """Stop the subscriber (within about a second)."""
         self._listener.close()
 
-    def wait(self, turn_id: str, timeout: float, finished: Callable[[], bool]) -> bool:
+    def wait(
+        self,
+        turn_id: str,
+        timeout: float,
+        finished: Callable[[], bool],
+        *,
+        start: Callable[[], object] | None = None,
+    ) -> bool:
         """Block until ``finished()`` is true or ``timeout`` passes; returns ``finished()``'s
-        last answer. ``finished`` reads the turn (a database query): it runs once after
-        subscribing, on each push for this turn, and every ``SAFETY_POLL_SECONDS``."""
+        last answer. ``finished`` reads the turn (a database query): it runs on each push
+        for this turn, every ``SAFETY_POLL_SECONDS``, and once at first — unless ``start``
+        (what sets the turn going: its task's enqueue) runs here, after this wait is
+        registered with a live subscription, so its end cannot come unheard."""
         # The first waiter gives the subscription a moment, so its push is not published
         # before anyone listens; the safety re-read covers a slower start.
         self._listener.start()
         event = threading.Event()
         with self._lock:
             self._waiting.setdefault(turn_id, []).append(event)
+        heard_from_start = start is not None and self._listener.subscribed
+        if start is not None:
+            start()
         try:
             deadline = time.monotonic() + timeout
             while True:
                 # Registered before this read, so an end published after it is not missed.
-                if finished():
+                if heard_from_start:
+                    heard_from_start = False
+                elif finished():
                     return True
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:

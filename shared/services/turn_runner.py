@@ -404,6 +404,7 @@ def execute(
     # No transaction stays open across a model call: each read block ends with a
     # commit (Postgres: no idle-in-transaction; SQLite: no write lock held).
     with runtime.db.session() as session:
+        runtime.db.reads_without_transaction(session)
         chat = session.get(ChatSession, turn.session_id)
         context = turn_context.load(session, chat, turn.seq)
         result.summary_due_after = summaries.due_after(context.recent)
@@ -515,6 +516,7 @@ def _execute_messages(runtime: Runtime, turn: Turn, provider, result: Execution,
     context or summary), one model call offered the caller's own tools (Tollgate runs
     none: the calls go back to the caller), trimmed to the hold like any other."""
     with runtime.db.session() as session:
+        runtime.db.reads_without_transaction(session)
         budget = budget_for(runtime, session, turn)
         result.price = budget.price
         session.commit()

@@ -19,6 +19,7 @@ from decimal import Decimal
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, joinedload, selectinload
+from sqlalchemy.orm.attributes import set_committed_value
 
 from shared import metrics
 from shared.db import is_uuid
@@ -78,9 +79,12 @@ def turn_worst_case(runtime: Runtime, session: Session, turn: Turn, price=None) 
     )
 
 
-def place_turn_hold(runtime: Runtime, session: Session, turn: Turn, price=None, amount=None) -> Hold:
+def place_turn_hold(
+    runtime: Runtime, session: Session, turn: Turn, price=None, amount=None, *, new_turn: bool = False
+) -> Hold:
     """Reserve the worst case of ``turn`` (:func:`turn_worst_case`, unless the caller sized
     it already as ``amount``), at admission and at the worker's re-check. Does not commit.
+    ``new_turn``: the turn was created in this transaction, so it has no hold to look for.
 
     :raises InsufficientBalance: ``available`` does not cover it.
     """
@@ -92,6 +96,7 @@ def place_turn_hold(runtime: Runtime, session: Session, turn: Turn, price=None, 
         turn_id=turn.id,
         amount=amount,
         ttl_seconds=runtime.settings.hold_ttl_seconds,
+        new_turn=new_turn,
     )
 
 
@@ -125,19 +130,21 @@ def _check_idempotency_key(key: str | None) -> None:
         )
 
 
-def _add_turn(session: Session, turn: Turn, chat_session_id: str) -> Turn:
-    """Give ``turn`` the session's next ``seq`` and add it (flushed), the session row locked."""
-    # Lock the session row: seq allocation is serialised per session. NO KEY UPDATE, not
-    # UPDATE: it must not block the foreign-key checks (KEY SHARE) of other transactions
-    # writing this session's turns, or a worker settling a turn (turn -> wallet) and this
-    # request (session -> wallet) could deadlock.
-    chat = session.scalar(
-        select(ChatSession).where(ChatSession.id == chat_session_id).with_for_update(key_share=True)
-    )
+def _add_turn(session: Session, turn: Turn, chat: ChatSession) -> Turn:
+    """Give ``turn`` the session's next ``seq`` and add it (flushed); ``chat``'s row is
+    locked (``owned_session(lock=True)``): seq allocation is serialised per session.
+
+    NO KEY UPDATE, not UPDATE: the lock must not block the foreign-key checks (KEY SHARE) of
+    other transactions writing this session's turns, or a worker settling a turn (turn ->
+    wallet) and this request (session -> wallet) could deadlock. The max is read by its own
+    statement after the lock, so it sees every turn committed before the lock was granted.
+    """
     turn.session_id = chat.id
     turn.seq = (session.scalar(select(func.max(Turn.seq)).where(Turn.session_id == chat.id)) or 0) + 1
     session.add(turn)
     session.flush()
+    # A new turn has no tool calls: its response needs no query to say so.
+    set_committed_value(turn, "tool_calls", [])
     return turn
 
 
@@ -183,7 +190,7 @@ def _admit(
     api_key_id: str | None,
 ) -> tuple[Turn, bool]:
     """``submit`` once it is this user's turn in the process."""
-    chat = owned_session(session, user.id, chat_session_id)
+    chat = owned_session(session, user.id, chat_session_id, lock=True)
     request_hash = _request_hash(chat.id, data)
     if key is not None:
         existing = _existing_for_key(session, user.id, key, request_hash)
@@ -209,14 +216,14 @@ def _admit(
                 request_messages=data.get("messages"),
                 request_tools=data.get("tools"),
             ),
-            chat.id,
+            chat,
         )
         reserve = limits.admit(
             session, turn, lambda: turn_worst_case(runtime, session, turn, price), now=runtime.clock()
         )
         if enforced:
             try:
-                place_turn_hold(runtime, session, turn, price, amount=reserve)
+                place_turn_hold(runtime, session, turn, price, amount=reserve, new_turn=True)
             except InsufficientBalance:
                 metrics.enforcement_refused("submit")
                 raise
@@ -250,30 +257,46 @@ def enqueue_run(celery_app, turn_id: str) -> bool:
         return False
 
 
-def _reread_finished(session: Session, turn: Turn) -> bool:
-    session.expire(turn)
-    session.refresh(turn)
-    session.commit()  # end the read transaction so the next read sees new commits
-    return turn.status in FINISHED
+def _reread(runtime: Runtime, turn: Turn) -> Turn:
+    """The turn as committed now, with its tool calls (a TurnRead lists them): one
+    statement, without a transaction on Postgres (``Database.read_session``)."""
+    with runtime.db.read_session() as session:
+        fresh = session.get(Turn, turn.id, options=[joinedload(Turn.tool_calls)])
+    return fresh if fresh is not None else turn
 
 
-def wait_until_finished(runtime: Runtime, session: Session, turn: Turn, timeout: float) -> Turn:
+def wait_until_finished(
+    runtime: Runtime, session: Session, turn: Turn, timeout: float, *, start=None
+) -> Turn:
     """Wait until the turn ends or ``timeout`` passes, holding no database connection while
-    waiting. With Redis the worker's push wakes the wait (``turn_events``); embedded mode
-    re-reads the row, 20 ms apart growing to 250 ms."""
+    waiting; returns the turn as last read. With Redis the worker's push wakes the wait
+    (``turn_events``); embedded mode re-reads the row, 20 ms apart growing to 250 ms.
+    ``start`` (the turn's enqueue) runs once the wait is set up, so the end of a turn that
+    ran at once is not missed and needs no read before it."""
     if turn.status in FINISHED:
+        if start is not None:
+            start()
         return turn
     session.commit()  # no transaction (and no pooled connection) held while waiting
+    latest = turn
+
+    def finished() -> bool:
+        nonlocal latest
+        latest = _reread(runtime, turn)
+        return latest.status in FINISHED
+
     waiter = runtime.turn_waiter
     if waiter is not None:
-        waiter.wait(turn.id, timeout, lambda: _reread_finished(session, turn))
-        return turn
+        waiter.wait(turn.id, timeout, finished, start=start)
+        return latest
+    if start is not None:
+        start()
     deadline = time.monotonic() + timeout
     delay = 0.02
-    while not _reread_finished(session, turn) and time.monotonic() < deadline:
+    while not finished() and time.monotonic() < deadline:
         time.sleep(min(delay, max(deadline - time.monotonic(), 0)))
         delay = min(delay * 1.5, 0.25)
-    return turn
+    return latest
 
 
 def submit_and_wait(
@@ -289,10 +312,12 @@ def submit_and_wait(
     api_key_id: str | None = None,
 ) -> SubmitOutcome:
     turn, created = submit(runtime, session, user, chat_session_id, data, key, api_key_id=api_key_id)
-    if created:
-        enqueue_run(celery_app, turn.id)
+    turn_id = turn.id
+    start = (lambda: enqueue_run(celery_app, turn_id)) if created else None
     if wait and runtime.settings.turn_wait_seconds > 0:
-        turn = wait_until_finished(runtime, session, turn, runtime.settings.turn_wait_seconds)
+        turn = wait_until_finished(runtime, session, turn, runtime.settings.turn_wait_seconds, start=start)
+    elif start is not None:
+        start()
     return SubmitOutcome(turn=turn, finished=turn.status in FINISHED)
 
 

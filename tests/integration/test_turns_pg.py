@@ -288,7 +288,8 @@ def test_a_queued_turn_whose_task_was_lost_is_re_sent(pg_app, pg_client, pg_user
     runtime = Runtime(pg_app.extensions["tollgate"].settings, role="test")
     assert turn_runner.recover_stuck_turns(runtime, pg_app.extensions["celery"])["queued"] == 1
     runtime.close()
-    assert wait_for(pg_client, pg_user, turn.id)["status"] == "completed"
+    done = wait_for(pg_client, pg_user, turn.id)
+    assert done["status"] == "completed", (done["error_code"], done["error_message"])
 
 
 def test_an_idempotency_key_holding_a_nul_is_a_422_not_a_database_error(pg_client, pg_user, chat):
