@@ -27,7 +27,7 @@ Functions documented "does not commit" join the caller's open transaction.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from decimal import Decimal
 from functools import cache
@@ -37,6 +37,8 @@ from sqlalchemy import bindparam, func, insert, select, union_all, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
+from sqlalchemy.orm.attributes import set_committed_value
+from sqlalchemy.orm.session import make_transient_to_detached
 from sqlalchemy.orm.util import identity_key
 
 from shared import metrics
@@ -175,10 +177,14 @@ WALLET_MOVES = "tollgate.wallet_moves"
 @dataclass(frozen=True)
 class _Riders:
     """Rows written with a wallet move, in the same round trip on Postgres: the usage
-    rollups (``UsageHour.rows_for``) and an API key's spend (``_key_spend_row``)."""
+    rollups (``UsageHour.rows_for``), an API key's spend (``_key_spend_row``), a new hold
+    (its columns but the wallet's id, which the move supplies) and a hold's capture
+    (``{"id", "resolved_at"}``: the row, locked by the caller, marked captured)."""
 
     usage: list[dict] | None = None
     key_spend: dict | None = None
+    new_hold: dict | None = None
+    captured_hold: dict | None = None
 
 
 def _move_wallet(
@@ -239,13 +245,20 @@ def _move_wallet(
     postgres = session.get_bind().dialect.name == "postgresql"
     if postgres:
         statement = _wallet_move_statement(
-            len(entries), covering is not None, riders.usage is not None, riders.key_spend is not None
+            len(entries),
+            covering is not None,
+            riders.usage is not None,
+            riders.key_spend is not None,
+            riders.new_hold is not None,
+            riders.captured_hold is not None,
         )
         for index, entry in enumerate(entries):
             params.update({f"e{index}_{name}": value for name, value in entry.items()})
         for index, row in enumerate(riders.usage or ()):
             params.update({f"u{index}_{name}": value for name, value in row.items()})
         params.update({f"k_{name}": value for name, value in (riders.key_spend or {}).items()})
+        params.update({f"h_{name}": value for name, value in (riders.new_hold or {}).items()})
+        params.update({f"c_{name}": value for name, value in (riders.captured_hold or {}).items()})
         row = session.execute(statement, params).one_or_none()
     else:
         row = session.execute(_wallet_update(covering is not None), params).one_or_none()
@@ -258,7 +271,7 @@ def _move_wallet(
             offset = entry.pop("offset")
             rows.append({**entry, "wallet_id": wallet_id, "balance_after": balance - offset})
         session.execute(insert(LedgerEntry.__table__), rows)
-        _write_riders(session, riders)
+        _write_riders(session, riders, wallet_id)
     stale = session.identity_map.get(identity_key(Wallet, wallet_id))
     if stale is not None:
         session.expire(stale)
@@ -284,11 +297,14 @@ def _wallet_update(covering: bool):
 
 
 @cache
-def _wallet_move_statement(entries: int, covering: bool, usage: bool, key_spend: bool):
+def _wallet_move_statement(
+    entries: int, covering: bool, usage: bool, key_spend: bool, new_hold: bool, captured_hold: bool
+):
     """``_move_wallet`` on Postgres, one statement per shape, built once: the wallet's
-    ``UPDATE`` as CTE ``w``, the entries inserted from it (``e``), then the usage rows
-    (``u``) and the key's spend (``k``) upserted — in that order, as every writer locks
-    them — and ``w``'s row selected."""
+    ``UPDATE`` as CTE ``w``, the entries inserted from it (``e``), a new hold inserted
+    (``h``) or a locked one marked captured (``c``), then the usage rows (``u``) and the
+    key's spend (``k``) upserted — in that order, as every writer locks them — and ``w``'s
+    row selected."""
     w = _wallet_update(covering).cte("w")
     ledger = LedgerEntry.__table__
     names = [column.name for column in ledger.columns]
@@ -305,6 +321,22 @@ def _wallet_move_statement(entries: int, covering: bool, usage: bool, key_spend:
 
     rows = [entry(index) for index in range(entries)]
     ctes = [insert(ledger).from_select(names, rows[0] if entries == 1 else union_all(*rows)).cte("e")]
+    holds = Hold.__table__
+    if new_hold:
+        values = [
+            w.c.id if column.name == "wallet_id" else bindparam(f"h_{column.name}", type_=column.type)
+            for column in holds.columns
+        ]
+        ctes.append(
+            insert(holds).from_select([column.name for column in holds.columns], select(*values)).cte("h")
+        )
+    if captured_hold:
+        capture = (
+            update(holds)
+            .where(holds.c.id == bindparam("c_id"))
+            .values(status=HoldStatus.CAPTURED, resolved_at=bindparam("c_resolved_at", type_=UTCDateTime()))
+        )
+        ctes.append(capture.cte("c"))
     if usage:
         table = UsageHour.__table__
         names = [column.name for column in table.columns]
@@ -323,9 +355,19 @@ def _wallet_move_statement(entries: int, covering: bool, usage: bool, key_spend:
     return select(w.c.id, w.c.balance, w.c.held).add_cte(*ctes)
 
 
-def _write_riders(session: Session, riders: _Riders) -> None:
-    """The riders' upserts as statements of their own (where they are not CTEs of a move)."""
+def _write_riders(session: Session, riders: _Riders, wallet_id: str | None = None) -> None:
+    """The riders as statements of their own (where they are not CTEs of a move);
+    ``wallet_id``: the moved wallet's, for a new hold."""
     dialect = session.get_bind().dialect.name
+    holds = Hold.__table__
+    if riders.new_hold is not None:
+        session.execute(insert(holds), {**riders.new_hold, "wallet_id": wallet_id})
+    if riders.captured_hold is not None:
+        session.execute(
+            update(holds)
+            .where(holds.c.id == riders.captured_hold["id"])
+            .values(status=HoldStatus.CAPTURED, resolved_at=riders.captured_hold["resolved_at"])
+        )
     if riders.usage is not None:
         session.execute(_usage_upsert(dialect), riders.usage)
     if riders.key_spend is not None:
@@ -464,11 +506,18 @@ def place_hold(
         status=HoldStatus.ACTIVE,
         expires_at=now + timedelta(seconds=ttl_seconds),
         created_at=now,
+        resolved_at=None,
     )
     move = _Move(LedgerKind.HOLD, _turn_key(turn_id, "hold"), ZERO, amount, turn_id, hold.id, None, now)
-    hold.wallet_id, _ = _move_wallet(session, user_id, [move], covering=amount)
+    row = {
+        column.key: getattr(hold, column.key)
+        for column in Hold.__table__.columns
+        if column.key != "wallet_id"
+    }
+    hold.wallet_id, _ = _move_wallet(session, user_id, [move], covering=amount, riders=_Riders(new_hold=row))
+    # Written by the move: the session keeps it as a loaded row, not one to insert.
+    make_transient_to_detached(hold)
     session.add(hold)
-    session.flush()
     return hold
 
 
@@ -542,8 +591,11 @@ def settle_turn(
 
     if active:
         charged = min(cost, hold.amount)
-        moves = _capture(session, hold, charged, key=capture_key, now=now)
-        _, balance_after = _move_wallet(session, user_id, moves, riders=riders(charged))
+        moves = _capture(hold, charged, key=capture_key, now=now)
+        capture = replace(riders(charged), captured_hold={"id": hold.id, "resolved_at": now})
+        _, balance_after = _move_wallet(session, user_id, moves, riders=capture)
+        set_committed_value(hold, "status", HoldStatus.CAPTURED)
+        set_committed_value(hold, "resolved_at", now)
     elif not enforced:
         charged = cost
         move = _Move(LedgerKind.DEBIT, debit_key, -cost, ZERO, turn_id, None, None, now)
@@ -559,10 +611,9 @@ def settle_turn(
     return Settlement(balance_after, charged)
 
 
-def _capture(session: Session, hold: Hold, charged: Decimal, *, key: str, now: datetime) -> list[_Move]:
-    """Mark the active ``hold`` (locked by the caller) captured and return the moves that
-    capture ``charged`` from it and release the rest. The hold's row is written now, before
-    the wallet is locked."""
+def _capture(hold: Hold, charged: Decimal, *, key: str, now: datetime) -> list[_Move]:
+    """The moves that capture ``charged`` from the active ``hold`` (locked by the caller)
+    and release the rest; the move marks the hold captured (``_Riders.captured_hold``)."""
     turn_id = hold.turn_id
     moves = [_Move(LedgerKind.CAPTURE, key, -charged, -charged, turn_id, hold.id, None, now)]
     rest = hold.amount - charged
@@ -582,9 +633,6 @@ def _capture(session: Session, hold: Hold, charged: Decimal, *, key: str, now: d
                 later,
             )
         )
-    hold.status = HoldStatus.CAPTURED
-    hold.resolved_at = now
-    session.flush()
     return moves
 
 
