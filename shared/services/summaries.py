@@ -21,7 +21,7 @@ import re
 from dataclasses import dataclass, replace
 
 from sqlalchemy import select, update
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, load_only
 
 from shared import metrics
 from shared.db import utcnow
@@ -48,6 +48,9 @@ class SummaryResult:
     output_tokens: int = 0
 
 
+_TEXT = load_only(Turn.id, Turn.seq, Turn.content, Turn.reply)
+
+
 def window(session: Session, chat: ChatSession, before_seq: int) -> tuple[list[Turn], list[Turn]]:
     """``(recent, missing)`` for the turn at ``before_seq``.
 
@@ -61,10 +64,12 @@ def window(session: Session, chat: ChatSession, before_seq: int) -> tuple[list[T
     complete. Never the session's whole history.
     """
     completed = (Turn.session_id == chat.id, Turn.kind == TurnKind.CHAT, Turn.status == TurnStatus.COMPLETED)
+    # What a context and a summary use of a turn (_TEXT), not its thirty-odd columns.
     latest = list(
         reversed(
             session.scalars(
                 select(Turn)
+                .options(_TEXT)
                 .where(*completed, Turn.seq < before_seq)
                 .order_by(Turn.seq.desc())
                 .limit(WINDOW_TURNS + SUMMARY_BATCH_TURNS - 1)
@@ -77,6 +82,7 @@ def window(session: Session, chat: ChatSession, before_seq: int) -> tuple[list[T
         return left + in_window, []  # older turns are all covered: no batch yet
     missing = session.scalars(
         select(Turn)
+        .options(_TEXT)
         .where(*completed, Turn.seq > chat.summary_through_seq, Turn.seq < in_window[0].seq)
         .order_by(Turn.seq)
     ).all()
