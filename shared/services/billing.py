@@ -51,6 +51,7 @@ from shared.models import (
     HoldStatus,
     LedgerEntry,
     LedgerKind,
+    ModelPrice,
     Turn,
     TurnStatus,
     UsageHour,
@@ -172,6 +173,7 @@ class _Move:
 
 
 WALLET_MOVES = "tollgate.wallet_moves"
+SUMMARY_REASON = "conversation summary"
 
 
 @dataclass(frozen=True)
@@ -341,15 +343,21 @@ def _wallet_move_statement(
         table = UsageHour.__table__
         names = [column.name for column in table.columns]
         # Rows as SELECTs of parameters (a multi-row VALUES of parameters is not cacheable).
+        # Rows as SELECTs of parameters (a multi-row VALUES of parameters is not cacheable),
+        # from ``w``: written only if the wallet moved (a refused ``covering`` moves none).
         rows = [
-            select(*(bindparam(f"u{index}_{column.name}", type_=column.type) for column in table.columns))
+            select(
+                *(bindparam(f"u{index}_{column.name}", type_=column.type) for column in table.columns)
+            ).select_from(w)
             for index in range(2)
         ]
         statement = pg_insert(table).from_select(names, union_all(*rows))
         ctes.append(_on_usage_conflict(statement).cte("u"))
     if key_spend:
         table = ApiKeySpend.__table__
-        row = select(*(bindparam(f"k_{column.name}", type_=column.type) for column in table.columns))
+        row = select(
+            *(bindparam(f"k_{column.name}", type_=column.type) for column in table.columns)
+        ).select_from(w)
         statement = pg_insert(table).from_select([column.name for column in table.columns], row)
         ctes.append(_on_key_spend_conflict(statement).cte("k"))
     return select(w.c.id, w.c.balance, w.c.held).add_cte(*ctes)
@@ -772,9 +780,10 @@ def record_summary_usage(
     output_tokens: int,
     enforce: bool = False,
     at: datetime | None = None,
+    price: ModelPrice | None = None,
 ) -> Decimal:
-    """Bill the tokens of a background summary refresh as a ``debit``. Does not commit.
-    Returns the charge.
+    """Bill the tokens of a background summary refresh as a ``debit``, at ``price`` (read
+    by the caller already) or the price in force. Does not commit. Returns the charge.
 
     Idempotent per ``(chat_session_id, through_seq)``: a repeat charges nothing. With
     ``enforce`` the charge never takes ``available`` below zero (the caller checked
@@ -785,14 +794,27 @@ def record_summary_usage(
     """
     at = at or utcnow()
     key = f"summary:{chat_session_id}:{through_seq}"
-    cost = pricing.cost_of(pricing.price_in_force(session, model, at), input_tokens, output_tokens)
+    price = price or pricing.price_in_force(session, model, at)
+    cost = pricing.cost_of(price, input_tokens, output_tokens)
+    if _entry_by_key(session, key) is not None:
+        return ZERO
+    # Most often what is available covers it: one statement moves the wallet, appends the
+    # entry and adds the usage. (A concurrent repeat then fails on the entry's unique key.)
+    move = _Move(LedgerKind.DEBIT, key, -cost, ZERO, None, None, SUMMARY_REASON, utcnow())
+    usage = _Riders(_usage_rows(user_id, model, at, 0, input_tokens, output_tokens, cost))
+    try:
+        _move_wallet(session, user_id, [move], covering=cost if enforce else None, riders=usage)
+        return cost
+    except InsufficientBalance:
+        pass
+    # Enforced and not covered any more: what is available, under the wallet's lock.
     wallet = _lock_wallet(session, user_id=user_id)
     if _entry_by_key(session, key) is not None:
         return ZERO
-    charged = min(cost, max(wallet.available, ZERO)) if enforce else cost
+    charged = min(cost, max(wallet.available, ZERO))
     if charged < cost:
         metrics.hold_overrun(cost - charged)
-    _append(session, wallet, kind=LedgerKind.DEBIT, key=key, amount=-charged, reason="conversation summary")
+    _append(session, wallet, kind=LedgerKind.DEBIT, key=key, amount=-charged, reason=SUMMARY_REASON)
     record_usage(
         session,
         user_id=user_id,

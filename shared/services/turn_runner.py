@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 
 from sqlalchemy import and_, delete, or_, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from shared import metrics
@@ -47,6 +48,8 @@ log = logging.getLogger(__name__)
 MAX_TOOL_ROUNDS = 3
 TOOL_TIMEOUT_SECONDS = 10.0
 MAX_ATTEMPTS = 5
+# Above every turn's seq (an INTEGER): "before it" is the whole session.
+MAX_SEQ = 2**31 - 1
 # A running turn from before leases existed is presumed dead after this long.
 LEGACY_STALE = timedelta(seconds=360)
 EXCERPT_CHARS = 300
@@ -784,24 +787,24 @@ def refresh_summary(runtime: Runtime, chat_session_id: str, *, provider) -> bool
     takes available credit below zero.
     """
     with runtime.db.session() as session:
+        runtime.db.reads_without_transaction(session)
         chat = session.get(ChatSession, chat_session_id)
         if chat is None:
             return False
-        latest = session.scalar(
-            select(Turn)
+        model = session.scalar(
+            select(Turn.model)
             .where(Turn.session_id == chat.id, Turn.kind == TurnKind.CHAT)
             .order_by(Turn.seq.desc())
             .limit(1)
         )
-        if latest is None:
+        if model is None:
             return False
-        _, missing = summaries.window(session, chat, latest.seq + 1)
+        _, missing = summaries.window(session, chat, MAX_SEQ)
         if not missing:
             return False
-        model = latest.model
+        price = pricing.price_in_force(session, model)
         enforced = enforcement.is_enforced(runtime)
         if enforced:
-            price = pricing.price_in_force(session, model)
             worst = TurnBudget(price, HoldPolicy.from_settings(runtime.settings), None).call_cost(
                 summaries.request_messages(chat.summary, missing), None, summaries.SUMMARY_MAX_OUTPUT_TOKENS
             )
@@ -815,19 +818,25 @@ def refresh_summary(runtime: Runtime, chat_session_id: str, *, provider) -> bool
         except ProviderError as exc:
             log.info("refresh_summary skipped: %s", exc.code)
             return False
-        billing.record_summary_usage(
-            session,
-            user_id=chat.user_id,
-            chat_session_id=chat.id,
-            through_seq=summary.through_seq,
-            model=model,
-            input_tokens=summary.input_tokens,
-            output_tokens=summary.output_tokens,
-            enforce=enforced,
-        )
-        session.commit()
+        try:
+            billing.record_summary_usage(
+                session,
+                user_id=chat.user_id,
+                chat_session_id=chat.id,
+                through_seq=summary.through_seq,
+                model=model,
+                input_tokens=summary.input_tokens,
+                output_tokens=summary.output_tokens,
+                enforce=enforced,
+                price=price,
+            )
+        except IntegrityError:
+            session.rollback()  # a concurrent refresh billed (and stores) this same summary
+            return False
         if summary.used_fallback:
+            session.commit()
             return False  # the model answered nothing usable; the next turn tries again
+        # Billed and stored in one transaction (store commits): never one without the other.
         return summaries.store(session, chat.id, summary)
 
 

@@ -240,3 +240,36 @@ def test_the_beat_task_expires_holds_in_a_live_worker(pg_app, pg_admin, pg_user,
     with runtime.db.session() as session:
         assert session.get(Hold, stale.id).status == "expired"
         assert wallet_of(session, pg_user.id).available == D("5")
+
+
+def test_summary_usage_on_postgres_bills_what_is_available_and_rolls_up_once(pg_app, pg_admin, pg_user):
+    # The covered case is one statement (wallet, entry, usage); the uncovered one is refused
+    # by that statement's condition and must then write the usage once, at the capped charge.
+    db = pg_app.extensions["tollgate"].db
+    kwargs = dict(user_id=pg_user.id, model="offline-small", input_tokens=1000, output_tokens=500)
+    with db.session() as session:
+        fund(session, pg_admin, pg_user, "0.003")
+        session.commit()
+        covered = billing.record_summary_usage(
+            session, chat_session_id="s1", through_seq=4, enforce=True, **kwargs
+        )
+        session.commit()
+        capped = billing.record_summary_usage(
+            session, chat_session_id="s2", through_seq=4, enforce=True, **kwargs
+        )
+        session.commit()
+        again = billing.record_summary_usage(
+            session, chat_session_id="s2", through_seq=4, enforce=True, **kwargs
+        )
+        session.commit()
+        assert (covered, capped, again) == (D("0.002"), D("0.001"), D("0"))
+        assert wallet_of(session, pg_user.id).balance == D("0")
+        mine = session.scalar(select(UsageHour).where(UsageHour.scope == pg_user.id))
+        assert (mine.turns, mine.input_tokens, mine.output_tokens, mine.cost) == (0, 2000, 1000, D("0.003"))
+        entries = session.scalars(
+            select(LedgerEntry.amount)
+            .where(LedgerEntry.user_id == pg_user.id)
+            .order_by(LedgerEntry.created_at)
+        ).all()
+        assert entries == [D("0.003"), D("-0.002"), D("-0.001")]
+        assert ledger_check.find_mismatches(session) == []
