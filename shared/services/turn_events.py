@@ -42,6 +42,9 @@ log = logging.getLogger(__name__)
 CHANNEL = "tollgate:turn-ended"
 SAFETY_POLL_SECONDS = 2.0
 COALESCE_SECONDS = 0.05
+# A turn nobody asked to stream (a sync or async POST): readers may still attach, and get
+# its pieces this far apart; the first piece waits too.
+QUIET_COALESCE_SECONDS = 0.5
 CANCEL_CHECK_SECONDS = 0.25
 EMBEDDED_CANCEL_CHECK_SECONDS = 1.0
 # A reader blocked on a stream wakes at least this often (the SSE ``: ping``).
@@ -98,7 +101,11 @@ class TurnPublisher:
     final TurnRead in ``done``), never the turn.
     """
 
-    def __init__(self, runtime, turn_id: str, *, cancel_requested=None, on_first_delta=None) -> None:
+    def __init__(
+        self, runtime, turn_id: str, *, cancel_requested=None, on_first_delta=None, live: bool = True
+    ) -> None:
+        """``live``: a client asked to stream this turn: its first piece goes out at once and
+        the rest every ``COALESCE_SECONDS``; otherwise every ``QUIET_COALESCE_SECONDS``."""
         self.runtime = runtime
         self.turn_id = turn_id
         self.redis = runtime.redis
@@ -109,6 +116,8 @@ class TurnPublisher:
         self._last_flush = 0.0
         self._last_check = time.monotonic()
         self._cancelled = False
+        self._live = live
+        self._coalesce = COALESCE_SECONDS if live else QUIET_COALESCE_SECONDS
         self.deltas = 0
 
     # -- appends ---------------------------------------------------------------------
@@ -120,7 +129,12 @@ class TurnPublisher:
         if self.deltas == 1 and self._on_first_delta is not None:
             self._on_first_delta()
         self._buffer.append(text)
-        if self.deltas == 1 or time.monotonic() - self._last_flush >= COALESCE_SECONDS:
+        if self.deltas == 1:
+            if self._live:
+                self.flush()
+            else:
+                self._last_flush = time.monotonic()  # the quiet interval starts now
+        elif time.monotonic() - self._last_flush >= self._coalesce:
             self.flush()
 
     def tool_call(self, event: ToolCallEvent) -> None:

@@ -665,6 +665,7 @@ def run_turn(
     after_complete=None,
     reraise: tuple[type[BaseException], ...] = (),
     owner: str | None = None,
+    streamed: bool = True,
 ) -> str:
     """Run one turn to its end. Returns the outcome: ``completed``, ``failed``, ``cancelled``
     or ``skipped``.
@@ -672,7 +673,8 @@ def run_turn(
     ``after_complete(turn)`` runs once the completion committed and a summary refresh is due.
     ``reraise``: exceptions the caller handles itself (the task's time limit).
     ``owner``: the attempt's lease owner (the task id; a fresh id when not given). The
-    process's heartbeat renews the turn's lease while it runs.
+    process's heartbeat renews the turn's lease while it runs. ``streamed``: its client asked
+    to stream it (the stream's pieces go out at once: ``turn_events.TurnPublisher``).
 
     :raises RetryLater: a transient provider failure with retries left; the turn is ``queued`` again.
     :raises: a database outage (``shared.db.is_database_unavailable``), for the task to retry;
@@ -684,18 +686,20 @@ def run_turn(
         if turn is None:
             return "skipped"
         with runtime.leases.holding(turn_id, turn.lease_owner):
-            return _run_claimed(runtime, turn, provider, tools, final_attempt, after_complete, reraise)
+            return _run_claimed(
+                runtime, turn, provider, tools, final_attempt, after_complete, reraise, streamed
+            )
     finally:
         turn_id_var.reset(token)
 
 
 def _run_claimed(
-    runtime: Runtime, turn: Turn, provider, tools, final_attempt, after_complete, reraise
+    runtime: Runtime, turn: Turn, provider, tools, final_attempt, after_complete, reraise, streamed
 ) -> str:
     """``run_turn`` after a successful claim, under the turn's lease."""
     turn_id = turn.id
     result = Execution()
-    stream = _publisher(runtime, turn)
+    stream = _publisher(runtime, turn, streamed)
     if turn.attempts > 1:
         stream.reset(turn.attempts)
     try:
@@ -738,7 +742,7 @@ def _run_claimed(
     return TurnStatus.COMPLETED
 
 
-def _publisher(runtime: Runtime, turn: Turn) -> turn_events.TurnPublisher:
+def _publisher(runtime: Runtime, turn: Turn, live: bool) -> turn_events.TurnPublisher:
     created_at = turn.created_at
 
     def cancel_requested() -> bool:
@@ -752,7 +756,7 @@ def _publisher(runtime: Runtime, turn: Turn) -> turn_events.TurnPublisher:
             metrics.first_token((utcnow() - created_at).total_seconds())
 
     return turn_events.TurnPublisher(
-        runtime, turn.id, cancel_requested=cancel_requested, on_first_delta=first_delta
+        runtime, turn.id, cancel_requested=cancel_requested, on_first_delta=first_delta, live=live
     )
 
 

@@ -247,10 +247,13 @@ def _admit(
     return turn, True
 
 
-def enqueue_run(celery_app, turn_id: str) -> bool:
-    """Send ``run_turn``; a broker outage is logged, not raised (the beat job re-sends)."""
+def enqueue_run(celery_app, turn_id: str, *, streamed: bool = False) -> bool:
+    """Send ``run_turn``; a broker outage is logged, not raised (the beat job re-sends).
+    ``streamed``: the client asked to stream the turn (its pieces go out at once)."""
     try:
-        celery_app.send_task(TaskName.RUN_TURN, args=[turn_id])
+        celery_app.send_task(
+            TaskName.RUN_TURN, args=[turn_id], kwargs={"streamed": True} if streamed else None
+        )
         return True
     except Exception:
         log.warning("could not enqueue run_turn for %s; recover_stuck_turns will", turn_id, exc_info=True)
@@ -309,11 +312,12 @@ def submit_and_wait(
     *,
     celery_app,
     wait: bool = True,
+    streamed: bool = False,
     api_key_id: str | None = None,
 ) -> SubmitOutcome:
     turn, created = submit(runtime, session, user, chat_session_id, data, key, api_key_id=api_key_id)
     turn_id = turn.id
-    start = (lambda: enqueue_run(celery_app, turn_id)) if created else None
+    start = (lambda: enqueue_run(celery_app, turn_id, streamed=streamed)) if created else None
     if wait and runtime.settings.turn_wait_seconds > 0:
         turn = wait_until_finished(runtime, session, turn, runtime.settings.turn_wait_seconds, start=start)
     elif start is not None:

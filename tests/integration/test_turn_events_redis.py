@@ -112,3 +112,50 @@ def test_many_waiters_in_one_process_share_one_subscription(client, monkeypatch,
     assert results == {n: True for n in range(50)}
     subscribers = client.pubsub_numsub(turn_events.CHANNEL)[0][1]
     assert subscribers == others + 1
+
+
+def test_a_wait_that_starts_the_turn_itself_reads_nothing_before_the_push(client, monkeypatch, waiters):
+    # The sync POST: the wait is registered, then ``start`` enqueues the turn. Even a turn
+    # that ends at once (its push published inside ``start``) is heard, and the only read
+    # is the one the push asks for.
+    monkeypatch.setattr(turn_events, "SAFETY_POLL_SECONDS", 60.0)
+    waiter = TurnWaiter(client)
+    waiters.append(waiter)
+    waiter.wait("warm-up", timeout=0.01, finished=lambda: False)  # subscribed from now on
+    reads = []
+
+    def start():
+        turn_events.publish_ended(FakeRuntime(client), "turn-at-once")
+
+    def finished():
+        reads.append(1)
+        return True
+
+    started = time.monotonic()
+    assert waiter.wait("turn-at-once", timeout=30, finished=finished, start=start) is True
+    assert time.monotonic() - started < 5
+    assert reads == [1]
+
+
+def stream_events(client, turn_id):
+    return [fields[b"event"].decode() for _id, fields in client.xrange(turn_events.stream_key(turn_id))]
+
+
+def test_a_live_stream_sends_its_first_piece_at_once_a_quiet_one_batches(client, monkeypatch):
+    monkeypatch.setattr(turn_events, "QUIET_COALESCE_SECONDS", 0.3)
+    runtime = FakeRuntime(client)
+    live = turn_events.TurnPublisher(runtime, "live-turn", live=True)
+    quiet = turn_events.TurnPublisher(runtime, "quiet-turn", live=False)
+    try:
+        for publisher in (live, quiet):
+            publisher.delta("Hello")
+            publisher.delta(", world")
+        assert stream_events(client, "live-turn") == ["delta"]  # the first piece, at once
+        assert stream_events(client, "quiet-turn") == []  # nobody asked to stream: it waits
+        time.sleep(0.35)
+        quiet.delta("!")  # its interval passed: everything so far, in one entry
+        assert stream_events(client, "quiet-turn") == ["delta"]
+        data = client.xrange(turn_events.stream_key("quiet-turn"))[0][1][b"data"]
+        assert b"Hello, world!" in data
+    finally:
+        client.delete(turn_events.stream_key("live-turn"), turn_events.stream_key("quiet-turn"))

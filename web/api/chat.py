@@ -114,6 +114,7 @@ class SessionTurns(MethodView):
             idempotency_key(),
             celery_app=current_app.extensions["celery"],
             wait=not (prefer_async or stream),
+            streamed=stream,
             api_key_id=current_api_key_id(),
         )
         headers = {"Location": url_for("chat.TurnItem", turn_id=outcome.turn.id)}

@@ -29,7 +29,7 @@ def _soft_time_limit(seconds: float | None):
 
 
 @shared_task(name=TaskName.RUN_TURN, bind=True, max_retries=3)
-def run_turn(self, turn_id: str, takeover: bool = False) -> str:
+def run_turn(self, turn_id: str, takeover: bool = False, streamed: bool = False) -> str:
     runtime = self.app.tollgate
     # A redelivered message means the worker that had it died (acks_late +
     # reject_on_worker_lost); its "running" status is stale.
@@ -48,6 +48,7 @@ def run_turn(self, turn_id: str, takeover: bool = False) -> str:
                 ),
                 reraise=(SoftTimeLimitExceeded,),
                 owner=self.request.id,
+                streamed=streamed,
             )
     except turn_runner.RetryLater as exc:
         raise self.retry(countdown=exc.countdown, exc=exc) from exc
@@ -65,7 +66,7 @@ def run_turn(self, turn_id: str, takeover: bool = False) -> str:
         # Without this the turn would wait for recover_stuck_turns (a lease and a beat interval).
         raise self.retry(
             countdown=turn_runner.retry_countdown(1.0, self.request.retries + 1),
-            kwargs={"takeover": True},
+            kwargs={"takeover": True, "streamed": streamed},
             max_retries=DATABASE_RETRIES,
             exc=exc,
         ) from exc
