@@ -395,15 +395,33 @@ def _shape(dialect: str, request: _Request) -> _Shape:
 class _Parameters:
     """The named parameters of a statement built once per shape, each with its rule: how
     its value follows from a request. A name is bound once; using it again in the same
-    statement reuses the parameter (one value, the same placeholder)."""
+    statement reuses the parameter (one value, the same placeholder).
 
-    def __init__(self) -> None:
+    On Postgres the values derived here (the window, offsets, transitions, edge hours) are
+    rendered into the SQL text when it runs (``literal_execute``; the statement is still
+    built and compiled once): once psycopg has prepared a statement (its fifth run) Postgres
+    may switch to a generic plan, and one blind to the window guessed 14 rows for all
+    users' 25,550 a year and sorted them (month: 26 against 21 ms). The user id and the
+    model, which the request supplies, stay bound parameters (``from_request``).
+    """
+
+    def __init__(self, shape: _Shape) -> None:
+        self._inline = shape.postgres
         self._binds: dict[str, BindParameter] = {}
         self._rules: dict[str, Callable[[_Request], object]] = {}
 
-    def bind(self, name: str, rule: Callable[[_Request], object], type_, *, expanding: bool = False):
+    def bind(
+        self,
+        name: str,
+        rule: Callable[[_Request], object],
+        type_,
+        *,
+        from_request: bool = False,
+        expanding: bool = False,
+    ):
         if name not in self._binds:
-            self._binds[name] = bindparam(name, type_=type_, expanding=expanding)
+            inline = self._inline and not from_request
+            self._binds[name] = bindparam(name, type_=type_, expanding=expanding, literal_execute=inline)
             self._rules[name] = rule
         return self._binds[name]
 
@@ -495,9 +513,11 @@ def _filters(shape: _Shape, parameters: _Parameters, user_column, model_column) 
     """The query's user and model filters, as parameters."""
     filters = []
     if shape.user:
-        filters.append(user_column == parameters.bind("user_id", lambda r: r.query.user_id, user_column.type))
+        user_id = parameters.bind("user_id", lambda r: r.query.user_id, user_column.type, from_request=True)
+        filters.append(user_column == user_id)
     if shape.model:
-        filters.append(model_column == parameters.bind("model", lambda r: r.query.model, model_column.type))
+        model = parameters.bind("model", lambda r: r.query.model, model_column.type, from_request=True)
+        filters.append(model_column == model)
     return filters
 
 
@@ -506,9 +526,11 @@ def _level_filters(shape: _Shape, parameters: _Parameters) -> list:
     the all-users rows. The model filter then narrows either."""
     filters = _filters(shape, parameters, UsageHour.scope, UsageHour.model)
     if not shape.user:
+        # In the SQL text, so a generic plan still knows the all-users rows from a user's.
+        all_users = literal(ALL_USERS, UsageHour.scope.type, literal_execute=True)
         filters.insert(
             0,
-            UsageHour.scope != ALL_USERS if shape.group_by == GroupBy.USER else UsageHour.scope == ALL_USERS,
+            UsageHour.scope != all_users if shape.group_by == GroupBy.USER else UsageHour.scope == all_users,
         )
     return filters
 
@@ -590,7 +612,7 @@ def _rollup_sql(shape: _Shape) -> tuple[Select, _Parameters]:
          30-minute DST: the four quarters), each part to the bucket of its own start.
     3. Sum per bucket (and key); buckets whose parts hold no usage are left out.
     """
-    parameters = _Parameters()
+    parameters = _Parameters(shape)
     part = partial(_part, shape, parameters)
     if shape.whole_hours:
         parts = _whole_hour_parts(shape, parameters, part)
@@ -695,7 +717,7 @@ def _turns_statement(dialect: str, query: UsageQuery) -> _Bound:
 def _turns_sql(shape: _Shape) -> tuple[Select, _Parameters]:
     """The baseline: one plain GROUP BY over the completed turns, each turn
     bucketed by its own ``completed_at`` in the zone (the rollups must agree)."""
-    parameters = _Parameters()
+    parameters = _Parameters(shape)
     key_col = _group_column(shape, Turn)
     measures = [
         func.count(),
