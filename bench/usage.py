@@ -194,9 +194,9 @@ def explain(session, query: usage.UsageQuery, build=usage._rollup_statement) -> 
     """The EXPLAIN (ANALYZE) plan of the statement the service runs for ``query``."""
     bound = build("postgresql", query)
     compiled = bound.statement.compile(dialect=session.get_bind().dialect)
+    expanded = compiled.construct_expanded_state(bound.values)  # literal_execute values rendered
     rows = session.connection().exec_driver_sql(
-        "EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF, SUMMARY ON) " + str(compiled),
-        compiled.construct_params(bound.values),
+        "EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF, SUMMARY ON) " + expanded.statement, expanded.parameters
     )
     plan = [row[0] for row in rows]
     session.rollback()
