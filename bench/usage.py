@@ -192,12 +192,11 @@ def timed(session, entries: dict, runs: int) -> tuple[dict, dict]:
 
 def explain(session, query: usage.UsageQuery, build=usage._rollup_statement) -> list[str]:
     """The EXPLAIN (ANALYZE) plan of the statement the service runs for ``query``."""
-    lo, hi = usage.utc_window(query.start, query.end, query.zone)
-    compiled = build("postgresql", query, lo, hi).compile(
-        dialect=session.get_bind().dialect, compile_kwargs={"render_postcompile": True}
-    )
+    bound = build("postgresql", query)
+    compiled = bound.statement.compile(dialect=session.get_bind().dialect)
+    expanded = compiled.construct_expanded_state(bound.values)  # literal_execute values rendered
     rows = session.connection().exec_driver_sql(
-        "EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF, SUMMARY ON) " + str(compiled), compiled.params
+        "EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF, SUMMARY ON) " + expanded.statement, expanded.parameters
     )
     plan = [row[0] for row in rows]
     session.rollback()

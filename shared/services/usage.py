@@ -35,21 +35,26 @@ from __future__ import annotations
 
 import csv
 import io
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from enum import StrEnum
-from functools import lru_cache, partial
+from functools import cached_property, lru_cache, partial
 from zoneinfo import ZoneInfo
 
 from sqlalchemy import (
     ARRAY,
+    BindParameter,
     DateTime,
     Integer,
     Interval,
+    Select,
+    String,
     any_,
+    bindparam,
     case,
+    cast,
     delete,
     func,
     insert,
@@ -261,55 +266,6 @@ def _offset_segments(zone: ZoneInfo, lo: datetime, hi: datetime) -> tuple[tuple[
 # -- SQL --------------------------------------------------------------------------------
 
 
-def _sqlite_modifier(minutes: int) -> str:
-    return f"{minutes:+d} minutes"
-
-
-def _bucket_expr(dialect: str, query: UsageQuery, moment, lo: datetime, hi: datetime, shift_minutes: int = 0):
-    """SQL for the local bucket start of the UTC instant ``moment + shift_minutes``.
-
-    ``moment`` is a UTC datetime column (timestamptz on Postgres, naive UTC text on
-    SQLite, where it is also compared with the bound transition instants, moved back by
-    the shift instead of shifting every row).
-    """
-    segments = offset_segments(query.zone, lo, hi)
-    if dialect == "postgresql":
-        # Local time = UTC + the zone's offset, taken from Python's IANA database as on SQLite
-        # (one constant, or one CASE arm per offset in force during the range): cheaper per
-        # row than converting to a named zone (Kolkata costs what UTC costs), the dialects
-        # agree by construction, and Postgres's own zone database is never consulted.
-        def offset(minutes: int):
-            return literal(timedelta(minutes=minutes + shift_minutes), Interval())
-
-        if len(segments) == 1:
-            shift_to_local = offset(segments[0][1])
-        else:
-            shift_to_local = case(
-                *[
-                    (
-                        moment < literal(until - timedelta(minutes=shift_minutes), DateTime(timezone=True)),
-                        offset(m),
-                    )
-                    for until, m in segments[:-1]
-                ],
-                else_=offset(segments[-1][1]),
-            )
-        return func.date_trunc(query.bucket, func.timezone("UTC", moment) + shift_to_local)
-    shift = timedelta(minutes=shift_minutes)
-    if len(segments) == 1:
-        modifier = literal(_sqlite_modifier(segments[0][1] + shift_minutes))
-    else:
-        modifier = case(
-            *[
-                (moment < literal(until - shift, UTCDateTime()), _sqlite_modifier(minutes + shift_minutes))
-                for until, minutes in segments[:-1]
-            ],
-            else_=_sqlite_modifier(segments[-1][1] + shift_minutes),
-        )
-    truncation = {"day": (), "week": ("weekday 0", "-6 days"), "month": ("start of month",)}[query.bucket]
-    return func.date(moment, modifier, *truncation)
-
-
 def hour_cuts(zone: ZoneInfo, lo: datetime, hi: datetime) -> tuple[int, ...]:
     """Where summaries in ``zone`` cut each UTC hour of ``[lo, hi)``, in minutes past the hour.
 
@@ -369,22 +325,215 @@ def _to_date(value) -> date:
     return date.fromisoformat(str(value)[:10])
 
 
-def _group_column(query: UsageQuery, source):
-    if query.group_by == GroupBy.USER:
+# -- statements built once per shape ---------------------------------------------------
+#
+# Building a summary's statement is Python work (SQLAlchemy constructs, their cache key):
+# it was 0.6–0.9 ms for UTC and 1.4–2.2 ms for Kolkata, most of a one-user summary's time.
+# So each statement is built once per *shape* (``_Shape``: what its structure depends on)
+# and remembered, with SQLAlchemy's compiled form; everything else (the window, the zone's
+# offsets and transitions, the hours that start a bucket, the user, the model) is a named
+# parameter whose value a rule computes from the request (``_Parameters``): ~0.05 ms.
+
+
+@dataclass(frozen=True)
+class _Request:
+    """One summary's values: its query and UTC window ``[lo, hi)`` (``utc_window``)."""
+
+    query: UsageQuery
+    lo: datetime
+    hi: datetime
+
+    @cached_property
+    def segments(self) -> list[tuple[datetime | None, int]]:
+        return offset_segments(self.query.zone, self.lo, self.hi)
+
+    @cached_property
+    def edge_hours(self) -> tuple[datetime, ...]:
+        """The hours holding a bucket's first local midnight or an offset change."""
+        return _hours_of(bucket_changes(self.query, self.lo, self.hi))
+
+
+@dataclass(frozen=True)
+class _Shape:
+    """What a summary statement's SQL depends on; every other value is a parameter."""
+
+    dialect: str
+    bucket: str | None  # None: an unknown bucket, totals only
+    offsets: int  # offsets in force over the window: one CASE arm each but the last
+    cuts: tuple[int, ...]  # hour_cuts
+    whole_hours: bool  # stage 2 by whole hours plus edge corrections (_whole_hour_parts)
+    user: bool
+    model: bool
+    group_by: GroupBy | None
+
+    @property
+    def postgres(self) -> bool:
+        return self.dialect == "postgresql"
+
+    @property
+    def keyed(self) -> bool:
+        return self.group_by is not None
+
+
+def _shape(dialect: str, request: _Request) -> _Shape:
+    """The shape of the request's statements; whole hours (plus edge corrections) whenever
+    the zone cuts hours at most once and the window starts and ends at that cut."""
+    query, lo, hi = request.query, request.lo, request.hi
+    cuts = hour_cuts(query.zone, lo, hi)
+    cut = cuts[-1]
+    return _Shape(
+        dialect=dialect,
+        bucket=query.bucket if query.known_bucket else None,
+        offsets=len(request.segments),
+        cuts=cuts,
+        whole_hours=len(cuts) <= 2 and lo.minute == hi.minute == cut,
+        user=bool(query.user_id),
+        model=bool(query.model),
+        group_by=query.group_by,
+    )
+
+
+class _Parameters:
+    """The named parameters of a statement built once per shape, each with its rule: how
+    its value follows from a request. A name is bound once; using it again in the same
+    statement reuses the parameter (one value, the same placeholder).
+
+    On Postgres the values derived here (the window, offsets, transitions, edge hours) are
+    rendered into the SQL text when it runs (``literal_execute``; the statement is still
+    built and compiled once): once psycopg has prepared a statement (its fifth run) Postgres
+    may switch to a generic plan, and one blind to the window guessed 14 rows for all
+    users' 25,550 a year and sorted them (month: 26 against 21 ms). The user id and the
+    model, which the request supplies, stay bound parameters (``from_request``).
+    """
+
+    def __init__(self, shape: _Shape) -> None:
+        self._inline = shape.postgres
+        self._binds: dict[str, BindParameter] = {}
+        self._rules: dict[str, Callable[[_Request], object]] = {}
+
+    def bind(
+        self,
+        name: str,
+        rule: Callable[[_Request], object],
+        type_,
+        *,
+        from_request: bool = False,
+        expanding: bool = False,
+    ):
+        if name not in self._binds:
+            inline = self._inline and not from_request
+            self._binds[name] = bindparam(name, type_=type_, expanding=expanding, literal_execute=inline)
+            self._rules[name] = rule
+        return self._binds[name]
+
+    def values(self, request: _Request) -> dict[str, object]:
+        return {name: rule(request) for name, rule in self._rules.items()}
+
+
+@dataclass(frozen=True)
+class _Bound:
+    """A statement (built once per shape) and one request's values for its parameters."""
+
+    statement: Select
+    values: dict[str, object]
+
+
+def _bind(build: Callable[[_Shape], tuple[Select, _Parameters]], dialect: str, query: UsageQuery) -> _Bound:
+    """``build``'s statement for the query's shape, with the query's values."""
+    lo, hi = utc_window(query.start, query.end, query.zone)
+    request = _Request(query, lo, hi)
+    statement, parameters = build(_shape(dialect, request))
+    return _Bound(statement, parameters.values(request))
+
+
+def _window_edge(parameters: _Parameters, edge: str, minutes_before: int = 0):
+    """The request's ``lo`` or ``hi``, ``minutes_before`` minutes earlier."""
+    before = timedelta(minutes=minutes_before)
+    return parameters.bind(
+        f"{edge}_{minutes_before}", lambda request: getattr(request, edge) - before, UTCDateTime()
+    )
+
+
+def _sqlite_modifier(minutes: int) -> str:
+    return f"{minutes:+d} minutes"
+
+
+def _bucket_expr(shape: _Shape, parameters: _Parameters, moment, shift_minutes: int = 0):
+    """SQL for the local bucket start of the UTC instant ``moment + shift_minutes``.
+
+    ``moment`` is a UTC datetime column (timestamptz on Postgres, naive UTC text on
+    SQLite, where it is also compared with the transition instants, moved back by the
+    shift instead of shifting every row). Offset ``i`` in force over the window
+    (``offset_segments``) is the parameter ``offset_<shift>_<i>``, the instant it ends
+    ``until_<shift>_<i>``.
+    """
+    shift = timedelta(minutes=shift_minutes)
+
+    def offset(index: int):
+        # Local time = UTC + the zone's offset, taken from Python's IANA database on both
+        # dialects (one value, or one CASE arm per offset in force during the range):
+        # cheaper per row than converting to a named zone, the dialects agree by
+        # construction, and Postgres's own zone database is never consulted.
+        def rule(request: _Request):
+            minutes = request.segments[index][1] + shift_minutes
+            return timedelta(minutes=minutes) if shape.postgres else _sqlite_modifier(minutes)
+
+        return parameters.bind(
+            f"offset_{shift_minutes}_{index}", rule, Interval() if shape.postgres else String()
+        )
+
+    def until(index: int):
+        return parameters.bind(
+            f"until_{shift_minutes}_{index}",
+            lambda request: request.segments[index][0] - shift,
+            UTCDateTime(),
+        )
+
+    last = shape.offsets - 1
+    if last == 0:
+        to_local = offset(0)
+    else:
+        to_local = case(
+            *[(moment < until(index), offset(index)) for index in range(last)], else_=offset(last)
+        )
+    if shape.postgres:
+        return func.date_trunc(shape.bucket, func.timezone("UTC", moment) + to_local)
+    truncation = {"day": (), "week": ("weekday 0", "-6 days"), "month": ("start of month",)}[shape.bucket]
+    return func.date(moment, to_local, *truncation)
+
+
+def _group_column(shape: _Shape, source):
+    if shape.group_by == GroupBy.USER:
         return source.scope if source is UsageHour else source.user_id
-    if query.group_by == GroupBy.MODEL:
+    if shape.group_by == GroupBy.MODEL:
         return source.model
     return None
 
 
-def _level_filter(query: UsageQuery):
+def _filters(shape: _Shape, parameters: _Parameters, user_column, model_column) -> list:
+    """The query's user and model filters, as parameters."""
+    filters = []
+    if shape.user:
+        user_id = parameters.bind("user_id", lambda r: r.query.user_id, user_column.type, from_request=True)
+        filters.append(user_column == user_id)
+    if shape.model:
+        model = parameters.bind("model", lambda r: r.query.model, model_column.type, from_request=True)
+        filters.append(model_column == model)
+    return filters
+
+
+def _level_filters(shape: _Shape, parameters: _Parameters) -> list:
     """The level a query reads: one user's rows, every user's rows (``group_by=user``), or
     the all-users rows. The model filter then narrows either."""
-    if query.user_id:
-        return UsageHour.scope == query.user_id
-    if query.group_by == GroupBy.USER:
-        return UsageHour.scope != ALL_USERS
-    return UsageHour.scope == ALL_USERS
+    filters = _filters(shape, parameters, UsageHour.scope, UsageHour.model)
+    if not shape.user:
+        # In the SQL text, so a generic plan still knows the all-users rows from a user's.
+        all_users = literal(ALL_USERS, UsageHour.scope.type, literal_execute=True)
+        filters.insert(
+            0,
+            UsageHour.scope != all_users if shape.group_by == GroupBy.USER else UsageHour.scope == all_users,
+        )
+    return filters
 
 
 def bucket_changes(query: UsageQuery, lo: datetime, hi: datetime) -> tuple[datetime, ...]:
@@ -407,8 +556,14 @@ def _bucket_changes(zone: ZoneInfo, bucket: str, start: date, end: date, lo: dat
 
 
 @lru_cache(maxsize=256)
-def _hours_of(moments: tuple[datetime, ...]) -> list[datetime]:
-    return sorted({UsageHour.hour_of(moment) for moment in moments})
+def _hours_of(moments: tuple[datetime, ...]) -> tuple[datetime, ...]:
+    return tuple(sorted({UsageHour.hour_of(moment) for moment in moments}))
+
+
+@lru_cache(maxsize=256)
+def _array_text(moments: tuple[datetime, ...]) -> str:
+    """Postgres's array input for UTC instants: ``{2025-01-01T18:00:00+00:00,…}``."""
+    return "{" + ",".join(moment.isoformat() for moment in moments) + "}"
 
 
 def _days(first: date, last: date) -> Iterator[date]:
@@ -418,107 +573,111 @@ def _days(first: date, last: date) -> Iterator[date]:
         day += _DAY
 
 
-def _hour_sums(query: UsageQuery, minutes: list[int], *conditions):
-    """Stage 1: the level's rows summed per UTC hour (and group key), as the prefixes for
-    ``minutes`` of each measure (60: the hour's totals), labelled ``<measure>_<minute>``."""
-    key_col = _group_column(query, UsageHour)
+def _hour_rows(shape: _Shape, parameters: _Parameters, minutes: list[int], *conditions):
+    """Stage 1: the level's rows in the window (and their group key), as the prefixes for
+    ``minutes`` of each measure (60: the hour's totals), labelled ``<measure>_<minute>``.
+
+    Not summed per hour first: one aggregate over the rows, each mapped to its bucket, costs
+    less than two (all users' day in UTC: 18 against 28 ms on the bench year).
+    """
     columns = [UsageHour.hour_start.label("hour_start")]
     for minute in minutes:
         for measure in UsageHour.MEASURES:
-            columns.append(func.sum(UsageHour.prefix_column(measure, minute)).label(f"{measure}_{minute}"))
-    group = [UsageHour.hour_start]
+            columns.append(UsageHour.prefix_column(measure, minute).label(f"{measure}_{minute}"))
+    key_col = _group_column(shape, UsageHour)
     if key_col is not None:
         columns.append(key_col.label("group_key"))
-        group.append(key_col)
-    statement = select(*columns).where(_level_filter(query), *conditions)
-    if query.model:
-        statement = statement.where(UsageHour.model == query.model)
-    return statement.group_by(*group)
+    return select(*columns).where(*_level_filters(shape, parameters), *conditions)
 
 
-def _rollup_statement(dialect: str, query: UsageQuery, lo: datetime, hi: datetime):
-    """Three stages over the hour rows of the level the query reads.
+def _rollup_statement(dialect: str, query: UsageQuery) -> _Bound:
+    """The statement that sums the rollups for ``query`` (see :func:`_rollup_sql`)."""
+    return _bind(_rollup_sql, dialect, query)
 
-    1. Sum per UTC hour (and group key): the totals, and the prefixes the zone cuts at.
-    2. Map to local buckets (``UNION ALL`` of parts), so the zone arithmetic runs about
-       once per distinct hour:
 
-       - whole hours or one cut at ``m`` past the hour (UTC, Berlin; Kolkata ``m=30``),
-         all users or grouped: every hour goes whole to the bucket of ``hour + m``; then,
-         for the few hours holding a bucket's first local midnight at ``m``
-         (``bucket_changes``: one a day, a week or a month, read again by key), the
-         first ``m`` minutes move back to the bucket of the hour's start. Kolkata maps
-         each hour once plus two rows per bucket.
-       - otherwise each hour in its parts (one user in Kolkata: two; Lord Howe's
-         30-minute DST: the four quarters), each part to the bucket of its own start.
-    3. Sum per bucket (and key); buckets whose parts hold no usage are left out.
+@lru_cache(maxsize=256)
+def _rollup_sql(shape: _Shape) -> tuple[Select, _Parameters]:
+    """Three stages over the hour rows of the level the query reads, built once per shape.
+
+    1. The level's rows in the window (and group key): the totals, and the prefixes the
+       zone cuts at.
+    2. Map each to its local bucket (``UNION ALL`` of parts):
+
+       - whole hours or one cut at ``m`` past the hour (UTC, Berlin; Kolkata ``m=30``):
+         every hour goes whole to the bucket of ``hour + m``; then, for the few hours
+         holding a bucket's first local midnight at ``m`` (``bucket_changes``: one a day,
+         a week or a month, read again by key), the first ``m`` minutes move back to the
+         bucket of the hour's start. Kolkata maps each row once plus two per bucket.
+       - otherwise each hour in its parts (Lord Howe's 30-minute DST: the four
+         quarters), each part to the bucket of its own start.
+    3. Sum per bucket (and key) in one aggregate; buckets whose parts hold no usage are
+       left out.
     """
-    cuts = hour_cuts(query.zone, lo, hi)
-    keyed = _group_column(query, UsageHour) is not None
-    part = partial(_part, dialect, query, lo, hi, keyed)
-    cut = cuts[-1]
-    # One user's year has ~1,250 active hours: mapping each twice costs less there than
-    # looking up the ~366 hours that start a day (measured: bench/usage.py); weeks and
-    # months start far more rarely.
-    corrections = cut == 0 or query.user_id is None or query.bucket != "day"
-    if len(cuts) <= 2 and lo.minute == hi.minute == cut and corrections:
-        parts = _whole_hour_parts(dialect, query, lo, hi, cut, part)
+    parameters = _Parameters(shape)
+    part = partial(_part, shape, parameters)
+    if shape.whole_hours:
+        parts = _whole_hour_parts(shape, parameters, part)
     else:
-        parts = _cut_hour_parts(query, lo, hi, cuts, part)
-    return _bucket_sums(query, parts, keyed)
+        parts = _cut_hour_parts(shape, parameters, part)
+    return _bucket_sums(shape, parts), parameters
 
 
-def _part(
-    dialect: str,
-    query: UsageQuery,
-    lo: datetime,
-    hi: datetime,
-    keyed: bool,
-    source,
-    shift_minutes: int,
-    measures: list,
-    *conditions,
-):
+def _part(shape: _Shape, parameters: _Parameters, source, shift_minutes: int, measures: list, *conditions):
     """Stage 2 for one part: ``source``'s rows mapped to the bucket of ``hour_start + shift_minutes``."""
     bucket = (
-        [_bucket_expr(dialect, query, source.c.hour_start, lo, hi, shift_minutes).label("bucket")]
-        if query.known_bucket
-        else []
+        []
+        if shape.bucket is None
+        else [_bucket_expr(shape, parameters, source.c.hour_start, shift_minutes).label("bucket")]
     )
-    keys = [source.c.group_key] if keyed else []
+    keys = [source.c.group_key] if shape.keyed else []
     labelled = [value.label(measure) for measure, value in zip(UsageHour.MEASURES, measures, strict=True)]
     return select(*bucket, *keys, *labelled).where(*conditions)
 
 
-def _whole_hour_parts(dialect: str, query: UsageQuery, lo: datetime, hi: datetime, cut: int, part) -> list:
+def _whole_hour_parts(shape: _Shape, parameters: _Parameters, part) -> list:
     """Every hour whole to the bucket of ``hour + cut``, then the first ``cut`` minutes of
     the hours that start a bucket moved back to the bucket of the hour's start."""
+    cut = shape.cuts[-1]
     # Hours whose moment at ``cut`` lies in [lo, hi): here lo - cut and hi - cut are on the hour.
-    first, last = lo - timedelta(minutes=cut), hi - timedelta(minutes=cut)
-    hours = _hour_sums(query, [60], UsageHour.hour_start >= first, UsageHour.hour_start < last)
+    first, last = _window_edge(parameters, "lo", cut), _window_edge(parameters, "hi", cut)
+    hours = _hour_rows(shape, parameters, [60], UsageHour.hour_start >= first, UsageHour.hour_start < last)
     hours = hours.subquery("hours")
     parts = [part(hours, cut, [hours.c[f"{measure}_60"] for measure in UsageHour.MEASURES])]
     if cut:
-        changes = _hours_of(bucket_changes(query, lo, hi))
-        if dialect == "postgresql":  # one array parameter: 366 of them cost more to bind and plan
-            edge_hours = UsageHour.hour_start == any_(literal(changes, ARRAY(DateTime(timezone=True))))
-        else:
-            edge_hours = UsageHour.hour_start.in_(changes)
-        edges = _hour_sums(query, [cut], edge_hours).cte("edges")
+        edges = _hour_rows(shape, parameters, [cut], _edge_hours(shape, parameters)).cte("edges")
         head = [edges.c[f"{measure}_{cut}"] for measure in UsageHour.MEASURES]
         # Out of the bucket of hour + cut (counted whole above, when it was in the window)…
         moved = [-value for value in head]
         parts.append(part(edges, cut, moved, edges.c.hour_start >= first, edges.c.hour_start < last))
         # …into the bucket of the hour's start, when that start is in the window.
+        lo, hi = _window_edge(parameters, "lo"), _window_edge(parameters, "hi")
         parts.append(part(edges, 0, head, edges.c.hour_start >= lo, edges.c.hour_start < hi))
     return parts
 
 
-def _cut_hour_parts(query: UsageQuery, lo: datetime, hi: datetime, cuts: tuple[int, ...], part) -> list:
+def _edge_hours(shape: _Shape, parameters: _Parameters):
+    """The condition for the hour rows of ``_Request.edge_hours``. Postgres: one text
+    parameter cast to an array (366 separate parameters cost more to bind and plan, and
+    psycopg adapting a list of 366 datetimes cost more than the look-ups); SQLite: an
+    expanding ``IN``."""
+    if shape.postgres:
+        hours = parameters.bind("edge_hours", lambda r: _array_text(r.edge_hours), String())
+        return UsageHour.hour_start == any_(cast(hours, ARRAY(DateTime(timezone=True))))
+    hours = parameters.bind("edge_hours", lambda r: r.edge_hours, UTCDateTime(), expanding=True)
+    return UsageHour.hour_start.in_(hours)
+
+
+def _cut_hour_parts(shape: _Shape, parameters: _Parameters, part) -> list:
     """Each hour in its parts between the cuts, each part to the bucket of its own start."""
+    cuts = shape.cuts
     minutes = [*cuts[1:], 60]
-    hours = _hour_sums(
-        query, minutes, UsageHour.hour_start >= UsageHour.hour_of(lo), UsageHour.hour_start < hi
+    first_hour = parameters.bind("lo_hour", lambda r: UsageHour.hour_of(r.lo), UTCDateTime())
+    hours = _hour_rows(
+        shape,
+        parameters,
+        minutes,
+        UsageHour.hour_start >= first_hour,
+        UsageHour.hour_start < _window_edge(parameters, "hi"),
     )
     hours = hours.cte("hours")
     parts = []
@@ -527,20 +686,21 @@ def _cut_hour_parts(query: UsageQuery, lo: datetime, hi: datetime, cuts: tuple[i
         for measure in UsageHour.MEASURES:
             value = hours.c[f"{measure}_{end}"]
             measures.append(value - hours.c[f"{measure}_{start}"] if start else value)
-        shift = timedelta(minutes=start)
-        parts.append(
-            part(hours, start, measures, hours.c.hour_start >= lo - shift, hours.c.hour_start < hi - shift)
+        in_window = (
+            hours.c.hour_start >= _window_edge(parameters, "lo", start),
+            hours.c.hour_start < _window_edge(parameters, "hi", start),
         )
+        parts.append(part(hours, start, measures, *in_window))
     return parts
 
 
-def _bucket_sums(query: UsageQuery, parts: list, keyed: bool):
+def _bucket_sums(shape: _Shape, parts: list):
     """Stage 3: the parts summed per bucket (and key), buckets without usage left out."""
     mapped = (parts[0] if len(parts) == 1 else union_all(*parts)).subquery("parts")
     sums = [func.sum(mapped.c[measure]) for measure in UsageHour.MEASURES]
-    if not query.known_bucket:
+    if shape.bucket is None:
         return select(*sums)
-    outer_keys = [mapped.c.bucket] + ([mapped.c.group_key] if keyed else [])
+    outer_keys = [mapped.c.bucket] + ([mapped.c.group_key] if shape.keyed else [])
     return (
         select(*outer_keys, *sums)
         .group_by(*outer_keys)
@@ -549,10 +709,17 @@ def _bucket_sums(query: UsageQuery, parts: list, keyed: bool):
     )
 
 
-def _turns_statement(dialect: str, query: UsageQuery, lo: datetime, hi: datetime):
+def _turns_statement(dialect: str, query: UsageQuery) -> _Bound:
+    """The baseline over the raw turns (see :func:`_turns_sql`)."""
+    return _bind(_turns_sql, dialect, query)
+
+
+@lru_cache(maxsize=256)
+def _turns_sql(shape: _Shape) -> tuple[Select, _Parameters]:
     """The baseline: one plain GROUP BY over the completed turns, each turn
     bucketed by its own ``completed_at`` in the zone (the rollups must agree)."""
-    key_col = _group_column(query, Turn)
+    parameters = _Parameters(shape)
+    key_col = _group_column(shape, Turn)
     measures = [
         func.count(),
         func.sum(Turn.input_tokens),
@@ -560,40 +727,41 @@ def _turns_statement(dialect: str, query: UsageQuery, lo: datetime, hi: datetime
         func.sum(func.coalesce(Turn.cost, 0)),
     ]
     keys = []
-    if query.known_bucket:
-        keys.append(_bucket_expr(dialect, query, Turn.completed_at, lo, hi).label("bucket"))
-    if key_col is not None and query.known_bucket:
-        keys.append(key_col.label("group_key"))
+    if shape.bucket is not None:
+        keys.append(_bucket_expr(shape, parameters, Turn.completed_at).label("bucket"))
+        if key_col is not None:
+            keys.append(key_col.label("group_key"))
     statement = select(*keys, *measures).where(
-        Turn.status == TurnStatus.COMPLETED, Turn.completed_at >= lo, Turn.completed_at < hi
+        Turn.status == TurnStatus.COMPLETED,
+        Turn.completed_at >= _window_edge(parameters, "lo"),
+        Turn.completed_at < _window_edge(parameters, "hi"),
+        *_filters(shape, parameters, Turn.user_id, Turn.model),
     )
-    if query.user_id:
-        statement = statement.where(Turn.user_id == query.user_id)
-    if query.model:
-        statement = statement.where(Turn.model == query.model)
     if keys:
-        # Positional GROUP BY: the bucket expression carries bound parameters that
-        # Postgres would otherwise see twice, as different placeholders.
+        # Positional GROUP BY: the bucket expression's parameters would otherwise be
+        # rendered again, as a different expression to Postgres.
         positions = [literal_column(str(index + 1)) for index in range(len(keys))]
         statement = statement.group_by(*positions).order_by(*positions)
-    return statement
+    return statement, parameters
 
 
-def _rows(session: Session, statement, *, stream: bool = False):
-    if stream:
-        statement = statement.execution_options(stream_results=True, yield_per=EXPORT_BATCH)
+def _rows(session: Session, bound: _Bound, *, stream: bool = False):
+    options = {"stream_results": True, "yield_per": EXPORT_BATCH} if stream else {}
     # No zone name reaches the database (offsets come from Python's IANA database), so a
-    # zone Postgres's own database lacks cannot fail a query.
-    return session.execute(statement)
+    # zone Postgres's own database lacks cannot fail a query. Core rows: no ORM result
+    # machinery for plain tuples.
+    return session.connection().execute(bound.statement, bound.values, execution_options=options)
 
 
-def _bucket_rows(session: Session, query: UsageQuery, statement, *, stream: bool = False):
+def _bucket_rows(session: Session, query: UsageQuery, bound: _Bound, *, stream: bool = False):
     keyed = query.group_by is not None
-    for row in _rows(session, statement, stream=stream):
-        values = list(row)
-        bucket_value = values.pop(0)
-        group_key = values.pop(0) if keyed else None
-        turns, input_tokens, output_tokens, cost = values
+    group_key = None
+    result = _rows(session, bound, stream=stream)
+    for row in result if stream else result.all():  # .all(): one fetch, not one a row
+        if keyed:
+            bucket_value, group_key, turns, input_tokens, output_tokens, cost = row
+        else:
+            bucket_value, turns, input_tokens, output_tokens, cost = row
         yield UsageBucket(
             bucket_start=_to_date(bucket_value),
             user_id=group_key if query.group_by == GroupBy.USER else None,
@@ -605,18 +773,18 @@ def _bucket_rows(session: Session, query: UsageQuery, statement, *, stream: bool
         )
 
 
-def _summary(session: Session, query: UsageQuery, build) -> UsageSummary:
-    dialect = session.get_bind().dialect.name
-    lo, hi = utc_window(query.start, query.end, query.zone)
-    statement = build(dialect, query, lo, hi)
+def _summary(
+    session: Session, query: UsageQuery, statement: Callable[[str, UsageQuery], _Bound]
+) -> UsageSummary:
+    bound = statement(session.get_bind().dialect.name, query)
     totals = UsageTotals(cost=Decimal("0").quantize(MONEY_QUANT))
     daily: list[UsageBucket] = []
     if query.known_bucket:
-        for bucket in _bucket_rows(session, query, statement):
+        for bucket in _bucket_rows(session, query, bound):
             daily.append(bucket)
             totals.add(bucket)
     else:
-        turns, input_tokens, output_tokens, cost = _rows(session, statement).one()
+        turns, input_tokens, output_tokens, cost = _rows(session, bound).one()
         totals = UsageTotals(
             turns=int(turns or 0),
             input_tokens=int(input_tokens or 0),
@@ -645,9 +813,7 @@ def grouped_buckets(session: Session, query: UsageQuery) -> list[UsageBucket]:
     ascending by bucket, then by the group key. An unknown bucket gives none."""
     if not query.known_bucket:
         return []
-    dialect = session.get_bind().dialect.name
-    lo, hi = utc_window(query.start, query.end, query.zone)
-    return list(_bucket_rows(session, query, _rollup_statement(dialect, query, lo, hi)))
+    return list(_bucket_rows(session, query, _rollup_statement(session.get_bind().dialect.name, query)))
 
 
 def _ungrouped(query: UsageQuery) -> UsageQuery:
@@ -682,14 +848,12 @@ def export_csv(session: Session, **params) -> Iterator[str]:
     :raises InvalidInput: as ``make_query``, before the first line is produced.
     """
     query = make_query(**params)
-    dialect = session.get_bind().dialect.name
-    lo, hi = utc_window(query.start, query.end, query.zone)
     # Build (and so validate) the statement before the response starts streaming.
-    statement = _rollup_statement(dialect, query, lo, hi) if query.known_bucket else None
-    return _csv_lines(session, query, statement)
+    bound = _rollup_statement(session.get_bind().dialect.name, query) if query.known_bucket else None
+    return _csv_lines(session, query, bound)
 
 
-def _csv_lines(session: Session, query: UsageQuery, statement) -> Iterator[str]:
+def _csv_lines(session: Session, query: UsageQuery, bound: _Bound | None) -> Iterator[str]:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\r\n")
 
@@ -701,14 +865,14 @@ def _csv_lines(session: Session, query: UsageQuery, statement) -> Iterator[str]:
 
     writer.writerow(csv_header(query.group_by))
     yield flush()
-    if statement is None:
+    if bound is None:
         return
     if session.get_bind().dialect.name == "postgresql":
-        buckets = _bucket_rows(session, query, statement, stream=True)  # server-side cursor
+        buckets = _bucket_rows(session, query, bound, stream=True)  # server-side cursor
     else:
         # SQLite: a web transaction holds the database's write lock (BEGIN IMMEDIATE), so
         # read everything and end the transaction before a slow client reads the body.
-        buckets = list(_bucket_rows(session, query, statement))
+        buckets = list(_bucket_rows(session, query, bound))
         session.rollback()
     pending = 0
     try:

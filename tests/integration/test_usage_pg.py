@@ -56,8 +56,7 @@ def test_postgres_buckets_with_date_trunc_at_the_requested_zone(usage_env):
     CASE arm per offset in force: Berlin changes on 2026-03-29) and is independent of the
     connection's own TimeZone setting."""
     query = parsed_query(bucket="day", start="2026-03-28", end="2026-03-30", tz="Europe/Berlin")
-    lo, hi = usage.utc_window(query.start, query.end, query.zone)
-    statement = usage._rollup_statement("postgresql", query, lo, hi)
+    statement = usage._rollup_statement("postgresql", query).statement
     assert "date_trunc" in str(statement.compile(dialect=usage_env.session.get_bind().dialect))
     baseline = usage.summarize(usage_env.session, query)
     usage_env.session.execute(text("SET TIME ZONE 'Pacific/Chatham'"))
