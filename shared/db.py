@@ -314,8 +314,9 @@ class Database:
         return self.engine.dialect.name
 
     @contextmanager
-    def session(self) -> Iterator[Session]:
-        session = self.sessionmaker()
+    def session(self, *, reads_only: bool = False) -> Iterator[Session]:
+        """``reads_only``: for reads alone (``read_sessionmaker``: no transaction on Postgres)."""
+        session = (self.read_sessionmaker if reads_only else self.sessionmaker)()
         try:
             yield session
         finally:
@@ -327,15 +328,6 @@ class Database:
         session's first statement of that block; SQLite keeps its transaction."""
         if self.engine.dialect.name == "postgresql":
             session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
-
-    @contextmanager
-    def read_session(self) -> Iterator[Session]:
-        """A session for reads alone (``read_sessionmaker``: no transaction on Postgres)."""
-        session = self.read_sessionmaker()
-        try:
-            yield session
-        finally:
-            session.close()
 
     def dispose(self) -> None:
         self.engine.dispose()

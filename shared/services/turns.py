@@ -262,8 +262,8 @@ def enqueue_run(celery_app, turn_id: str, *, streamed: bool = False) -> bool:
 
 def _reread(runtime: Runtime, turn: Turn) -> Turn:
     """The turn as committed now, with its tool calls (a TurnRead lists them): one
-    statement, without a transaction on Postgres (``Database.read_session``)."""
-    with runtime.db.read_session() as session:
+    statement, without a transaction on Postgres (``Database.session(reads_only=True)``)."""
+    with runtime.db.session(reads_only=True) as session:
         fresh = session.get(Turn, turn.id, options=[joinedload(Turn.tool_calls)])
     return fresh if fresh is not None else turn
 
