@@ -52,7 +52,7 @@ def authenticate_request() -> None:
     role = required_role(request.url_rule.rule)
     if role is None:
         return
-    user = auth_service.authenticate(db(), bearer_token(), cache=runtime().key_cache)
+    user = auth_service.authenticate(db, bearer_token(), cache=runtime().key_cache)
     if role == "admin" and not user.is_admin:
         raise Forbidden()
     g.current_user = user

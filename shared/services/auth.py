@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
@@ -154,9 +155,13 @@ def revoke_api_key(runtime, session: Session, actor_id: str, key_id: str) -> Api
     return key
 
 
-def authenticate(session: Session, secret: str | None, *, cache: KeyCache | None = None) -> Caller:
+def authenticate(
+    session: Session | Callable[[], Session], secret: str | None, *, cache: KeyCache | None = None
+) -> Caller:
     """The caller owning an active key: from ``cache`` when it has the key, else from the
-    database (one indexed lookup), remembered in ``cache``.
+    database (one indexed lookup), remembered in ``cache``. ``session`` may be a function
+    giving the session, called only when the cache does not answer (a request answered
+    without the database then builds no session at all).
 
     :raises Unauthorized: missing, unknown or revoked key.
     """
@@ -166,6 +171,8 @@ def authenticate(session: Session, secret: str | None, *, cache: KeyCache | None
     if cache is not None and (caller := cache.lookup(key_hash)) is not None:
         return caller
     generation = cache.generation() if cache is not None else None
+    if not isinstance(session, Session):
+        session = session()
     row = session.execute(
         select(User.id, User.email, User.role, User.created_at, ApiKey.id)
         .join(ApiKey, ApiKey.user_id == User.id)

@@ -13,10 +13,13 @@ import hashlib
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from datetime import datetime
 from decimal import Decimal
+from functools import cache
+from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import bindparam, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, joinedload, selectinload
 from sqlalchemy.orm.attributes import set_committed_value
@@ -24,7 +27,7 @@ from sqlalchemy.orm.attributes import set_committed_value
 from shared import metrics
 from shared.db import is_uuid
 from shared.errors import IdempotencyConflict, InsufficientBalance, InvalidInput, NotFound, SpendLimitReached
-from shared.models import ChatSession, Hold, Turn, TurnKind, TurnStatus, User
+from shared.models import ChatSession, Hold, ToolCallEvent, Turn, TurnKind, TurnStatus, User
 from shared.pagination import Listing
 from shared.runtime import Runtime
 from shared.services import billing, enforcement, limits, pricing, turn_budget, turn_context
@@ -323,6 +326,76 @@ def submit_and_wait(
     elif start is not None:
         start()
     return SubmitOutcome(turn=turn, finished=turn.status in FINISHED)
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCallRead:
+    """A recorded tool call as a TurnRead lists it: these columns of ``tool_call_events``."""
+
+    id: str
+    tool: str
+    arguments: dict[str, Any]
+    status: str
+    duration_ms: int
+    result_excerpt: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class TurnRead:
+    """A turn as ``GET /turns/{id}`` shows it: these columns of ``turns`` (each field is the
+    column of that name) and its tool calls. The response schema dumps it as it dumps a
+    ``Turn``; tests/web/test_turn_read.py holds the two dumps equal."""
+
+    id: str
+    session_id: str
+    room_id: str
+    seq: int
+    status: str
+    content: str
+    reply: str | None
+    model: str
+    input_tokens: int
+    output_tokens: int
+    cost: Decimal | None
+    balance_after: Decimal | None
+    low_balance: bool
+    summary_used_fallback: bool
+    error_code: str | None
+    error_message: str | None
+    usage_estimated: bool
+    created_at: datetime
+    completed_at: datetime | None
+    tool_calls: list[ToolCallRead]
+
+
+@cache
+def _turn_read_statement():
+    """One statement: the turn's columns beside each of its tool calls' (a LEFT JOIN, in the
+    relationship's order), Core columns only, so no ORM entity is built for a read."""
+    turns, calls = Turn.__table__, ToolCallEvent.__table__
+    turn_columns = [turns.c[field.name] for field in fields(TurnRead) if field.name != "tool_calls"]
+    call_columns = [calls.c[field.name].label(f"tool_call_{field.name}") for field in fields(ToolCallRead)]
+    return (
+        select(*turn_columns, *call_columns)
+        .select_from(turns.outerjoin(calls, calls.c.turn_id == turns.c.id))
+        .where(turns.c.id == bindparam("turn_id"), turns.c.user_id == bindparam("user_id"))
+        # In the relationship's order; its columns are ORM-annotated, these plain ones are not.
+        .order_by(*(calls.c[column.name] for column in Turn.tool_calls.property.order_by))
+    ), len(turn_columns)
+
+
+def read_turn(session: Session, user_id: str, turn_id: str) -> TurnRead:
+    """The caller's turn with its tool calls, in one statement (``GET /turns/{id}``).
+
+    :raises NotFound: unknown, malformed, or another user's turn."""
+    statement, width = _turn_read_statement()
+    rows = []
+    if is_uuid(turn_id):
+        rows = session.execute(statement, {"turn_id": turn_id, "user_id": user_id}).all()
+    if not rows:
+        raise NotFound("No such turn.")
+    tool_calls = [ToolCallRead(*row[width:]) for row in rows if row[width] is not None]
+    return TurnRead(*rows[0][:width], tool_calls=tool_calls)
 
 
 def owned_turn(session: Session, user_id: str, turn_id: str) -> Turn:

@@ -1,5 +1,7 @@
 import logging
 import re
+import subprocess
+import sys
 from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
 
@@ -195,3 +197,34 @@ def test_the_connection_pool_is_bounded_by_settings():
     )
     pool = Database.from_settings(settings, role="test").engine.pool
     assert (pool.size(), pool._max_overflow) == (7, 3)  # noqa: SLF001
+
+
+def test_the_checkout_check_finds_a_closed_connection_under_gevent_without_its_cooperative_poll():
+    # A process of its own: patching this one would change every later test.
+    script = """
+from gevent import monkey
+monkey.patch_all()
+import select, socket
+from sqlalchemy.exc import DisconnectionError
+from shared.db import _drop_dead_connection, _unpatched_poll
+
+assert select.poll is not monkey.get_original("select", "poll")  # patched
+assert _unpatched_poll() is monkey.get_original("select", "poll")
+
+class Connection:  # what the check reads of a psycopg connection
+    closed = False
+    def __init__(self, sock):
+        self.sock = sock
+    def fileno(self):
+        return self.sock.fileno()
+
+ours, server = socket.socketpair()
+_drop_dead_connection(Connection(ours), None, None)  # idle and open: kept
+server.close()
+try:
+    _drop_dead_connection(Connection(ours), None, None)
+except DisconnectionError:
+    print("dropped")
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert result.stdout.strip() == "dropped", result.stderr

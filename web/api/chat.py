@@ -135,7 +135,7 @@ class TurnItem(MethodView):
     @blp.alt_response(404, schema=ErrorSchema)
     def get(self, turn_id):
         """Get a turn"""
-        return turns.owned_turn(db(), current_user().id, turn_id)
+        return turns.read_turn(db(), current_user().id, turn_id)
 
 
 @blp.route("/turns/<string:turn_id>/events")

@@ -61,7 +61,8 @@ class TurnErrorSchema(BaseSchema):
 
 
 class TurnSchema(BaseSchema):
-    """TurnRead, dumped from a ``Turn`` (its ``tool_calls`` loaded on access)."""
+    """TurnRead, dumped from a ``Turn`` (its ``tool_calls`` loaded on access) or from the
+    ``turns.TurnRead`` that ``GET /turns/{id}`` reads: the same attributes."""
 
     id = fields.String(required=True)
     session_id = fields.String(required=True)

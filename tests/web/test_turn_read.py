@@ -1,0 +1,98 @@
+"""``GET /turns/{id}`` reads a ``turns.TurnRead`` with Core (shared/services/turns.py), not a
+``Turn``: its JSON is, byte for byte, what ``TurnSchema`` makes of the ORM turn, so the schema
+stays the one definition of a TurnRead. Postgres: tests/integration/test_turn_read_pg.py."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from decimal import Decimal
+
+from shared.db import utcnow
+from shared.models import ToolCallEvent, Turn
+from shared.services import rooms
+from tests.factories import make_actor
+from web.schemas.chat import TurnSchema
+
+
+def seed_turn(db, owner_id: str, *, tool_calls: bool = True) -> str:
+    """A finished turn with every TurnRead field set, and tool calls recorded out of order."""
+    room = rooms.create_room(db, owner_id, "read")
+    chat = rooms.create_session(db, owner_id, room.id, None)
+    started = utcnow()
+    turn = Turn(
+        session_id=chat.id,
+        room_id=room.id,
+        user_id=owner_id,
+        seq=1,
+        status="failed",
+        content="Look up “naïve” in notes.md",
+        reply="Partial answer",
+        model="offline-small",
+        max_output_tokens=256,
+        input_tokens=120,
+        output_tokens=7,
+        cost=Decimal("0.0123456"),
+        balance_after=Decimal("-3.5"),
+        low_balance=True,
+        summary_used_fallback=True,
+        usage_estimated=True,
+        error_code="provider_error",
+        error_message="upstream 502",
+        started_at=started,
+        completed_at=started + timedelta(seconds=2),
+        updated_at=started,
+    )
+    db.add(turn)
+    db.flush()
+    if tool_calls:
+        for offset, tool, status, excerpt in [
+            (2, "file_read", "error", None),
+            (0, "search", "ok", "…three hits"),
+            (1, "search", "timeout", ""),
+        ]:
+            db.add(
+                ToolCallEvent(
+                    turn_id=turn.id,
+                    room_id=room.id,
+                    tool=tool,
+                    arguments={"query": f"q{offset}", "nested": {"k": [1, "ü"]}},
+                    status=status,
+                    duration_ms=10 * offset,
+                    result_excerpt=excerpt,
+                    created_at=started + timedelta(milliseconds=offset),
+                )
+            )
+    db.commit()
+    return turn.id
+
+
+def assert_read_as_the_orm_turn_dumps(app, client, db, actor, turn_id: str) -> dict:
+    response = client.get(f"/api/v1/turns/{turn_id}", headers=actor.headers)
+    assert response.status_code == 200
+    db.expire_all()
+    with app.app_context():
+        expected = app.json.response(TurnSchema().dump(db.get(Turn, turn_id))).get_data()
+    assert response.get_data() == expected
+    return response.get_json()
+
+
+def test_a_turn_reads_as_its_orm_dump_byte_for_byte(app, client, db, user):
+    turn_id = seed_turn(db, user.id)
+    read = assert_read_as_the_orm_turn_dumps(app, client, db, user, turn_id)
+    assert [call["result_excerpt"] for call in read["tool_calls"]] == ["…three hits", "", None]
+    assert read["cost"] == "0.012346" and read["balance_after"] == "-3.500000"
+    assert read["error"] == {"code": "provider_error", "message": "upstream 502"}
+
+
+def test_a_turn_without_tool_calls_reads_as_its_orm_dump(app, client, db, user):
+    turn_id = seed_turn(db, user.id, tool_calls=False)
+    assert assert_read_as_the_orm_turn_dumps(app, client, db, user, turn_id)["tool_calls"] == []
+
+
+def test_another_users_unknown_or_malformed_turn_is_404(client, db, user):
+    turn_id = seed_turn(db, user.id)
+    other = make_actor(db)
+    for path_id in (turn_id, turn_id.upper().replace("-", ""), "00000000-0000-4000-8000-000000000000", "x"):
+        response = client.get(f"/api/v1/turns/{path_id}", headers=other.headers)
+        assert response.status_code == 404
+        assert response.get_json()["error"] == "not_found"
