@@ -837,10 +837,12 @@ def refresh_summary(runtime: Runtime, chat_session_id: str, *, provider) -> bool
         except IntegrityError:
             session.rollback()  # a concurrent refresh billed (and stores) this same summary
             return False
+        # Committed before the summary is stored, in a transaction of its own: the store
+        # locks the chat session's row, which an admission locks before the wallet, so
+        # holding the wallet while waiting for it would deadlock with one.
+        session.commit()
         if summary.used_fallback:
-            session.commit()
             return False  # the model answered nothing usable; the next turn tries again
-        # Billed and stored in one transaction (store commits): never one without the other.
         return summaries.store(session, chat.id, summary)
 
 
