@@ -296,3 +296,55 @@ def test_an_idempotency_key_holding_a_nul_is_a_422_not_a_database_error(pg_clien
     # Postgres text cannot hold a NUL; the key is refused before it reaches the database.
     response = post_turn(pg_client, pg_user, chat, "hi", headers={"Idempotency-Key": "a\x00b"})
     assert response.status_code == 422 and response.get_json()["error"] == "invalid_idempotency_key"
+
+
+def test_a_summary_refresh_does_not_hold_the_wallet_while_it_waits_for_the_chat_session(
+    pg_app, pg_admin, pg_user, chat, pg_db
+):
+    """Admissions lock the chat session, then the wallet. A refresh that billed (wallet
+    locked) and then stored (session row) in one transaction deadlocked with one."""
+    import threading
+    from decimal import Decimal
+
+    from shared.db import utcnow
+    from shared.providers import OfflineProvider
+    from shared.runtime import Runtime
+    from shared.services import billing, turn_runner
+    from shared.services.rooms import owned_session
+
+    grant = dict(actor_id=pg_admin.id, user_id=pg_user.id, reason=None, idempotency_key=None)
+    billing.grant_credit(pg_db, amount=Decimal("5"), **grant)
+    for seq in range(1, summaries.WINDOW_TURNS + summaries.SUMMARY_BATCH_TURNS + 1):
+        pg_db.add(
+            Turn(
+                session_id=chat["id"],
+                room_id=chat["room_id"],
+                user_id=pg_user.id,
+                seq=seq,
+                content=f"question {seq}. More words.",
+                reply=f"answer {seq}. More words.",
+                status="completed",
+                model="offline-small",
+                max_output_tokens=64,
+                completed_at=utcnow(),
+            )
+        )
+    pg_db.commit()
+    runtime = Runtime(pg_app.extensions["tollgate"].settings, role="test")
+    outcome = {}
+    try:
+        # An admission's order: the chat session's row, then (after a pause) the wallet.
+        with runtime.db.session() as admission:
+            owned_session(admission, pg_user.id, chat["id"], lock=True)
+            refresh = threading.Thread(
+                target=lambda: outcome.update(
+                    stored=turn_runner.refresh_summary(runtime, chat["id"], provider=OfflineProvider())
+                )
+            )
+            refresh.start()
+            time.sleep(1.5)  # the refresh bills, then waits for the session row to store
+            billing.grant_credit(admission, amount=Decimal("1"), **grant)  # the wallet, or a deadlock
+        refresh.join(10)
+        assert outcome == {"stored": True}
+    finally:
+        runtime.close()
