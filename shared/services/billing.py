@@ -333,12 +333,7 @@ def _wallet_move_statement(
             insert(holds).from_select([column.name for column in holds.columns], select(*values)).cte("h")
         )
     if captured_hold:
-        capture = (
-            update(holds)
-            .where(holds.c.id == bindparam("c_id"))
-            .values(status=HoldStatus.CAPTURED, resolved_at=bindparam("c_resolved_at", type_=UTCDateTime()))
-        )
-        ctes.append(capture.cte("c"))
+        ctes.append(_hold_capture().cte("c"))
     if usage:
         table = UsageHour.__table__
         names = [column.name for column in table.columns]
@@ -363,6 +358,18 @@ def _wallet_move_statement(
     return select(w.c.id, w.c.balance, w.c.held).add_cte(*ctes)
 
 
+@cache
+def _hold_capture():
+    """``UPDATE holds`` marking hold ``c_id`` captured at ``c_resolved_at``: a CTE of a move
+    on Postgres, a statement of its own elsewhere."""
+    holds = Hold.__table__
+    return (
+        update(holds)
+        .where(holds.c.id == bindparam("c_id"))
+        .values(status=HoldStatus.CAPTURED, resolved_at=bindparam("c_resolved_at", type_=UTCDateTime()))
+    )
+
+
 def _write_riders(session: Session, riders: _Riders, wallet_id: str | None = None) -> None:
     """The riders as statements of their own (where they are not CTEs of a move);
     ``wallet_id``: the moved wallet's, for a new hold."""
@@ -371,11 +378,7 @@ def _write_riders(session: Session, riders: _Riders, wallet_id: str | None = Non
     if riders.new_hold is not None:
         session.execute(insert(holds), {**riders.new_hold, "wallet_id": wallet_id})
     if riders.captured_hold is not None:
-        session.execute(
-            update(holds)
-            .where(holds.c.id == riders.captured_hold["id"])
-            .values(status=HoldStatus.CAPTURED, resolved_at=riders.captured_hold["resolved_at"])
-        )
+        session.execute(_hold_capture(), {f"c_{name}": value for name, value in riders.captured_hold.items()})
     if riders.usage is not None:
         session.execute(_usage_upsert(dialect), riders.usage)
     if riders.key_spend is not None:

@@ -267,8 +267,7 @@ def _reread(runtime: Runtime, turn: Turn) -> Turn:
     """The turn as committed now, with its tool calls (a TurnRead lists them): one
     statement, without a transaction on Postgres (``Database.session(reads_only=True)``)."""
     with runtime.db.session(reads_only=True) as session:
-        fresh = session.get(Turn, turn.id, options=[joinedload(Turn.tool_calls)])
-    return fresh if fresh is not None else turn
+        return owned_turn(session, turn.user_id, turn.id)
 
 
 def wait_until_finished(
