@@ -4,10 +4,15 @@ requests in flight in one process, so the upstream is never what limits a benchm
     python bench/_upstream.py --port 8765 --latency bench-1s=1 --latency bench-instant=0
 
 ``POST /v1/chat/completions`` answers a short reply with ``usage`` counted by the same rule
-as the offline model, after the latency configured for the request's model. With
-``"stream": true`` the reply goes out as OpenAI's SSE chunks (HTTP/1.1 chunked): the first
-after that latency, the rest ``--chunk-delay`` seconds apart (default 0.02), then the usage
-chunk and ``[DONE]``. ``GET
+as the offline model. The latency configured for the request's model is when its answer is
+complete, streamed or not: a model takes as long to write an answer whether it hands it out
+in pieces or in one. Without ``"stream"`` the reply goes out after that latency; with
+``"stream": true`` as OpenAI's SSE chunks (HTTP/1.1 chunked) leading up to it,
+``--chunk-delay`` seconds apart (default 0.02; closer when the latency is shorter than the
+chunks need, so the instant model streams at once), then the usage chunk and ``[DONE]``.
+(Until 2026-12-02 the stream *started* after the latency, so a streamed answer took 0.14 s
+longer than the same answer unstreamed; Tollgate streams every model call, LiteLLM's clients
+here do not, which charged Tollgate alone with 0.14 s of fake generation a call.) ``GET
 /stats`` returns ``{"requests": n, "in_flight": n, "peak_in_flight": n}``.
 (tests/fakes/openai_server.py is the scriptable one the tests use; it is thread-per-connection.)
 """
@@ -112,9 +117,6 @@ class Upstream:
             writer.write(
                 b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
             )
-            latency = self.latency_by_model.get(request.get("model", ""), 0.0)
-            if latency:
-                await asyncio.sleep(latency)
             content = "Paris is the capital of France."
             base = {"id": "chatcmpl-bench", "object": "chat.completion.chunk", "created": int(time.time())}
             base["model"] = request.get("model")
@@ -132,9 +134,15 @@ class Upstream:
                     "total_tokens": prompt_tokens + completion_tokens,
                 }
                 events.append({**base, "choices": [], "usage": usage})
+            # The last text chunk lands at the model's latency, the first `gaps` chunk delays before.
+            latency = self.latency_by_model.get(request.get("model", ""), 0.0)
+            gaps = len(words) - 1
+            gap = min(self.chunk_delay, latency / gaps) if gaps else 0.0
+            if latency - gap * gaps > 0:
+                await asyncio.sleep(latency - gap * gaps)
             for index, event in enumerate(events):
-                if index > 1 and self.chunk_delay:
-                    await asyncio.sleep(self.chunk_delay)
+                if 1 < index <= len(words) and gap:
+                    await asyncio.sleep(gap)
                 data = f"data: {json.dumps(event)}\n\n".encode()
                 writer.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
                 await writer.drain()

@@ -21,7 +21,7 @@ Prints req/s, p50/p99 and the Tollgate/LiteLLM ratio per load, then runs
 
 **Streaming rows** (``--stream-loads``, default ``64:1``): the same clients stream instead
 (``stream: true`` + ``stream_options.include_usage``; the upstream streams its answer in
-chunks, the first after the model's latency): LiteLLM's ``/v1/chat/completions`` against
+chunks, the last at the model's latency: bench/_upstream.py): LiteLLM's ``/v1/chat/completions`` against
 Tollgate's own OpenAI-compatible ``/v1/chat/completions`` (each client in its own session,
 ``X-Tollgate-Session``). Reported: streamed turns/s and the time to first token (the first
 chunk with text) p50/p99 on each side. ``--sides tollgate`` runs Tollgate alone (no
