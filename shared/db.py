@@ -260,6 +260,27 @@ def _sqlite_begin_immediate(conn) -> None:
     conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
+# psycopg remembers how it rewrote a statement's text (named placeholders to $n) only for
+# texts up to 4 KB with up to 50 parameters; longer ones are parsed by a regex on every
+# execution. A turn's settle is one such statement (the wallet move with its ledger, usage
+# and hold riders: ~5 KB, ~60 parameters), which cost ~0.4 ms of the worker's CPU a turn.
+# Our statements are a fixed set built once (docs/architecture.md), so the cache (an LRU)
+# takes them all; summaries with literal windows are bounded by the LRU like any other.
+PSYCOPG_CACHED_STATEMENT_LENGTH = 16_384
+PSYCOPG_CACHED_STATEMENT_PARAMS = 256
+
+
+def _cache_long_statements() -> None:
+    from psycopg import _queries
+
+    _queries.MAX_CACHED_STATEMENT_LENGTH = max(
+        _queries.MAX_CACHED_STATEMENT_LENGTH, PSYCOPG_CACHED_STATEMENT_LENGTH
+    )
+    _queries.MAX_CACHED_STATEMENT_PARAMS = max(
+        _queries.MAX_CACHED_STATEMENT_PARAMS, PSYCOPG_CACHED_STATEMENT_PARAMS
+    )
+
+
 def make_engine(
     url: str,
     *,
@@ -273,6 +294,7 @@ def make_engine(
     engine = create_engine(url, **_engine_kwargs(url, pooled, pool_size, max_overflow))
     if engine.dialect.name == "postgresql":
         event.listen(engine, "checkout", _drop_dead_connection)
+        _cache_long_statements()
     if engine.dialect.name == "sqlite":
         event.listen(engine, "connect", _sqlite_pragmas)
         # Let us issue BEGIN ourselves (pysqlite's implicit BEGIN is deferred).

@@ -16,6 +16,7 @@ from shared.logging import request_id_var, sane_request_id
 from shared.runtime import Runtime
 from shared.settings import Settings
 from shared.task_names import TaskName
+from worker import broker
 
 QUEUES = ("turns", "summaries", "files", "webhooks")
 # Message header carrying the id of the HTTP request (or task) that sent a task.
@@ -75,6 +76,7 @@ def create_celery_app(settings: Settings | None = None, *, role: str = "worker")
         broker_url=settings.broker_url,
         result_backend=settings.result_backend,
         broker_transport_options=_broker_options(settings),
+        broker_transport=broker.TRANSPORT if settings.broker_url.startswith("redis://") else None,
         broker_connection_retry_on_startup=True,
         # Publishing happens on the request path (POST turn, upload): with the broker down,
         # fail within about a second and let the beat recovery jobs re-send, instead of

@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import pytest
+from psycopg import _queries as psycopg_queries
 from sqlalchemy import event
 
 from shared.providers import OfflineProvider
@@ -79,12 +80,18 @@ def within(path: str, counts: Counts) -> None:
 
 @pytest.fixture
 def funded_chat(pg_client, pg_admin, pg_user):
-    assert pg_client.patch(
-        "/api/v1/admin/settings/enforcement", json={"enabled": True}, headers=pg_admin.headers
-    ).status_code == 200
-    assert pg_client.post(
-        f"/api/v1/admin/users/{pg_user.id}/grants", json={"amount": "10"}, headers=pg_admin.headers
-    ).status_code == 201
+    assert (
+        pg_client.patch(
+            "/api/v1/admin/settings/enforcement", json={"enabled": True}, headers=pg_admin.headers
+        ).status_code
+        == 200
+    )
+    assert (
+        pg_client.post(
+            f"/api/v1/admin/users/{pg_user.id}/grants", json={"amount": "10"}, headers=pg_admin.headers
+        ).status_code
+        == 201
+    )
     room = pg_client.post("/api/v1/rooms", json={"name": "hot"}, headers=pg_user.headers).get_json()
     return pg_client.post(f"/api/v1/rooms/{room['id']}/sessions", json={}, headers=pg_user.headers).get_json()
 
@@ -98,8 +105,19 @@ def quiet_app(pg_app, io_settings):  # noqa: F811
     app.extensions["tollgate"].close()
 
 
-def test_a_turn_and_the_cheap_reads_stay_within_their_round_trip_budget(quiet_app, pg_user, funded_chat):
+def test_a_turn_and_the_cheap_reads_stay_within_their_round_trip_budget(
+    quiet_app, pg_user, funded_chat, monkeypatch
+):
     pg_app, pg_client = quiet_app, quiet_app.test_client()
+    # Statements psycopg parses again on every execution (too long for its cache by default:
+    # shared/db.py raises the limits); none on a turn's path.
+    uncached = []
+    parse = psycopg_queries._query2pg_nocache
+    monkeypatch.setattr(
+        psycopg_queries,
+        "_query2pg_nocache",
+        lambda query, *a: uncached.append(query[:80]) or parse(query, *a),
+    )
     runtime = pg_app.extensions["tollgate"]
     engine = runtime.db.engine
     provider, tools = OfflineProvider(), build_registry()
@@ -127,7 +145,9 @@ def test_a_turn_and_the_cheap_reads_stay_within_their_round_trip_budget(quiet_ap
     one_turn("Warm up: the first turn seeds the price and fills caches.")
     wait_subscribed(pg_app)  # the API-key cache serves once its revoke listener is up
     # The second turn of a session is the common case: a history to read, a price in force.
+    uncached.clear()
     counted = one_turn("What is the capital of France?")
+    assert uncached == []
     for path, counts in counted.items():
         within(path, counts)
     print({path: counts.as_tuple() for path, counts in counted.items()})
