@@ -149,17 +149,23 @@ def _describe(value: Any) -> str:
 class ToolRegistry:
     tools: dict[str, Tool] = field(default_factory=dict)
 
+    _schemas: list[dict[str, Any]] | None = field(default=None, init=False, repr=False)
+
     def register(self, tool: Tool) -> None:
         if tool.name in self.tools:
             raise ValueError(f"tool {tool.name!r} is already registered")
         self.tools[tool.name] = tool
+        self._schemas = None
 
     def names(self) -> list[str]:
         return list(self.tools)
 
     def schemas(self) -> list[dict[str, Any]]:
-        """The tools in OpenAI function-tool format (fresh copies: callers may mutate them)."""
-        return [tool.schema() for tool in self.tools.values()]
+        """The tools in OpenAI function-tool format, built once (every hold sizing and every
+        model call of a turn asks for them): shared, so callers must not mutate them."""
+        if self._schemas is None:
+            self._schemas = [tool.schema() for tool in self.tools.values()]
+        return self._schemas
 
     def call(self, name: str, arguments: Any, ctx: ToolContext, timeout: float) -> ToolResult:
         """Validate ``arguments`` and run the tool within ``timeout`` seconds. Never raises.

@@ -76,8 +76,16 @@ def test_the_registry_offers_search_and_file_read_as_openai_function_tools(regis
         parameters = schema["function"]["parameters"]
         assert parameters["type"] == "object" and parameters["additionalProperties"] is False
     assert schemas[0]["function"]["parameters"]["required"] == ["query"]
-    schemas[0]["function"]["parameters"]["properties"].clear()
-    assert registry.schemas()[0]["function"]["parameters"]["properties"], "callers get copies"
+    assert registry.schemas() is schemas, "built once: every hold sizing and model call asks"
+
+
+def test_registering_a_tool_rebuilds_the_schemas():
+    registry = ToolRegistry()
+    registry.register(Tool("echo", "Echo.", {"type": "object", "properties": {}}, lambda ctx: None))
+    before = registry.schemas()
+    registry.register(Tool("ping", "Ping.", {"type": "object", "properties": {}}, lambda ctx: None))
+    assert [s["function"]["name"] for s in registry.schemas()] == ["echo", "ping"]
+    assert [s["function"]["name"] for s in before] == ["echo"]
 
 
 @pytest.mark.parametrize(
