@@ -130,7 +130,7 @@ def chat_completions():
         response.headers.update(headers)
         return response
     wait = rt.settings.task_soft_time_limit_seconds + WAIT_MARGIN_SECONDS
-    turn = turns.wait_until_finished(rt, session, turn, wait, start=start)
+    turn = turns.wait_until_finished(rt, session, turn, wait, start=start, entity=True)
     if turn.status not in turns.FINISHED:
         return openai_error(
             504, "The model did not answer in time; the turn goes on.", "timeout", None, headers

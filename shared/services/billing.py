@@ -97,17 +97,20 @@ def _lock_wallet(session: Session, *, user_id: str | None = None, wallet_id: str
     return wallet
 
 
+# A turn's hold, by its turn: built once (read two or three times a turn).
+_HOLD_OF_TURN = select(Hold).where(Hold.turn_id == bindparam("turn_id"))
+_FRESH_HOLD = _HOLD_OF_TURN.execution_options(populate_existing=True)
+_FRESH_HOLD_LOCKED = _FRESH_HOLD.with_for_update(key_share=True)
+
+
 def _fresh_hold(session: Session, turn_id: str, *, lock: bool = False) -> Hold | None:
     """The turn's hold, re-read; ``lock`` also locks its row (NO KEY UPDATE) for the transaction."""
-    statement = select(Hold).where(Hold.turn_id == turn_id).execution_options(populate_existing=True)
-    if lock:
-        statement = statement.with_for_update(key_share=True)
-    return session.scalar(statement)
+    return session.scalar(_FRESH_HOLD_LOCKED if lock else _FRESH_HOLD, {"turn_id": turn_id})
 
 
 def reserved_for(session: Session, turn_id: str) -> Decimal | None:
     """What the turn's hold reserved, whatever became of it since; ``None``: it has none."""
-    hold = session.scalar(select(Hold).where(Hold.turn_id == turn_id))
+    hold = session.scalar(_HOLD_OF_TURN, {"turn_id": turn_id})
     return hold.amount if hold is not None else None
 
 

@@ -32,7 +32,7 @@ from datetime import date, datetime, timedelta
 from decimal import Decimal
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import and_, exists, func, or_, select, update
+from sqlalchemy import Select, and_, bindparam, exists, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from shared.db import MONEY_QUANT, is_uuid, utcnow
@@ -210,21 +210,29 @@ def _rate_retry_after(session: Session, row: Limit, now: datetime, exclude_turn_
 # -- admission ------------------------------------------------------------------------------
 
 
-def _locked_rows(session: Session, user_id: str, api_key_id: str | None) -> list[Limit]:
-    subjects = [and_(Limit.subject_type == LimitSubject.USER, Limit.subject_id == user_id)]
-    if api_key_id is not None:
-        subjects.append(and_(Limit.subject_type == LimitSubject.API_KEY, Limit.subject_id == api_key_id))
+def _limits_of(*subjects) -> Select:
     # One statement, user row before key row ("user" > "api_key"): every admission takes
     # them in the same order, so two of them never wait on each other in a cycle.
-    return list(
-        session.scalars(
-            select(Limit)
-            .where(or_(*subjects))
-            .order_by(Limit.subject_type.desc())
-            .with_for_update()
-            .execution_options(populate_existing=True)
-        )
+    return (
+        select(Limit)
+        .where(or_(*subjects))
+        .order_by(Limit.subject_type.desc())
+        .with_for_update()
+        .execution_options(populate_existing=True)
     )
+
+
+# Built once: every admission reads them (the key's row only for a caller with an API key).
+_USER_LIMITS = and_(Limit.subject_type == LimitSubject.USER, Limit.subject_id == bindparam("user_id"))
+_KEY_LIMITS = and_(Limit.subject_type == LimitSubject.API_KEY, Limit.subject_id == bindparam("api_key_id"))
+_LOCKED_USER_LIMITS = _limits_of(_USER_LIMITS)
+_LOCKED_USER_AND_KEY_LIMITS = _limits_of(_USER_LIMITS, _KEY_LIMITS)
+
+
+def _locked_rows(session: Session, user_id: str, api_key_id: str | None) -> list[Limit]:
+    if api_key_id is None:
+        return list(session.scalars(_LOCKED_USER_LIMITS, {"user_id": user_id}))
+    return list(session.scalars(_LOCKED_USER_AND_KEY_LIMITS, {"user_id": user_id, "api_key_id": api_key_id}))
 
 
 def admit(

@@ -15,7 +15,7 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from decimal import ROUND_HALF_UP, Decimal
 
-from sqlalchemy import and_, func, select
+from sqlalchemy import and_, bindparam, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -66,13 +66,17 @@ def check_money(
     return value.quantize(MONEY_QUANT) + 0
 
 
+# Built once: read twice a turn (admission and run).
+_LATEST = (
+    select(ModelPrice)
+    .where(ModelPrice.model == bindparam("model"), ModelPrice.effective_from <= bindparam("at"))
+    .order_by(ModelPrice.effective_from.desc())
+    .limit(1)
+)
+
+
 def _latest(session: Session, model: str, at: datetime) -> ModelPrice | None:
-    return session.scalar(
-        select(ModelPrice)
-        .where(ModelPrice.model == model, ModelPrice.effective_from <= at)
-        .order_by(ModelPrice.effective_from.desc())
-        .limit(1)
-    )
+    return session.scalar(_LATEST, {"model": model, "at": at})
 
 
 def builtin_price(model: str) -> ModelPrice:

@@ -20,7 +20,7 @@ import logging
 import re
 from dataclasses import dataclass, replace
 
-from sqlalchemy import select, update
+from sqlalchemy import bindparam, select, update
 from sqlalchemy.orm import Session, load_only
 
 from shared import metrics
@@ -49,6 +49,19 @@ class SummaryResult:
 
 
 _TEXT = load_only(Turn.id, Turn.seq, Turn.content, Turn.reply)
+# The window's read, built once (twice a turn: admission and run).
+_LATEST = (
+    select(Turn)
+    .options(_TEXT)
+    .where(
+        Turn.session_id == bindparam("session_id"),
+        Turn.kind == TurnKind.CHAT,
+        Turn.status == TurnStatus.COMPLETED,
+        Turn.seq < bindparam("before_seq"),
+    )
+    .order_by(Turn.seq.desc())
+    .limit(WINDOW_TURNS + SUMMARY_BATCH_TURNS - 1)
+)
 
 
 def window(session: Session, chat: ChatSession, before_seq: int) -> tuple[list[Turn], list[Turn]]:
@@ -63,23 +76,13 @@ def window(session: Session, chat: ChatSession, before_seq: int) -> tuple[list[T
     One bounded read; a second, only of the uncovered turns, when a batch may be
     complete. Never the session's whole history.
     """
-    completed = (Turn.session_id == chat.id, Turn.kind == TurnKind.CHAT, Turn.status == TurnStatus.COMPLETED)
     # What a context and a summary use of a turn (_TEXT), not its thirty-odd columns.
-    latest = list(
-        reversed(
-            session.scalars(
-                select(Turn)
-                .options(_TEXT)
-                .where(*completed, Turn.seq < before_seq)
-                .order_by(Turn.seq.desc())
-                .limit(WINDOW_TURNS + SUMMARY_BATCH_TURNS - 1)
-            ).all()
-        )
-    )
+    latest = list(reversed(session.scalars(_LATEST, {"session_id": chat.id, "before_seq": before_seq}).all()))
     in_window = latest[-WINDOW_TURNS:]
     left = [turn for turn in latest[:-WINDOW_TURNS] if turn.seq > chat.summary_through_seq]
     if len(left) < SUMMARY_BATCH_TURNS - 1:
         return left + in_window, []  # older turns are all covered: no batch yet
+    completed = (Turn.session_id == chat.id, Turn.kind == TurnKind.CHAT, Turn.status == TurnStatus.COMPLETED)
     missing = session.scalars(
         select(Turn)
         .options(_TEXT)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session
 
 from shared.models import ChatSession, FileStatus, Turn, UploadedFile
@@ -50,13 +50,17 @@ def load(session: Session, chat: ChatSession, before_seq: int) -> TurnContext:
     )
 
 
+# Built once (read twice a turn: admission and run).
+_ROOM_FILES = (
+    select(UploadedFile.filename, UploadedFile.id)
+    .where(UploadedFile.room_id == bindparam("room_id"), UploadedFile.status == FileStatus.READY)
+    .order_by(UploadedFile.created_at.desc())
+    .limit(ROOM_FILES_LISTED)
+)
+
+
 def _room_files_line(session: Session, room_id: str) -> str | None:
-    files = session.execute(
-        select(UploadedFile.filename, UploadedFile.id)
-        .where(UploadedFile.room_id == room_id, UploadedFile.status == FileStatus.READY)
-        .order_by(UploadedFile.created_at.desc())
-        .limit(ROOM_FILES_LISTED)
-    ).all()
+    files = session.execute(_ROOM_FILES, {"room_id": room_id}).all()
     return room_files_line(files) if files else None
 
 

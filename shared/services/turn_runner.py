@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 
-from sqlalchemy import and_, delete, or_, select, update
+from sqlalchemy import and_, bindparam, delete, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -113,9 +113,13 @@ class Execution:
             self.usage_estimated = True
 
 
+# Built once (twice a turn: claim and settle); see docs/architecture.md "The hot path, counted".
+# NO KEY UPDATE: tool-call rows referencing the turn (KEY SHARE) are not blocked by it.
+_LOCK_TURN = select(Turn).where(Turn.id == bindparam("turn_id")).with_for_update(key_share=True)
+
+
 def _lock(session: Session, turn_id: str) -> Turn | None:
-    # NO KEY UPDATE: tool-call rows referencing the turn (KEY SHARE) are not blocked by it.
-    return session.scalar(select(Turn).where(Turn.id == turn_id).with_for_update(key_share=True))
+    return session.scalar(_LOCK_TURN, {"turn_id": turn_id})
 
 
 def _end_locked(

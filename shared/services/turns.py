@@ -133,6 +133,9 @@ def _check_idempotency_key(key: str | None) -> None:
         )
 
 
+_LAST_SEQ = select(func.max(Turn.seq)).where(Turn.session_id == bindparam("session_id"))
+
+
 def _add_turn(session: Session, turn: Turn, chat: ChatSession) -> Turn:
     """Give ``turn`` the session's next ``seq`` and add it (flushed); ``chat``'s row is
     locked (``owned_session(lock=True)``): seq allocation is serialised per session.
@@ -143,7 +146,7 @@ def _add_turn(session: Session, turn: Turn, chat: ChatSession) -> Turn:
     statement after the lock, so it sees every turn committed before the lock was granted.
     """
     turn.session_id = chat.id
-    turn.seq = (session.scalar(select(func.max(Turn.seq)).where(Turn.session_id == chat.id)) or 0) + 1
+    turn.seq = (session.scalar(_LAST_SEQ, {"session_id": chat.id}) or 0) + 1
     session.add(turn)
     session.flush()
     # A new turn has no tool calls: its response needs no query to say so.
@@ -263,19 +266,22 @@ def enqueue_run(celery_app, turn_id: str, *, streamed: bool = False) -> bool:
         return False
 
 
-def _reread(runtime: Runtime, turn: Turn) -> Turn:
-    """The turn as committed now, with its tool calls (a TurnRead lists them): one
-    statement, without a transaction on Postgres (``Database.session(reads_only=True)``)."""
+def _reread(runtime: Runtime, turn: Turn, read) -> Turn | TurnRead:
+    """The turn as committed now, read by ``read`` (:func:`read_turn` or :func:`owned_turn`),
+    without a transaction on Postgres (``Database.session(reads_only=True)``)."""
     with runtime.db.session(reads_only=True) as session:
-        return owned_turn(session, turn.user_id, turn.id)
+        return read(session, turn.user_id, turn.id)
 
 
 def wait_until_finished(
-    runtime: Runtime, session: Session, turn: Turn, timeout: float, *, start=None
-) -> Turn:
+    runtime: Runtime, session: Session, turn: Turn, timeout: float, *, start=None, entity: bool = False
+) -> Turn | TurnRead:
     """Wait until the turn ends or ``timeout`` passes, holding no database connection while
-    waiting; returns the turn as last read. With Redis the worker's push wakes the wait
-    (``turn_events``); embedded mode re-reads the row, 20 ms apart growing to 250 ms.
+    waiting; returns the turn as last read: ``turn`` itself, or as ``GET /turns/{id}`` reads
+    it (a :class:`TurnRead`: one Core statement, no ORM entity), or with ``entity`` as a
+    ``Turn`` (for what a TurnRead does not hold, e.g. a /v1 reply's tool calls). With
+    Redis the worker's push wakes the wait (``turn_events``); embedded mode re-reads the
+    row, 20 ms apart growing to 250 ms.
     ``start`` (the turn's enqueue) runs once the wait is set up, so the end of a turn that
     ran at once is not missed and needs no read before it."""
     if turn.status in FINISHED:
@@ -287,7 +293,7 @@ def wait_until_finished(
 
     def finished() -> bool:
         nonlocal latest
-        latest = _reread(runtime, turn)
+        latest = _reread(runtime, turn, owned_turn if entity else read_turn)
         return latest.status in FINISHED
 
     waiter = runtime.turn_waiter
