@@ -70,12 +70,21 @@ def count_message_tokens(messages: list[dict]) -> int:
     """
     if not messages:
         return 0
-    total = REPLY_PRIMING_TOKENS
+    # The same rule as count_tokens, inlined for the common message (string content, no
+    # name, no tool calls): a turn's budget counts its context several times per call.
+    total = REPLY_PRIMING_TOKENS + MESSAGE_OVERHEAD_TOKENS * len(messages)
     for message in messages:
-        total += MESSAGE_OVERHEAD_TOKENS
-        total += count_tokens(content_text(message.get("content")))
-        total += count_tokens(message.get("name") or "")
-        total += count_tokens(_tool_call_text(message.get("tool_calls") or []))
+        content = message.get("content")
+        if type(content) is str:
+            total += (len(content) + CHARS_PER_TOKEN - 1) // CHARS_PER_TOKEN
+        else:
+            total += count_tokens(content_text(content))
+        name = message.get("name")
+        if name:
+            total += count_tokens(name)
+        tool_calls = message.get("tool_calls")
+        if tool_calls:
+            total += count_tokens(_tool_call_text(tool_calls))
     return total
 
 
