@@ -2,10 +2,11 @@
 
 Usage is pre-aggregated in ``usage_hours`` by ``services/billing.py`` in the same
 transaction as the debit, in two levels: per (user, model, UTC hour) and for all users
-per (model, UTC hour). A row also carries the usage of its hour's first 15, 30 and 45
-minutes, so it is quarter-exact. A summary reads one level, never the turns: one user's
-rows for ``user_id``, every user's rows for the export's ``group_by=user``, the all-users
-rows otherwise; the model filter narrows either.
+per (model, UTC hour), the latter also per hour from :30 UTC (scope ``*30``). A row also
+carries the usage of its hour's first 15, 30 and 45 minutes, so it is quarter-exact. A
+summary reads one level, never the turns: one user's rows for ``user_id``, every user's
+rows for the export's ``group_by=user``, the all-users rows otherwise (those from :30 in a
+zone whose local midnights all fall at :30); the model filter narrows either.
 
 **Bucketing rule (both dialects, every zone).** A turn counts on the local date of its
 ``completed_at`` in the requested zone. Every UTC offset in use since 1972 is a multiple
