@@ -40,8 +40,9 @@ UPDATE wallets SET balance = balance - :amount / 1000000.0, updated_at = now() W
 {USAGE_UPSERT}
 END;
 """
-# billing.record_usage: the user's and the all-users row of the UTC hour, with the prefixes
-# for the first 15/30/45 minutes, in one multi-row upsert.
+# billing.record_usage: the user's and the all-users row of the UTC hour, then the all-users
+# row of the hour from :30, each with the prefixes for its first 15/30/45 minutes, in one
+# multi-row upsert.
 _AMOUNTS = {"turns": "1", "input_tokens": "100", "output_tokens": "50", "cost": "(:amount / 1000000.0)"}
 _COLUMNS = [*_AMOUNTS, *[f"{measure}_to_{split}" for split in (15, 30, 45) for measure in _AMOUNTS]]
 _VALUES = [
@@ -50,9 +51,11 @@ _VALUES = [
 ]
 USAGE_UPSERT = (
     f"INSERT INTO usage_hours (scope, hour_start, model, {', '.join(_COLUMNS)})\n"
-    f"  SELECT scope, date_trunc('hour', now(), 'UTC'), 'offline-small', {', '.join(_VALUES)}\n"
-    "  FROM (VALUES (:user), ('*')) AS scopes (scope),\n"
-    "       (SELECT extract(minute FROM now() AT TIME ZONE 'UTC')::int AS m) AS minute\n"
+    "  SELECT scope, date_trunc('hour', now() - shift, 'UTC') + shift, 'offline-small',\n"
+    f"         {', '.join(_VALUES)}\n"
+    "  FROM (VALUES (:user, interval '0'), ('*', interval '0'), ('*30', interval '30 minutes'))\n"
+    "         AS scopes (scope, shift),\n"
+    "       LATERAL (SELECT extract(minute FROM (now() - shift) AT TIME ZONE 'UTC')::int AS m) AS minute\n"
     "  ON CONFLICT (scope, hour_start, model) DO UPDATE SET "
     + ", ".join(f"{column} = usage_hours.{column} + EXCLUDED.{column}" for column in _COLUMNS)
     + ";"

@@ -4,7 +4,8 @@ Loads one synthetic year (2025) into a fresh, migrated Postgres database with
 server-side SQL only (``INSERT … SELECT generate_series``): 1,000 users, a room
 and a session each, ``--turns`` completed turns (default 5,000,000) over 5
 models, then builds both rollup levels (per user and all users, per UTC hour with
-quarter prefixes: what ``billing.record_usage`` maintains live) with
+quarter prefixes, all users also per hour from :30: what ``billing.record_usage``
+maintains live) with
 ``usage.rebuild``, the code behind ``tollgate usage-rebuild``. Then, for month /
 week / day buckets over the whole year, for all users and for one user, it times
 ``usage.summarize`` (rollups) and ``usage.summary_from_turns`` (plain ``GROUP BY
@@ -164,6 +165,7 @@ def load(url: str, total: int) -> dict:
         figures["turns"] = conn.execute("SELECT count(*) FROM turns").fetchone()[0]
         figures["rollup_rows_per_user"] = rebuilt.user_rows
         figures["rollup_rows_all_users"] = rebuilt.all_users_rows
+        figures["rollup_rows_all_users_at_30"] = rebuilt.all_users_rows_at_30
         figures["turns_mb"] = conn.execute("SELECT pg_total_relation_size('turns')").fetchone()[0] / 2**20
         figures["rollups_mb"] = (
             conn.execute("SELECT pg_total_relation_size('usage_hours')").fetchone()[0] / 2**20

@@ -62,7 +62,7 @@ def cmd_usage_rebuild(_args, settings: Settings) -> int:
         result = usage.rebuild(session)
     print(
         f"ok: usage rollups rebuilt from the turns: {result.user_rows} per-user rows, "
-        f"{result.all_users_rows} all-users rows"
+        f"{result.all_users_rows} all-users rows ({result.all_users_rows_at_30} from :30)"
     )
     for name in ("turns", "input_tokens", "output_tokens", "cost"):
         before, after = getattr(result.before, name), getattr(result.after, name)

@@ -3,6 +3,8 @@
 from shared.models.audit import AdminAuditEvent, SettingEntry
 from shared.models.billing import (
     ALL_USERS,
+    ALL_USERS_AT_30,
+    ALL_USERS_SCOPES,
     SYSTEM_ACTOR,
     Hold,
     HoldStatus,
@@ -26,6 +28,8 @@ from shared.models.webhooks import (
 
 __all__ = [
     "ALL_USERS",
+    "ALL_USERS_AT_30",
+    "ALL_USERS_SCOPES",
     "SYSTEM_ACTOR",
     "ApiKeySpend",
     "DeliveryStatus",

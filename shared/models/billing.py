@@ -151,15 +151,23 @@ class ModelPrice(Base):
 
 
 ALL_USERS = "*"  # the ``scope`` of the all-users level
+# The ``scope`` of the all-users level on hours that start at :30 UTC (17:30–18:30 …): a
+# zone whose local midnights all fall at :30 (Asia/Kolkata, America/St_Johns) maps each of
+# these rows whole to one local day, with no hour to split (docs/usage.md).
+ALL_USERS_AT_30 = "*30"
+ALL_USERS_SCOPES = (ALL_USERS, ALL_USERS_AT_30)
 # The actor id (``initiated_by``, ``created_by``) of what no admin did: captures, seeded prices.
 SYSTEM_ACTOR = "system"
+_HALF_HOUR = timedelta(minutes=30)
 
 
 class UsageHour(Base):
     """Usage per scope, model and UTC hour, quarter-exact, written with the debit.
 
     Two levels in one table: ``scope`` is a user's id (the per-user level) or ``*`` (the
-    all-users level, what a dashboard asks for first). Besides the hour's totals, a row
+    all-users level, what a dashboard asks for first). The all-users level is kept twice:
+    on UTC hours (``*``) and on the hours that start at :30 UTC (``*30``, ``hour_start`` on
+    :30), so zones cut at :30 read whole rows. Besides the hour's totals, a row
     carries the usage of its first 15, 30 and 45 minutes (``*_to_15`` …), so the hour
     splits exactly at any quarter: every local midnight since 1972 is a UTC quarter hour,
     and a local day in Asia/Kolkata (+05:30) cuts its UTC hour at :30 (docs/usage.md).
@@ -192,6 +200,7 @@ class UsageHour(Base):
     MEASURES = ("turns", "input_tokens", "output_tokens", "cost")
     SPLITS = (15, 30, 45)  # minutes into the hour with a stored prefix
     QUARTER = timedelta(minutes=15)  # every UTC offset in use since 1972 is a multiple of it
+    ROWS_PER_EVENT = 3  # rows_for: the user's hour, all users' hour, all users' hour from :30
 
     @classmethod
     def hour_of(cls, at: datetime) -> datetime:
@@ -212,12 +221,26 @@ class UsageHour(Base):
 
     @classmethod
     def rows_for(cls, *, user_id: str, model: str, at: datetime, **amounts) -> list[dict]:
-        """The two rows one usage event adds to: its user's and all users', for ``at``'s hour;
-        each ``*_to_N`` gets the amount when ``at`` lies in the hour's first N minutes."""
-        hour, minute = cls.hour_of(at), at.astimezone(UTC).minute
-        values = {"hour_start": hour, "model": model}
+        """The three rows one usage event adds to, in the order every writer locks them: its
+        user's and all users' for ``at``'s UTC hour, then all users' for the hour from :30
+        holding ``at``. Each ``*_to_N`` gets the amount when ``at`` lies in the first N
+        minutes of its row's hour."""
+        at = at.astimezone(UTC)
+        hour = cls.hour_of(at)
+        half = hour + (_HALF_HOUR if at.minute >= 30 else -_HALF_HOUR)
+        values = cls._values(hour, model, at, amounts)
+        return [
+            {"scope": user_id, **values},
+            {"scope": ALL_USERS, **values},
+            {"scope": ALL_USERS_AT_30, **cls._values(half, model, at, amounts)},
+        ]
+
+    @classmethod
+    def _values(cls, start: datetime, model: str, at: datetime, amounts: dict) -> dict:
+        minute = (at - start) // timedelta(minutes=1)
+        values = {"hour_start": start, "model": model}
         for measure in cls.MEASURES:
             values[measure] = amounts[measure]
             for split in cls.SPLITS:
                 values[f"{measure}_to_{split}"] = amounts[measure] if minute < split else 0
-        return [{"scope": user_id, **values}, {"scope": ALL_USERS, **values}]
+        return values

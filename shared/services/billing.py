@@ -340,14 +340,14 @@ def _wallet_move_statement(
     if usage:
         table = UsageHour.__table__
         names = [column.name for column in table.columns]
-        # Rows as SELECTs of parameters (a multi-row VALUES of parameters is not cacheable).
         # Rows as SELECTs of parameters (a multi-row VALUES of parameters is not cacheable),
         # from ``w``: written only if the wallet moved (a refused ``covering`` moves none).
+        # In ``UsageHour.rows_for``'s order, the order every writer locks them in.
         rows = [
             select(
                 *(bindparam(f"u{index}_{column.name}", type_=column.type) for column in table.columns)
             ).select_from(w)
-            for index in range(2)
+            for index in range(UsageHour.ROWS_PER_EVENT)
         ]
         statement = pg_insert(table).from_select(names, union_all(*rows))
         ctes.append(_on_usage_conflict(statement).cte("u"))
@@ -419,12 +419,12 @@ def record_usage(
     cost: Decimal,
 ) -> None:
     """Add usage to both rollup levels, the user's and all users' (model, UTC hour,
-    quarter prefixes), in the caller's transaction: one multi-row
-    ``INSERT … ON CONFLICT DO UPDATE``. Does not commit.
+    quarter prefixes; all users' also on the hour from :30), in the caller's transaction:
+    one multi-row ``INSERT … ON CONFLICT DO UPDATE``. Does not commit.
 
     The user's row is first: every writer locks the rows in the same order (the user's,
-    already serialised by the wallet lock, then the shared all-users row), and the shared
-    row stays locked only until the caller commits.
+    already serialised by the wallet lock, then the shared all-users rows, ``*`` before
+    ``*30``), and the shared rows stay locked only until the caller commits.
     """
     _write_riders(session, _Riders(_usage_rows(user_id, model, at, turns, input_tokens, output_tokens, cost)))
 
@@ -432,7 +432,8 @@ def record_usage(
 def _usage_rows(
     user_id: str, model: str, at: datetime, turns: int, input_tokens: int, output_tokens: int, cost: Decimal
 ) -> list[dict]:
-    """The two ``usage_hours`` rows (the user's, all users') one charge adds to."""
+    """The ``usage_hours`` rows one charge adds to (``UsageHour.rows_for``): the user's,
+    all users', all users' from :30."""
     return UsageHour.rows_for(
         user_id=user_id,
         model=model,

@@ -2,10 +2,11 @@
 
 Usage is pre-aggregated in ``usage_hours`` by ``services/billing.py`` in the same
 transaction as the debit, in two levels: per (user, model, UTC hour) and for all users
-per (model, UTC hour). A row also carries the usage of its hour's first 15, 30 and 45
-minutes, so it is quarter-exact. A summary reads one level, never the turns: one user's
-rows for ``user_id``, every user's rows for the export's ``group_by=user``, the all-users
-rows otherwise; the model filter narrows either.
+per (model, UTC hour), the latter also per hour from :30 UTC (scope ``*30``). A row also
+carries the usage of its hour's first 15, 30 and 45 minutes, so it is quarter-exact. A
+summary reads one level, never the turns: one user's rows for ``user_id``, every user's
+rows for the export's ``group_by=user``, the all-users rows otherwise (those from :30 in a
+zone whose local midnights all fall at :30); the model filter narrows either.
 
 **Bucketing rule (both dialects, every zone).** A turn counts on the local date of its
 ``completed_at`` in the requested zone. Every UTC offset in use since 1972 is a multiple
@@ -69,7 +70,7 @@ from sqlalchemy.orm import Session
 
 from shared.db import MONEY_QUANT, UTCDateTime
 from shared.errors import InvalidInput
-from shared.models import ALL_USERS, Turn, TurnStatus, UsageHour
+from shared.models import ALL_USERS, ALL_USERS_AT_30, ALL_USERS_SCOPES, Turn, TurnStatus, UsageHour
 
 BUCKETS = ("day", "week", "month")
 DEFAULT_RANGE_DAYS = 30
@@ -362,6 +363,7 @@ class _Shape:
     offsets: int  # offsets in force over the window: one CASE arm each but the last
     cuts: tuple[int, ...]  # hour_cuts
     whole_hours: bool  # stage 2 by whole hours plus edge corrections (_whole_hour_parts)
+    from_30: bool  # all users' hours from :30 (ALL_USERS_AT_30), each whole to one bucket
     user: bool
     model: bool
     group_by: GroupBy | None
@@ -377,16 +379,25 @@ class _Shape:
 
 def _shape(dialect: str, request: _Request) -> _Shape:
     """The shape of the request's statements; whole hours (plus edge corrections) whenever
-    the zone cuts hours at most once and the window starts and ends at that cut."""
+    the zone cuts hours at most once and the window starts and ends at that cut. For all
+    users, when that cut is at :30 and the offset changes only at :30 too (Kolkata, St
+    John's, Adelaide), the hours from :30: no local date changes inside one of them."""
     query, lo, hi = request.query, request.lo, request.hi
     cuts = hour_cuts(query.zone, lo, hi)
     cut = cuts[-1]
+    whole_hours = len(cuts) <= 2 and lo.minute == hi.minute == cut
+    changes_at_30 = all(until.minute == 30 for until, _ in request.segments if until is not None)
     return _Shape(
         dialect=dialect,
         bucket=query.bucket if query.known_bucket else None,
         offsets=len(request.segments),
         cuts=cuts,
-        whole_hours=len(cuts) <= 2 and lo.minute == hi.minute == cut,
+        whole_hours=whole_hours,
+        from_30=whole_hours
+        and cut == 30
+        and changes_at_30
+        and not query.user_id
+        and query.group_by != GroupBy.USER,
         user=bool(query.user_id),
         model=bool(query.model),
         group_by=query.group_by,
@@ -524,15 +535,19 @@ def _filters(shape: _Shape, parameters: _Parameters, user_column, model_column) 
 
 def _level_filters(shape: _Shape, parameters: _Parameters) -> list:
     """The level a query reads: one user's rows, every user's rows (``group_by=user``), or
-    the all-users rows. The model filter then narrows either."""
+    the all-users rows (on UTC hours, or from :30 for ``_Shape.from_30``). The model filter
+    then narrows either."""
     filters = _filters(shape, parameters, UsageHour.scope, UsageHour.model)
     if not shape.user:
         # In the SQL text, so a generic plan still knows the all-users rows from a user's.
-        all_users = literal(ALL_USERS, UsageHour.scope.type, literal_execute=True)
-        filters.insert(
-            0,
-            UsageHour.scope != all_users if shape.group_by == GroupBy.USER else UsageHour.scope == all_users,
-        )
+        def scope(value: str):
+            return literal(value, UsageHour.scope.type, literal_execute=True)
+
+        if shape.group_by == GroupBy.USER:
+            level = UsageHour.scope.not_in([scope(value) for value in ALL_USERS_SCOPES])
+        else:
+            level = UsageHour.scope == scope(ALL_USERS_AT_30 if shape.from_30 else ALL_USERS)
+        filters.insert(0, level)
     return filters
 
 
@@ -607,7 +622,9 @@ def _rollup_sql(shape: _Shape) -> tuple[Select, _Parameters]:
          every hour goes whole to the bucket of ``hour + m``; then, for the few hours
          holding a bucket's first local midnight at ``m`` (``bucket_changes``: one a day,
          a week or a month, read again by key), the first ``m`` minutes move back to the
-         bucket of the hour's start. Kolkata maps each row once plus two per bucket.
+         bucket of the hour's start. Kolkata maps each row once plus two per bucket for
+         one user; for all users it reads the hours from :30 (``from_30``), which start at
+         the cut: each goes whole to the bucket of its start, as UTC's hours do.
        - otherwise each hour in its parts (Lord Howe's 30-minute DST: the four
          quarters), each part to the bucket of its own start.
     3. Sum per bucket (and key) in one aggregate; buckets whose parts hold no usage are
@@ -636,8 +653,9 @@ def _part(shape: _Shape, parameters: _Parameters, source, shift_minutes: int, me
 
 def _whole_hour_parts(shape: _Shape, parameters: _Parameters, part) -> list:
     """Every hour whole to the bucket of ``hour + cut``, then the first ``cut`` minutes of
-    the hours that start a bucket moved back to the bucket of the hour's start."""
-    cut = shape.cuts[-1]
+    the hours that start a bucket moved back to the bucket of the hour's start. The hours
+    from :30 start at the cut: nothing to move."""
+    cut = 0 if shape.from_30 else shape.cuts[-1]
     # Hours whose moment at ``cut`` lies in [lo, hi): here lo - cut and hi - cut are on the hour.
     first, last = _window_edge(parameters, "lo", cut), _window_edge(parameters, "hi", cut)
     hours = _hour_rows(shape, parameters, [60], UsageHour.hour_start >= first, UsageHour.hour_start < last)
@@ -905,6 +923,7 @@ def _csv_lines(session: Session, query: UsageQuery, bound: _Bound | None) -> Ite
 class RebuildResult:
     user_rows: int
     all_users_rows: int
+    all_users_rows_at_30: int
     before: UsageTotals
     after: UsageTotals
 
@@ -929,13 +948,65 @@ def _hour_and_minute(dialect: str, moment):
     return func.strftime("%Y-%m-%d %H:00:00.000000", moment), func.cast(func.strftime("%M", moment), Integer)
 
 
+def _hour_shifted(dialect: str, minutes: int):
+    """``hour_start`` moved by ``minutes``, in the column's stored form."""
+    if dialect == "postgresql":
+        return UsageHour.hour_start + literal(timedelta(minutes=minutes), Interval())
+    return func.strftime("%Y-%m-%d %H:%M:00.000000", UsageHour.hour_start, _sqlite_modifier(minutes))
+
+
+def _all_users_from_30(dialect: str) -> Select:
+    """All users' hours from :30 (``ALL_USERS_AT_30``), from their UTC hours: the hour from
+    ``H - 30 min`` holds the first half of hour ``H``, the one from ``H + 30 min`` its second
+    half, each half's prefixes counted from the new hour's start (hour H's first 15 minutes
+    are minutes 30–45 of the hour from ``H - 30 min``). Exact: both levels are sums of the
+    same quarters. Columns in ``rebuild``'s order; migration 20261202_0050 backfills with
+    the same SQL."""
+
+    def minutes(measure: str, start: int, end: int):
+        """Hour H's ``measure`` in its minutes ``[start, end)``."""
+        if start == end:
+            return literal_column("0")
+        value = UsageHour.prefix_column(measure, end)
+        return value - UsageHour.prefix_column(measure, start) if start else value
+
+    def half(shift: int, parts: dict[int, tuple[int, int]]) -> Select:
+        """Hour H's rows as the part of the hour from ``H + shift`` they hold: for each of
+        its prefixes (``parts[split]``), H's minutes in it; hours with usage there only."""
+        columns = [
+            minutes(measure, *parts[split]).label(f"{measure}_{split}")
+            for split in (60, *UsageHour.SPLITS)
+            for measure in UsageHour.MEASURES
+        ]
+        used = or_(*[minutes(measure, *parts[60]) != 0 for measure in UsageHour.MEASURES])
+        hour_start = _hour_shifted(dialect, shift).label("hour_start")
+        return select(hour_start, UsageHour.model, *columns).where(UsageHour.scope == ALL_USERS, used)
+
+    # H's first half is the second half of the hour from H - 30: in its prefix to 45 only.
+    first_half = half(-30, {60: (0, 30), 15: (0, 0), 30: (0, 0), 45: (0, 15)})
+    # H's second half is the first half of the hour from H + 30.
+    second_half = half(30, {60: (30, 60), 15: (30, 45), 30: (30, 60), 45: (30, 60)})
+    halves = union_all(first_half, second_half).subquery("halves")
+    sums = [
+        func.sum(halves.c[f"{measure}_{split}"])
+        for split in (60, *UsageHour.SPLITS)
+        for measure in UsageHour.MEASURES
+    ]
+    return (
+        select(literal(ALL_USERS_AT_30), halves.c.hour_start, halves.c.model, *sums)
+        .group_by(halves.c.hour_start, halves.c.model)
+        .order_by(halves.c.hour_start, halves.c.model)
+    )
+
+
 def rebuild(session: Session) -> RebuildResult:
     """Recompute both levels from the turns, in one transaction that commits.
 
     Every billed turn (``cost`` set: completed, or failed/cancelled after using tokens)
     adds its tokens and its charged cost to the hour of ``completed_at``, and counts as a
     turn when completed — what ``billing.settle_turn`` adds with the debit. The all-users
-    level is then summed from the per-user level. Writers wait meanwhile (Postgres: an
+    level is then summed from the per-user level, and its hours from :30 from its UTC
+    hours (``_all_users_from_30``). Writers wait meanwhile (Postgres: an
     ``EXCLUSIVE`` table lock; SQLite: the write lock); readers see the old rows until the
     commit.
 
@@ -975,15 +1046,20 @@ def rebuild(session: Session) -> RebuildResult:
     measures = [getattr(UsageHour, name) for name in names[3:]]
     all_users = (
         select(literal(ALL_USERS), UsageHour.hour_start, UsageHour.model, *[func.sum(m) for m in measures])
-        .where(UsageHour.scope != ALL_USERS)
+        .where(UsageHour.scope.not_in(ALL_USERS_SCOPES))
         .group_by(UsageHour.hour_start, UsageHour.model)
         .order_by(UsageHour.hour_start, UsageHour.model)
     )
     session.execute(insert(UsageHour).from_select(names, all_users))
+    session.execute(insert(UsageHour).from_select(names, _all_users_from_30(dialect)))
     after = _level_totals(session)
-    is_all_users = UsageHour.scope == ALL_USERS
-    user_rows, all_users_rows = session.execute(
-        select(func.count().filter(~is_all_users), func.count().filter(is_all_users))
+    is_all_users, is_at_30 = UsageHour.scope == ALL_USERS, UsageHour.scope == ALL_USERS_AT_30
+    user_rows, all_users_rows, all_users_rows_at_30 = session.execute(
+        select(
+            func.count().filter(UsageHour.scope.not_in(ALL_USERS_SCOPES)),
+            func.count().filter(is_all_users),
+            func.count().filter(is_at_30),
+        )
     ).one()
     session.commit()
-    return RebuildResult(user_rows, all_users_rows, before, after)
+    return RebuildResult(user_rows, all_users_rows, all_users_rows_at_30, before, after)

@@ -1,7 +1,7 @@
 """Alembic upgrades to head and back to base on both dialects, and models never drift from it."""
 
 import re
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 
@@ -13,7 +13,7 @@ from sqlalchemy import CheckConstraint, func, insert, inspect, select, text
 from sqlalchemy.exc import IntegrityError
 
 from shared.db import Base, make_engine
-from shared.models import LedgerEntry, Turn
+from shared.models import ALL_USERS_AT_30, LedgerEntry, Turn, UsageHour
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 
@@ -91,7 +91,9 @@ def test_quarter_hour_rollups_fold_back_into_hours_on_downgrade(empty_database_u
     command.upgrade(config, "head")
     with engine.connect() as conn:
         rows = conn.execute(text("SELECT scope, turns, input_tokens FROM usage_hours ORDER BY scope")).all()
-    assert rows == [("*", 4, 1111), ("u1", 4, 1111)]
+    # The folded hour counts where it starts (20261202_0010): in its first half, so in all
+    # users' hour from 17:30 (20261202_0050).
+    assert rows == [("*", 4, 1111), ("*30", 4, 1111), ("u1", 4, 1111)]
     engine.dispose()
 
 
@@ -131,6 +133,10 @@ def test_quarter_rollups_become_quarter_exact_hour_rows_and_come_back_on_downgra
     assert hours == [
         ("*", "m", 10, 1111, 1, 1, 7, 1011),
         ("*", "n", 5, 10000, 0, 5, 5, 10000),
+        # 20261202_0050: all users' hours from :30, prefixes counted from :30.
+        ("*30", "m", 1, 1, 0, 0, 1, 1),  # 17:30: the 18:00 quarter, minutes 30-45
+        ("*30", "m", 9, 1110, 6, 9, 9, 1110),  # 18:30: the 18:30 and 18:45 quarters
+        ("*30", "n", 5, 10000, 0, 0, 0, 0),  # 18:30: the 19:15 quarter, minutes 45-60
         ("u1", "m", 6, 111, 1, 1, 3, 11),
         ("u2", "m", 4, 1000, 0, 0, 4, 1000),
         ("u2", "n", 5, 10000, 0, 5, 5, 10000),
@@ -145,6 +151,56 @@ def test_quarter_rollups_become_quarter_exact_hour_rows_and_come_back_on_downgra
             text(f"SELECT user_id, model, {clock}, turns, input_tokens, {micro_units} FROM usage_rollups")
         ).all()
     assert sorted(back) == sorted((user, model, at, turns, n, n) for user, model, at, turns, n in quarters)
+    command.upgrade(config, "head")
+    engine.dispose()
+
+
+def test_all_users_hours_from_30_are_backfilled_as_the_debits_write_them(empty_database_url):
+    """20261202_0050 derives all users' hours from :30 from their UTC hours: the same rows,
+    prefixes included, as ``UsageHour.rows_for`` gives the debits that made them; the
+    downgrade removes them."""
+    config = alembic_config(empty_database_url)
+    command.upgrade(config, "20261202_0040")
+    engine = make_engine(empty_database_url)
+    table = UsageHour.__table__
+    measures = [
+        column.name for column in table.columns if column.name not in ("scope", "hour_start", "model")
+    ]
+    start = datetime(2026, 1, 10, 17, 0, tzinfo=UTC)
+    written: dict[tuple, dict] = {}
+    for n in range(80):  # every minute of the hour is hit across five hours, two models
+        at = start + timedelta(minutes=(n * 17) % 60 + 60 * (n % 5), seconds=n % 60)
+        amounts = {"turns": 1, "input_tokens": n, "output_tokens": 2 * n, "cost": Decimal(n) / 1_000_000}
+        for row in UsageHour.rows_for(user_id="u1", model="mn"[n % 2], at=at, **amounts):
+            sums = written.setdefault(
+                (row["scope"], row["hour_start"], row["model"]), dict.fromkeys(measures, 0)
+            )
+            for name in measures:
+                sums[name] += row[name]
+    with engine.begin() as conn:
+        conn.execute(
+            insert(table),
+            [
+                {"scope": scope, "hour_start": hour, "model": model, **sums}
+                for (scope, hour, model), sums in written.items()
+                if scope != ALL_USERS_AT_30
+            ],
+        )
+    command.upgrade(config, "head")
+    from_30 = (
+        select(table).where(table.c.scope == ALL_USERS_AT_30).order_by(table.c.hour_start, table.c.model)
+    )
+    with engine.connect() as conn:
+        backfilled = [dict(row._mapping) for row in conn.execute(from_30)]
+    expected = [
+        {"scope": scope, "hour_start": hour, "model": model, **sums}
+        for (scope, hour, model), sums in sorted(written.items(), key=lambda item: (item[0][1], item[0][2]))
+        if scope == ALL_USERS_AT_30
+    ]
+    assert len(backfilled) == 12 and backfilled == expected
+    command.downgrade(config, "20261202_0040")
+    with engine.connect() as conn:
+        assert conn.execute(from_30).all() == []
     command.upgrade(config, "head")
     engine.dispose()
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import delete, text
 
-from shared.models import ALL_USERS, UsageHour
+from shared.models import ALL_USERS_SCOPES, UsageHour
 from shared.services import usage
 from tests.integration.conftest import service_env
 from tests.web.test_usage_api import (  # noqa: F401 - collected again with the Postgres usage_env
@@ -26,6 +26,7 @@ from tests.web.test_usage_api import (  # noqa: F401 - collected again with the 
     seed,
     test_a_range_without_usage_is_empty_not_an_error,
     test_a_well_formed_unknown_user_id_is_an_empty_filter,
+    test_all_users_in_a_zone_cut_at_30_read_the_hours_from_30_whole,
     test_an_unknown_bucket_gives_totals_without_buckets,
     test_bad_queries_are_422_with_a_stable_code,
     test_export_by_model_quotes_commas_and_quotes_per_rfc_4180,
@@ -85,9 +86,10 @@ class _PythonThinksUtc(usage.UsageQuery):
 
 
 def test_the_usage_rebuild_command_agrees_with_the_raw_turns(usage_env, pg_settings):
-    """``tollgate usage-rebuild`` as an operator runs it, after the all-users level was lost."""
+    """``tollgate usage-rebuild`` as an operator runs it, after the all-users level (from :00
+    and from :30) was lost."""
     session = usage_env.session
-    session.execute(delete(UsageHour).where(UsageHour.scope == ALL_USERS))
+    session.execute(delete(UsageHour).where(UsageHour.scope.in_(ALL_USERS_SCOPES)))
     session.commit()
     query = parsed_query(bucket="day", start="2020-12-01", end="2026-12-31", tz="Asia/Kolkata")
     assert usage.summarize(session, query).daily == []
@@ -102,7 +104,14 @@ def test_the_usage_rebuild_command_agrees_with_the_raw_turns(usage_env, pg_setti
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("ok: usage rollups rebuilt from the turns")
     assert f"turns: 0 -> {len(EVENTS)}" in done.stdout
-    for tz in ("UTC", "Asia/Kolkata", "Asia/Kathmandu", "Pacific/Chatham", "Europe/Berlin"):
+    for tz in (
+        "UTC",
+        "Asia/Kolkata",
+        "America/St_Johns",
+        "Asia/Kathmandu",
+        "Pacific/Chatham",
+        "Europe/Berlin",
+    ):
         for bucket in ("day", "week", "month"):
             query = parsed_query(bucket=bucket, start="2020-12-01", end="2026-12-31", tz=tz)
             assert usage.summarize(session, query) == usage.summary_from_turns(session, query)

@@ -13,6 +13,7 @@ from shared.db import new_id
 from shared.errors import IdempotencyConflict, InsufficientBalance, InvalidInput, NotFound
 from shared.models import (
     ALL_USERS,
+    ALL_USERS_AT_30,
     AdminAuditEvent,
     Hold,
     LedgerEntry,
@@ -279,6 +280,7 @@ def test_stale_holds_expire_and_give_their_credit_back(db, admin, user):
 
 
 def test_usage_rolls_up_per_user_and_for_all_users_per_utc_hour_with_quarter_prefixes(db, admin, user):
+    """And for all users per hour from :30, its prefixes counted from :30."""
     fund(db, admin, user, "10")
     at = datetime(2025, 3, 1, 10, 15, tzinfo=UTC)
     settle(db, user, new_id(), "0.5", at=at)
@@ -295,7 +297,15 @@ def test_usage_rolls_up_per_user_and_for_all_users_per_utc_hour_with_quarter_pre
         (ten, 3, 300, D("0.875"), 0, 2, D("0.875")),  # 10:15, 10:29:59, 10:30
         (eleven, 1, 100, D("1"), 0, 1, D("1")),  # 11:15
     ]
-    assert by_hour == [(ALL_USERS, *row) for row in expected] + [(user.id, *row) for row in expected]
+    from_30 = [
+        (ten - timedelta(minutes=30), 2, 200, D("0.75"), 0, 0, D("0")),  # minutes 45 and 59
+        (ten + timedelta(minutes=30), 2, 200, D("1.125"), 1, 1, D("0.125")),  # minutes 0 and 45
+    ]
+    assert by_hour == (
+        [(ALL_USERS, *row) for row in expected]
+        + [(ALL_USERS_AT_30, *row) for row in from_30]
+        + [(user.id, *row) for row in expected]
+    )
 
 
 def test_summary_usage_is_billed_once_and_never_overdraws_under_enforcement(db, admin, user):

@@ -202,15 +202,41 @@ def test_hours_are_cut_only_where_a_local_midnight_can_fall(zone, cuts):
         day += timedelta(days=1)
 
 
-def test_one_usage_event_adds_to_its_users_hour_and_all_users_hour_with_quarter_prefixes():
+def test_one_usage_event_adds_to_its_users_hour_and_all_users_hours_with_quarter_prefixes():
+    """The user's and all users' UTC hour, then all users' hour from :30, in that order (the
+    lock order of every writer); each row's prefixes count from its own start."""
     rows = UsageHour.rows_for(
         user_id="u1", model="m", at=z("2026-01-10T18:31"), turns=1, input_tokens=7, output_tokens=3, cost=2
     )
-    assert [row["scope"] for row in rows] == ["u1", "*"]
-    assert rows[0]["hour_start"] == z("2026-01-10T18:00")
-    prefixes = [rows[0][name] for name in ("turns", "turns_to_15", "turns_to_30", "turns_to_45")]
-    assert prefixes == [1, 0, 0, 1]
+    assert [(row["scope"], row["hour_start"]) for row in rows] == [
+        ("u1", z("2026-01-10T18:00")),
+        ("*", z("2026-01-10T18:00")),
+        ("*30", z("2026-01-10T18:30")),
+    ]
+    prefixes = ("turns", "turns_to_15", "turns_to_30", "turns_to_45")
+    assert [rows[0][name] for name in prefixes] == [1, 0, 0, 1]  # 18:31 is minute 31 of 18:00
+    assert [rows[2][name] for name in prefixes] == [1, 1, 1, 1]  # and minute 1 of 18:30
     assert (rows[0]["input_tokens_to_45"], rows[0]["cost_to_30"]) == (7, 0)
+    assert {key: value for key, value in rows[1].items() if key != "scope"} == {
+        key: value for key, value in rows[0].items() if key != "scope"
+    }
+
+
+@pytest.mark.parametrize(
+    ("at", "hour_from_30", "prefixes"),
+    [
+        ("2026-01-10T18:00", "2026-01-10T17:30", [1, 0, 0, 1]),  # minute 30 of 17:30
+        ("2026-01-10T18:29:59", "2026-01-10T17:30", [1, 0, 0, 0]),  # minute 59
+        ("2026-01-10T18:30", "2026-01-10T18:30", [1, 1, 1, 1]),  # minute 0
+        ("2026-01-10T18:59", "2026-01-10T18:30", [1, 0, 1, 1]),  # minute 29
+    ],
+)
+def test_the_hour_from_30_holding_an_event_counts_its_prefixes_from_30(at, hour_from_30, prefixes):
+    (_, _, row) = UsageHour.rows_for(
+        user_id="u1", model="m", at=z(at), turns=1, input_tokens=1, output_tokens=1, cost=1
+    )
+    assert (row["scope"], row["hour_start"]) == ("*30", z(hour_from_30))
+    assert [row[name] for name in ("turns", "turns_to_15", "turns_to_30", "turns_to_45")] == prefixes
 
 
 def test_cost_between_cuts_hours_at_quarters_exactly_as_the_charges_fell(db, user):

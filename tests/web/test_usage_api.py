@@ -19,7 +19,7 @@ import pytest
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
-from shared.models import ALL_USERS, ChatSession, Room, Turn, UsageHour
+from shared.models import ALL_USERS, ALL_USERS_AT_30, ALL_USERS_SCOPES, ChatSession, Room, Turn, UsageHour
 from shared.services import billing, usage
 from tests.factories import Actor, make_actor
 from web.schemas.usage import UsageExportQuerySchema
@@ -439,21 +439,32 @@ def test_totals_with_an_unknown_bucket_cut_the_window_exactly(usage_env, start, 
     assert usage.summary_from_turns(usage_env.session, query).totals == days.totals
 
 
+def _hours_from_30(session) -> list[tuple]:
+    rows = session.execute(
+        select(UsageHour.__table__)
+        .where(UsageHour.scope == ALL_USERS_AT_30)
+        .order_by(UsageHour.hour_start, UsageHour.model)
+    )
+    return [tuple(row) for row in rows]
+
+
 def test_usage_rebuild_recomputes_both_levels_from_the_turns(usage_env):
     """``tollgate usage-rebuild`` (``usage.rebuild``) repairs rollups that drifted from the
-    turns, and its result agrees with the raw-turns oracle everywhere."""
+    turns, and its result agrees with the raw-turns oracle everywhere; all users' hours
+    from :30 come back exactly as the debits wrote them."""
     session = usage_env.session
     queries = [
         parsed_query(bucket=bucket, start="2020-12-01", end="2026-12-31", tz=tz, **filters)
         for bucket in ("day", "week", "month")
-        for tz in ("UTC", "Asia/Kolkata", "Pacific/Chatham", "Australia/Lord_Howe")
+        for tz in ("UTC", "Asia/Kolkata", "America/St_Johns", "Pacific/Chatham", "Australia/Lord_Howe")
         for filters in ({}, {"user_id": usage_env.users["bob"]}, {"model": QUOTED_MODEL})
     ]
     expected_summaries = [usage.summary_from_turns(session, query) for query in queries]
-    # Drift: the all-users rows of one hour lost, one user's hour doubled, an hour with no turns.
-    session.execute(
-        delete(UsageHour).where(UsageHour.scope == ALL_USERS, UsageHour.hour_start == z("2026-01-10T18:00"))
-    )
+    written_from_30 = _hours_from_30(session)
+    # Drift: the all-users rows of one hour lost (from :00 and from :30), one user's hour
+    # doubled, an hour with no turns.
+    for scope, hour in ((ALL_USERS, "2026-01-10T18:00"), (ALL_USERS_AT_30, "2026-01-10T18:30")):
+        session.execute(delete(UsageHour).where(UsageHour.scope == scope, UsageHour.hour_start == z(hour)))
     session.execute(
         update(UsageHour).where(UsageHour.scope == usage_env.users["ann"]).values(turns=UsageHour.turns * 2)
     )
@@ -466,13 +477,63 @@ def test_usage_rebuild_recomputes_both_levels_from_the_turns(usage_env):
     result = usage.rebuild(session)
 
     assert [usage.summarize(session, query) for query in queries] == expected_summaries
+    assert _hours_from_30(session) == written_from_30
     # before/after are the all-users level's totals: 3 turns of 18:00 lost, 5 bogus ones added.
     assert (result.before.turns, result.after.turns) == (len(EVENTS) - 3 + 5, len(EVENTS))
-    assert (result.user_rows, result.all_users_rows) == (
-        session.scalar(select(func.count()).select_from(UsageHour).where(UsageHour.scope != ALL_USERS)),
-        session.scalar(select(func.count()).select_from(UsageHour).where(UsageHour.scope == ALL_USERS)),
+
+    def rows(condition) -> int:
+        return session.scalar(select(func.count()).select_from(UsageHour).where(condition))
+
+    assert (result.user_rows, result.all_users_rows, result.all_users_rows_at_30) == (
+        rows(UsageHour.scope.not_in(ALL_USERS_SCOPES)),
+        rows(UsageHour.scope == ALL_USERS),
+        rows(UsageHour.scope == ALL_USERS_AT_30),
     )
     session.rollback()
+
+
+@pytest.mark.parametrize(
+    ("tz", "from_30"),
+    [
+        ("Asia/Kolkata", True),
+        ("America/St_Johns", True),  # -03:30 and, from March to November, -02:30
+        ("UTC", False),
+        ("Asia/Kathmandu", False),  # cut at :15
+        ("Australia/Lord_Howe", False),  # cut at :00 and :30 (its DST is 30 minutes)
+    ],
+)
+def test_all_users_in_a_zone_cut_at_30_read_the_hours_from_30_whole(usage_env, tz, from_30):
+    """Kolkata and St John's cut every UTC hour holding a local midnight at :30: their
+    all-users summaries read all users' hours from :30 instead, each whole to one bucket,
+    with no hour read twice (the model filter and the export by model too); one user's and
+    the export by user still read the per-user UTC hours. The answer is the raw turns'
+    (checked for every bucket and filter above); here, that the path is taken."""
+    dialect = usage_env.session.get_bind().dialect.name
+    for bucket in ("day", "week", "month"):
+        for filters, reads_30 in (
+            ({}, from_30),
+            ({"model": QUOTED_MODEL}, from_30),
+            ({"group_by": "model"}, from_30),
+            ({"user_id": usage_env.users["bob"]}, False),
+            ({"group_by": "user"}, False),
+        ):
+            query = parsed_query(bucket=bucket, start="2020-12-01", end="2026-12-31", tz=tz, **filters)
+            request = usage._Request(query, *usage.utc_window(query.start, query.end, query.zone))
+            assert usage._shape(dialect, request).from_30 is reads_30, (bucket, filters)
+            bound = usage._rollup_statement(dialect, query)
+            compiled = bound.statement.compile(dialect=usage_env.session.get_bind().dialect)
+            sql = compiled.construct_expanded_state(bound.values).statement  # literals rendered
+            if reads_30:
+                assert "edge_hours" not in bound.values, (bucket, filters)  # no hour read twice
+            assert (f"scope = '{ALL_USERS_AT_30}'" in sql) is reads_30, (bucket, filters)
+    # Behaviour a user could see: without the UTC-hour rows for all users, Kolkata's
+    # all-users answer is unchanged (it never reads them) and UTC's is empty.
+    query = parsed_query(bucket="day", start="2020-12-01", end="2026-12-31", tz=tz)
+    answer = usage.summarize(usage_env.session, query)
+    usage_env.session.execute(delete(UsageHour).where(UsageHour.scope == ALL_USERS))
+    assert (usage.summarize(usage_env.session, query) == answer) is from_30
+    assert not usage.summarize(usage_env.session, parsed_query(start="2026-01-01", end="2026-01-31")).daily
+    usage_env.session.rollback()
 
 
 def test_rollups_written_by_billing_match_the_raw_turns(usage_env):
