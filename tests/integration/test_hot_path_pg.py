@@ -17,6 +17,7 @@ from sqlalchemy import event
 from shared.providers import OfflineProvider
 from shared.services import turn_runner
 from shared.tools.registry import build_registry
+from tests.integration.test_enforced_turns_pg import enforced, grant, new_chat  # noqa: F401 - fixture
 from tests.integration.test_io_pools_pg import io_settings  # noqa: F401 - fixture
 from tests.integration.test_key_cache_redis import wait_subscribed
 from web.app import create_app
@@ -79,21 +80,9 @@ def within(path: str, counts: Counts) -> None:
 
 
 @pytest.fixture
-def funded_chat(pg_client, pg_admin, pg_user):
-    assert (
-        pg_client.patch(
-            "/api/v1/admin/settings/enforcement", json={"enabled": True}, headers=pg_admin.headers
-        ).status_code
-        == 200
-    )
-    assert (
-        pg_client.post(
-            f"/api/v1/admin/users/{pg_user.id}/grants", json={"amount": "10"}, headers=pg_admin.headers
-        ).status_code
-        == 201
-    )
-    room = pg_client.post("/api/v1/rooms", json={"name": "hot"}, headers=pg_user.headers).get_json()
-    return pg_client.post(f"/api/v1/rooms/{room['id']}/sessions", json={}, headers=pg_user.headers).get_json()
+def funded_chat(pg_client, pg_admin, pg_user, enforced):  # noqa: F811
+    grant(pg_client, pg_admin, pg_user.id, "10")
+    return new_chat(pg_client, pg_user)
 
 
 @pytest.fixture

@@ -22,6 +22,7 @@ import redis as redis_lib
 from shared.services import pricing, turn_runner
 from tests.integration.conftest import ROOT, WorkerProcess, service_env, stop_process
 from tests.integration.faults import assert_each_turn_billed_once, query, wait_until_finished
+from tests.integration.test_enforced_turns_pg import enforced, grant  # noqa: F401 - fixture
 from tests.integration.test_faults_pg import assert_ledger_check_passes
 from tests.integration.test_procfile import free_port, procfile
 from worker.celery_app import create_celery_app
@@ -115,20 +116,9 @@ def web(io_settings, tmp_path, io_env):
 
 
 @pytest.fixture
-def funded_slow_model(pg_client, pg_admin, pg_user, pg_db):
+def funded_slow_model(pg_client, pg_admin, pg_user, pg_db, enforced):  # noqa: F811
     pricing.set_price(pg_db, pg_admin.id, SLOW_MODEL, Decimal("0.001000"), Decimal("0.002000"))
-    assert (
-        pg_client.patch(
-            "/api/v1/admin/settings/enforcement", json={"enabled": True}, headers=pg_admin.headers
-        ).status_code
-        == 200
-    )
-    assert (
-        pg_client.post(
-            f"/api/v1/admin/users/{pg_user.id}/grants", json={"amount": "100"}, headers=pg_admin.headers
-        ).status_code
-        == 201
-    )
+    grant(pg_client, pg_admin, pg_user.id, "100")
 
 
 def new_sessions(base: str, actor, count: int) -> list[str]:
