@@ -49,8 +49,9 @@ class SummaryResult:
 
 
 _TEXT = load_only(Turn.id, Turn.seq, Turn.content, Turn.reply)
-# The window's read, built once (twice a turn: admission and run).
-_LATEST = (
+# The window's reads, built once (twice a turn: admission and run): the session's completed
+# chat turns, what a context and a summary use of them (_TEXT), not their thirty-odd columns.
+_COMPLETED = (
     select(Turn)
     .options(_TEXT)
     .where(
@@ -59,9 +60,9 @@ _LATEST = (
         Turn.status == TurnStatus.COMPLETED,
         Turn.seq < bindparam("before_seq"),
     )
-    .order_by(Turn.seq.desc())
-    .limit(WINDOW_TURNS + SUMMARY_BATCH_TURNS - 1)
 )
+_LATEST = _COMPLETED.order_by(Turn.seq.desc()).limit(WINDOW_TURNS + SUMMARY_BATCH_TURNS - 1)
+_UNCOVERED = _COMPLETED.where(Turn.seq > bindparam("after_seq")).order_by(Turn.seq)
 
 
 def window(session: Session, chat: ChatSession, before_seq: int) -> tuple[list[Turn], list[Turn]]:
@@ -76,18 +77,14 @@ def window(session: Session, chat: ChatSession, before_seq: int) -> tuple[list[T
     One bounded read; a second, only of the uncovered turns, when a batch may be
     complete. Never the session's whole history.
     """
-    # What a context and a summary use of a turn (_TEXT), not its thirty-odd columns.
     latest = list(reversed(session.scalars(_LATEST, {"session_id": chat.id, "before_seq": before_seq}).all()))
     in_window = latest[-WINDOW_TURNS:]
     left = [turn for turn in latest[:-WINDOW_TURNS] if turn.seq > chat.summary_through_seq]
     if len(left) < SUMMARY_BATCH_TURNS - 1:
         return left + in_window, []  # older turns are all covered: no batch yet
-    completed = (Turn.session_id == chat.id, Turn.kind == TurnKind.CHAT, Turn.status == TurnStatus.COMPLETED)
     missing = session.scalars(
-        select(Turn)
-        .options(_TEXT)
-        .where(*completed, Turn.seq > chat.summary_through_seq, Turn.seq < in_window[0].seq)
-        .order_by(Turn.seq)
+        _UNCOVERED,
+        {"session_id": chat.id, "after_seq": chat.summary_through_seq, "before_seq": in_window[0].seq},
     ).all()
     if len(missing) < SUMMARY_BATCH_TURNS:
         return left + in_window, []
