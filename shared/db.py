@@ -271,14 +271,19 @@ PSYCOPG_CACHED_STATEMENT_PARAMS = 256
 
 
 def _cache_long_statements() -> None:
+    """Raise psycopg's cache limits (private constants: a psycopg that renamed them loses only
+    the speed-up, with a warning; test_hot_path_pg fails on it)."""
     from psycopg import _queries
 
-    _queries.MAX_CACHED_STATEMENT_LENGTH = max(
-        _queries.MAX_CACHED_STATEMENT_LENGTH, PSYCOPG_CACHED_STATEMENT_LENGTH
-    )
-    _queries.MAX_CACHED_STATEMENT_PARAMS = max(
-        _queries.MAX_CACHED_STATEMENT_PARAMS, PSYCOPG_CACHED_STATEMENT_PARAMS
-    )
+    for name, least in (
+        ("MAX_CACHED_STATEMENT_LENGTH", PSYCOPG_CACHED_STATEMENT_LENGTH),
+        ("MAX_CACHED_STATEMENT_PARAMS", PSYCOPG_CACHED_STATEMENT_PARAMS),
+    ):
+        current = getattr(_queries, name, None)
+        if isinstance(current, int):
+            setattr(_queries, name, max(current, least))
+        else:
+            log.warning("psycopg has no %s: long statements are parsed on every execution", name)
 
 
 def make_engine(
