@@ -3,15 +3,21 @@
 Context for a turn = the session summary + the last ``WINDOW_TURNS`` completed
 turns, plus the turns that have left the window but that the summary does not
 cover yet (``seq > summary_through_seq``) while there are fewer than
-``SUMMARY_BATCH_TURNS`` of them. Once that many have left, they are folded into
-a new summary by one model call; if that call fails or times out, an extractive
-summary built from the turns' own sentences is used instead and the turn
-reports ``summary_used_fallback``.
+``FOLD_IN_TURN_TURNS`` of them.
+
+Once ``SUMMARY_BATCH_TURNS`` have left, the turn that completes that batch sends
+a background refresh (queue ``summaries``) that folds them into a new summary by
+one model call, while the next turn goes on with them verbatim: no turn waits on
+a summary call that a refresh is already making. Only when the refresh fell a
+whole batch behind (it failed, or is still running) does a turn fold the uncovered
+turns itself, before its own call; if that call fails or times out, an extractive
+summary built from the turns' own sentences is used instead and the turn reports
+``summary_used_fallback``.
 
 Folding in batches makes one summary call per ``SUMMARY_BATCH_TURNS`` turns
 instead of one per turn once a session is past its window: a quarter of the
-model calls (and of their cost to the user) for a context that keeps at most
-three more turns verbatim.
+model calls (and of their cost to the user) for a context that keeps a few more
+turns verbatim.
 """
 
 from __future__ import annotations
@@ -34,6 +40,9 @@ log = logging.getLogger(__name__)
 WINDOW_TURNS = 6
 # Turns that left the window are summarised this many at a time (see the module docstring).
 SUMMARY_BATCH_TURNS = 4
+# A turn folds the uncovered turns itself only once this many left the window: the refresh
+# sent a batch earlier has not stored its summary (see the module docstring).
+FOLD_IN_TURN_TURNS = 2 * SUMMARY_BATCH_TURNS
 SUMMARY_MAX_OUTPUT_TOKENS = 256
 SUMMARY_TIMEOUT_SECONDS = 20.0
 SUMMARY_MAX_CHARS = 2000
@@ -61,39 +70,42 @@ _COMPLETED = (
         Turn.seq < bindparam("before_seq"),
     )
 )
-_LATEST = _COMPLETED.order_by(Turn.seq.desc()).limit(WINDOW_TURNS + SUMMARY_BATCH_TURNS - 1)
+_LATEST = _COMPLETED.order_by(Turn.seq.desc()).limit(WINDOW_TURNS + FOLD_IN_TURN_TURNS - 1)
 _UNCOVERED = _COMPLETED.where(Turn.seq > bindparam("after_seq")).order_by(Turn.seq)
 
 
-def window(session: Session, chat: ChatSession, before_seq: int) -> tuple[list[Turn], list[Turn]]:
+def window(
+    session: Session, chat: ChatSession, before_seq: int, *, fold_at: int = FOLD_IN_TURN_TURNS
+) -> tuple[list[Turn], list[Turn]]:
     """``(recent, missing)`` for the turn at ``before_seq``.
 
     ``recent``: the completed turns sent verbatim: the last ``WINDOW_TURNS``, preceded
     by the uncovered ones (``seq > summary_through_seq``) that left the window while
-    they are fewer than ``SUMMARY_BATCH_TURNS``. ``missing``: once there are that many
-    uncovered turns before the window, all of them (a summary call is due) and
-    ``recent`` is the window alone.
+    they are fewer than ``fold_at``. ``missing``: once there are that many uncovered
+    turns before the window, all of them (a summary call is due) and ``recent`` is the
+    window alone. A turn's context folds at ``FOLD_IN_TURN_TURNS``; the background
+    refresh at ``SUMMARY_BATCH_TURNS``.
 
-    One bounded read; a second, only of the uncovered turns, when a batch may be
-    complete. Never the session's whole history.
+    One bounded read; a second, only of the uncovered turns, when they may not all be in
+    the first. Never the session's whole history.
     """
     latest = list(reversed(session.scalars(_LATEST, {"session_id": chat.id, "before_seq": before_seq}).all()))
-    in_window = latest[-WINDOW_TURNS:]
-    left = [turn for turn in latest[:-WINDOW_TURNS] if turn.seq > chat.summary_through_seq]
-    if len(left) < SUMMARY_BATCH_TURNS - 1:
-        return left + in_window, []  # older turns are all covered: no batch yet
-    missing = session.scalars(
-        _UNCOVERED,
-        {"session_id": chat.id, "after_seq": chat.summary_through_seq, "before_seq": in_window[0].seq},
-    ).all()
-    if len(missing) < SUMMARY_BATCH_TURNS:
-        return left + in_window, []
-    return in_window, list(missing)
+    in_window, before = latest[-WINDOW_TURNS:], latest[:-WINDOW_TURNS]
+    uncovered = [turn for turn in before if turn.seq > chat.summary_through_seq]
+    if len(uncovered) == FOLD_IN_TURN_TURNS - 1:
+        # Every turn read before the window is uncovered: older ones may be too.
+        uncovered = session.scalars(
+            _UNCOVERED,
+            {"session_id": chat.id, "after_seq": chat.summary_through_seq, "before_seq": in_window[0].seq},
+        ).all()
+    if len(uncovered) < fold_at:
+        return list(uncovered) + in_window, []
+    return in_window, list(uncovered)
 
 
 def due_after(recent: list[Turn]) -> bool:
-    """Once the turn whose context held ``recent`` completes, the next turn's context
-    would need a summary call: the moment to send a refresh ahead of it."""
+    """Once the turn whose context held ``recent`` completes, a batch will have left the
+    window uncovered: the moment to send the background refresh that folds it."""
     return len(recent) + 1 >= WINDOW_TURNS + SUMMARY_BATCH_TURNS
 
 

@@ -807,7 +807,7 @@ def refresh_summary(runtime: Runtime, chat_session_id: str, *, provider) -> bool
         )
         if model is None:
             return False
-        _, missing = summaries.window(session, chat, MAX_SEQ)
+        _, missing = summaries.window(session, chat, MAX_SEQ, fold_at=summaries.SUMMARY_BATCH_TURNS)
         if not missing:
             return False
         price = pricing.price_in_force(session, model)

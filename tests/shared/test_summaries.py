@@ -57,9 +57,10 @@ def test_a_failing_generator_falls_back_or_raises_as_asked():
 
 
 def test_turns_leave_the_window_in_batches_and_stay_verbatim_until_a_batch_is_complete(db, user):
-    """One summary call per SUMMARY_BATCH_TURNS turns: fewer uncovered turns than a batch
-    stay in the context verbatim; a full batch is returned as ``missing``, the window alone
-    as ``recent``; once summarised, the covered turns leave the context."""
+    """One summary call per SUMMARY_BATCH_TURNS turns: the background refresh folds a batch
+    once one has left the window; a turn's own context keeps the uncovered turns verbatim
+    until two batches have (the refresh fell behind), then folds all of them itself; once
+    summarised, the covered turns leave the context."""
     from shared.models import ChatSession, Room
     from tests.factories import make_completed_turn
 
@@ -70,27 +71,44 @@ def test_turns_leave_the_window_in_batches_and_stay_verbatim_until_a_batch_is_co
     db.add(chat)
     db.commit()
     window, batch = summaries.WINDOW_TURNS, summaries.SUMMARY_BATCH_TURNS
-    for seq in range(1, window + 2 * batch + 1):
+    in_turn = summaries.FOLD_IN_TURN_TURNS
+    assert in_turn == 2 * batch
+    for seq in range(1, window + 3 * batch + 1):
         make_completed_turn(db, chat, seq, f"Question {seq}.", "Answer.")
 
-    def seqs(before_seq):
-        recent, missing = summaries.window(db, chat, before_seq)
+    def seqs(before_seq, fold_at=in_turn):
+        recent, missing = summaries.window(db, chat, before_seq, fold_at=fold_at)
         return [t.seq for t in recent], [t.seq for t in missing]
 
     assert seqs(window + 1) == (list(range(1, window + 1)), [])
     # Up to batch - 1 turns past the window stay verbatim, and the next turn is due a refresh.
     last_verbatim = window + batch
-    assert seqs(last_verbatim) == (list(range(1, last_verbatim)), [])
+    assert seqs(last_verbatim, batch) == (list(range(1, last_verbatim)), [])
     assert summaries.due_after(summaries.window(db, chat, last_verbatim)[0])
     assert not summaries.due_after(summaries.window(db, chat, last_verbatim - 1)[0])
-    # A full batch has left: it is missing, the context is the window alone.
-    assert seqs(last_verbatim + 1) == (list(range(batch + 1, last_verbatim + 1)), list(range(1, batch + 1)))
-    # Summarised through the batch: those turns are gone from the context.
+    # A full batch has left: the refresh folds it, the turn itself keeps it verbatim.
+    assert seqs(last_verbatim + 1, batch) == (
+        list(range(batch + 1, last_verbatim + 1)),
+        list(range(1, batch + 1)),
+    )
+    assert seqs(last_verbatim + 1) == (list(range(1, last_verbatim + 1)), [])
+    # Verbatim up to two batches less one; the turn after folds all of them itself.
+    last_in_turn_verbatim = window + in_turn
+    assert seqs(last_in_turn_verbatim) == (list(range(1, last_in_turn_verbatim)), [])
+    assert summaries.due_after(summaries.window(db, chat, last_in_turn_verbatim)[0])
+    assert seqs(last_in_turn_verbatim + 1) == (
+        list(range(in_turn + 1, last_in_turn_verbatim + 1)),
+        list(range(1, in_turn + 1)),
+    )
+    # Summarised through the first batch: those turns are gone from the context.
     chat.summary, chat.summary_through_seq = "Earlier.", batch
     db.commit()
     assert seqs(last_verbatim + 1) == (list(range(batch + 1, last_verbatim + 1)), [])
-    # A lagging summary: every uncovered turn before the window is missing, not only a batch.
+    assert seqs(last_verbatim + 1, batch) == (list(range(batch + 1, last_verbatim + 1)), [])
+    # A lagging summary: every uncovered turn before the window is missing, not only a batch,
+    # past what one bounded read holds.
     chat.summary_through_seq = 0
     db.commit()
-    end = window + 2 * batch + 1
+    end = window + 3 * batch + 1
     assert seqs(end) == (list(range(end - window, end)), list(range(1, end - window)))
+    assert seqs(end, batch) == (list(range(end - window, end)), list(range(1, end - window)))
