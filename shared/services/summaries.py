@@ -25,9 +25,10 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass, replace
+from typing import Protocol
 
 from sqlalchemy import bindparam, select, update
-from sqlalchemy.orm import Session, load_only
+from sqlalchemy.orm import Session
 
 from shared import metrics
 from shared.db import utcnow
@@ -48,6 +49,15 @@ SUMMARY_TIMEOUT_SECONDS = 20.0
 SUMMARY_MAX_CHARS = 2000
 
 
+class TurnText(Protocol):
+    """What a context and a summary use of a completed turn (a row of ``window``'s reads)."""
+
+    id: str
+    seq: int
+    content: str
+    reply: str | None
+
+
 @dataclass(frozen=True)
 class SummaryResult:
     text: str
@@ -57,12 +67,11 @@ class SummaryResult:
     output_tokens: int = 0
 
 
-_TEXT = load_only(Turn.id, Turn.seq, Turn.content, Turn.reply)
 # The window's reads, built once (twice a turn: admission and run): the session's completed
-# chat turns, what a context and a summary use of them (_TEXT), not their thirty-odd columns.
+# chat turns, what a context and a summary use of them, not their thirty-odd columns, as
+# rows (``turn.seq``, ``turn.content``…) rather than ORM entities: nothing writes them.
 _COMPLETED = (
-    select(Turn)
-    .options(_TEXT)
+    select(Turn.id, Turn.seq, Turn.content, Turn.reply)
     .where(
         Turn.session_id == bindparam("session_id"),
         Turn.kind == TurnKind.CHAT,
@@ -76,7 +85,7 @@ _UNCOVERED = _COMPLETED.where(Turn.seq > bindparam("after_seq")).order_by(Turn.s
 
 def window(
     session: Session, chat: ChatSession, before_seq: int, *, fold_at: int = FOLD_IN_TURN_TURNS
-) -> tuple[list[Turn], list[Turn]]:
+) -> tuple[list[TurnText], list[TurnText]]:
     """``(recent, missing)`` for the turn at ``before_seq``.
 
     ``recent``: the completed turns sent verbatim: the last ``WINDOW_TURNS``, preceded
@@ -89,12 +98,12 @@ def window(
     One bounded read; a second, only of the uncovered turns, when they may not all be in
     the first. Never the session's whole history.
     """
-    latest = list(reversed(session.scalars(_LATEST, {"session_id": chat.id, "before_seq": before_seq}).all()))
+    latest = list(reversed(session.execute(_LATEST, {"session_id": chat.id, "before_seq": before_seq}).all()))
     in_window, before = latest[-WINDOW_TURNS:], latest[:-WINDOW_TURNS]
     uncovered = [turn for turn in before if turn.seq > chat.summary_through_seq]
     if len(uncovered) == FOLD_IN_TURN_TURNS - 1:
         # Every turn read before the window is uncovered: older ones may be too.
-        uncovered = session.scalars(
+        uncovered = session.execute(
             _UNCOVERED,
             {"session_id": chat.id, "after_seq": chat.summary_through_seq, "before_seq": in_window[0].seq},
         ).all()
@@ -103,7 +112,7 @@ def window(
     return in_window, list(uncovered)
 
 
-def due_after(recent: list[Turn]) -> bool:
+def due_after(recent: list[TurnText]) -> bool:
     """Once the turn whose context held ``recent`` completes, a batch will have left the
     window uncovered: the moment to send the background refresh that folds it."""
     return len(recent) + 1 >= WINDOW_TURNS + SUMMARY_BATCH_TURNS
@@ -116,7 +125,7 @@ def _first_sentence(text: str | None, limit: int = 160) -> str:
     return sentence if len(sentence) <= limit else sentence[: limit - 1].rstrip() + "…"
 
 
-def extractive_summary(prior: str | None, turns: list[Turn]) -> str:
+def extractive_summary(prior: str | None, turns: list[TurnText]) -> str:
     """Deterministic: the prior summary plus the first sentence of each side of each turn,
     keeping the most recent ``SUMMARY_MAX_CHARS`` characters."""
     lines = [prior.strip()] if prior and prior.strip() else []
@@ -130,11 +139,11 @@ def extractive_summary(prior: str | None, turns: list[Turn]) -> str:
     return text
 
 
-def _transcript(turns: list[Turn]) -> str:
+def _transcript(turns: list[TurnText]) -> str:
     return "\n".join(f"User: {turn.content}\nAssistant: {turn.reply or ''}" for turn in turns)
 
 
-def request_messages(prior: str | None, turns: list[Turn]) -> list[dict]:
+def request_messages(prior: str | None, turns: list[TurnText]) -> list[dict]:
     """The summary call's conversation (what it sends, so what a hold must cover)."""
     return [
         {"role": "system", "content": SUMMARY_PROMPT},
@@ -147,14 +156,14 @@ def request_messages(prior: str | None, turns: list[Turn]) -> list[dict]:
     ]
 
 
-def fallback(prior: str | None, turns: list[Turn], reason: str) -> SummaryResult:
+def fallback(prior: str | None, turns: list[TurnText], reason: str) -> SummaryResult:
     """The extractive summary, free of model calls."""
     metrics.summary_fell_back(reason)
     return SummaryResult(text=extractive_summary(prior, turns), through_seq=turns[-1].seq, used_fallback=True)
 
 
 def fold_turns(
-    provider, model: str, prior: str | None, turns: list[Turn], *, allow_fallback: bool
+    provider, model: str, prior: str | None, turns: list[TurnText], *, allow_fallback: bool
 ) -> SummaryResult:
     """Fold ``turns`` into ``prior`` with a model call.
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session
 
-from shared.models import ChatSession, FileStatus, Turn, UploadedFile
+from shared.models import ChatSession, FileStatus, UploadedFile
 from shared.prompts import room_files_line
 from shared.services import summaries
 
@@ -29,9 +29,9 @@ class TurnContext:
     """The session as a turn at ``before_seq`` sees it."""
 
     summary: str | None
-    recent: list[Turn]
+    recent: list[summaries.TurnText]
     # Turns that left the window and that the summary does not cover yet: a summary call is due.
-    missing: list[Turn]
+    missing: list[summaries.TurnText]
     files_line: str | None
 
     @property
