@@ -18,7 +18,9 @@ Design §3 / style rule 13: a waiting request is *told* a turn ended, it does no
 poll the database. The worker publishes the turn id on the Redis channel
 ``tollgate:turn-ended`` right after the turn's terminal state commits. Each web
 process runs one subscriber (a daemon thread — a greenlet under gunicorn's
-gevent worker) that wakes the requests waiting on that id.
+gevent worker) that wakes the requests waiting on that id. A completed turn
+that recorded no tool calls carries itself in the push (the id, a space, its
+TurnRead as JSON), so the request it wakes answers without reading it again.
 
 Redis pub/sub is at-most-once (a message published while the subscriber
 reconnects is lost), so a waiter also re-reads the turn row every
@@ -66,17 +68,19 @@ def _ttl(runtime) -> int:
     return max(3600, int(runtime.settings.turn_stream_ttl_seconds))
 
 
-def publish_ended(runtime, turn_id: str) -> None:
+def publish_ended(runtime, turn_id: str, read: str | None = None) -> None:
     """Tell waiting requests and stream readers that ``turn_id`` reached its terminal state
-    (one round trip: the stream's ``end`` and the pub/sub push). Best effort: a Redis
-    failure only delays them to their next safety re-read."""
+    (one round trip: the stream's ``end`` and the pub/sub push). ``read``: the finished
+    turn as a waiting request answers it (``turns.pushed_read``), carried in the push after
+    the id and a space. Best effort: a Redis failure only delays them to their next safety
+    re-read."""
     if runtime.redis is None:
         return
     try:
         pipe = runtime.redis.pipeline(transaction=False)
         pipe.xadd(stream_key(turn_id), {"event": END, "data": "{}"})
         pipe.expire(stream_key(turn_id), _ttl(runtime))
-        pipe.publish(CHANNEL, turn_id)
+        pipe.publish(CHANNEL, turn_id if read is None else f"{turn_id} {read}")
         pipe.execute()
     except Exception:
         log.warning("could not publish the end of turn %s", turn_id, exc_info=True)
@@ -265,6 +269,8 @@ class TurnWaiter:
     def __init__(self, redis_client) -> None:
         self._lock = threading.Lock()
         self._waiting: dict[str, list[threading.Event]] = {}
+        # The finished turn a push carried, for its waiters (dropped with the last of them).
+        self._pushed: dict[str, str] = {}
         self._listener = ChannelListener(redis_client, CHANNEL, self._wake, name="turn-ended-listener")
 
     def close(self) -> None:
@@ -278,12 +284,14 @@ class TurnWaiter:
         finished: Callable[[], bool],
         *,
         start: Callable[[], object] | None = None,
+        pushed: Callable[[str], bool] | None = None,
     ) -> bool:
         """Block until ``finished()`` is true or ``timeout`` passes; returns ``finished()``'s
         last answer. ``finished`` reads the turn (a database query): it runs on each push
         for this turn, every ``SAFETY_POLL_SECONDS``, and once at first — unless ``start``
         (what sets the turn going: its task's enqueue) runs here, after this wait is
-        registered with a live subscription, so its end cannot come unheard."""
+        registered with a live subscription, so its end cannot come unheard. ``pushed``
+        takes the place of ``finished`` when a push carried the finished turn (its body)."""
         # The first waiter gives the subscription a moment, so its push is not published
         # before anyone listens; the safety re-read covers a slower start.
         self._listener.start()
@@ -306,6 +314,9 @@ class TurnWaiter:
                     return False
                 event.wait(min(remaining, SAFETY_POLL_SECONDS))
                 event.clear()
+                body = self._pushed.get(turn_id) if pushed is not None else None
+                if body is not None and pushed(body):
+                    return True
         finally:
             with self._lock:
                 events = self._waiting.get(turn_id, [])
@@ -313,9 +324,13 @@ class TurnWaiter:
                     events.remove(event)
                 if not events:
                     self._waiting.pop(turn_id, None)
+                    self._pushed.pop(turn_id, None)
 
-    def _wake(self, turn_id: str) -> None:
+    def _wake(self, message: str) -> None:
+        turn_id, _, body = message.partition(" ")
         with self._lock:
             events = list(self._waiting.get(turn_id, ()))
+            if events and body:
+                self._pushed[turn_id] = body
         for event in events:
             event.set()

@@ -39,7 +39,7 @@ from shared.runtime import Runtime
 from shared.services import billing, enforcement, pricing, summaries, turn_context, turn_events
 from shared.services.text import clean_json, clean_text
 from shared.services.turn_budget import BudgetExhausted, HoldPolicy, TurnBudget
-from shared.services.turns import FINISHED, owned_turn, place_turn_hold, wait_until_finished
+from shared.services.turns import FINISHED, owned_turn, place_turn_hold, pushed_read, wait_until_finished
 from shared.task_names import TaskName
 from shared.tools.registry import ToolContext, ToolResult
 
@@ -102,6 +102,8 @@ class Execution:
     # This turn pushes the oldest turn of a full window out: a background summary refresh is due.
     summary_due_after: bool = False
     messages: list[dict] = field(default_factory=list)
+    # Tool calls this attempt recorded (none: the end's push can carry the whole turn).
+    tool_calls_recorded: int = 0
     # The turn's price, once read: the price in force at the turn's creation stays so, and
     # the settlement bills at the price the budget (and the hold) was sized with.
     price: ModelPrice | None = None
@@ -192,12 +194,14 @@ def _fail_locked(
     turn.error_message = clean_text(error_message(code, message))[:2000]
 
 
-def _ended(runtime: Runtime, turn: Turn) -> None:
+def _ended(runtime: Runtime, turn: Turn, *, no_tool_calls: bool = False) -> None:
     """Announce, count and log a turn whose terminal state was just committed.
 
+    ``no_tool_calls``: the turn is known to have recorded none (this attempt recorded none,
+    and it is the first), so its push carries it whole (``turns.pushed_read``).
     ``refused``: the worker's enforcement re-check failed it for insufficient credit.
     """
-    turn_events.publish_ended(runtime, turn.id)
+    turn_events.publish_ended(runtime, turn.id, pushed_read(turn) if no_tool_calls else None)
     outcome = "refused" if turn.error_code == InsufficientBalance.error else turn.status
     seconds = None
     if turn.completed_at is not None and turn.created_at is not None:
@@ -428,6 +432,7 @@ def execute(
             query = extract_search_query(turn.content)
             if query:
                 found = _call_tool(session, tools, turn, "search", {"query": query[:500]}, None)
+                result.tool_calls_recorded += 1
                 search_results = found.content
         messages = turn_context.messages(
             context, turn.content, summary=summary_text, search_results=search_results
@@ -515,6 +520,7 @@ def _run_model_with_tools(
         messages.append(completion.assistant_message())
         for call in completion.tool_calls:
             found = _call_tool(session, tools, turn, call.name, call.arguments, call.parse_error, stream)
+            result.tool_calls_recorded += 1
             messages.append({"role": "tool", "tool_call_id": call.id, "content": found.content})
 
 
@@ -649,7 +655,7 @@ def complete(runtime: Runtime, turn_id: str, result: Execution) -> bool:
         turn.usage_estimated = result.usage_estimated
         turn.error_code = turn.error_message = None
         session.commit()
-        _ended(runtime, turn)
+        _ended(runtime, turn, no_tool_calls=turn.attempts == 1 and not result.tool_calls_recorded)
         return True
 
 

@@ -280,8 +280,9 @@ def wait_until_finished(
     waiting; returns the turn as last read: ``turn`` itself, or as ``GET /turns/{id}`` reads
     it (a :class:`TurnRead`: one Core statement, no ORM entity), or with ``entity`` as a
     ``Turn`` (for what a TurnRead does not hold, e.g. a /v1 reply's tool calls). With
-    Redis the worker's push wakes the wait (``turn_events``); embedded mode re-reads the
-    row, 20 ms apart growing to 250 ms.
+    Redis the worker's push wakes the wait (``turn_events``), and a push that carries the
+    finished turn (:func:`pushed_read`) answers it without a read; embedded mode re-reads
+    the row, 20 ms apart growing to 250 ms.
     ``start`` (the turn's enqueue) runs once the wait is set up, so the end of a turn that
     ran at once is not missed and needs no read before it."""
     if turn.status in FINISHED:
@@ -296,9 +297,14 @@ def wait_until_finished(
         latest = _reread(runtime, turn, owned_turn if entity else read_turn)
         return latest.status in FINISHED
 
+    def pushed(body: str) -> bool:
+        nonlocal latest
+        latest = read_from_push(body)
+        return latest.status in FINISHED
+
     waiter = runtime.turn_waiter
     if waiter is not None:
-        waiter.wait(turn.id, timeout, finished, start=start)
+        waiter.wait(turn.id, timeout, finished, start=start, pushed=None if entity else pushed)
         return latest
     if start is not None:
         start()
@@ -387,6 +393,35 @@ def _turn_read_statement():
         # In the relationship's order; its columns are ORM-annotated, these plain ones are not.
         .order_by(*(calls.c[column.name] for column in Turn.tool_calls.property.order_by))
     ), len(turn_columns)
+
+
+# What a push carries besides JSON's own types (read_from_push turns them back).
+_PUSHED_DECIMALS = ("cost", "balance_after")
+_PUSHED_DATETIMES = ("created_at", "completed_at")
+
+
+def pushed_read(turn: Turn) -> str:
+    """A finished turn that recorded no tool calls, as its end's push carries it (JSON): the
+    TurnRead that :func:`read_turn` would read once its end committed, so a waiting request
+    answers without reading it again. The worker builds it from the row it just wrote."""
+    values: dict[str, Any] = {}
+    for item in fields(TurnRead):
+        if item.name != "tool_calls":
+            value = getattr(turn, item.name)
+            values[item.name] = str(value) if isinstance(value, Decimal | datetime) else value
+    return json.dumps(values, separators=(",", ":"))
+
+
+def read_from_push(body: str) -> TurnRead:
+    """The TurnRead a push carried (:func:`pushed_read`)."""
+    values = json.loads(body)
+    for name in _PUSHED_DECIMALS:
+        if values[name] is not None:
+            values[name] = Decimal(values[name])
+    for name in _PUSHED_DATETIMES:
+        if values[name] is not None:
+            values[name] = datetime.fromisoformat(values[name])
+    return TurnRead(**values, tool_calls=[])
 
 
 def read_turn(session: Session, user_id: str, turn_id: str) -> TurnRead:

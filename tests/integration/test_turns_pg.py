@@ -355,3 +355,30 @@ def test_a_summary_refresh_does_not_hold_the_wallet_while_it_waits_for_the_chat_
         assert outcome == {"stored": True}
     finally:
         runtime.close()
+
+
+def test_a_sync_turn_is_answered_from_its_push_as_a_read_would(pg_client, pg_user, chat, monkeypatch):
+    """The worker's push carries a completed turn without tool calls whole: the sync POST
+    answers from it without reading the turn again, and the JSON is the GET's, byte for
+    byte. A turn with a tool call is read again (its push carries only the id)."""
+    from shared.services import turns
+
+    reads = []
+    real_reread = turns._reread
+    monkeypatch.setattr(turns, "_reread", lambda *args: reads.append(args[1].id) or real_reread(*args))
+
+    def posted_and_read(content):
+        response = post_turn(pg_client, pg_user, chat, content)
+        assert response.status_code == 201
+        posted = response.get_json()
+        read = pg_client.get(f"/api/v1/turns/{posted['id']}", headers=pg_user.headers).get_json()
+        return posted, read
+
+    posted, read = posted_and_read("What is the capital of France?")
+    assert posted["status"] == "completed" and posted["cost"] is not None
+    assert posted == read
+    assert reads == []  # answered from the push
+    posted, read = posted_and_read("Please search for capital cities.")
+    assert posted["status"] == "completed" and len(posted["tool_calls"]) == 1
+    assert posted == read
+    assert reads == [posted["id"]]  # no whole turn in the push: read once it came
