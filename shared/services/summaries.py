@@ -49,6 +49,15 @@ SUMMARY_TIMEOUT_SECONDS = 20.0
 SUMMARY_MAX_CHARS = 2000
 
 
+class ChatContext(Protocol):
+    """What a context reads of its chat session: a ``ChatSession`` or a row of these columns."""
+
+    id: str
+    room_id: str
+    summary: str | None
+    summary_through_seq: int
+
+
 class TurnText(Protocol):
     """What a context and a summary use of a completed turn (a row of ``window``'s reads)."""
 
@@ -70,21 +79,18 @@ class SummaryResult:
 # The window's reads, built once (twice a turn: admission and run): the session's completed
 # chat turns, what a context and a summary use of them, not their thirty-odd columns, as
 # rows (``turn.seq``, ``turn.content``…) rather than ORM entities: nothing writes them.
-_COMPLETED = (
-    select(Turn.id, Turn.seq, Turn.content, Turn.reply)
-    .where(
-        Turn.session_id == bindparam("session_id"),
-        Turn.kind == TurnKind.CHAT,
-        Turn.status == TurnStatus.COMPLETED,
-        Turn.seq < bindparam("before_seq"),
-    )
+_COMPLETED = select(Turn.id, Turn.seq, Turn.content, Turn.reply).where(
+    Turn.session_id == bindparam("session_id"),
+    Turn.kind == TurnKind.CHAT,
+    Turn.status == TurnStatus.COMPLETED,
+    Turn.seq < bindparam("before_seq"),
 )
 _LATEST = _COMPLETED.order_by(Turn.seq.desc()).limit(WINDOW_TURNS + FOLD_IN_TURN_TURNS - 1)
 _UNCOVERED = _COMPLETED.where(Turn.seq > bindparam("after_seq")).order_by(Turn.seq)
 
 
 def window(
-    session: Session, chat: ChatSession, before_seq: int, *, fold_at: int = FOLD_IN_TURN_TURNS
+    session: Session, chat: ChatContext, before_seq: int, *, fold_at: int = FOLD_IN_TURN_TURNS
 ) -> tuple[list[TurnText], list[TurnText]]:
     """``(recent, missing)`` for the turn at ``before_seq``.
 

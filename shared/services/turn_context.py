@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session
 
-from shared.models import ChatSession, FileStatus, UploadedFile
+from shared.models import FileStatus, UploadedFile
 from shared.prompts import room_files_line
 from shared.services import summaries
 
@@ -39,7 +39,7 @@ class TurnContext:
         return bool(self.missing)
 
 
-def load(session: Session, chat: ChatSession, before_seq: int) -> TurnContext:
+def load(session: Session, chat: summaries.ChatContext, before_seq: int) -> TurnContext:
     """Read the context of the turn at ``before_seq``. Does not commit."""
     recent, missing = summaries.window(session, chat, before_seq)
     return TurnContext(

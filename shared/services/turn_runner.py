@@ -27,6 +27,7 @@ from datetime import timedelta
 from sqlalchemy import and_, bindparam, delete, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
+from sqlalchemy.orm.attributes import set_committed_value
 
 from shared import metrics
 from shared.db import is_database_unavailable, new_id, utcnow
@@ -272,14 +273,34 @@ def claim(runtime: Runtime, turn_id: str, *, takeover: bool, owner: str | None =
         if turn.attempts:
             # A new attempt records its own tool calls.
             session.execute(delete(ToolCallEvent).where(ToolCallEvent.turn_id == turn.id))
-        turn.status = TurnStatus.RUNNING
-        turn.attempts += 1
-        turn.started_at = turn.updated_at = now
-        turn.lease_owner = owner
-        turn.lease_expires_at = now + timedelta(seconds=runtime.settings.turn_lease_seconds)
+        claimed = {
+            "status": TurnStatus.RUNNING,
+            "attempts": turn.attempts + 1,
+            "started_at": now,
+            "updated_at": now,
+            "lease_owner": owner,
+            "lease_expires_at": now + timedelta(seconds=runtime.settings.turn_lease_seconds),
+        }
+        # One prebuilt UPDATE of the locked row, not the unit of work's flush; the entity is
+        # told the values as committed.
+        session.execute(_CLAIM, {"turn_id": turn.id, **{f"new_{k}": v for k, v in claimed.items()}})
+        for name, value in claimed.items():
+            set_committed_value(turn, name, value)
         session.commit()
         log.info("turn running (attempt %d)", turn.attempts)
         return turn
+
+
+_CLAIM = (
+    update(Turn.__table__)
+    .where(Turn.__table__.c.id == bindparam("turn_id"))
+    .values(
+        {
+            name: bindparam(f"new_{name}")
+            for name in ("status", "attempts", "started_at", "updated_at", "lease_owner", "lease_expires_at")
+        }
+    )
+)
 
 
 def _may_take_over(turn: Turn, owner: str, takeover: bool, now) -> bool:
@@ -387,6 +408,12 @@ def budget_for(runtime: Runtime, session: Session, turn: Turn) -> TurnBudget:
     )
 
 
+# What a turn's context reads of its chat session (a row, not an entity: nothing writes it).
+_CHAT = select(
+    ChatSession.id, ChatSession.room_id, ChatSession.summary, ChatSession.summary_through_seq
+).where(ChatSession.id == bindparam("session_id"))
+
+
 def execute(
     runtime: Runtime, turn: Turn, provider, tools, result: Execution | None = None, stream=None
 ) -> Execution:
@@ -416,7 +443,7 @@ def execute(
     # commit (Postgres: no idle-in-transaction; SQLite: no write lock held).
     with runtime.db.session() as session:
         runtime.db.reads_without_transaction(session)
-        chat = session.get(ChatSession, turn.session_id)
+        chat = session.execute(_CHAT, {"session_id": turn.session_id}).one()
         context = turn_context.load(session, chat, turn.seq)
         result.summary_due_after = summaries.due_after(context.recent)
         budget = budget_for(runtime, session, turn)
