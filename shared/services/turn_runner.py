@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
+from functools import cache
 
 from sqlalchemy import and_, bindparam, delete, or_, select, update
 from sqlalchemy.exc import IntegrityError
@@ -135,14 +136,16 @@ def _end_locked(
     output_tokens: int,
     now,
     price: ModelPrice | None = None,
-) -> None:
-    """Bill what the turn used (nothing used: release its hold) and record it, at ``price``
-    (when the attempt read it already) or the price in force at the turn's creation. Caller
-    commits.
+) -> dict:
+    """Bill what the turn used (nothing used: release its hold), at ``price`` (when the
+    attempt read it already) or the price in force at the turn's creation. Returns the
+    turn's new column values, for the caller to add its own and write them (``_write_turn``)
+    before it commits.
 
     The turn row is written once, after billing: a second UPDATE of a row this transaction
     already changed makes Postgres re-check its foreign keys (KEY SHARE on the session row).
     """
+    values: dict = {}
     cost = balance_after = None
     if input_tokens or output_tokens:
         price = price or pricing.price_in_force(session, turn.model, at=turn.created_at)
@@ -160,13 +163,41 @@ def _end_locked(
             api_key_id=turn.api_key_id,
         )
         cost, balance_after = settled.charged, settled.balance_after
-        turn.low_balance = balance_after < runtime.settings.low_balance_threshold
+        values["low_balance"] = balance_after < runtime.settings.low_balance_threshold
     else:
         billing.release_hold(session, turn_id=turn.id, reason=f"turn {status}")
-    turn.input_tokens, turn.output_tokens = input_tokens, output_tokens
-    turn.cost, turn.balance_after = cost, balance_after
-    turn.status = status
-    turn.completed_at = turn.updated_at = now
+    values.update(
+        input_tokens=input_tokens,
+        output_tokens=output_tokens,
+        cost=cost,
+        balance_after=balance_after,
+        status=status,
+        completed_at=now,
+        updated_at=now,
+    )
+    return values
+
+
+@cache
+def _turn_update(names: tuple[str, ...]):
+    """``UPDATE turns SET <names> WHERE id = :turn_id``, built once per set of columns."""
+    table = Turn.__table__
+    return (
+        update(table)
+        .where(table.c.id == bindparam("turn_id"))
+        .values({name: bindparam(f"new_{name}", type_=table.c[name].type) for name in names})
+    )
+
+
+def _write_turn(session: Session, turn: Turn, values: dict) -> None:
+    """Write ``values`` to the locked turn's row with one prebuilt UPDATE, not the unit of
+    work's flush, and tell the entity they are its committed values. Caller commits."""
+    session.execute(
+        _turn_update(tuple(sorted(values))),
+        {"turn_id": turn.id, **{f"new_{name}": value for name, value in values.items()}},
+    )
+    for name, value in values.items():
+        set_committed_value(turn, name, value)
 
 
 def _fail_locked(
@@ -179,7 +210,7 @@ def _fail_locked(
 ) -> None:
     used_in = max(turn.input_tokens, execution.input_tokens if execution else 0)
     used_out = max(turn.output_tokens, execution.output_tokens if execution else 0)
-    _end_locked(
+    values = _end_locked(
         runtime,
         session,
         turn,
@@ -190,9 +221,10 @@ def _fail_locked(
         price=execution.price if execution else None,
     )
     if execution is not None and execution.usage_estimated:
-        turn.usage_estimated = True
-    turn.error_code = code
-    turn.error_message = clean_text(error_message(code, message))[:2000]
+        values["usage_estimated"] = True
+    values["error_code"] = code
+    values["error_message"] = clean_text(error_message(code, message))[:2000]
+    _write_turn(session, turn, values)
 
 
 def _ended(runtime: Runtime, turn: Turn, *, no_tool_calls: bool = False) -> None:
@@ -281,26 +313,10 @@ def claim(runtime: Runtime, turn_id: str, *, takeover: bool, owner: str | None =
             "lease_owner": owner,
             "lease_expires_at": now + timedelta(seconds=runtime.settings.turn_lease_seconds),
         }
-        # One prebuilt UPDATE of the locked row, not the unit of work's flush; the entity is
-        # told the values as committed.
-        session.execute(_CLAIM, {"turn_id": turn.id, **{f"new_{k}": v for k, v in claimed.items()}})
-        for name, value in claimed.items():
-            set_committed_value(turn, name, value)
+        _write_turn(session, turn, claimed)
         session.commit()
         log.info("turn running (attempt %d)", turn.attempts)
         return turn
-
-
-_CLAIM = (
-    update(Turn.__table__)
-    .where(Turn.__table__.c.id == bindparam("turn_id"))
-    .values(
-        {
-            name: bindparam(f"new_{name}")
-            for name in ("status", "attempts", "started_at", "updated_at", "lease_owner", "lease_expires_at")
-        }
-    )
-)
 
 
 def _may_take_over(turn: Turn, owner: str, takeover: bool, now) -> bool:
@@ -590,7 +606,7 @@ def _cancel_locked(runtime: Runtime, session: Session, turn: Turn, result: Execu
     saved by earlier ones) through the same settlement as any turn, release the rest."""
     used_in = max(turn.input_tokens, result.input_tokens if result else 0)
     used_out = max(turn.output_tokens, result.output_tokens if result else 0)
-    _end_locked(
+    values = _end_locked(
         runtime,
         session,
         turn,
@@ -601,10 +617,11 @@ def _cancel_locked(runtime: Runtime, session: Session, turn: Turn, result: Execu
         price=result.price if result else None,
     )
     if result is not None:
-        turn.reply = result.reply or None
-        turn.summary_used_fallback = result.summary_used_fallback
-        turn.usage_estimated = turn.usage_estimated or result.usage_estimated
-    turn.error_code = turn.error_message = None
+        values["reply"] = result.reply or None
+        values["summary_used_fallback"] = result.summary_used_fallback
+        values["usage_estimated"] = turn.usage_estimated or result.usage_estimated
+    values["error_code"] = values["error_message"] = None
+    _write_turn(session, turn, values)
 
 
 def finish_cancelled(runtime: Runtime, turn_id: str, result: Execution) -> bool:
@@ -666,7 +683,7 @@ def complete(runtime: Runtime, turn_id: str, result: Execution) -> bool:
         if turn is None or turn.status in FINISHED:
             session.rollback()
             return False
-        _end_locked(
+        values = _end_locked(
             runtime,
             session,
             turn,
@@ -676,11 +693,15 @@ def complete(runtime: Runtime, turn_id: str, result: Execution) -> bool:
             now=utcnow(),
             price=result.price,
         )
-        turn.reply = result.reply
-        turn.reply_tool_calls = result.reply_tool_calls
-        turn.summary_used_fallback = result.summary_used_fallback
-        turn.usage_estimated = result.usage_estimated
-        turn.error_code = turn.error_message = None
+        values.update(
+            reply=result.reply,
+            reply_tool_calls=result.reply_tool_calls,
+            summary_used_fallback=result.summary_used_fallback,
+            usage_estimated=result.usage_estimated,
+            error_code=None,
+            error_message=None,
+        )
+        _write_turn(session, turn, values)
         session.commit()
         _ended(runtime, turn, no_tool_calls=turn.attempts == 1 and not result.tool_calls_recorded)
         return True
