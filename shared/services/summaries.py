@@ -119,9 +119,13 @@ def window(
 
 
 def due_after(recent: list[TurnText]) -> bool:
-    """Once the turn whose context held ``recent`` completes, a batch will have left the
-    window uncovered: the moment to send the background refresh that folds it."""
-    return len(recent) + 1 >= WINDOW_TURNS + SUMMARY_BATCH_TURNS
+    """Once the turn whose context held ``recent`` completes, a batch will just have left
+    the window uncovered: the moment to send the background refresh that folds it. Once per
+    batch: the turns after it, while that refresh runs (a 1 s model is still folding when
+    the next turn completes), must not send another that would fold the same turns again
+    (a second call, billed); if the refresh fails, the turn that finds two batches
+    uncovered folds them itself."""
+    return len(recent) + 1 == WINDOW_TURNS + SUMMARY_BATCH_TURNS
 
 
 def _first_sentence(text: str | None, limit: int = 160) -> str:

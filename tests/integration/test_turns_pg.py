@@ -198,9 +198,9 @@ def test_the_fallback_flag_is_set_when_the_summary_generator_fails(pg_client, pg
     ]
     assert all(t["status"] == "completed" for t in turns)
     flags = [t["summary_used_fallback"] for t in turns]
-    # The refreshes sent after turns 10 to 14 fail on turn 1's marker (nothing stored), so
-    # turns 11 to 14 keep the uncovered turns verbatim; turn 15 is the first whose context
-    # holds two batches (turns 1-8) uncovered: it folds them itself, and falls back.
+    # The refresh sent after turn 10 fails on turn 1's marker (nothing stored), so turns 11
+    # to 14 keep the uncovered turns verbatim; turn 15 is the first whose context holds two
+    # batches (turns 1-8) uncovered: it folds them itself, and falls back.
     assert flags[:-1] == [False] * (len(turns) - 1)
     assert flags[-1] is True
     session = pg_client.get(f"/api/v1/sessions/{chat['id']}", headers=pg_user.headers).get_json()

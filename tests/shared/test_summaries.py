@@ -95,7 +95,9 @@ def test_turns_leave_the_window_in_batches_and_stay_verbatim_until_a_batch_is_co
     # Verbatim up to two batches less one; the turn after folds all of them itself.
     last_in_turn_verbatim = window + in_turn
     assert seqs(last_in_turn_verbatim) == (list(range(1, last_in_turn_verbatim)), [])
-    assert summaries.due_after(summaries.window(db, chat, last_in_turn_verbatim)[0])
+    # One refresh per batch: the turns after the one that completed it send none.
+    assert not summaries.due_after(summaries.window(db, chat, last_verbatim + 1)[0])
+    assert not summaries.due_after(summaries.window(db, chat, last_in_turn_verbatim)[0])
     assert seqs(last_in_turn_verbatim + 1) == (
         list(range(in_turn + 1, last_in_turn_verbatim + 1)),
         list(range(1, in_turn + 1)),
