@@ -17,7 +17,7 @@ from dataclasses import dataclass, fields
 from datetime import datetime
 from decimal import Decimal
 from functools import cache
-from typing import Any
+from typing import Any, get_args, get_type_hints
 
 from sqlalchemy import bindparam, func, select
 from sqlalchemy.exc import IntegrityError
@@ -395,9 +395,17 @@ def _turn_read_statement():
     ), len(turn_columns)
 
 
-# What a push carries besides JSON's own types (read_from_push turns them back).
-_PUSHED_DECIMALS = ("cost", "balance_after")
-_PUSHED_DATETIMES = ("created_at", "completed_at")
+def _read_fields_of(kind: type) -> tuple[str, ...]:
+    """The TurnRead fields annotated ``kind`` (or ``kind | None``)."""
+    return tuple(
+        name for name, hint in get_type_hints(TurnRead).items() if hint is kind or kind in get_args(hint)
+    )
+
+
+# What a push carries besides JSON's own types (read_from_push turns them back), taken from
+# TurnRead's annotations so that a field added there is carried back as its type too.
+_PUSHED_DECIMALS = _read_fields_of(Decimal)
+_PUSHED_DATETIMES = _read_fields_of(datetime)
 
 
 def pushed_read(turn: Turn) -> str:
