@@ -21,13 +21,13 @@ dev: $(STAMP)
 # otherwise starts private ones; then the whole suite, integration included.
 test: $(STAMP)
 	$(BIN)/ruff check .
-	eval "$$($(BIN)/python scripts/test_services.py)" && $(BIN)/pytest $(PYTEST_ARGS)
+	exports="$$($(BIN)/python scripts/test_services.py)" && eval "$$exports" && $(BIN)/pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
 bench: $(STAMP)
-	eval "$$($(BIN)/python scripts/test_services.py)" && $(BIN)/python bench/run_all.py
+	exports="$$($(BIN)/python scripts/test_services.py)" && eval "$$exports" && $(BIN)/python bench/run_all.py
 
 clean:
 	rm -rf $(VENV) var .pytest_cache

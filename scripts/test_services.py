@@ -20,6 +20,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -78,7 +79,8 @@ def postgres_bin() -> Path:
 def run_as(user: str | None, argv: list[str]) -> None:
     if user:
         argv = ["runuser", "-u", user, "--", *argv]
-    subprocess.run(argv, check=True, stdout=sys.stderr, stderr=sys.stderr)
+    # From "/": the caller's directory may be closed to ``user``.
+    subprocess.run(argv, check=True, cwd="/", stdout=sys.stderr, stderr=sys.stderr)
 
 
 def system_user(name: str) -> str:
@@ -87,21 +89,38 @@ def system_user(name: str) -> str:
     return name
 
 
+def state_dir(name: str, user: str | None) -> Path:
+    """The directory a private server keeps its files in, owned by ``user`` (the system user
+    it runs as, when this script runs as root). ``var/test-services/<name>`` when ``user`` can
+    reach it; else one under the system's temporary directory: a checkout in a directory
+    closed to other users (``mktemp -d`` makes them 0700) is out of the postgres user's reach,
+    and PgBouncer could not open its log there, nor initdb write its data."""
+    path = STATE / name
+    path.mkdir(parents=True, exist_ok=True)
+    if user is None:
+        return path
+    shutil.chown(path, user)
+    if subprocess.run(["runuser", "-u", user, "--", "test", "-w", str(path)]).returncode == 0:
+        return path
+    path = Path(tempfile.gettempdir()) / f"tollgate-test-services-{user}" / name
+    say(f"{STATE} is closed to the {user} user: keeping {name}'s files in {path}")
+    path.mkdir(parents=True, exist_ok=True)
+    for directory in (path.parent, path):
+        shutil.chown(directory, user)
+        directory.chmod(0o700)
+    return path
+
+
 def start_private_postgres() -> str:
     url = f"postgresql://postgres@127.0.0.1:{PRIVATE_PG_PORT}/postgres"
     if pg_answers(url):
         return url
     bindir = postgres_bin()
-    data = STATE / "pg"
     user = None
     if os.geteuid() == 0:  # initdb refuses to run as root
         user = system_user("postgres")
-    STATE.mkdir(parents=True, exist_ok=True)
+    data = state_dir("pg", user)
     if not (data / "PG_VERSION").exists():
-        data.mkdir(parents=True, exist_ok=True)
-        if user:
-            shutil.chown(STATE, user)
-            shutil.chown(data, user)
         run_as(user, [str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust"])
     say(f"starting private postgres on 127.0.0.1:{PRIVATE_PG_PORT}")
     run_as(
@@ -172,7 +191,8 @@ def start_private_pgbouncer(pg_url: str) -> str:
     """PgBouncer in transaction mode on PRIVATE_PGBOUNCER_PORT, forwarding every database
     name to the Postgres at ``pg_url`` (trust auth, as that server uses)."""
     url = pgbouncer_url_for(pg_url, PRIVATE_PGBOUNCER_PORT)
-    state = STATE / "pgbouncer"
+    user = system_user("postgres") if os.geteuid() == 0 else None  # PgBouncer refuses to run as root
+    state = state_dir("pgbouncer", user)
     pg = urlsplit(pg_url)
     config = (
         "[databases]\n"
@@ -195,13 +215,10 @@ def start_private_pgbouncer(pg_url: str) -> str:
     binary = Path("/usr/sbin/pgbouncer")
     if not binary.exists():
         apt_install("pgbouncer")
-    state.mkdir(parents=True, exist_ok=True)
     (state / "users.txt").write_text(f'"{pg.username or "postgres"}" ""\n')
     (state / "pgbouncer.ini").write_text(config)
     argv = [str(binary), "-d", str(state / "pgbouncer.ini")]
-    if os.geteuid() == 0:  # PgBouncer refuses to run as root
-        user = system_user("postgres")
-        shutil.chown(state, user)
+    if user:
         for path in state.iterdir():
             shutil.chown(path, user)
         argv[1:1] = ["-u", user]
