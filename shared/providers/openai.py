@@ -374,12 +374,19 @@ class _Stream:
     def read(self, response: httpx.Response) -> Completion:
         done = False
         try:
-            for line in response.iter_lines():
+            lines = response.iter_lines()
+            for line in lines:
                 if not line.startswith("data:"):
                     continue  # comments (": ping"), event names, blank separators
                 data = line[5:].strip()
                 if data == "[DONE]":
                     done = True
+                    # Read the body to its end (the chunked terminator follows at once), as
+                    # the openai SDK does: a response closed unread closes its keep-alive
+                    # connection, and the next call pays a new one (a DNS look-up in a
+                    # thread under gevent, the TCP handshake).
+                    for _ in lines:
+                        pass
                     break
                 self._chunk(data)
                 if self.should_stop is not None and self.should_stop():

@@ -133,6 +133,11 @@ class FakeOpenAIServer:
         # running usage (as vLLM's continuous_usage_stats does) besides the final usage chunk.
         self.stream_delay = 0.0
         self.stream_running_usage = False
+        # Streams over HTTP/1.1 chunked encoding on a keep-alive connection (as OpenAI's API
+        # answers) instead of HTTP/1.0 until the connection closes; and the TCP connections
+        # accepted so far, to tell whether a client reuses them.
+        self.stream_keep_alive = False
+        self.connections = 0
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -421,6 +426,7 @@ class FakeOpenAIServer:
             if not handler.send_event(json.dumps(final)):
                 return
         handler.send_event("[DONE]")
+        handler.end_stream()
 
 
 def _last_user_text(request: Any) -> str:
@@ -447,6 +453,12 @@ class _Handler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:
         pass
+
+    def setup(self) -> None:
+        super().setup()
+        with self.fake._lock:
+            self.fake.connections += 1
+        self.chunked = False
 
     def do_POST(self) -> None:
         length = int(self.headers.get("Content-Length") or 0)
@@ -480,20 +492,37 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_json(404, {"error": {"message": f"no route {self.path}", "type": "not_found"}})
 
     def start_stream(self) -> bool:
+        self.chunked = self.fake.stream_keep_alive
         try:
+            if self.chunked:
+                self.protocol_version = "HTTP/1.1"
             self.send_response(200)
             self.send_header("Content-Type", "text/event-stream")
             self.send_header("Cache-Control", "no-cache")
-            self.send_header("Connection", "close")
+            if self.chunked:
+                self.send_header("Transfer-Encoding", "chunked")
+                self.close_connection = False  # parse_request decided as HTTP/1.0 would
+            else:
+                self.send_header("Connection", "close")
+                self.close_connection = True
             self.end_headers()
-            self.close_connection = True
             return True
         except (BrokenPipeError, ConnectionResetError):
             return False
 
     def send_event(self, data: str) -> bool:
+        return self._write(f"data: {data}\n\n".encode())
+
+    def end_stream(self) -> None:
+        """The chunked body's last chunk; the connection stays open for the next request."""
+        if self.chunked:
+            self._write(b"")
+
+    def _write(self, data: bytes) -> bool:
         try:
-            self.wfile.write(f"data: {data}\n\n".encode())
+            if self.chunked:
+                data = f"{len(data):x}\r\n".encode() + data + b"\r\n"
+            self.wfile.write(data)
             self.wfile.flush()
             return True
         except (BrokenPipeError, ConnectionResetError):

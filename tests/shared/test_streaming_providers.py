@@ -129,3 +129,15 @@ def test_a_server_that_ignores_stream_and_answers_json_is_one_piece(provider, fa
     completion, pieces = stream(provider)
     assert pieces == ["Plain JSON."] and completion.content == "Plain JSON."
     assert (completion.input_tokens, completion.output_tokens) == (7, 3)
+
+
+def test_a_finished_stream_leaves_its_connection_for_the_next_call(provider, fake_openai):
+    """OpenAI streams over a keep-alive connection: the stream is read to its end after
+    ``[DONE]``, so the connection goes back to the pool instead of being closed (a new TCP
+    connection and DNS look-up for every turn)."""
+    fake_openai.stream_keep_alive = True
+    for _ in range(3):
+        completion, pieces = stream(provider)
+        assert "".join(pieces) == completion.content != ""
+    assert len(fake_openai.requests) == 3
+    assert fake_openai.connections == 1
