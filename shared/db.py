@@ -357,7 +357,8 @@ class Database:
 
     @contextmanager
     def session(self, *, reads_only: bool = False) -> Iterator[Session]:
-        """``reads_only``: for reads alone (``read_sessionmaker``: no transaction on Postgres)."""
+        """``reads_only``: for reads alone (``read_sessionmaker``: no transaction on Postgres),
+        or a write that is one statement: it commits as it runs (the turn's claim)."""
         session = (self.read_sessionmaker if reads_only else self.sessionmaker)()
         try:
             yield session

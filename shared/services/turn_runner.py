@@ -23,7 +23,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
+from decimal import Decimal
 from functools import cache
+from typing import NamedTuple
 
 from sqlalchemy import and_, bindparam, delete, or_, select, update
 from sqlalchemy.exc import IntegrityError
@@ -34,7 +36,17 @@ from shared import metrics
 from shared.db import is_database_unavailable, new_id, utcnow
 from shared.errors import Conflict, InsufficientBalance
 from shared.logging import turn_id_var
-from shared.models import ChatSession, ModelPrice, ToolCallEvent, ToolCallStatus, Turn, TurnKind, TurnStatus
+from shared.models import (
+    ChatSession,
+    Hold,
+    HoldStatus,
+    ModelPrice,
+    ToolCallEvent,
+    ToolCallStatus,
+    Turn,
+    TurnKind,
+    TurnStatus,
+)
 from shared.prompts import extract_search_query
 from shared.providers import ProviderError, ProviderTransientError
 from shared.runtime import Runtime
@@ -268,7 +280,58 @@ def fail(
         return True
 
 
-def claim(runtime: Runtime, turn_id: str, *, takeover: bool, owner: str | None = None) -> Turn | None:
+class Claimed(NamedTuple):
+    turn: Turn
+    # The active hold's amount when the claim read it (its budget needs no second read).
+    hold_amount: Decimal | None = None
+
+
+def _claim_queued_statement():
+    """The claim of a queued, enforced turn's first attempt as one statement (Postgres):
+    the turn locked first, then its active hold, as the claim below and a cancel lock them,
+    then the turn written ``running``; the turn and its hold's amount returned. No row: the
+    turn is in any other state (or its hold is no longer active), for the claim below."""
+    turns, holds = Turn.__table__, Hold.__table__
+    queued = (
+        select(turns.c.id)
+        .where(
+            turns.c.id == bindparam("turn_id"),
+            turns.c.status == TurnStatus.QUEUED,
+            turns.c.attempts == 0,
+            turns.c.cancel_requested_at.is_(None),
+            turns.c.enforced.is_(True),
+        )
+        .with_for_update(key_share=True)
+        .cte("queued_turn")
+    )
+    hold = (
+        select(holds.c.turn_id, holds.c.amount)
+        .join(queued, holds.c.turn_id == queued.c.id)
+        .where(holds.c.status == HoldStatus.ACTIVE)
+        .with_for_update(of=holds, key_share=True)
+        .cte("active_hold")
+    )
+    now = bindparam("now", type_=turns.c.started_at.type)
+    return (
+        update(Turn)
+        .where(Turn.id == hold.c.turn_id)
+        .values(
+            status=TurnStatus.RUNNING,
+            attempts=1,
+            started_at=now,
+            updated_at=now,
+            lease_owner=bindparam("owner"),
+            lease_expires_at=bindparam("lease_expires_at", type_=turns.c.lease_expires_at.type),
+        )
+        .returning(Turn, hold.c.amount)
+        .execution_options(synchronize_session=False)
+    )
+
+
+_CLAIM_QUEUED = _claim_queued_statement()
+
+
+def claim(runtime: Runtime, turn_id: str, *, takeover: bool, owner: str | None = None) -> Claimed | None:
     """Mark the turn ``running`` under a lease for this attempt (``owner``: the task id), or
     return ``None`` when there is nothing to do.
 
@@ -276,9 +339,24 @@ def claim(runtime: Runtime, turn_id: str, *, takeover: bool, owner: str | None =
     it: shared/services/leases.py) or by its own owner (a task retried after a database
     outage). ``takeover`` lets a redelivered or re-sent task take over a running turn that
     has no lease at all (rows from before leases existed).
+
+    On Postgres, the usual case (a queued, enforced turn's first attempt with its hold
+    active) is one autocommit statement (``_CLAIM_QUEUED``) instead of a transaction of
+    three; every other case, and a miss, takes the path below.
     """
     now = utcnow()
     owner = owner or new_id()
+    lease_expires_at = now + timedelta(seconds=runtime.settings.turn_lease_seconds)
+    if runtime.db.dialect == "postgresql":
+        with runtime.db.session(reads_only=True) as session:
+            row = session.execute(
+                _CLAIM_QUEUED,
+                {"turn_id": turn_id, "now": now, "owner": owner, "lease_expires_at": lease_expires_at},
+            ).first()
+            session.commit()
+        if row is not None:
+            log.info("turn running (attempt 1)")
+            return Claimed(row[0], row[1])
     with runtime.db.session() as session:
         turn = _lock(session, turn_id)
         if turn is None or turn.status in FINISHED:
@@ -311,12 +389,12 @@ def claim(runtime: Runtime, turn_id: str, *, takeover: bool, owner: str | None =
             "started_at": now,
             "updated_at": now,
             "lease_owner": owner,
-            "lease_expires_at": now + timedelta(seconds=runtime.settings.turn_lease_seconds),
+            "lease_expires_at": lease_expires_at,
         }
         _write_turn(session, turn, claimed)
         session.commit()
         log.info("turn running (attempt %d)", turn.attempts)
-        return turn
+        return Claimed(turn)
 
 
 def _may_take_over(turn: Turn, owner: str, takeover: bool, now) -> bool:
@@ -410,11 +488,16 @@ def _save_usage(session: Session, turn: Turn, result: Execution) -> None:
     session.commit()
 
 
-def budget_for(runtime: Runtime, session: Session, turn: Turn) -> TurnBudget:
+def budget_for(
+    runtime: Runtime, session: Session, turn: Turn, *, hold_amount: Decimal | None = None
+) -> TurnBudget:
     """The budget of this attempt: the turn's active hold (none: unbounded), at the turn's
-    price, less what earlier attempts used."""
+    price, less what earlier attempts used. ``hold_amount``: the hold's amount when the
+    caller read it already (the claim's), else it is read here."""
     price = pricing.price_in_force(session, turn.model, at=turn.created_at)
-    reserved = billing.reserved_for(session, turn.id) if turn.enforced else None
+    reserved = None
+    if turn.enforced:
+        reserved = hold_amount if hold_amount is not None else billing.reserved_for(session, turn.id)
     return TurnBudget(
         price,
         HoldPolicy.from_settings(runtime.settings),
@@ -431,9 +514,17 @@ _CHAT = select(
 
 
 def execute(
-    runtime: Runtime, turn: Turn, provider, tools, result: Execution | None = None, stream=None
+    runtime: Runtime,
+    turn: Turn,
+    provider,
+    tools,
+    result: Execution | None = None,
+    stream=None,
+    *,
+    hold_amount: Decimal | None = None,
 ) -> Execution:
     """Build the context, refresh the summary if due, run the model with tools.
+    ``hold_amount``: the turn's hold's amount, when its claim read it (``budget_for``).
 
     ``result`` is filled as the turn goes, so a caller catching an exception still
     knows what was used. ``stream`` (a ``turn_events.TurnPublisher``) receives the answer's
@@ -462,7 +553,7 @@ def execute(
         chat = session.execute(_CHAT, {"session_id": turn.session_id}).one()
         context = turn_context.load(session, chat, turn.seq)
         result.summary_due_after = summaries.due_after(context.recent)
-        budget = budget_for(runtime, session, turn)
+        budget = budget_for(runtime, session, turn, hold_amount=hold_amount)
         result.price = budget.price
         session.commit()
 
@@ -740,28 +831,29 @@ def run_turn(
     """
     token = turn_id_var.set(turn_id)
     try:
-        turn = claim(runtime, turn_id, takeover=takeover, owner=owner)
-        if turn is None:
+        claimed = claim(runtime, turn_id, takeover=takeover, owner=owner)
+        if claimed is None:
             return "skipped"
-        with runtime.leases.holding(turn_id, turn.lease_owner):
+        with runtime.leases.holding(turn_id, claimed.turn.lease_owner):
             return _run_claimed(
-                runtime, turn, provider, tools, final_attempt, after_complete, reraise, streamed
+                runtime, claimed, provider, tools, final_attempt, after_complete, reraise, streamed
             )
     finally:
         turn_id_var.reset(token)
 
 
 def _run_claimed(
-    runtime: Runtime, turn: Turn, provider, tools, final_attempt, after_complete, reraise, streamed
+    runtime: Runtime, claimed: Claimed, provider, tools, final_attempt, after_complete, reraise, streamed
 ) -> str:
     """``run_turn`` after a successful claim, under the turn's lease."""
+    turn = claimed.turn
     turn_id = turn.id
     result = Execution()
     stream = _publisher(runtime, turn, streamed)
     if turn.attempts > 1:
         stream.reset(turn.attempts)
     try:
-        execute(runtime, turn, provider, tools, result, stream)
+        execute(runtime, turn, provider, tools, result, stream, hold_amount=claimed.hold_amount)
     except ProviderTransientError as exc:
         log.warning("model call failed: %s (%s)", exc.code, exc.message)
         result.add(exc.input_tokens, exc.output_tokens, estimated=exc.usage_estimated)

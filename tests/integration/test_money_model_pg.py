@@ -505,15 +505,22 @@ class MoneyModel(RuleBasedStateMachine):
         claimed = self.claim_turn(label, takeover)
         if claimed is None:
             return
-        attempt = Attempt(handle=claimed, provider=provider_for(turn.kind), result=Execution())
+        attempt = Attempt(handle=claimed.turn, provider=provider_for(turn.kind), result=Execution())
         try:
-            turn_runner.execute(self.runtime, claimed, attempt.provider, self.tools, attempt.result)
+            turn_runner.execute(
+                self.runtime,
+                claimed.turn,
+                attempt.provider,
+                self.tools,
+                attempt.result,
+                hold_amount=claimed.hold_amount,
+            )
         except (ProviderError, BudgetExhausted) as exc:
             attempt.error = exc
         note(f"{turn.kind}: {attempt.provider.chat_calls} model call(s)")
         turn.workers.append(attempt)
 
-    def claim_turn(self, label: str, takeover: bool) -> Turn | None:
+    def claim_turn(self, label: str, takeover: bool) -> turn_runner.Claimed | None:
         turn = self.turns[label]
         saved, required = self.saved_tokens(turn), self.recheck_amount(turn)
         claimed = turn_runner.claim(self.runtime, turn.turn_id, takeover=takeover)

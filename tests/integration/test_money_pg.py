@@ -8,11 +8,13 @@ the worker path is covered by test_enforced_turns_pg.py and test_faults_pg.py.
 from __future__ import annotations
 
 import io
+import threading
+import time
 from datetime import UTC, datetime
 from decimal import Decimal
 
 import pytest
-from sqlalchemy import func, select, update
+from sqlalchemy import event, func, select, update
 
 from shared.errors import InsufficientBalance
 from shared.models import ChatSession, Hold, LedgerEntry, Room, Turn, Wallet
@@ -151,7 +153,9 @@ def test_a_hold_does_not_expire_under_a_running_turn(enforced, runtime, pg_db, p
     with pytest.raises(InsufficientBalance):
         submit(runtime, pg_db, pg_user, chat, "second question")
 
-    result = turn_runner.execute(runtime, claimed, OfflineProvider(), build_registry())
+    result = turn_runner.execute(
+        runtime, claimed.turn, OfflineProvider(), build_registry(), hold_amount=claimed.hold_amount
+    )
     assert turn_runner.complete(runtime, a.id, result)
     wallet = fresh(pg_db, Wallet, user_id=pg_user.id)
     assert wallet.balance >= 0 and wallet.held == 0
@@ -167,7 +171,9 @@ def test_a_turn_whose_hold_expired_never_takes_an_enforced_wallet_below_zero(
     uncapped debit (balance -0.049410); now it is charged only what is still available."""
     a, hold = admit_with_nothing_left(runtime, pg_db, pg_admin, pg_user, chat)
     claimed = turn_runner.claim(runtime, a.id, takeover=False)
-    result = turn_runner.execute(runtime, claimed, OfflineProvider(), build_registry())
+    result = turn_runner.execute(
+        runtime, claimed.turn, OfflineProvider(), build_registry(), hold_amount=claimed.hold_amount
+    )
 
     # A's worker stopped renewing: its lease lapsed, and so did its hold.
     pg_db.execute(update(Turn).where(Turn.id == a.id).values(lease_expires_at=datetime.now(UTC)))
@@ -305,3 +311,80 @@ def test_a_tool_round_past_the_hold_is_trimmed_to_fit_instead_of_overspending(
     tool_results = [m["content"] for m in sent[1]["messages"] if m["role"] == "tool"]
     assert tool_results and all(text.endswith("[cut to fit the turn's budget]") for text in tool_results)
     assert_books_clean(pg_db)
+
+
+def test_a_queued_turn_is_claimed_in_one_statement_with_its_hold_amount(
+    enforced, runtime, pg_db, pg_admin, pg_user, chat
+):
+    """The usual claim (queued, enforced, first attempt, hold active) is one statement that
+    returns the turn ``running`` under its lease and what its hold reserved."""
+    grant(pg_db, pg_admin, pg_user, "10")
+    turn_id = submit(runtime, pg_db, pg_user, chat, "a question").id
+    hold = fresh(pg_db, Hold, turn_id=turn_id)
+    statements: list[str] = []
+    engine = runtime.db.engine
+
+    def on_statement(_conn, _cursor, statement, *_args):
+        statements.append(statement)
+
+    event.listen(engine, "before_cursor_execute", on_statement)
+    try:
+        claimed = turn_runner.claim(runtime, turn_id, takeover=False, owner="task-1")
+    finally:
+        event.remove(engine, "before_cursor_execute", on_statement)
+    assert len(statements) == 1
+    assert claimed.hold_amount == hold.amount > 0
+    assert (claimed.turn.status, claimed.turn.attempts, claimed.turn.lease_owner) == ("running", 1, "task-1")
+    stored = fresh(pg_db, Turn, id=turn_id)
+    assert (stored.status, stored.attempts, stored.lease_owner) == ("running", 1, "task-1")
+    assert stored.lease_expires_at == claimed.turn.lease_expires_at > stored.started_at
+    assert turn_runner.claim(runtime, turn_id, takeover=False, owner="task-2") is None  # its lease is live
+
+
+def test_a_queued_turn_whose_hold_expired_is_failed_by_its_claim(
+    enforced, runtime, pg_db, pg_admin, pg_user, chat
+):
+    grant(pg_db, pg_admin, pg_user, "10")
+    turn = submit(runtime, pg_db, pg_user, chat, "a question")
+    pg_db.execute(update(Hold).where(Hold.turn_id == turn.id).values(expires_at=datetime.now(UTC)))
+    pg_db.commit()
+    assert billing.expire_stale_holds(pg_db) == 1
+    assert turn_runner.claim(runtime, turn.id, takeover=False) is None
+    failed = fresh(pg_db, Turn, id=turn.id)
+    assert (failed.status, failed.error_code, failed.attempts) == ("failed", "hold_expired", 0)
+    assert_books_clean(pg_db)
+
+
+def test_the_claim_locks_the_turn_before_its_hold_as_a_cancel_does(
+    enforced, runtime, pg_app, pg_admin, pg_user, chat
+):
+    """A cancel locks the turn, then its hold (to release it). A claim running meanwhile waits
+    on the turn and must not hold the hold's row: the cancel takes it at once (NOWAIT), no
+    deadlock, and the claim then finds the turn cancelled."""
+    db = pg_app.extensions["tollgate"].db
+    with db.session() as setup:
+        grant(setup, pg_admin, pg_user, "10")
+        turn = submit(runtime, setup, pg_user, chat, "a question")
+    outcome: list = []
+    with db.engine.connect() as cancel:
+        cancel.execute(
+            select(Turn.id).where(Turn.id == turn.id).with_for_update(key_share=True)
+        )  # the cancel's turn lock
+        claiming = threading.Thread(
+            target=lambda: outcome.append(turn_runner.claim(runtime, turn.id, takeover=False))
+        )
+        claiming.start()
+        time.sleep(0.5)
+        assert claiming.is_alive()  # waiting for the turn
+        cancel.execute(
+            select(Hold.id).where(Hold.turn_id == turn.id).with_for_update(key_share=True, nowait=True)
+        )
+        cancel.execute(
+            update(Turn).where(Turn.id == turn.id).values(status="cancelled", completed_at=datetime.now(UTC))
+        )
+        cancel.execute(update(Hold).where(Hold.turn_id == turn.id).values(status="released"))
+        cancel.commit()
+    claiming.join(timeout=10)
+    assert outcome == [None]
+    with db.session() as check:
+        assert check.scalar(select(Turn.status).where(Turn.id == turn.id)) == "cancelled"
