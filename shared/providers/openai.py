@@ -64,6 +64,14 @@ def _reported(usage: dict, field: str) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
 
 
+# No cap on connections: a turn worker keeps hundreds of model calls in flight (its pool's
+# concurrency bounds them), and httpx's default of 100 made the 101st wait for a free one, then
+# fail with a pool timeout. Every connection a burst opened is kept alive for the next calls
+# (the default kept 20: at 64 calls in flight, 44 were closed after each answer and opened
+# again, a DNS look-up and a handshake each), until it idles for keepalive_expiry.
+CONNECTION_LIMITS = httpx.Limits(max_connections=None, max_keepalive_connections=None, keepalive_expiry=30.0)
+
+
 def _body_excerpt(response: httpx.Response) -> str:
     """The start of an error response's body, for the log."""
     try:
@@ -114,7 +122,7 @@ class OpenAIProvider:
         # Celery prefork fork would be shared by two processes.
         with self._lock:
             if self._client is None or self._client_pid != os.getpid():
-                self._client = httpx.Client(trust_env=False)
+                self._client = httpx.Client(trust_env=False, limits=CONNECTION_LIMITS)
                 self._client_pid = os.getpid()
             return self._client
 

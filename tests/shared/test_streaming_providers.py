@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 
 from shared.providers import OpenAIProvider, ProviderPermanentError, count_message_tokens, count_tokens
@@ -141,3 +143,21 @@ def test_a_finished_stream_leaves_its_connection_for_the_next_call(provider, fak
         assert "".join(pieces) == completion.content != ""
     assert len(fake_openai.requests) == 3
     assert fake_openai.connections == 1
+
+
+def test_a_burst_of_calls_is_in_flight_at_once_and_keeps_its_connections(provider, fake_openai):
+    """More calls than httpx's default pool (100 connections, 20 kept alive) at once: all are
+    in flight together, and a second burst reuses the first's connections."""
+    fake_openai.stream_keep_alive = True
+    fake_openai.latency_by_model["gpt-slow"] = 0.5
+    calls = 120
+
+    def burst() -> None:
+        with ThreadPoolExecutor(calls) as pool:
+            answers = list(pool.map(lambda _: stream(provider, model="gpt-slow")[0], range(calls)))
+        assert all(answer.content for answer in answers)
+
+    burst()
+    assert fake_openai.peak_in_flight == calls
+    burst()
+    assert fake_openai.connections == calls
