@@ -14,7 +14,8 @@ import os
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from email.utils import parsedate_to_datetime
 from typing import Any
 
@@ -70,6 +71,12 @@ def _reported(usage: dict, field: str) -> int:
 # (the default kept 20: at 64 calls in flight, 44 were closed after each answer and opened
 # again, a DNS look-up and a handshake each), until it idles for keepalive_expiry.
 CONNECTION_LIMITS = httpx.Limits(max_connections=None, max_keepalive_connections=None, keepalive_expiry=30.0)
+# Calls are spread over this many clients (each to the one with the fewest calls in flight,
+# the first among equals, so calls one at a time reuse one connection). httpcore's pool looks at each of its
+# connections for each of them whenever a request starts or ends (quadratic): with 256 calls
+# in flight on one client, that was about a third of the turn worker's CPU, and a turn cost
+# twice the CPU it costs at 64 (bench/peer.py, py-spy). Eight pools of a few dozen each do not.
+CLIENT_SHARDS = 8
 
 
 def _body_excerpt(response: httpx.Response) -> str:
@@ -109,28 +116,42 @@ class OpenAIProvider:
         self.backoff_base = backoff_base
         self.backoff_max = backoff_max
         self.retry_after_cap = retry_after_cap
-        self._client: httpx.Client | None = None
-        self._client_pid: int | None = None
+        self._clients: list[httpx.Client] = []
+        self._clients_pid: int | None = None
+        self._in_flight = [0] * CLIENT_SHARDS
         self._lock = threading.Lock()
 
     @property
     def url(self) -> str:
         return f"{self.base_url}/chat/completions"
 
-    def _http(self) -> httpx.Client:
+    @contextmanager
+    def _http(self) -> Iterator[httpx.Client]:
+        """The client for one call: the one with the fewest calls in flight (CLIENT_SHARDS)."""
         # Built on first use and per process: a pooled connection inherited across a
         # Celery prefork fork would be shared by two processes.
         with self._lock:
-            if self._client is None or self._client_pid != os.getpid():
-                self._client = httpx.Client(trust_env=False, limits=CONNECTION_LIMITS)
-                self._client_pid = os.getpid()
-            return self._client
+            if not self._clients or self._clients_pid != os.getpid():
+                self._clients = [
+                    httpx.Client(trust_env=False, limits=CONNECTION_LIMITS) for _ in range(CLIENT_SHARDS)
+                ]
+                self._clients_pid = os.getpid()
+                self._in_flight = [0] * CLIENT_SHARDS
+            index = min(range(CLIENT_SHARDS), key=self._in_flight.__getitem__)
+            self._in_flight[index] += 1
+            in_flight, client = self._in_flight, self._clients[index]
+        try:
+            yield client
+        finally:
+            with self._lock:
+                in_flight[index] -= 1
 
     def close(self) -> None:
         with self._lock:
-            if self._client is not None and self._client_pid == os.getpid():
-                self._client.close()
-            self._client = None
+            if self._clients_pid == os.getpid():
+                for client in self._clients:
+                    client.close()
+            self._clients = []
 
     def complete(
         self,
@@ -220,11 +241,15 @@ class OpenAIProvider:
         """One attempt: the completion when a stream answered (or a server that ignores
         ``stream`` answered in one piece), else the response for ``complete`` to judge."""
         if on_delta is None:
-            return self._http().post(self.url, json=body, headers=headers, timeout=timeout)
+            with self._http() as client:
+                return client.post(self.url, json=body, headers=headers, timeout=timeout)
         # Retried by ``complete`` only while nothing reached on_delta: a stream that broke
         # after its first piece raises ProviderPermanentError (stream_interrupted).
         streamed = _Stream(messages, tools, model, on_delta, should_stop)
-        with self._http().stream("POST", self.url, json=body, headers=headers, timeout=timeout) as response:
+        with (
+            self._http() as client,
+            client.stream("POST", self.url, json=body, headers=headers, timeout=timeout) as response,
+        ):
             if response.is_success and _is_event_stream(response):
                 return streamed.read(response)
             response.read()

@@ -307,14 +307,16 @@ def _claim_queued_statement():
     hold = (
         select(holds.c.turn_id, holds.c.amount)
         .join(queued, holds.c.turn_id == queued.c.id)
-        .where(holds.c.status == HoldStatus.ACTIVE)
+        # The id again, for the planner: each table by its index, whatever its statistics
+        # say (a table that grew since its last ANALYZE was scanned whole).
+        .where(holds.c.turn_id == bindparam("turn_id"), holds.c.status == HoldStatus.ACTIVE)
         .with_for_update(of=holds, key_share=True)
         .cte("active_hold")
     )
     now = bindparam("now", type_=turns.c.started_at.type)
     return (
         update(Turn)
-        .where(Turn.id == hold.c.turn_id)
+        .where(Turn.id == bindparam("turn_id"), Turn.id == hold.c.turn_id)
         .values(
             status=TurnStatus.RUNNING,
             attempts=1,

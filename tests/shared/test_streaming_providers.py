@@ -9,6 +9,7 @@ import pytest
 
 from shared.providers import OpenAIProvider, ProviderPermanentError, count_message_tokens, count_tokens
 from shared.providers.offline import OfflineProvider
+from shared.providers.openai import CLIENT_SHARDS
 
 pytest_plugins = ["tests.fakes.openai_server"]
 
@@ -161,3 +162,8 @@ def test_a_burst_of_calls_is_in_flight_at_once_and_keeps_its_connections(provide
     assert fake_openai.peak_in_flight == calls
     burst()
     assert fake_openai.connections == calls
+    # Spread over the clients: no one pool manages them all (httpcore's pool work per request
+    # grows with the square of its connections).
+    pools = [client._transport._pool.connections for client in provider._clients]
+    assert len(pools) == CLIENT_SHARDS
+    assert max(len(pool) for pool in pools) == calls // CLIENT_SHARDS
