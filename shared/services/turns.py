@@ -19,7 +19,7 @@ from decimal import Decimal
 from functools import cache
 from typing import Any, get_args, get_type_hints
 
-from sqlalchemy import bindparam, func, select
+from sqlalchemy import bindparam, func, insert, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, joinedload, selectinload
 from sqlalchemy.orm.attributes import set_committed_value
@@ -133,22 +133,40 @@ def _check_idempotency_key(key: str | None) -> None:
         )
 
 
-_LAST_SEQ = select(func.max(Turn.seq)).where(Turn.session_id == bindparam("session_id"))
+# The session's next seq, read inside the INSERT that takes it (see _add_turn).
+_NEXT_SEQ = (
+    select(func.coalesce(func.max(Turn.seq), 0) + 1)
+    .where(Turn.session_id == bindparam("next_seq_of"))
+    .scalar_subquery()
+)
 
 
-def _add_turn(session: Session, turn: Turn, chat: ChatSession) -> Turn:
-    """Give ``turn`` the session's next ``seq`` and add it (flushed); ``chat``'s row is
-    locked (``owned_session(lock=True)``): seq allocation is serialised per session.
+@cache
+def _insert_turn(names: tuple[str, ...]):
+    """``INSERT INTO turns (<names>, session_id, seq) … RETURNING *``, built once per set of
+    columns (the others take their defaults)."""
+    table = Turn.__table__
+    columns = {name: bindparam(f"new_{name}", type_=table.c[name].type) for name in (*names, "session_id")}
+    return insert(Turn).values({**columns, "seq": _NEXT_SEQ}).returning(Turn)
+
+
+def _add_turn(session: Session, values: dict, chat: ChatSession) -> Turn:
+    """Insert a turn of ``values`` as the session's next ``seq`` and return it (persistent in
+    ``session``); ``chat``'s row is locked (``owned_session(lock=True)``): seq allocation is
+    serialised per session.
+
+    One statement: ``INSERT … VALUES (…, (SELECT max(seq) + 1 …)) RETURNING *`` (it was a read
+    of the max, then the unit of work's flush). Its subquery runs after the lock was granted,
+    so it sees every turn committed before.
 
     NO KEY UPDATE, not UPDATE: the lock must not block the foreign-key checks (KEY SHARE) of
     other transactions writing this session's turns, or a worker settling a turn (turn ->
-    wallet) and this request (session -> wallet) could deadlock. The max is read by its own
-    statement after the lock, so it sees every turn committed before the lock was granted.
+    wallet) and this request (session -> wallet) could deadlock.
     """
-    turn.session_id = chat.id
-    turn.seq = (session.scalar(_LAST_SEQ, {"session_id": chat.id}) or 0) + 1
-    session.add(turn)
-    session.flush()
+    params = {f"new_{name}": value for name, value in values.items()}
+    turn = session.scalar(
+        _insert_turn(tuple(sorted(values))), {**params, "new_session_id": chat.id, "next_seq_of": chat.id}
+    )
     # A new turn has no tool calls: its response needs no query to say so.
     set_committed_value(turn, "tool_calls", [])
     return turn
@@ -208,20 +226,20 @@ def _admit(
     try:
         turn = _add_turn(
             session,
-            Turn(
-                room_id=chat.room_id,
-                user_id=user.id,
-                status=TurnStatus.QUEUED,
-                content=content,
-                model=model,
-                max_output_tokens=max_output_tokens,
-                enforced=enforced,
-                idempotency_key=key,
-                request_hash=request_hash,
-                api_key_id=api_key_id,
-                request_messages=data.get("messages"),
-                request_tools=data.get("tools"),
-            ),
+            {
+                "room_id": chat.room_id,
+                "user_id": user.id,
+                "status": TurnStatus.QUEUED,
+                "content": content,
+                "model": model,
+                "max_output_tokens": max_output_tokens,
+                "enforced": enforced,
+                "idempotency_key": key,
+                "request_hash": request_hash,
+                "api_key_id": api_key_id,
+                "request_messages": data.get("messages"),
+                "request_tools": data.get("tools"),
+            },
             chat,
         )
         reserve = limits.admit(

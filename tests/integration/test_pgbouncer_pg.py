@@ -26,6 +26,7 @@ import redis as redis_lib
 from shared.services import pricing
 from shared.settings import normalize_database_url
 from tests.integration.faults import assert_each_turn_billed_once, query
+from tests.integration.test_enforced_turns_pg import enforced  # noqa: F401 - fixture (funded_slow_model's)
 from tests.integration.test_faults_pg import assert_ledger_check_passes
 from tests.integration.test_io_pools_pg import (  # noqa: F401 - fixtures used by name
     SLOW_MODEL,
