@@ -117,8 +117,10 @@ def chat_completions():
         rt, session, user, chat.id, completion_request.turn_data(), idempotency_key(), api_key_id=key.id
     )
     celery_app, turn_id = current_app.extensions["celery"], turn.id
-    streamed = completion_request.stream
-    start = (lambda: turns.enqueue_run(celery_app, turn_id, streamed=streamed)) if created else None
+    streamed, held = completion_request.stream, turn.enforced
+    start = (
+        (lambda: turns.enqueue_run(celery_app, turn_id, streamed=streamed, held=held)) if created else None
+    )
     headers = {"X-Tollgate-Turn-Id": turn.id, "X-Tollgate-Session": chat.id}
     answer = openai_compat.Answer.of(turn)
     session.commit()

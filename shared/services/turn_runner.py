@@ -333,7 +333,9 @@ def _claim_queued_statement():
 _CLAIM_QUEUED = _claim_queued_statement()
 
 
-def claim(runtime: Runtime, turn_id: str, *, takeover: bool, owner: str | None = None) -> Claimed | None:
+def claim(
+    runtime: Runtime, turn_id: str, *, takeover: bool, owner: str | None = None, held: bool = True
+) -> Claimed | None:
     """Mark the turn ``running`` under a lease for this attempt (``owner``: the task id), or
     return ``None`` when there is nothing to do.
 
@@ -344,12 +346,14 @@ def claim(runtime: Runtime, turn_id: str, *, takeover: bool, owner: str | None =
 
     On Postgres, the usual case (a queued, enforced turn's first attempt with its hold
     active) is one autocommit statement (``_CLAIM_QUEUED``) instead of a transaction of
-    three; every other case, and a miss, takes the path below.
+    three; every other case, and a miss, takes the path below. ``held``: the turn was
+    admitted with a hold, as far as the caller knows (the task's message says when not: a
+    turn without one would only miss the one statement first).
     """
     now = utcnow()
     owner = owner or new_id()
     lease_expires_at = now + timedelta(seconds=runtime.settings.turn_lease_seconds)
-    if runtime.db.dialect == "postgresql":
+    if held and runtime.db.dialect == "postgresql":
         with runtime.db.session(reads_only=True) as session:
             row = session.execute(
                 _CLAIM_QUEUED,
@@ -817,6 +821,7 @@ def run_turn(
     reraise: tuple[type[BaseException], ...] = (),
     owner: str | None = None,
     streamed: bool = True,
+    held: bool = True,
 ) -> str:
     """Run one turn to its end. Returns the outcome: ``completed``, ``failed``, ``cancelled``
     or ``skipped``.
@@ -826,6 +831,7 @@ def run_turn(
     ``owner``: the attempt's lease owner (the task id; a fresh id when not given). The
     process's heartbeat renews the turn's lease while it runs. ``streamed``: its client asked
     to stream it (the stream's pieces go out at once: ``turn_events.TurnPublisher``).
+    ``held``: the turn was admitted with a hold, as far as its message says (``claim``).
 
     :raises RetryLater: a transient provider failure with retries left; the turn is ``queued`` again.
     :raises: a database outage (``shared.db.is_database_unavailable``), for the task to retry;
@@ -833,7 +839,7 @@ def run_turn(
     """
     token = turn_id_var.set(turn_id)
     try:
-        claimed = claim(runtime, turn_id, takeover=takeover, owner=owner)
+        claimed = claim(runtime, turn_id, takeover=takeover, owner=owner, held=held)
         if claimed is None:
             return "skipped"
         with runtime.leases.holding(turn_id, claimed.turn.lease_owner):

@@ -271,13 +271,18 @@ def _admit(
     return turn, True
 
 
-def enqueue_run(celery_app, turn_id: str, *, streamed: bool = False) -> bool:
+def enqueue_run(celery_app, turn_id: str, *, streamed: bool = False, held: bool = True) -> bool:
     """Send ``run_turn``; a broker outage is logged, not raised (the beat job re-sends).
-    ``streamed``: the client asked to stream the turn (its pieces go out at once)."""
+    ``streamed``: the client asked to stream the turn (its pieces go out at once). ``held``:
+    the turn was admitted with a hold (enforced); one without skips the worker's
+    one-statement claim, which only a held turn can take (``turn_runner.claim``)."""
+    kwargs = {}
+    if streamed:
+        kwargs["streamed"] = True
+    if not held:
+        kwargs["held"] = False
     try:
-        celery_app.send_task(
-            TaskName.RUN_TURN, args=[turn_id], kwargs={"streamed": True} if streamed else None
-        )
+        celery_app.send_task(TaskName.RUN_TURN, args=[turn_id], kwargs=kwargs or None)
         return True
     except Exception:
         log.warning("could not enqueue run_turn for %s; recover_stuck_turns will", turn_id, exc_info=True)
@@ -349,7 +354,8 @@ def submit_and_wait(
 ) -> SubmitOutcome:
     turn, created = submit(runtime, session, user, chat_session_id, data, key, api_key_id=api_key_id)
     turn_id = turn.id
-    start = (lambda: enqueue_run(celery_app, turn_id, streamed=streamed)) if created else None
+    held = turn.enforced
+    start = (lambda: enqueue_run(celery_app, turn_id, streamed=streamed, held=held)) if created else None
     if wait and runtime.settings.turn_wait_seconds > 0:
         turn = wait_until_finished(runtime, session, turn, runtime.settings.turn_wait_seconds, start=start)
     elif start is not None:

@@ -388,3 +388,33 @@ def test_the_claim_locks_the_turn_before_its_hold_as_a_cancel_does(
     assert outcome == [None]
     with db.session() as check:
         assert check.scalar(select(Turn.status).where(Turn.id == turn.id)) == "cancelled"
+
+
+def test_a_turn_admitted_without_a_hold_says_so_and_is_claimed_without_the_one_statement_try(
+    runtime, pg_db, pg_user, chat
+):
+    """Enforcement off: the turn has no hold, its message says ``held: False``, and its claim
+    goes straight to the transaction (the one statement, which needs a hold, would miss)."""
+    turn_id = submit(runtime, pg_db, pg_user, chat, "a question").id
+    sent: list[dict] = []
+
+    class Celery:
+        def send_task(self, name, args=None, kwargs=None):
+            sent.append(kwargs)
+
+    assert fresh(pg_db, Turn, id=turn_id).enforced is False
+    assert turns.enqueue_run(Celery(), turn_id, held=False) and sent == [{"held": False}]
+    assert turns.enqueue_run(Celery(), turn_id, streamed=True) and sent[-1] == {"streamed": True}
+    statements: list[str] = []
+
+    def on_statement(_conn, _cursor, statement, *_args):
+        statements.append(statement)
+
+    event.listen(runtime.db.engine, "before_cursor_execute", on_statement)
+    try:
+        claimed = turn_runner.claim(runtime, turn_id, takeover=False, held=False)
+    finally:
+        event.remove(runtime.db.engine, "before_cursor_execute", on_statement)
+    assert (claimed.turn.status, claimed.hold_amount) == ("running", None)
+    assert not any("queued_turn" in sql for sql in statements)
+    assert len(statements) == 2  # the turn locked, then written running

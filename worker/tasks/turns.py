@@ -29,7 +29,7 @@ def _soft_time_limit(seconds: float | None):
 
 
 @shared_task(name=TaskName.RUN_TURN, bind=True, max_retries=3)
-def run_turn(self, turn_id: str, takeover: bool = False, streamed: bool = False) -> str:
+def run_turn(self, turn_id: str, takeover: bool = False, streamed: bool = False, held: bool = True) -> str:
     runtime = self.app.tollgate
     # A redelivered message means the worker that had it died (acks_late +
     # reject_on_worker_lost); its "running" status is stale.
@@ -49,6 +49,7 @@ def run_turn(self, turn_id: str, takeover: bool = False, streamed: bool = False)
                 reraise=(SoftTimeLimitExceeded,),
                 owner=self.request.id,
                 streamed=streamed,
+                held=held,
             )
     except turn_runner.RetryLater as exc:
         raise self.retry(countdown=exc.countdown, exc=exc) from exc
