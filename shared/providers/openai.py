@@ -71,11 +71,12 @@ def _reported(usage: dict, field: str) -> int:
 # (the default kept 20: at 64 calls in flight, 44 were closed after each answer and opened
 # again, a DNS look-up and a handshake each), until it idles for keepalive_expiry.
 CONNECTION_LIMITS = httpx.Limits(max_connections=None, max_keepalive_connections=None, keepalive_expiry=30.0)
-# Calls are spread over this many clients (each to the one with the fewest calls in flight,
-# the first among equals, so calls one at a time reuse one connection). httpcore's pool looks at each of its
-# connections for each of them whenever a request starts or ends (quadratic): with 256 calls
-# in flight on one client, that was about a third of the turn worker's CPU, and a turn cost
-# twice the CPU it costs at 64 (bench/peer.py, py-spy). Eight pools of a few dozen each do not.
+# Calls are spread over this many clients, each call to the one with the fewest in flight
+# (the first among equals, so calls one at a time reuse one connection). httpcore's pool looks
+# at each of its connections for each of them whenever a request starts or ends (quadratic):
+# with 256 calls in flight on one client that was about a third of the turn worker's CPU, and
+# a turn cost twice the CPU it costs at 64 (bench/peer.py, py-spy). Eight pools of a few dozen
+# connections each do not.
 CLIENT_SHARDS = 8
 
 
