@@ -53,7 +53,15 @@ from shared.runtime import Runtime
 from shared.services import billing, enforcement, pricing, summaries, turn_context, turn_events
 from shared.services.text import clean_json, clean_text
 from shared.services.turn_budget import BudgetExhausted, HoldPolicy, TurnBudget
-from shared.services.turns import FINISHED, owned_turn, place_turn_hold, pushed_read, wait_until_finished
+from shared.services.turns import (
+    FINISHED,
+    owned_turn,
+    place_turn_hold,
+    pushed_read,
+    turn_columns,
+    turn_values,
+    wait_until_finished,
+)
 from shared.task_names import TaskName
 from shared.tools.registry import ToolContext, ToolResult
 
@@ -194,11 +202,7 @@ def _end_locked(
 def _turn_update(names: tuple[str, ...]):
     """``UPDATE turns SET <names> WHERE id = :turn_id``, built once per set of columns."""
     table = Turn.__table__
-    return (
-        update(table)
-        .where(table.c.id == bindparam("turn_id"))
-        .values({name: bindparam(f"new_{name}", type_=table.c[name].type) for name in names})
-    )
+    return update(table).where(table.c.id == bindparam("turn_id")).values(turn_columns(names))
 
 
 def _write_turn(session: Session, turn: Turn, values: dict) -> None:
@@ -206,7 +210,7 @@ def _write_turn(session: Session, turn: Turn, values: dict) -> None:
     work's flush, and tell the entity they are its committed values. Caller commits."""
     session.execute(
         _turn_update(tuple(sorted(values))),
-        {"turn_id": turn.id, **{f"new_{name}": value for name, value in values.items()}},
+        {"turn_id": turn.id, **turn_values(values)},
     )
     for name, value in values.items():
         set_committed_value(turn, name, value)

@@ -141,12 +141,23 @@ _NEXT_SEQ = (
 )
 
 
+def turn_columns(names) -> dict:
+    """A prebuilt statement's values for these ``turns`` columns: a bound parameter
+    ``new_<name>`` each, typed as its column (``turn_values`` fills them)."""
+    table = Turn.__table__
+    return {name: bindparam(f"new_{name}", type_=table.c[name].type) for name in names}
+
+
+def turn_values(values: dict) -> dict:
+    """The parameters of ``turn_columns``' statement for these column values."""
+    return {f"new_{name}": value for name, value in values.items()}
+
+
 @cache
 def _insert_turn(names: tuple[str, ...]):
     """``INSERT INTO turns (<names>, session_id, seq) … RETURNING *``, built once per set of
     columns (the others take their defaults)."""
-    table = Turn.__table__
-    columns = {name: bindparam(f"new_{name}", type_=table.c[name].type) for name in (*names, "session_id")}
+    columns = turn_columns((*names, "session_id"))
     return insert(Turn).values({**columns, "seq": _NEXT_SEQ}).returning(Turn)
 
 
@@ -163,9 +174,9 @@ def _add_turn(session: Session, values: dict, chat: ChatSession) -> Turn:
     other transactions writing this session's turns, or a worker settling a turn (turn ->
     wallet) and this request (session -> wallet) could deadlock.
     """
-    params = {f"new_{name}": value for name, value in values.items()}
     turn = session.scalar(
-        _insert_turn(tuple(sorted(values))), {**params, "new_session_id": chat.id, "next_seq_of": chat.id}
+        _insert_turn(tuple(sorted(values))),
+        turn_values({**values, "session_id": chat.id}) | {"next_seq_of": chat.id},
     )
     # A new turn has no tool calls: its response needs no query to say so.
     set_committed_value(turn, "tool_calls", [])
