@@ -14,13 +14,14 @@ from datetime import UTC, datetime
 from decimal import Decimal
 
 import pytest
-from sqlalchemy import event, func, select, update
+from sqlalchemy import func, select, update
 
 from shared.errors import InsufficientBalance
 from shared.models import ChatSession, Hold, LedgerEntry, Room, Turn, Wallet
 from shared.providers import OfflineProvider, OpenAIProvider
 from shared.services import billing, files, ledger_check, pricing, turn_runner, turns
 from shared.tools.registry import build_registry
+from tests.integration.test_hot_path_pg import counting
 
 pytest_plugins = ["tests.fakes.openai_server"]
 
@@ -321,18 +322,9 @@ def test_a_queued_turn_is_claimed_in_one_statement_with_its_hold_amount(
     grant(pg_db, pg_admin, pg_user, "10")
     turn_id = submit(runtime, pg_db, pg_user, chat, "a question").id
     hold = fresh(pg_db, Hold, turn_id=turn_id)
-    statements: list[str] = []
-    engine = runtime.db.engine
-
-    def on_statement(_conn, _cursor, statement, *_args):
-        statements.append(statement)
-
-    event.listen(engine, "before_cursor_execute", on_statement)
-    try:
+    with counting(runtime.db.engine) as counts:
         claimed = turn_runner.claim(runtime, turn_id, takeover=False, owner="task-1")
-    finally:
-        event.remove(engine, "before_cursor_execute", on_statement)
-    assert len(statements) == 1
+    assert counts.statements == 1
     assert claimed.hold_amount == hold.amount > 0
     assert (claimed.turn.status, claimed.turn.attempts, claimed.turn.lease_owner) == ("running", 1, "task-1")
     stored = fresh(pg_db, Turn, id=turn_id)
@@ -405,16 +397,8 @@ def test_a_turn_admitted_without_a_hold_says_so_and_is_claimed_without_the_one_s
     assert fresh(pg_db, Turn, id=turn_id).enforced is False
     assert turns.enqueue_run(Celery(), turn_id, held=False) and sent == [{"held": False}]
     assert turns.enqueue_run(Celery(), turn_id, streamed=True) and sent[-1] == {"streamed": True}
-    statements: list[str] = []
-
-    def on_statement(_conn, _cursor, statement, *_args):
-        statements.append(statement)
-
-    event.listen(runtime.db.engine, "before_cursor_execute", on_statement)
-    try:
+    with counting(runtime.db.engine) as counts:
         claimed = turn_runner.claim(runtime, turn_id, takeover=False, held=False)
-    finally:
-        event.remove(runtime.db.engine, "before_cursor_execute", on_statement)
     assert (claimed.turn.status, claimed.hold_amount) == ("running", None)
-    assert not any("queued_turn" in sql for sql in statements)
-    assert len(statements) == 2  # the turn locked, then written running
+    assert not any("queued_turn" in sql for sql in counts.sql)
+    assert counts.statements == 2  # the turn locked, then written running
