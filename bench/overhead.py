@@ -1,10 +1,12 @@
-"""Requests/second of two cheap authenticated reads through gunicorn, beside a bare Flask JSON
+"""Requests/second of cheap authenticated reads through gunicorn, beside a bare Flask JSON
 endpoint under the same gunicorn settings in the same run; and how long an enforcement
 toggle takes to reach another process.
 
-Throughput: ``GET /api/v1/admin/settings`` (admin key: key lookup in Postgres, one Redis GET
-for the enforcement state) and ``GET /api/v1/turns/{id}`` (user key: key lookup, turn
-lookup) against ``GET /bare`` of ``bench/_bare_app.py`` (a static body of the same shape).
+Throughput: ``GET /api/v1/admin/settings`` (admin key: the key cache, one Redis GET for the
+enforcement state), ``GET /api/v1/turns/{id}`` of a completed turn (user key: the key cache,
+then the body each web process kept at its first read: web/finished_turns.py) and of a
+running turn (``turn_get_running``: one turn lookup in Postgres on every request) against
+``GET /bare`` of ``bench/_bare_app.py`` (a static body of the same shape).
 Both apps run under ``_stack.start_gunicorn`` (the Procfile's web line: gevent workers). A
 small keep-alive HTTP/1.1 client (one raw socket per thread, ``--concurrency`` of them,
 default 8) loads each target for ``--seconds``; the
@@ -298,8 +300,9 @@ def reset_shared_override(runtime: Runtime) -> None:
 # -- the run ---------------------------------------------------------------------------------
 
 
-def seed(runtime: Runtime) -> tuple[str, str, str]:
-    """An admin, a user with one completed turn; (admin key, user key, turn id)."""
+def seed(runtime: Runtime) -> tuple[str, str, str, str]:
+    """An admin, a user with a completed turn and a running one; (admin key, user key,
+    completed turn id, running turn id)."""
     with runtime.db.session() as session:
         _, admin_key = auth.create_user(session, "bench-admin@example.com", "admin")
         user, user_key = auth.create_user(session, "bench-user@example.com", "user")
@@ -322,9 +325,21 @@ def seed(runtime: Runtime) -> tuple[str, str, str]:
             completed_at=now,
             updated_at=now,
         )
-        session.add(turn)
+        running = Turn(
+            session_id=chat.id,
+            room_id=room.id,
+            user_id=user.id,
+            seq=2,
+            status="running",
+            content="And of Italy?",
+            model="offline-small",
+            max_output_tokens=256,
+            started_at=now,
+            updated_at=now,
+        )
+        session.add_all([turn, running])
         session.commit()
-        return admin_key.secret, user_key.secret, turn.id
+        return admin_key.secret, user_key.secret, turn.id, running.id
 
 
 def measure_throughput(targets: dict[str, tuple[int, bytes]], args) -> tuple[dict, dict]:
@@ -374,7 +389,7 @@ def main() -> None:
         migrate(settings)
         runtime = Runtime(settings, role="bench")
         reset_shared_override(runtime)
-        admin_key, user_key, turn_id = seed(runtime)
+        admin_key, user_key, turn_id, running_id = seed(runtime)
         env = env_for(settings)
         log_path = settings.var_dir / "gunicorn.log"
         with open(log_path, "wb") as log:
@@ -390,6 +405,7 @@ def main() -> None:
                         "bare": (bare_port, get_request("/bare")),
                         "admin_settings": (web_port, get_request("/api/v1/admin/settings", admin_key)),
                         "turn_get": (web_port, get_request(f"/api/v1/turns/{turn_id}", user_key)),
+                        "turn_get_running": (web_port, get_request(f"/api/v1/turns/{running_id}", user_key)),
                     },
                     args,
                 )
@@ -408,8 +424,11 @@ def main() -> None:
             "bare_flask_req_per_s": figures["bare"]["rate"],
             "ratio_admin_settings_to_bare": ratios["admin_settings"],
             "ratio_turn_get_to_bare": ratios["turn_get"],
+            "turn_get_running_req_per_s": figures["turn_get_running"]["rate"],
+            "ratio_turn_get_running_to_bare": ratios["turn_get_running"],
             "admin_settings_p50_ms": figures["admin_settings"]["p50_ms"],
             "turn_get_p50_ms": figures["turn_get"]["p50_ms"],
+            "turn_get_running_p50_ms": figures["turn_get_running"]["p50_ms"],
             "bare_flask_p50_ms": figures["bare"]["p50_ms"],
             "client_ceiling_req_per_s": ceiling,
             "client_cores_used_on_bare": figures["bare"]["client_cores"],

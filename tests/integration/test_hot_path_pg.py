@@ -27,6 +27,7 @@ BUDGET = {
     "admission": (1, 7, 1),
     "run_turn": (3, 9, 3),
     "get_turn": (1, 1, 0),
+    "get_turn_again": (0, 0, 0),  # a finished turn, read before by this process
     "get_wallet": (1, 2, 0),
 }
 
@@ -127,9 +128,17 @@ def test_a_turn_and_the_cheap_reads_stay_within_their_round_trip_budget(
         assert outcome == "completed"
         with counting(engine) as get_turn:
             assert pg_client.get(f"/api/v1/turns/{turn_id}", headers=pg_user.headers).status_code == 200
+        with counting(engine) as get_turn_again:
+            assert pg_client.get(f"/api/v1/turns/{turn_id}", headers=pg_user.headers).status_code == 200
         with counting(engine) as get_wallet:
             assert pg_client.get("/api/v1/wallet", headers=pg_user.headers).status_code == 200
-        return {"admission": admission, "run_turn": run, "get_turn": get_turn, "get_wallet": get_wallet}
+        return {
+            "admission": admission,
+            "run_turn": run,
+            "get_turn": get_turn,
+            "get_turn_again": get_turn_again,
+            "get_wallet": get_wallet,
+        }
 
     one_turn("Warm up: the first turn seeds the price and fills caches.")
     wait_subscribed(pg_app)  # the API-key cache serves once its revoke listener is up

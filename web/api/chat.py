@@ -4,7 +4,7 @@ from flask_smorest import Page
 
 from shared import metrics
 from shared.services import rooms, turn_runner, turns
-from web import streaming
+from web import finished_turns, streaming
 from web.api import Blueprint
 from web.context import current_api_key_id, current_user, db, idempotency_key, runtime
 from web.schemas.chat import (
@@ -135,7 +135,7 @@ class TurnItem(MethodView):
     @blp.alt_response(404, schema=ErrorSchema)
     def get(self, turn_id):
         """Get a turn"""
-        return turns.read_turn(db(), current_user().id, turn_id)
+        return finished_turns.read(turn_id)
 
 
 @blp.route("/turns/<string:turn_id>/events")
