@@ -108,6 +108,20 @@ def _fresh_hold(session: Session, turn_id: str, *, lock: bool = False) -> Hold |
     return session.scalar(_FRESH_HOLD_LOCKED if lock else _FRESH_HOLD, {"turn_id": turn_id})
 
 
+class _LockIt:
+    def __repr__(self) -> str:
+        return "LOCK_IT"
+
+
+# ``hold=`` of settle_turn and release_hold: read and lock the turn's hold here. Any other
+# value is the hold the caller read and locked itself in this transaction (None: it has none).
+LOCK_IT = _LockIt()
+
+
+def _locked_hold(session: Session, turn_id: str, hold) -> Hold | None:
+    return _fresh_hold(session, turn_id, lock=True) if hold is LOCK_IT else hold
+
+
 def reserved_for(session: Session, turn_id: str) -> Decimal | None:
     """What the turn's hold reserved, whatever became of it since; ``None``: it has none."""
     hold = session.scalar(_HOLD_OF_TURN, {"turn_id": turn_id})
@@ -566,9 +580,11 @@ def settle_turn(
     enforced: bool,
     completed: bool = True,
     api_key_id: str | None = None,
+    hold: Hold | None | _LockIt = LOCK_IT,
 ) -> Settlement:
     """Bill a turn that ended (completed, or failed/cancelled after using tokens) and add it
-    to the usage rollups. Does not commit.
+    to the usage rollups. Does not commit. ``hold``: the turn's hold, already locked by the
+    caller after the turn (``LOCK_IT``: locked here).
 
     The charge is the actual ``cost`` (design §4):
 
@@ -586,7 +602,7 @@ def settle_turn(
     for the same turn writes nothing and returns the first result.
     """
     capture_key, debit_key = _turn_key(turn_id, "capture"), _turn_key(turn_id, "debit")
-    hold = _fresh_hold(session, turn_id, lock=True)
+    hold = _locked_hold(session, turn_id, hold)
     active = hold is not None and hold.status == HoldStatus.ACTIVE
     # An active hold means no settle yet (a settle captures it in its own transaction).
     # Otherwise the caller's lock on the turn row keeps other settles of this turn out while
@@ -689,13 +705,16 @@ def covers(session: Session, *, user_id: str, amount: Decimal) -> bool:
     return wallet is not None and wallet.available >= amount
 
 
-def release_hold(session: Session, *, turn_id: str, reason: str) -> bool:
-    """Release a turn's active hold in full. Does not commit.
+def release_hold(
+    session: Session, *, turn_id: str, reason: str, hold: Hold | None | _LockIt = LOCK_IT
+) -> bool:
+    """Release a turn's active hold in full. Does not commit. ``hold``: as for
+    :func:`settle_turn`.
 
     Returns False (and writes nothing) when the turn has no hold or it already
     resolved (captured, released or expired): a hold resolves at most once.
     """
-    hold = _fresh_hold(session, turn_id, lock=True)
+    hold = _locked_hold(session, turn_id, hold)
     if hold is None or hold.status != HoldStatus.ACTIVE:
         return False
     wallet = _lock_wallet(session, wallet_id=hold.wallet_id)

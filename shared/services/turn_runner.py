@@ -27,9 +27,9 @@ from decimal import Decimal
 from functools import cache
 from typing import NamedTuple
 
-from sqlalchemy import and_, bindparam, delete, or_, select, update
+from sqlalchemy import and_, bindparam, delete, or_, select, true, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, aliased
 from sqlalchemy.orm.attributes import set_committed_value
 
 from shared import metrics
@@ -146,6 +146,38 @@ def _lock(session: Session, turn_id: str) -> Turn | None:
     return session.scalar(_LOCK_TURN, {"turn_id": turn_id})
 
 
+def _lock_with_hold_statement():
+    """The turn and its hold (if any) locked in one statement, in the order every path locks
+    them (turn, then hold: as ``_lock`` then the settlement's own hold lock did, and as the
+    claim and a cancel do): the hold's CTE joins the locked turn, so its rows are locked
+    only once the turn's lock is granted."""
+    turns, holds = Turn.__table__, Hold.__table__
+    locked_turn = select(turns).where(turns.c.id == bindparam("turn_id")).with_for_update(key_share=True)
+    locked_turn = locked_turn.cte("locked_turn")
+    locked_hold = (
+        select(holds)
+        .join(locked_turn, holds.c.turn_id == locked_turn.c.id)
+        # The id again, for the planner (as in the claim).
+        .where(holds.c.turn_id == bindparam("turn_id"))
+        .with_for_update(of=holds, key_share=True)
+        .cte("locked_hold")
+    )
+    return (
+        select(aliased(Turn, locked_turn), aliased(Hold, locked_hold))
+        .select_from(locked_turn)
+        .outerjoin(locked_hold, true())
+    )
+
+
+_LOCK_WITH_HOLD = _lock_with_hold_statement()
+
+
+def _lock_with_hold(session: Session, turn_id: str) -> tuple[Turn | None, Hold | None]:
+    """``_lock`` and the settlement's lock of the turn's hold, in one round trip."""
+    row = session.execute(_LOCK_WITH_HOLD, {"turn_id": turn_id}).first()
+    return (row[0], row[1]) if row is not None else (None, None)
+
+
 def _end_locked(
     runtime: Runtime,
     session: Session,
@@ -156,11 +188,13 @@ def _end_locked(
     output_tokens: int,
     now,
     price: ModelPrice | None = None,
+    hold: Hold | None | object = billing.LOCK_IT,
 ) -> dict:
     """Bill what the turn used (nothing used: release its hold), at ``price`` (when the
     attempt read it already) or the price in force at the turn's creation. Returns the
     turn's new column values, for the caller to add its own and write them (``_write_turn``)
-    before it commits.
+    before it commits. ``hold``: the turn's hold when the caller locked it with the turn
+    (``_lock_with_hold``).
 
     The turn row is written once, after billing: a second UPDATE of a row this transaction
     already changed makes Postgres re-check its foreign keys (KEY SHARE on the session row).
@@ -181,11 +215,12 @@ def _end_locked(
             enforced=turn.enforced,
             completed=status == TurnStatus.COMPLETED,
             api_key_id=turn.api_key_id,
+            hold=hold,
         )
         cost, balance_after = settled.charged, settled.balance_after
         values["low_balance"] = balance_after < runtime.settings.low_balance_threshold
     else:
-        billing.release_hold(session, turn_id=turn.id, reason=f"turn {status}")
+        billing.release_hold(session, turn_id=turn.id, reason=f"turn {status}", hold=hold)
     values.update(
         input_tokens=input_tokens,
         output_tokens=output_tokens,
@@ -783,7 +818,7 @@ def cancel(runtime: Runtime, session: Session, user_id: str, turn_id: str) -> Tu
 def complete(runtime: Runtime, turn_id: str, result: Execution) -> bool:
     """Price, bill and store the reply in one transaction. Returns False if the turn had already ended."""
     with runtime.db.session() as session:
-        turn = _lock(session, turn_id)
+        turn, hold = _lock_with_hold(session, turn_id)
         if turn is None or turn.status in FINISHED:
             session.rollback()
             return False
@@ -796,6 +831,7 @@ def complete(runtime: Runtime, turn_id: str, result: Execution) -> bool:
             output_tokens=result.output_tokens,
             now=utcnow(),
             price=result.price,
+            hold=hold,
         )
         values.update(
             reply=result.reply,

@@ -15,7 +15,9 @@ from decimal import Decimal
 
 import pytest
 from sqlalchemy import func, select, update
+from sqlalchemy.exc import OperationalError
 
+from shared.db import new_id
 from shared.errors import InsufficientBalance
 from shared.models import ChatSession, Hold, LedgerEntry, Room, Turn, Wallet
 from shared.providers import OfflineProvider, OpenAIProvider
@@ -380,6 +382,68 @@ def test_the_claim_locks_the_turn_before_its_hold_as_a_cancel_does(
     assert outcome == [None]
     with db.session() as check:
         assert check.scalar(select(Turn.status).where(Turn.id == turn.id)) == "cancelled"
+
+
+def test_the_settle_locks_the_turn_and_its_hold_in_one_statement_turn_first(
+    enforced, runtime, pg_app, pg_admin, pg_user, chat
+):
+    """A completing turn's settlement locks the turn and its hold in one statement
+    (``_lock_with_hold``), in the order a cancel takes them: while a cancel holds the turn,
+    the settle waits on it and holds nothing, so the cancel gets the hold at once (NOWAIT).
+    Once the cancel commits, the settle has both rows, locked."""
+    db = pg_app.extensions["tollgate"].db
+    with db.session() as setup:
+        grant(setup, pg_admin, pg_user, "10")
+        turn = submit(runtime, setup, pg_user, chat, "a question")
+    locked: list = []
+
+    def still_free(model, column) -> bool:
+        with db.engine.connect() as other:
+            try:
+                other.execute(
+                    select(model.id).where(column == turn.id).with_for_update(key_share=True, nowait=True)
+                )
+            except OperationalError:
+                return False
+            return True
+
+    def settle_lock() -> None:
+        with db.session() as session:
+            found_turn, found_hold = turn_runner._lock_with_hold(session, turn.id)
+            locked.append((found_turn.id, found_hold.turn_id, found_hold.status))
+            locked.append((still_free(Turn, Turn.id), still_free(Hold, Hold.turn_id)))
+            session.rollback()
+
+    with db.engine.connect() as cancel:
+        cancel.execute(select(Turn.id).where(Turn.id == turn.id).with_for_update(key_share=True))
+        settling = threading.Thread(target=settle_lock)
+        settling.start()
+        time.sleep(0.5)
+        assert settling.is_alive()  # waiting for the turn
+        cancel.execute(
+            select(Hold.id).where(Hold.turn_id == turn.id).with_for_update(key_share=True, nowait=True)
+        )
+        cancel.commit()
+    settling.join(timeout=10)
+    assert locked == [(turn.id, turn.id, "active"), (False, False)]
+
+    with db.session() as session:
+        assert turn_runner._lock_with_hold(session, new_id()) == (None, None)
+    assert run(runtime, turn.id) == "completed"
+    with db.session() as check:
+        assert check.scalar(select(Hold.status).where(Hold.turn_id == turn.id)) == "captured"
+        assert charged_for(check, turn.id) == check.get(Turn, turn.id).cost > 0
+        assert_books_clean(check)
+
+
+def test_a_turn_without_a_hold_is_locked_alone_for_its_settle(runtime, pg_db, pg_user, chat):
+    """Enforcement off: no hold; the one statement still finds (and locks) the turn."""
+    turn_id = submit(runtime, pg_db, pg_user, chat, "a question").id
+    with runtime.db.session() as session:
+        found_turn, found_hold = turn_runner._lock_with_hold(session, turn_id)
+        assert (found_turn.id, found_hold) == (turn_id, None)
+        session.rollback()
+    assert run(runtime, turn_id) == "completed"
 
 
 def test_a_turn_admitted_without_a_hold_says_so_and_is_claimed_without_the_one_statement_try(
