@@ -85,7 +85,9 @@ _COMPLETED = select(Turn.id, Turn.seq, Turn.content, Turn.reply).where(
     Turn.status == TurnStatus.COMPLETED,
     Turn.seq < bindparam("before_seq"),
 )
-_LATEST = _COMPLETED.order_by(Turn.seq.desc()).limit(WINDOW_TURNS + FOLD_IN_TURN_TURNS - 1)
+# The newest of them, newest first: ``window`` reads them, and a turn's context reads them
+# with its other parts in one statement (``turn_context``), then hands them to ``window_of``.
+LATEST = _COMPLETED.order_by(Turn.seq.desc()).limit(WINDOW_TURNS + FOLD_IN_TURN_TURNS - 1)
 _UNCOVERED = _COMPLETED.where(Turn.seq > bindparam("after_seq")).order_by(Turn.seq)
 
 
@@ -104,7 +106,15 @@ def window(
     One bounded read; a second, only of the uncovered turns, when they may not all be in
     the first. Never the session's whole history.
     """
-    latest = list(reversed(session.execute(_LATEST, {"session_id": chat.id, "before_seq": before_seq}).all()))
+    latest = session.execute(LATEST, {"session_id": chat.id, "before_seq": before_seq}).all()
+    return window_of(session, chat, latest, fold_at=fold_at)
+
+
+def window_of(
+    session: Session, chat: ChatContext, latest: list[TurnText], *, fold_at: int = FOLD_IN_TURN_TURNS
+) -> tuple[list[TurnText], list[TurnText]]:
+    """``window`` once ``LATEST`` was read (``latest``: its rows, newest first)."""
+    latest = list(reversed(latest))
     in_window, before = latest[-WINDOW_TURNS:], latest[:-WINDOW_TURNS]
     uncovered = [turn for turn in before if turn.seq > chat.summary_through_seq]
     if len(uncovered) == FOLD_IN_TURN_TURNS - 1:

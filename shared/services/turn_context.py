@@ -9,11 +9,13 @@ window, then the new message.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cache
 
-from sqlalchemy import bindparam, select
+from sqlalchemy import Integer, bindparam, func, literal_column, null, select, union_all
+from sqlalchemy.exc import NoResultFound
 from sqlalchemy.orm import Session
 
-from shared.models import FileStatus, UploadedFile
+from shared.models import ChatSession, FileStatus, UploadedFile
 from shared.prompts import room_files_line
 from shared.services import summaries
 
@@ -39,29 +41,112 @@ class TurnContext:
         return bool(self.missing)
 
 
+@dataclass(frozen=True)
+class ChatRow:
+    """What a context reads of its chat session (``summaries.ChatContext``)."""
+
+    id: str
+    room_id: str
+    summary: str | None
+    summary_through_seq: int
+
+
 def load(session: Session, chat: summaries.ChatContext, before_seq: int) -> TurnContext:
-    """Read the context of the turn at ``before_seq``. Does not commit."""
-    recent, missing = summaries.window(session, chat, before_seq)
+    """Read the context of the turn at ``before_seq`` (one statement, a second only when
+    ``summaries.window_of`` needs older turns). Does not commit."""
+    rows = session.execute(
+        _context_read(with_chat=False),
+        {"session_id": chat.id, "before_seq": before_seq, "room_id": chat.room_id},
+    ).all()
+    return _context(session, chat, rows)
+
+
+def load_with_chat(
+    session: Session, session_id: str, room_id: str, before_seq: int
+) -> tuple[ChatRow, TurnContext]:
+    """:func:`load` for a turn whose chat session is not read yet: the session's row comes in
+    the same statement (the worker's run; the admission has the row it locked).
+
+    :raises NoResultFound: no such chat session.
+    """
+    rows = session.execute(
+        _context_read(with_chat=True),
+        {"session_id": session_id, "before_seq": before_seq, "room_id": room_id},
+    ).all()
+    if not rows or rows[0].source != _CHAT:
+        raise NoResultFound(f"no chat session {session_id}")
+    first = rows[0]
+    chat = ChatRow(first.id, first.reply, first.content, first.seq)
+    return chat, _context(session, chat, rows[1:])
+
+
+def _context(session: Session, chat: summaries.ChatContext, rows) -> TurnContext:
+    latest = [row for row in rows if row.source == _TURN]
+    files = [(row.content, row.id) for row in rows if row.source == _FILE]
+    recent, missing = summaries.window_of(session, chat, latest)
     return TurnContext(
         summary=chat.summary,
         recent=recent,
         missing=missing,
-        files_line=_room_files_line(session, chat.room_id),
+        files_line=room_files_line(files) if files else None,
     )
 
 
-# Built once (read twice a turn: admission and run).
-_ROOM_FILES = (
-    select(UploadedFile.filename, UploadedFile.id)
-    .where(UploadedFile.room_id == bindparam("room_id"), UploadedFile.status == FileStatus.READY)
-    .order_by(UploadedFile.created_at.desc())
-    .limit(ROOM_FILES_LISTED)
-)
+# The parts of one context read, told apart by ``source`` and kept in their order by ``ord``.
+_CHAT, _TURN, _FILE = 0, 1, 2
 
 
-def _room_files_line(session: Session, room_id: str) -> str | None:
-    files = session.execute(_ROOM_FILES, {"room_id": room_id}).all()
-    return room_files_line(files) if files else None
+@cache
+def _context_read(*, with_chat: bool):
+    """A context's reads as one ``UNION ALL`` (read twice a turn: admission and run), built
+    once: the chat session's row (``with_chat``: id, summary_through_seq as ``seq``, summary
+    as ``content``, room_id as ``reply``), ``summaries.LATEST`` (newest first) and the
+    room's newest ready files (filename as ``content``). Each part keeps its own index and
+    limit; ``ord`` keeps each part's order through the union."""
+    latest = summaries.LATEST.subquery()
+    files = (
+        select(
+            UploadedFile.id,
+            UploadedFile.filename,
+            func.row_number().over(order_by=UploadedFile.created_at.desc()).label("ord"),
+        )
+        .where(UploadedFile.room_id == bindparam("room_id"), UploadedFile.status == FileStatus.READY)
+        .order_by(UploadedFile.created_at.desc())
+        .limit(ROOM_FILES_LISTED)
+        .subquery()
+    )
+    parts = [
+        select(
+            literal_column(str(_TURN), Integer).label("source"),
+            (-latest.c.seq).label("ord"),
+            latest.c.id,
+            latest.c.seq,
+            latest.c.content,
+            latest.c.reply,
+        ),
+        select(
+            literal_column(str(_FILE), Integer),
+            files.c.ord,
+            files.c.id,
+            null(),
+            files.c.filename,
+            null(),
+        ),
+    ]
+    if with_chat:
+        parts.insert(
+            0,
+            select(
+                literal_column(str(_CHAT), Integer).label("source"),
+                literal_column("0", Integer).label("ord"),
+                ChatSession.id,
+                ChatSession.summary_through_seq.label("seq"),
+                ChatSession.summary.label("content"),
+                ChatSession.room_id.label("reply"),
+            ).where(ChatSession.id == bindparam("session_id")),
+        )
+    read = union_all(*parts).subquery()
+    return select(read).order_by(read.c.source, read.c.ord)
 
 
 def messages(

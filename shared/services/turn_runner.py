@@ -555,12 +555,6 @@ def budget_for(
     )
 
 
-# What a turn's context reads of its chat session (a row, not an entity: nothing writes it).
-_CHAT = select(
-    ChatSession.id, ChatSession.room_id, ChatSession.summary, ChatSession.summary_through_seq
-).where(ChatSession.id == bindparam("session_id"))
-
-
 def execute(
     runtime: Runtime,
     turn: Turn,
@@ -598,8 +592,7 @@ def execute(
     # commit (Postgres: no idle-in-transaction; SQLite: no write lock held).
     with runtime.db.session() as session:
         runtime.db.reads_without_transaction(session)
-        chat = session.execute(_CHAT, {"session_id": turn.session_id}).one()
-        context = turn_context.load(session, chat, turn.seq)
+        chat, context = turn_context.load_with_chat(session, turn.session_id, turn.room_id, turn.seq)
         result.summary_due_after = summaries.due_after(context.recent)
         budget = budget_for(runtime, session, turn, hold_amount=hold_amount)
         result.price = budget.price

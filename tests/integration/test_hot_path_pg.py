@@ -24,8 +24,8 @@ from web.app import create_app
 
 # path: (checkouts, statements, commits) at most; docs/architecture.md carries the same table.
 BUDGET = {
-    "admission": (1, 7, 1),
-    "run_turn": (3, 8, 3),
+    "admission": (1, 6, 1),
+    "run_turn": (3, 6, 3),
     "get_turn": (1, 1, 0),
     "get_turn_again": (0, 0, 0),  # a finished turn, read before by this process
     "get_wallet": (1, 2, 0),
