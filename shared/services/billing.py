@@ -116,9 +116,10 @@ class _LockIt:
 # ``hold=`` of settle_turn and release_hold: read and lock the turn's hold here. Any other
 # value is the hold the caller read and locked itself in this transaction (None: it has none).
 LOCK_IT = _LockIt()
+HoldArgument = Hold | None | _LockIt
 
 
-def _locked_hold(session: Session, turn_id: str, hold) -> Hold | None:
+def _locked_hold(session: Session, turn_id: str, hold: HoldArgument) -> Hold | None:
     return _fresh_hold(session, turn_id, lock=True) if hold is LOCK_IT else hold
 
 
@@ -580,7 +581,7 @@ def settle_turn(
     enforced: bool,
     completed: bool = True,
     api_key_id: str | None = None,
-    hold: Hold | None | _LockIt = LOCK_IT,
+    hold: HoldArgument = LOCK_IT,
 ) -> Settlement:
     """Bill a turn that ended (completed, or failed/cancelled after using tokens) and add it
     to the usage rollups. Does not commit. ``hold``: the turn's hold, already locked by the
@@ -706,7 +707,7 @@ def covers(session: Session, *, user_id: str, amount: Decimal) -> bool:
 
 
 def release_hold(
-    session: Session, *, turn_id: str, reason: str, hold: Hold | None | _LockIt = LOCK_IT
+    session: Session, *, turn_id: str, reason: str, hold: HoldArgument = LOCK_IT
 ) -> bool:
     """Release a turn's active hold in full. Does not commit. ``hold``: as for
     :func:`settle_turn`.

@@ -188,7 +188,7 @@ def _end_locked(
     output_tokens: int,
     now,
     price: ModelPrice | None = None,
-    hold: Hold | None | object = billing.LOCK_IT,
+    hold: billing.HoldArgument = billing.LOCK_IT,
 ) -> dict:
     """Bill what the turn used (nothing used: release its hold), at ``price`` (when the
     attempt read it already) or the price in force at the turn's creation. Returns the
