@@ -367,8 +367,9 @@ class Database:
 
     def reads_without_transaction(self, session: Session) -> None:
         """Run ``session``'s next statements, up to its commit, each in autocommit (Postgres):
-        a block of reads then costs no BEGIN and no COMMIT round trip. Call it before the
-        session's first statement of that block; SQLite keeps its transaction."""
+        a block of reads (or a write that is one statement) then costs no BEGIN and no
+        COMMIT round trip. Call it before the session's first statement of that block;
+        SQLite keeps its transaction."""
         if self.engine.dialect.name == "postgresql":
             session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
 

@@ -129,13 +129,17 @@ def reserved_for(session: Session, turn_id: str) -> Decimal | None:
     return hold.amount if hold is not None else None
 
 
+# Built once (a settle without an active hold, and every summary charge, look one up).
+_ENTRY_BY_KEYS = (
+    select(LedgerEntry)
+    .where(LedgerEntry.idempotency_key.in_(bindparam("keys", expanding=True)))
+    .execution_options(populate_existing=True)
+    .limit(1)
+)
+
+
 def _entry_by_key(session: Session, *keys: str) -> LedgerEntry | None:
-    return session.scalar(
-        select(LedgerEntry)
-        .where(LedgerEntry.idempotency_key.in_(keys))
-        .execution_options(populate_existing=True)
-        .limit(1)
-    )
+    return session.scalar(_ENTRY_BY_KEYS, {"keys": list(keys)})
 
 
 def _append(
@@ -706,9 +710,7 @@ def covers(session: Session, *, user_id: str, amount: Decimal) -> bool:
     return wallet is not None and wallet.available >= amount
 
 
-def release_hold(
-    session: Session, *, turn_id: str, reason: str, hold: HoldArgument = LOCK_IT
-) -> bool:
+def release_hold(session: Session, *, turn_id: str, reason: str, hold: HoldArgument = LOCK_IT) -> bool:
     """Release a turn's active hold in full. Does not commit. ``hold``: as for
     :func:`settle_turn`.
 

@@ -976,8 +976,11 @@ def _requeue(runtime: Runtime, turn_id: str, result: Execution) -> None:
         session.commit()
 
 
-def refresh_summary(runtime: Runtime, chat_session_id: str, *, provider) -> bool:
+def refresh_summary(runtime: Runtime, chat_session_id: str, *, provider, model: str | None = None) -> bool:
     """Fold turns that left the window into the summary ahead of the next turn.
+
+    ``model``: the one the turn that sent the refresh ran on (its task message carries it);
+    ``None``: the session's latest turn's.
 
     Model tokens are billed to the session's user. Failures leave the summary as
     it is (the next turn falls back). With enforcement on, the call is made only
@@ -989,12 +992,13 @@ def refresh_summary(runtime: Runtime, chat_session_id: str, *, provider) -> bool
         chat = session.get(ChatSession, chat_session_id)
         if chat is None:
             return False
-        model = session.scalar(
-            select(Turn.model)
-            .where(Turn.session_id == chat.id, Turn.kind == TurnKind.CHAT)
-            .order_by(Turn.seq.desc())
-            .limit(1)
-        )
+        if model is None:
+            model = session.scalar(
+                select(Turn.model)
+                .where(Turn.session_id == chat.id, Turn.kind == TurnKind.CHAT)
+                .order_by(Turn.seq.desc())
+                .limit(1)
+            )
         if model is None:
             return False
         _, missing = summaries.window(session, chat, MAX_SEQ, fold_at=summaries.SUMMARY_BATCH_TURNS)
@@ -1037,6 +1041,8 @@ def refresh_summary(runtime: Runtime, chat_session_id: str, *, provider) -> bool
         session.commit()
         if summary.used_fallback:
             return False  # the model answered nothing usable; the next turn tries again
+        # The store is one UPDATE: in autocommit it costs no BEGIN and COMMIT round trips.
+        runtime.db.reads_without_transaction(session)
         return summaries.store(session, chat.id, summary)
 
 

@@ -8,6 +8,7 @@ import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import psycopg
 import pytest
 from sqlalchemy import func, select
 
@@ -382,3 +383,83 @@ def test_a_sync_turn_is_answered_from_its_push_as_a_read_would(pg_client, pg_use
     assert posted["status"] == "completed" and len(posted["tool_calls"]) == 1
     assert posted == read
     assert reads == [posted["id"]]  # no whole turn in the push: read once it came
+
+
+def test_a_summary_refresh_bills_on_the_model_its_message_names_and_stores_in_autocommit(
+    pg_app, pg_admin, pg_user, pg_client, pg_db, monkeypatch
+):
+    """The refresh a completed turn sends names the turn's model (no query for it), and its
+    store is one autocommit UPDATE (no BEGIN/COMMIT around it): two round trips fewer than a
+    refresh told nothing, for the same summary and the same charge."""
+    from decimal import Decimal
+
+    from shared.db import utcnow
+    from shared.providers import OfflineProvider
+    from shared.services import billing, turn_runner
+    from tests.integration.test_hot_path_pg import counting
+
+    billing.grant_credit(
+        pg_db,
+        actor_id=pg_admin.id,
+        user_id=pg_user.id,
+        amount=Decimal("5"),
+        reason=None,
+        idempotency_key=None,
+    )
+    runtime = pg_app.extensions["tollgate"]
+    # Transaction commands (BEGIN, COMMIT) go through psycopg's _exec_command, not a cursor.
+    commands: list[bytes] = []
+    exec_command = psycopg.Connection._exec_command
+    monkeypatch.setattr(
+        psycopg.Connection,
+        "_exec_command",
+        lambda self, command, *args, **kwargs: (
+            commands.append(bytes(command)) if isinstance(command, bytes) else None,
+            exec_command(self, command, *args, **kwargs),
+        )[1],
+    )
+    outcomes = []
+    # The first refresh seeds the price and reads the enforcement state into Redis: not counted.
+    for model in ("offline-small", None, "offline-small"):
+        room = pg_client.post("/api/v1/rooms", json={"name": "r"}, headers=pg_user.headers).get_json()
+        chat = pg_client.post(
+            f"/api/v1/rooms/{room['id']}/sessions", json={}, headers=pg_user.headers
+        ).get_json()
+        for seq in range(1, summaries.WINDOW_TURNS + summaries.SUMMARY_BATCH_TURNS + 1):
+            pg_db.add(
+                Turn(
+                    session_id=chat["id"],
+                    room_id=chat["room_id"],
+                    user_id=pg_user.id,
+                    seq=seq,
+                    content=f"question {seq}. More words.",
+                    reply=f"answer {seq}. More words.",
+                    status="completed",
+                    model="offline-small",
+                    max_output_tokens=64,
+                    completed_at=utcnow(),
+                )
+            )
+        pg_db.commit()
+        commands.clear()
+        with counting(runtime.db.engine) as counts:
+            stored = turn_runner.refresh_summary(runtime, chat["id"], provider=OfflineProvider(), model=model)
+        transactions = list(commands)
+        pg_db.expire_all()
+        summary = pg_db.get(ChatSession, chat["id"])
+        charge = pg_db.scalar(
+            select(LedgerEntry.amount).where(
+                LedgerEntry.reason == billing.SUMMARY_REASON,
+                LedgerEntry.idempotency_key.like(f"summary:{chat['id']}:%"),
+            )
+        )
+        outcomes.append(
+            (stored, summary.summary_through_seq, summary.summary, charge, counts.statements, transactions)
+        )
+    _, told_nothing, told_model = outcomes
+    assert told_nothing[0] is told_model[0] is True
+    assert told_nothing[1] == told_model[1] == summaries.SUMMARY_BATCH_TURNS
+    assert told_nothing[2] == told_model[2] and told_nothing[3] == told_model[3] < 0
+    assert told_model[4] == told_nothing[4] - 1  # no query for the model
+    # One transaction, the charge's: the reads and the store run in autocommit.
+    assert told_model[5] == told_nothing[5] == [b"BEGIN", b"COMMIT"]

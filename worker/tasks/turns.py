@@ -44,7 +44,7 @@ def run_turn(self, turn_id: str, takeover: bool = False, streamed: bool = False,
                 takeover=takeover or redelivered,
                 final_attempt=self.request.retries >= self.max_retries,
                 after_complete=lambda turn: self.app.send_task(
-                    TaskName.REFRESH_SUMMARY, args=[turn.session_id]
+                    TaskName.REFRESH_SUMMARY, args=[turn.session_id], kwargs={"model": turn.model}
                 ),
                 reraise=(SoftTimeLimitExceeded,),
                 owner=self.request.id,
@@ -67,15 +67,17 @@ def run_turn(self, turn_id: str, takeover: bool = False, streamed: bool = False,
         # Without this the turn would wait for recover_stuck_turns (a lease and a beat interval).
         raise self.retry(
             countdown=turn_runner.retry_countdown(1.0, self.request.retries + 1),
-            kwargs={"takeover": True, "streamed": streamed},
+            kwargs={"takeover": True, "streamed": streamed, "held": held},
             max_retries=DATABASE_RETRIES,
             exc=exc,
         ) from exc
 
 
 @shared_task(name=TaskName.REFRESH_SUMMARY, bind=True, max_retries=0)
-def refresh_summary(self, session_id: str) -> bool:
-    return turn_runner.refresh_summary(self.app.tollgate, session_id, provider=self.app.tollgate.provider)
+def refresh_summary(self, session_id: str, model: str | None = None) -> bool:
+    return turn_runner.refresh_summary(
+        self.app.tollgate, session_id, provider=self.app.tollgate.provider, model=model
+    )
 
 
 @shared_task(name=TaskName.RECOVER_STUCK_TURNS, bind=True, acks_late=False)
