@@ -309,34 +309,32 @@ def seed(runtime: Runtime) -> tuple[str, str, str, str]:
         room = rooms.create_room(session, user.id, "bench")
         chat = rooms.create_session(session, user.id, room.id, None)
         now = utcnow()
-        turn = Turn(
-            session_id=chat.id,
-            room_id=room.id,
-            user_id=user.id,
-            seq=1,
-            status="completed",
-            content="What is the capital of France?",
+
+        def turn_of(seq: int, status: str, content: str, **values) -> Turn:
+            return Turn(
+                session_id=chat.id,
+                room_id=room.id,
+                user_id=user.id,
+                seq=seq,
+                status=status,
+                content=content,
+                model="offline-small",
+                max_output_tokens=256,
+                started_at=now,
+                updated_at=now,
+                **values,
+            )
+
+        turn = turn_of(
+            1,
+            "completed",
+            "What is the capital of France?",
             reply="Paris is the capital of France.",
-            model="offline-small",
-            max_output_tokens=256,
             input_tokens=12,
             output_tokens=8,
-            started_at=now,
             completed_at=now,
-            updated_at=now,
         )
-        running = Turn(
-            session_id=chat.id,
-            room_id=room.id,
-            user_id=user.id,
-            seq=2,
-            status="running",
-            content="And of Italy?",
-            model="offline-small",
-            max_output_tokens=256,
-            started_at=now,
-            updated_at=now,
-        )
+        running = turn_of(2, "running", "And of Italy?")
         session.add_all([turn, running])
         session.commit()
         return admin_key.secret, user_key.secret, turn.id, running.id

@@ -306,28 +306,16 @@ def test_an_idempotency_key_holding_a_nul_is_a_422_not_a_database_error(pg_clien
     assert response.status_code == 422 and response.get_json()["error"] == "invalid_idempotency_key"
 
 
-def test_a_summary_refresh_does_not_hold_the_wallet_while_it_waits_for_the_chat_session(
-    pg_app, pg_admin, pg_user, chat, pg_db
-):
-    """Admissions lock the chat session, then the wallet. A refresh that billed (wallet
-    locked) and then stored (session row) in one transaction deadlocked with one."""
-    import threading
-    from decimal import Decimal
-
+def add_a_batch_past_the_window(pg_db, chat, user_id: str) -> None:
+    """Completed turns up to a batch past the window: a summary refresh has turns to fold."""
     from shared.db import utcnow
-    from shared.providers import OfflineProvider
-    from shared.runtime import Runtime
-    from shared.services import billing, turn_runner
-    from shared.services.rooms import owned_session
 
-    grant = dict(actor_id=pg_admin.id, user_id=pg_user.id, reason=None, idempotency_key=None)
-    billing.grant_credit(pg_db, amount=Decimal("5"), **grant)
     for seq in range(1, summaries.WINDOW_TURNS + summaries.SUMMARY_BATCH_TURNS + 1):
         pg_db.add(
             Turn(
                 session_id=chat["id"],
                 room_id=chat["room_id"],
-                user_id=pg_user.id,
+                user_id=user_id,
                 seq=seq,
                 content=f"question {seq}. More words.",
                 reply=f"answer {seq}. More words.",
@@ -338,6 +326,24 @@ def test_a_summary_refresh_does_not_hold_the_wallet_while_it_waits_for_the_chat_
             )
         )
     pg_db.commit()
+
+
+def test_a_summary_refresh_does_not_hold_the_wallet_while_it_waits_for_the_chat_session(
+    pg_app, pg_admin, pg_user, chat, pg_db
+):
+    """Admissions lock the chat session, then the wallet. A refresh that billed (wallet
+    locked) and then stored (session row) in one transaction deadlocked with one."""
+    import threading
+    from decimal import Decimal
+
+    from shared.providers import OfflineProvider
+    from shared.runtime import Runtime
+    from shared.services import billing, turn_runner
+    from shared.services.rooms import owned_session
+
+    grant = dict(actor_id=pg_admin.id, user_id=pg_user.id, reason=None, idempotency_key=None)
+    billing.grant_credit(pg_db, amount=Decimal("5"), **grant)
+    add_a_batch_past_the_window(pg_db, chat, pg_user.id)
     runtime = Runtime(pg_app.extensions["tollgate"].settings, role="test")
     outcome = {}
     try:
@@ -393,7 +399,6 @@ def test_a_summary_refresh_bills_on_the_model_its_message_names_and_stores_in_au
     refresh told nothing, for the same summary and the same charge."""
     from decimal import Decimal
 
-    from shared.db import utcnow
     from shared.providers import OfflineProvider
     from shared.services import billing, turn_runner
     from tests.integration.test_hot_path_pg import counting
@@ -425,22 +430,7 @@ def test_a_summary_refresh_bills_on_the_model_its_message_names_and_stores_in_au
         chat = pg_client.post(
             f"/api/v1/rooms/{room['id']}/sessions", json={}, headers=pg_user.headers
         ).get_json()
-        for seq in range(1, summaries.WINDOW_TURNS + summaries.SUMMARY_BATCH_TURNS + 1):
-            pg_db.add(
-                Turn(
-                    session_id=chat["id"],
-                    room_id=chat["room_id"],
-                    user_id=pg_user.id,
-                    seq=seq,
-                    content=f"question {seq}. More words.",
-                    reply=f"answer {seq}. More words.",
-                    status="completed",
-                    model="offline-small",
-                    max_output_tokens=64,
-                    completed_at=utcnow(),
-                )
-            )
-        pg_db.commit()
+        add_a_batch_past_the_window(pg_db, chat, pg_user.id)
         commands.clear()
         with counting(runtime.db.engine) as counts:
             stored = turn_runner.refresh_summary(runtime, chat["id"], provider=OfflineProvider(), model=model)
