@@ -116,10 +116,8 @@ def chat_completions():
     turn, created = turns.submit(
         rt, session, user, chat.id, completion_request.turn_data(), idempotency_key(), api_key_id=key.id
     )
-    celery_app, turn_id = current_app.extensions["celery"], turn.id
-    streamed, held = completion_request.stream, turn.enforced
-    start = (
-        (lambda: turns.enqueue_run(celery_app, turn_id, streamed=streamed, held=held)) if created else None
+    start = turns.run_starter(
+        current_app.extensions["celery"], turn, created=created, streamed=completion_request.stream
     )
     headers = {"X-Tollgate-Turn-Id": turn.id, "X-Tollgate-Session": chat.id}
     answer = openai_compat.Answer.of(turn)

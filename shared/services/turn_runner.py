@@ -146,21 +146,31 @@ def _lock(session: Session, turn_id: str) -> Turn | None:
     return session.scalar(_LOCK_TURN, {"turn_id": turn_id})
 
 
-def _lock_with_hold_statement():
-    """The turn and its hold (if any) locked in one statement, in the order every path locks
-    them (turn, then hold: as ``_lock`` then the settlement's own hold lock did, and as the
-    claim and a cancel do): the hold's CTE joins the locked turn, so its rows are locked
-    only once the turn's lock is granted."""
+def _turn_then_its_hold(turn_query, hold_query, names: tuple[str, str]):
+    """CTEs locking the turn (``turn_query``, a select on ``turns``) and then its hold
+    (``hold_query``, on ``holds``), in the order every path locks them (the claim, a settle,
+    a cancel): the hold's CTE joins the locked turn, so its row is locked only once the
+    turn's lock is granted. Both by ``:turn_id``, named twice for the planner: each table by
+    its index, whatever its statistics say (a table that grew since its last ANALYZE was
+    scanned whole)."""
     turns, holds = Turn.__table__, Hold.__table__
-    locked_turn = select(turns).where(turns.c.id == bindparam("turn_id")).with_for_update(key_share=True)
-    locked_turn = locked_turn.cte("locked_turn")
+    locked_turn = (
+        turn_query.where(turns.c.id == bindparam("turn_id")).with_for_update(key_share=True).cte(names[0])
+    )
     locked_hold = (
-        select(holds)
-        .join(locked_turn, holds.c.turn_id == locked_turn.c.id)
-        # The id again, for the planner (as in the claim).
+        hold_query.join(locked_turn, holds.c.turn_id == locked_turn.c.id)
         .where(holds.c.turn_id == bindparam("turn_id"))
         .with_for_update(of=holds, key_share=True)
-        .cte("locked_hold")
+        .cte(names[1])
+    )
+    return locked_turn, locked_hold
+
+
+def _lock_with_hold_statement():
+    """The turn and its hold (if any) locked in one statement (``_turn_then_its_hold``),
+    both returned as ORM rows (no hold: ``None`` on its side)."""
+    locked_turn, locked_hold = _turn_then_its_hold(
+        select(Turn.__table__), select(Hold.__table__), ("locked_turn", "locked_hold")
     )
     return (
         select(aliased(Turn, locked_turn), aliased(Hold, locked_hold))
@@ -331,26 +341,15 @@ def _claim_queued_statement():
     then the turn written ``running``; the turn and its hold's amount returned. No row: the
     turn is in any other state (or its hold is no longer active), for the claim below."""
     turns, holds = Turn.__table__, Hold.__table__
-    queued = (
-        select(turns.c.id)
-        .where(
-            turns.c.id == bindparam("turn_id"),
+    queued, hold = _turn_then_its_hold(
+        select(turns.c.id).where(
             turns.c.status == TurnStatus.QUEUED,
             turns.c.attempts == 0,
             turns.c.cancel_requested_at.is_(None),
             turns.c.enforced.is_(True),
-        )
-        .with_for_update(key_share=True)
-        .cte("queued_turn")
-    )
-    hold = (
-        select(holds.c.turn_id, holds.c.amount)
-        .join(queued, holds.c.turn_id == queued.c.id)
-        # The id again, for the planner: each table by its index, whatever its statistics
-        # say (a table that grew since its last ANALYZE was scanned whole).
-        .where(holds.c.turn_id == bindparam("turn_id"), holds.c.status == HoldStatus.ACTIVE)
-        .with_for_update(of=holds, key_share=True)
-        .cte("active_hold")
+        ),
+        select(holds.c.turn_id, holds.c.amount).where(holds.c.status == HoldStatus.ACTIVE),
+        ("queued_turn", "active_hold"),
     )
     now = bindparam("now", type_=turns.c.started_at.type)
     # A Core UPDATE loaded as ORM rows (from_statement): an ORM-enabled UPDATE … RETURNING

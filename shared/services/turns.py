@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from datetime import datetime
 from decimal import Decimal
@@ -287,6 +288,16 @@ def _admit(
     return turn, True
 
 
+def run_starter(celery_app, turn: Turn, *, created: bool, streamed: bool) -> Callable[[], bool] | None:
+    """What sends a just-created turn's ``run_turn`` (:func:`enqueue_run`), for the caller to
+    call once the turn is committed (or a waiter hands it over); ``None`` for a replayed
+    Idempotency-Key, whose turn was sent by its first request."""
+    if not created:
+        return None
+    turn_id, held = turn.id, turn.enforced
+    return lambda: enqueue_run(celery_app, turn_id, streamed=streamed, held=held)
+
+
 def enqueue_run(celery_app, turn_id: str, *, streamed: bool = False, held: bool = True) -> bool:
     """Send ``run_turn``; a broker outage is logged, not raised (the beat job re-sends).
     ``streamed``: the client asked to stream the turn (its pieces go out at once). ``held``:
@@ -369,9 +380,7 @@ def submit_and_wait(
     api_key_id: str | None = None,
 ) -> SubmitOutcome:
     turn, created = submit(runtime, session, user, chat_session_id, data, key, api_key_id=api_key_id)
-    turn_id = turn.id
-    held = turn.enforced
-    start = (lambda: enqueue_run(celery_app, turn_id, streamed=streamed, held=held)) if created else None
+    start = run_starter(celery_app, turn, created=created, streamed=streamed)
     if wait and runtime.settings.turn_wait_seconds > 0:
         turn = wait_until_finished(runtime, session, turn, runtime.settings.turn_wait_seconds, start=start)
     elif start is not None:
