@@ -586,10 +586,14 @@ def settle_turn(
     completed: bool = True,
     api_key_id: str | None = None,
     hold: HoldArgument = LOCK_IT,
+    unsettled: bool = False,
 ) -> Settlement:
     """Bill a turn that ended (completed, or failed/cancelled after using tokens) and add it
     to the usage rollups. Does not commit. ``hold``: the turn's hold, already locked by the
-    caller after the turn (``LOCK_IT``: locked here).
+    caller after the turn (``LOCK_IT``: locked here). ``unsettled``: the caller holds the
+    turn's row lock and found the turn not finished; a turn is settled only in the
+    transaction that finishes it (``turn_runner._end_locked``), so there is no earlier
+    settle to look for.
 
     The charge is the actual ``cost`` (design §4):
 
@@ -612,7 +616,7 @@ def settle_turn(
     # An active hold means no settle yet (a settle captures it in its own transaction).
     # Otherwise the caller's lock on the turn row keeps other settles of this turn out while
     # we look (the entries' unique keys stay the last line of defence).
-    done = None if active else _entry_by_key(session, capture_key, debit_key)
+    done = None if active or unsettled else _entry_by_key(session, capture_key, debit_key)
     if done is not None:
         return Settlement(done.balance_after, _charged_so_far(session, turn_id))
     cost = _q(cost)

@@ -27,7 +27,7 @@ from decimal import Decimal
 from functools import cache
 from typing import NamedTuple
 
-from sqlalchemy import and_, bindparam, delete, or_, select, true, update
+from sqlalchemy import and_, bindparam, delete, null, or_, select, true, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, aliased
 from sqlalchemy.orm.attributes import set_committed_value
@@ -206,13 +206,19 @@ def _end_locked(
     before it commits. ``hold``: the turn's hold when the caller locked it with the turn
     (``_lock_with_hold``).
 
+    The caller holds the turn's row lock and found it not finished (every caller checks
+    ``FINISHED`` under the lock), and this is the one place a turn is settled: so no
+    settle of it exists yet, and ``settle_turn`` does not look for one.
+
     The turn row is written once, after billing: a second UPDATE of a row this transaction
     already changed makes Postgres re-check its foreign keys (KEY SHARE on the session row).
     """
     values: dict = {}
     cost = balance_after = None
     if input_tokens or output_tokens:
-        price = price or pricing.price_in_force(session, turn.model, at=turn.created_at)
+        price = price or pricing.price_in_force(
+            session, turn.model, at=turn.created_at, cache=runtime.price_cache
+        )
         settled = billing.settle_turn(
             session,
             user_id=turn.user_id,
@@ -226,6 +232,7 @@ def _end_locked(
             completed=status == TurnStatus.COMPLETED,
             api_key_id=turn.api_key_id,
             hold=hold,
+            unsettled=True,  # every caller locked the turn and found it not finished
         )
         cost, balance_after = settled.charged, settled.balance_after
         values["low_balance"] = balance_after < runtime.settings.low_balance_threshold
@@ -335,29 +342,38 @@ class Claimed(NamedTuple):
     hold_amount: Decimal | None = None
 
 
-def _claim_queued_statement():
-    """The claim of a queued, enforced turn's first attempt as one statement (Postgres):
-    the turn locked first, then its active hold, as the claim below and a cancel lock them,
-    then the turn written ``running``; the turn and its hold's amount returned. No row: the
-    turn is in any other state (or its hold is no longer active), for the claim below."""
+def _claim_first_attempt_statement(held: bool):
+    """The claim of a queued turn's first attempt as one statement (Postgres), the turn and
+    its hold's amount returned; no row: the turn is in any other state, for the claim below.
+
+    ``held``: an enforced turn whose hold is still active. The turn is locked first, then
+    its hold, as the claim below and a cancel lock them, then the turn is written
+    ``running``. Else an unenforced turn (the caller found enforcement off): the turn alone,
+    its amount ``NULL``."""
     turns, holds = Turn.__table__, Hold.__table__
-    queued, hold = _turn_then_its_hold(
-        select(turns.c.id).where(
-            turns.c.status == TurnStatus.QUEUED,
-            turns.c.attempts == 0,
-            turns.c.cancel_requested_at.is_(None),
-            turns.c.enforced.is_(True),
-        ),
-        select(holds.c.turn_id, holds.c.amount).where(holds.c.status == HoldStatus.ACTIVE),
-        ("queued_turn", "active_hold"),
+    queued = and_(
+        turns.c.status == TurnStatus.QUEUED,
+        turns.c.attempts == 0,
+        turns.c.cancel_requested_at.is_(None),
+        turns.c.enforced.is_(held),
     )
+    if held:
+        _, hold = _turn_then_its_hold(
+            select(turns.c.id).where(queued),
+            select(holds.c.turn_id, holds.c.amount).where(holds.c.status == HoldStatus.ACTIVE),
+            ("queued_turn", "active_hold"),
+        )
+        which, amount = turns.c.id == hold.c.turn_id, hold.c.amount
+    else:
+        # The UPDATE's own lock, its WHERE re-checked on the row as committed.
+        which, amount = queued, null().label("amount")
     now = bindparam("now", type_=turns.c.started_at.type)
     # A Core UPDATE loaded as ORM rows (from_statement): an ORM-enabled UPDATE … RETURNING
     # goes through the bulk-update machinery, which builds its statement's cache key again
     # on every execution (about a quarter of its CPU).
     claimed = (
         update(turns)
-        .where(turns.c.id == bindparam("turn_id"), turns.c.id == hold.c.turn_id)
+        .where(turns.c.id == bindparam("turn_id"), which)
         .values(
             status=TurnStatus.RUNNING,
             attempts=1,
@@ -366,12 +382,12 @@ def _claim_queued_statement():
             lease_owner=bindparam("owner"),
             lease_expires_at=bindparam("lease_expires_at", type_=turns.c.lease_expires_at.type),
         )
-        .returning(*turns.c, hold.c.amount)
+        .returning(*turns.c, amount)
     )
-    return select(Turn, hold.c.amount).from_statement(claimed)
+    return select(Turn, amount).from_statement(claimed)
 
 
-_CLAIM_QUEUED = _claim_queued_statement()
+_CLAIM_QUEUED = {held: _claim_first_attempt_statement(held) for held in (True, False)}
 
 
 def claim(
@@ -385,19 +401,20 @@ def claim(
     outage). ``takeover`` lets a redelivered or re-sent task take over a running turn that
     has no lease at all (rows from before leases existed).
 
-    On Postgres, the usual case (a queued, enforced turn's first attempt with its hold
-    active) is one autocommit statement (``_CLAIM_QUEUED``) instead of a transaction of
-    three; every other case, and a miss, takes the path below. ``held``: the turn was
-    admitted with a hold, as far as the caller knows (the task's message says when not: a
-    turn without one would only miss the one statement first).
+    On Postgres, the usual case (a queued turn's first attempt: enforced with its hold
+    active, or unenforced while enforcement is still off) is one autocommit statement
+    (``_CLAIM_QUEUED``) instead of a transaction of three; every other case, and a miss,
+    takes the path below. ``held``: the turn was admitted with a hold, as far as the caller
+    knows (the task's message says when not). An unenforced turn checks the toggle first,
+    as the path below does (design §4): found on, the path below places its hold.
     """
     now = utcnow()
     owner = owner or new_id()
     lease_expires_at = now + timedelta(seconds=runtime.settings.turn_lease_seconds)
-    if held and runtime.db.dialect == "postgresql":
+    if runtime.db.dialect == "postgresql" and (held or not enforcement.is_enforced(runtime)):
         with runtime.db.session(reads_only=True) as session:
             row = session.execute(
-                _CLAIM_QUEUED,
+                _CLAIM_QUEUED[held],
                 {"turn_id": turn_id, "now": now, "owner": owner, "lease_expires_at": lease_expires_at},
             ).first()
             session.commit()
@@ -541,7 +558,7 @@ def budget_for(
     """The budget of this attempt: the turn's active hold (none: unbounded), at the turn's
     price, less what earlier attempts used. ``hold_amount``: the hold's amount when the
     caller read it already (the claim's), else it is read here."""
-    price = pricing.price_in_force(session, turn.model, at=turn.created_at)
+    price = pricing.price_in_force(session, turn.model, at=turn.created_at, cache=runtime.price_cache)
     reserved = None
     if turn.enforced:
         reserved = hold_amount if hold_amount is not None else billing.reserved_for(session, turn.id)
@@ -1003,7 +1020,7 @@ def refresh_summary(runtime: Runtime, chat_session_id: str, *, provider, model: 
         _, missing = summaries.window(session, chat, MAX_SEQ, fold_at=summaries.SUMMARY_BATCH_TURNS)
         if not missing:
             return False
-        price = pricing.price_in_force(session, model)
+        price = pricing.price_in_force(session, model, cache=runtime.price_cache)
         enforced = enforcement.is_enforced(runtime)
         if enforced:
             worst = TurnBudget(price, HoldPolicy.from_settings(runtime.settings), None).call_cost(

@@ -24,8 +24,11 @@ from web.app import create_app
 
 # path: (checkouts, statements, commits) at most; docs/architecture.md carries the same table.
 BUDGET = {
-    "admission": (1, 6, 1),
-    "run_turn": (3, 6, 3),
+    "admission": (1, 5, 1),
+    "run_turn": (3, 5, 3),
+    # Enforcement off: no context read to size a hold, no hold, no hold to lock.
+    "admission_unenforced": (1, 3, 1),
+    "run_turn_unenforced": (3, 5, 3),
     "get_turn": (1, 1, 0),
     "get_turn_again": (0, 0, 0),  # a finished turn, read before by this process
     "get_wallet": (1, 2, 0),
@@ -80,10 +83,13 @@ def within(path: str, counts: Counts) -> None:
     assert counts.commits <= commits, f"{path}: {counts}"
 
 
-@pytest.fixture
-def funded_chat(pg_client, pg_admin, pg_user, enforced):  # noqa: F811
+@pytest.fixture(params=["enforced", "unenforced"])
+def funded_chat(request, pg_client, pg_admin, pg_user):
+    """A chat whose user has credit, with enforcement on (every turn held) or left off."""
+    if request.param == "enforced":
+        request.getfixturevalue("enforced")
     grant(pg_client, pg_admin, pg_user.id, "10")
-    return new_chat(pg_client, pg_user)
+    return request.param == "enforced", new_chat(pg_client, pg_user)
 
 
 @pytest.fixture
@@ -108,6 +114,8 @@ def test_a_turn_and_the_cheap_reads_stay_within_their_round_trip_budget(
         "_query2pg_nocache",
         lambda query, *a: uncached.append(query[:80]) or parse(query, *a),
     )
+    held, chat = funded_chat
+    suffix = "" if held else "_unenforced"
     runtime = pg_app.extensions["tollgate"]
     engine = runtime.db.engine
     provider, tools = OfflineProvider(), build_registry()
@@ -115,7 +123,7 @@ def test_a_turn_and_the_cheap_reads_stay_within_their_round_trip_budget(
     def one_turn(content: str) -> dict[str, Counts]:
         with counting(engine) as admission:
             response = pg_client.post(
-                f"/api/v1/sessions/{funded_chat['id']}/turns",
+                f"/api/v1/sessions/{chat['id']}/turns",
                 json={"content": content},
                 headers={**pg_user.headers, "Prefer": "respond-async"},
             )
@@ -123,7 +131,13 @@ def test_a_turn_and_the_cheap_reads_stay_within_their_round_trip_budget(
         turn_id = response.get_json()["id"]
         with counting(engine) as run:
             outcome = turn_runner.run_turn(
-                runtime, turn_id, provider=provider, tools=tools, takeover=False, final_attempt=False
+                runtime,
+                turn_id,
+                provider=provider,
+                tools=tools,
+                takeover=False,
+                final_attempt=False,
+                held=held,  # as the task's message says
             )
         assert outcome == "completed"
         with counting(engine) as get_turn:
@@ -133,8 +147,8 @@ def test_a_turn_and_the_cheap_reads_stay_within_their_round_trip_budget(
         with counting(engine) as get_wallet:
             assert pg_client.get("/api/v1/wallet", headers=pg_user.headers).status_code == 200
         return {
-            "admission": admission,
-            "run_turn": run,
+            f"admission{suffix}": admission,
+            f"run_turn{suffix}": run,
             "get_turn": get_turn,
             "get_turn_again": get_turn_again,
             "get_wallet": get_wallet,

@@ -34,7 +34,6 @@ from decimal import Decimal
 from types import SimpleNamespace
 
 import pytest
-import redis as redis_lib
 from hypothesis import HealthCheck, currently_in_test_context, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -65,7 +64,7 @@ from shared.services.turn_budget import BudgetExhausted, HoldPolicy
 from shared.services.turn_runner import MAX_ATTEMPTS, Execution, RetryLater
 from shared.tools.registry import build_registry
 from tests.factories import make_actor, make_completed_turn
-from tests.integration.conftest import _truncate_all
+from tests.integration.conftest import empty_stores
 from web.app import create_app
 
 D = Decimal
@@ -189,8 +188,7 @@ class MoneyModel(RuleBasedStateMachine):
         self.app = app
         self.runtime = app.extensions["tollgate"]
         self.client = app.test_client()
-        _truncate_all(self.runtime.settings.database_url)
-        redis_lib.Redis.from_url(self.runtime.settings.redis_url).flushdb()
+        empty_stores(self.runtime.settings, self.runtime)
         with self.runtime.db.session() as session:
             self.admin = make_actor(session, "admin")
             self.user = make_actor(session, "user")
@@ -429,7 +427,9 @@ class MoneyModel(RuleBasedStateMachine):
     def set_price(self, price: tuple[str, str]) -> None:
         """A new version, effective now: turns already submitted keep the price of their time."""
         with self.runtime.db.session() as session:
-            pricing.set_price(session, self.admin.id, MODEL, D(price[0]), D(price[1]))
+            pricing.set_price(
+                session, self.admin.id, MODEL, D(price[0]), D(price[1]), redis_client=self.runtime.redis
+            )
         self.price = SimpleNamespace(input_per_1k=D(price[0]), output_per_1k=D(price[1]))
 
     # -- rules: turns ----------------------------------------------------------------------

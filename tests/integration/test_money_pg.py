@@ -203,7 +203,9 @@ def test_deeply_nested_tool_arguments_end_the_turn_failed_and_billed(
     re-run five times for free; now it ends ``failed`` with ``bad_model_output``, billed
     for both rounds (the second answer arrived, with its usage), the rest released."""
     grant(pg_db, pg_admin, pg_user, "10")
-    pricing.set_price(pg_db, pg_admin.id, "gpt-test", D("1.000000"), D("2.000000"))
+    pricing.set_price(
+        pg_db, pg_admin.id, "gpt-test", D("1.000000"), D("2.000000"), redis_client=runtime.redis
+    )
     fake_openai.tool_calls(
         [{"name": "search", "arguments": {"query": "budget"}}],
         usage={"prompt_tokens": 300, "completion_tokens": 20},
@@ -229,7 +231,9 @@ def test_deeply_nested_tool_arguments_end_the_turn_failed_and_billed(
 
 
 def test_a_nul_in_a_model_reply_is_stored_without_it(runtime, pg_db, pg_admin, pg_user, chat, fake_openai):
-    pricing.set_price(pg_db, pg_admin.id, "gpt-test", D("0.001000"), D("0.002000"))
+    pricing.set_price(
+        pg_db, pg_admin.id, "gpt-test", D("0.001000"), D("0.002000"), redis_client=runtime.redis
+    )
     fake_openai.reply("before\x00after \ud800x", usage={"prompt_tokens": 10, "completion_tokens": 3})
     turn = submit(runtime, pg_db, pg_user, chat, "say something", model="gpt-test")
     provider = OpenAIProvider(base_url=fake_openai.base_url, api_key="k", backoff_base=0)
@@ -241,7 +245,9 @@ def test_a_provider_failure_after_a_tool_round_bills_the_round_and_hides_the_ups
     enforced, runtime, pg_db, pg_admin, pg_user, chat, fake_openai
 ):
     grant(pg_db, pg_admin, pg_user, "10")
-    pricing.set_price(pg_db, pg_admin.id, "gpt-test", D("1.000000"), D("2.000000"))
+    pricing.set_price(
+        pg_db, pg_admin.id, "gpt-test", D("1.000000"), D("2.000000"), redis_client=runtime.redis
+    )
     fake_openai.tool_calls(
         [{"name": "search", "arguments": {"query": "budget"}}],
         usage={"prompt_tokens": 250, "completion_tokens": 10},
@@ -262,7 +268,9 @@ def test_a_provider_failure_after_a_tool_round_bills_the_round_and_hides_the_ups
 def test_an_unenforced_failed_turn_is_billed_what_it_used(
     runtime, pg_db, pg_admin, pg_user, chat, fake_openai
 ):
-    pricing.set_price(pg_db, pg_admin.id, "gpt-test", D("1.000000"), D("2.000000"))
+    pricing.set_price(
+        pg_db, pg_admin.id, "gpt-test", D("1.000000"), D("2.000000"), redis_client=runtime.redis
+    )
     fake_openai.tool_calls(
         [{"name": "search", "arguments": {"query": "budget"}}],
         usage={"prompt_tokens": 100, "completion_tokens": 10},
@@ -295,7 +303,9 @@ def test_a_tool_round_past_the_hold_is_trimmed_to_fit_instead_of_overspending(
     the answer after it would not be covered, and cuts the tool results so the answer fits:
     the charge stays within the hold."""
     grant(pg_db, pg_admin, pg_user, "10")
-    pricing.set_price(pg_db, pg_admin.id, "gpt-test", D("1.000000"), D("2.000000"))
+    pricing.set_price(
+        pg_db, pg_admin.id, "gpt-test", D("1.000000"), D("2.000000"), redis_client=runtime.redis
+    )
     uploaded = files.upload(
         pg_db, pg_user.id, chat.room_id, NamedBytes(("word " * 40_000).encode(), "big.txt"), max_bytes=1 << 20
     )
@@ -446,11 +456,13 @@ def test_a_turn_without_a_hold_is_locked_alone_for_its_settle(runtime, pg_db, pg
     assert run(runtime, turn_id) == "completed"
 
 
-def test_a_turn_admitted_without_a_hold_says_so_and_is_claimed_without_the_one_statement_try(
-    runtime, pg_db, pg_user, chat
+def test_a_turn_admitted_without_a_hold_says_so_and_is_claimed_in_one_statement_while_enforcement_is_off(
+    runtime, pg_db, pg_client, pg_admin, pg_user, chat
 ):
     """Enforcement off: the turn has no hold, its message says ``held: False``, and its claim
-    goes straight to the transaction (the one statement, which needs a hold, would miss)."""
+    is one statement of its own (not the held turn's, which needs a hold, nor the locked
+    transaction). Once enforcement is on, such a turn's claim is the transaction that
+    places its hold (design §4: the worker re-checks the toggle)."""
     turn_id = submit(runtime, pg_db, pg_user, chat, "a question").id
     sent: list[dict] = []
 
@@ -463,6 +475,19 @@ def test_a_turn_admitted_without_a_hold_says_so_and_is_claimed_without_the_one_s
     assert turns.enqueue_run(Celery(), turn_id, streamed=True) and sent[-1] == {"streamed": True}
     with counting(runtime.db.engine) as counts:
         claimed = turn_runner.claim(runtime, turn_id, takeover=False, held=False)
-    assert (claimed.turn.status, claimed.hold_amount) == ("running", None)
-    assert not any("queued_turn" in sql for sql in counts.sql)
-    assert counts.statements == 2  # the turn locked, then written running
+    assert (claimed.turn.status, claimed.turn.attempts, claimed.hold_amount) == ("running", 1, None)
+    assert counts.statements == 1 and "queued_turn" not in counts.sql[0]
+    assert turn_runner.claim(runtime, turn_id, takeover=False, held=False) is None  # running: not twice
+
+    grant(pg_db, pg_admin, pg_user, "10")
+    later = submit(runtime, pg_db, pg_user, chat, "another question").id
+    response = pg_client.patch(
+        "/api/v1/admin/settings/enforcement", json={"enabled": True}, headers=pg_admin.headers
+    )
+    assert response.status_code == 200
+    with counting(runtime.db.engine) as counts:
+        claimed = turn_runner.claim(runtime, later, takeover=False, held=False)
+    # The turn locked first (the transaction), not the one statement.
+    assert claimed.turn.status == "running" and counts.sql[0].startswith("SELECT turns.id")
+    hold = pg_db.scalar(select(Hold).where(Hold.turn_id == later))
+    assert hold is not None and hold.status == "active"
