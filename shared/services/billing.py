@@ -33,7 +33,7 @@ from decimal import Decimal
 from functools import cache
 from typing import NoReturn
 
-from sqlalchemy import bindparam, func, insert, select, union_all, update
+from sqlalchemy import bindparam, exists, func, insert, select, union_all, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -60,6 +60,7 @@ from shared.models import (
 )
 from shared.pagination import Listing
 from shared.services import audit, pricing
+from shared.services.turn_columns import turn_columns, turn_values
 
 log = logging.getLogger(__name__)
 
@@ -209,6 +210,9 @@ class _Riders:
     key_spend: dict | None = None
     new_hold: dict | None = None
     captured_hold: dict | None = None
+    # The turn's row (``TurnRow``) and its id: Postgres only (``settle_turn`` writes it
+    # itself nowhere else).
+    turn_row: tuple[str, TurnRow] | None = None
 
 
 def _move_wallet(
@@ -275,6 +279,7 @@ def _move_wallet(
             riders.key_spend is not None,
             riders.new_hold is not None,
             riders.captured_hold is not None,
+            tuple(sorted(riders.turn_row[1].values)) if riders.turn_row is not None else None,
         )
         for index, entry in enumerate(entries):
             params.update({f"e{index}_{name}": value for name, value in entry.items()})
@@ -283,6 +288,10 @@ def _move_wallet(
         params.update({f"k_{name}": value for name, value in (riders.key_spend or {}).items()})
         params.update({f"h_{name}": value for name, value in (riders.new_hold or {}).items()})
         params.update({f"c_{name}": value for name, value in (riders.captured_hold or {}).items()})
+        if riders.turn_row is not None:
+            turn_id, turn_row = riders.turn_row
+            params.update(turn_values(turn_row.values))
+            params.update(t_id=turn_id, t_low_balance_below=turn_row.low_balance_below)
         row = session.execute(statement, params).one_or_none()
     else:
         row = session.execute(_wallet_update(covering is not None), params).one_or_none()
@@ -322,13 +331,21 @@ def _wallet_update(covering: bool):
 
 @cache
 def _wallet_move_statement(
-    entries: int, covering: bool, usage: bool, key_spend: bool, new_hold: bool, captured_hold: bool
+    entries: int,
+    covering: bool,
+    usage: bool,
+    key_spend: bool,
+    new_hold: bool,
+    captured_hold: bool,
+    turn_row: tuple[str, ...] | None = None,
 ):
     """``_move_wallet`` on Postgres, one statement per shape, built once: the wallet's
     ``UPDATE`` as CTE ``w``, the entries inserted from it (``e``), a new hold inserted
     (``h``) or a locked one marked captured (``c``), then the usage rows (``u``) and the
     key's spend (``k``) upserted — in that order, as every writer locks them — and ``w``'s
-    row selected."""
+    row selected. ``turn_row``: the columns of an ended turn's row written too (``t``; its
+    lock was taken first, by the caller), ``cost``, ``balance_after`` and ``low_balance``
+    among them, the last two from ``w``."""
     w = _wallet_update(covering).cte("w")
     ledger = LedgerEntry.__table__
     names = [column.name for column in ledger.columns]
@@ -377,6 +394,16 @@ def _wallet_move_statement(
         ).select_from(w)
         statement = pg_insert(table).from_select([column.name for column in table.columns], row)
         ctes.append(_on_key_spend_conflict(statement).cte("k"))
+    if turn_row is not None:
+        turns = Turn.__table__
+        balance = select(w.c.balance).scalar_subquery()
+        below = bindparam("t_low_balance_below", type_=MONEY)
+        written = (
+            update(turns)
+            .where(turns.c.id == bindparam("t_id"), exists(select(w.c.id)))
+            .values({**turn_columns(turn_row), "balance_after": balance, "low_balance": balance < below})
+        )
+        ctes.append(written.cte("t"))
     return select(w.c.id, w.c.balance, w.c.held).add_cte(*ctes)
 
 
@@ -557,10 +584,25 @@ def place_hold(
 
 @dataclass(frozen=True)
 class Settlement:
-    """How a turn was billed: the balance right after, and what it was charged."""
+    """How a turn was billed: the balance right after, and what it was charged.
+    ``turn_written``: the settlement's wallet statement also wrote the turn's row
+    (``TurnRow``)."""
 
     balance_after: Decimal
     charged: Decimal
+    turn_written: bool = False
+
+
+@dataclass(frozen=True)
+class TurnRow:
+    """The ended turn's row, for its settlement to write in the wallet's statement on
+    Postgres (a rider, as the usage rollups are): ``values``, its new columns but the three
+    the settlement decides: ``cost`` (what was charged), ``balance_after`` (the wallet's
+    balance after) and ``low_balance`` (that balance below ``low_balance_below``). The
+    caller holds the turn's row lock."""
+
+    values: dict
+    low_balance_below: Decimal
 
 
 def _charged_so_far(session: Session, turn_id: str) -> Decimal:
@@ -587,13 +629,16 @@ def settle_turn(
     api_key_id: str | None = None,
     hold: HoldArgument = LOCK_IT,
     unsettled: bool = False,
+    turn_row: TurnRow | None = None,
 ) -> Settlement:
     """Bill a turn that ended (completed, or failed/cancelled after using tokens) and add it
     to the usage rollups. Does not commit. ``hold``: the turn's hold, already locked by the
     caller after the turn (``LOCK_IT``: locked here). ``unsettled``: the caller holds the
     turn's row lock and found the turn not finished; a turn is settled only in the
     transaction that finishes it (``turn_runner._end_locked``), so there is no earlier
-    settle to look for.
+    settle to look for. ``turn_row``: the ended turn's row, written by the wallet's
+    statement when the charge is one (Postgres: ``Settlement.turn_written``); the caller
+    writes it otherwise.
 
     The charge is the actual ``cost`` (design §4):
 
@@ -624,31 +669,40 @@ def settle_turn(
         raise ValueError("a turn cost cannot be negative")
     now = utcnow()
 
-    def riders(charged: Decimal) -> _Riders:
+    postgres = session.get_bind().dialect.name == "postgresql"
+
+    def riders(charged: Decimal, *, with_turn: bool = False) -> _Riders:
         usage = _usage_rows(user_id, model, at, 1 if completed else 0, input_tokens, output_tokens, charged)
         key_spend = _key_spend_row(api_key_id, at, charged) if api_key_id is not None else None
-        return _Riders(usage, key_spend)
+        turn = None
+        if with_turn and turn_row is not None and postgres:
+            turn = (turn_id, replace(turn_row, values={**turn_row.values, "cost": charged}))
+        return _Riders(usage, key_spend, turn_row=turn)
 
     if active:
         charged = min(cost, hold.amount)
         moves = _capture(hold, charged, key=capture_key, now=now)
-        capture = replace(riders(charged), captured_hold={"id": hold.id, "resolved_at": now})
+        capture = replace(riders(charged, with_turn=True), captured_hold={"id": hold.id, "resolved_at": now})
         _, balance_after = _move_wallet(session, user_id, moves, riders=capture)
+        written = capture.turn_row is not None
         set_committed_value(hold, "status", HoldStatus.CAPTURED)
         set_committed_value(hold, "resolved_at", now)
     elif not enforced:
         charged = cost
         move = _Move(LedgerKind.DEBIT, debit_key, -cost, ZERO, turn_id, None, None, now)
-        _, balance_after = _move_wallet(session, user_id, [move], riders=riders(charged))
+        debit = riders(charged, with_turn=True)
+        _, balance_after = _move_wallet(session, user_id, [move], riders=debit)
+        written = debit.turn_row is not None
     else:
         balance_after, charged = _debit_available(
             session, user_id, turn_id, hold, cost, key=debit_key, now=now
         )
         _write_riders(session, riders(charged))
+        written = False
     if charged < cost:
         metrics.hold_overrun(cost - charged)
         log.warning("turn %s charged %s of its cost %s (enforced, not covered)", turn_id, charged, cost)
-    return Settlement(balance_after, charged)
+    return Settlement(balance_after, charged, turn_written=written)
 
 
 def _capture(hold: Hold, charged: Decimal, *, key: str, now: datetime) -> list[_Move]:

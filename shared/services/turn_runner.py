@@ -53,13 +53,12 @@ from shared.runtime import Runtime
 from shared.services import billing, enforcement, pricing, summaries, turn_context, turn_events
 from shared.services.text import clean_json, clean_text
 from shared.services.turn_budget import BudgetExhausted, HoldPolicy, TurnBudget
+from shared.services.turn_columns import turn_columns, turn_values
 from shared.services.turns import (
     FINISHED,
     owned_turn,
     place_turn_hold,
     pushed_read,
-    turn_columns,
-    turn_values,
     wait_until_finished,
 )
 from shared.task_names import TaskName
@@ -199,11 +198,12 @@ def _end_locked(
     now,
     price: ModelPrice | None = None,
     hold: billing.HoldArgument = billing.LOCK_IT,
-) -> dict:
+    values: dict,
+) -> None:
     """Bill what the turn used (nothing used: release its hold), at ``price`` (when the
-    attempt read it already) or the price in force at the turn's creation. Returns the
-    turn's new column values, for the caller to add its own and write them (``_write_turn``)
-    before it commits. ``hold``: the turn's hold when the caller locked it with the turn
+    attempt read it already) or the price in force at the turn's creation, and write the
+    turn's row ended ``status`` with the caller's ``values`` (reply, error…). Does not
+    commit. ``hold``: the turn's hold when the caller locked it with the turn
     (``_lock_with_hold``).
 
     The caller holds the turn's row lock and found it not finished (every caller checks
@@ -212,42 +212,51 @@ def _end_locked(
 
     The turn row is written once, after billing: a second UPDATE of a row this transaction
     already changed makes Postgres re-check its foreign keys (KEY SHARE on the session row).
+    On Postgres a charge writes it in the wallet's statement (``billing.TurnRow``): one
+    round trip fewer.
     """
-    values: dict = {}
-    cost = balance_after = None
-    if input_tokens or output_tokens:
-        price = price or pricing.price_in_force(
-            session, turn.model, at=turn.created_at, cache=runtime.price_cache
-        )
-        settled = billing.settle_turn(
-            session,
-            user_id=turn.user_id,
-            turn_id=turn.id,
-            model=turn.model,
-            cost=pricing.cost_of(price, input_tokens, output_tokens),
-            input_tokens=input_tokens,
-            output_tokens=output_tokens,
-            at=now,
-            enforced=turn.enforced,
-            completed=status == TurnStatus.COMPLETED,
-            api_key_id=turn.api_key_id,
-            hold=hold,
-            unsettled=True,  # every caller locked the turn and found it not finished
-        )
-        cost, balance_after = settled.charged, settled.balance_after
-        values["low_balance"] = balance_after < runtime.settings.low_balance_threshold
-    else:
+    values = {
+        **values,
+        "input_tokens": input_tokens,
+        "output_tokens": output_tokens,
+        "status": status,
+        "completed_at": now,
+        "updated_at": now,
+    }
+    if not (input_tokens or output_tokens):
         billing.release_hold(session, turn_id=turn.id, reason=f"turn {status}", hold=hold)
-    values.update(
+        _write_turn(session, turn, {**values, "cost": None, "balance_after": None})
+        return
+    price = price or pricing.price_in_force(
+        session, turn.model, at=turn.created_at, cache=runtime.price_cache
+    )
+    threshold = runtime.settings.low_balance_threshold
+    settled = billing.settle_turn(
+        session,
+        user_id=turn.user_id,
+        turn_id=turn.id,
+        model=turn.model,
+        cost=pricing.cost_of(price, input_tokens, output_tokens),
         input_tokens=input_tokens,
         output_tokens=output_tokens,
-        cost=cost,
-        balance_after=balance_after,
-        status=status,
-        completed_at=now,
-        updated_at=now,
+        at=now,
+        enforced=turn.enforced,
+        completed=status == TurnStatus.COMPLETED,
+        api_key_id=turn.api_key_id,
+        hold=hold,
+        unsettled=True,  # every caller locked the turn and found it not finished
+        turn_row=billing.TurnRow(values, low_balance_below=threshold),
     )
-    return values
+    values.update(
+        cost=settled.charged,
+        balance_after=settled.balance_after,
+        low_balance=settled.balance_after < threshold,
+    )
+    if settled.turn_written:
+        for name, value in values.items():
+            set_committed_value(turn, name, value)
+    else:
+        _write_turn(session, turn, values)
 
 
 @cache
@@ -278,7 +287,10 @@ def _fail_locked(
 ) -> None:
     used_in = max(turn.input_tokens, execution.input_tokens if execution else 0)
     used_out = max(turn.output_tokens, execution.output_tokens if execution else 0)
-    values = _end_locked(
+    values = {"error_code": code, "error_message": clean_text(error_message(code, message))[:2000]}
+    if execution is not None and execution.usage_estimated:
+        values["usage_estimated"] = True
+    _end_locked(
         runtime,
         session,
         turn,
@@ -287,12 +299,8 @@ def _fail_locked(
         output_tokens=used_out,
         now=utcnow(),
         price=execution.price if execution else None,
+        values=values,
     )
-    if execution is not None and execution.usage_estimated:
-        values["usage_estimated"] = True
-    values["error_code"] = code
-    values["error_message"] = clean_text(error_message(code, message))[:2000]
-    _write_turn(session, turn, values)
 
 
 def _ended(runtime: Runtime, turn: Turn, *, no_tool_calls: bool = False) -> None:
@@ -754,7 +762,12 @@ def _cancel_locked(runtime: Runtime, session: Session, turn: Turn, result: Execu
     saved by earlier ones) through the same settlement as any turn, release the rest."""
     used_in = max(turn.input_tokens, result.input_tokens if result else 0)
     used_out = max(turn.output_tokens, result.output_tokens if result else 0)
-    values = _end_locked(
+    values = {"error_code": None, "error_message": None}
+    if result is not None:
+        values["reply"] = result.reply or None
+        values["summary_used_fallback"] = result.summary_used_fallback
+        values["usage_estimated"] = turn.usage_estimated or result.usage_estimated
+    _end_locked(
         runtime,
         session,
         turn,
@@ -763,13 +776,8 @@ def _cancel_locked(runtime: Runtime, session: Session, turn: Turn, result: Execu
         output_tokens=used_out,
         now=utcnow(),
         price=result.price if result else None,
+        values=values,
     )
-    if result is not None:
-        values["reply"] = result.reply or None
-        values["summary_used_fallback"] = result.summary_used_fallback
-        values["usage_estimated"] = turn.usage_estimated or result.usage_estimated
-    values["error_code"] = values["error_message"] = None
-    _write_turn(session, turn, values)
 
 
 def finish_cancelled(runtime: Runtime, turn_id: str, result: Execution) -> bool:
@@ -831,7 +839,7 @@ def complete(runtime: Runtime, turn_id: str, result: Execution) -> bool:
         if turn is None or turn.status in FINISHED:
             session.rollback()
             return False
-        values = _end_locked(
+        _end_locked(
             runtime,
             session,
             turn,
@@ -841,16 +849,15 @@ def complete(runtime: Runtime, turn_id: str, result: Execution) -> bool:
             now=utcnow(),
             price=result.price,
             hold=hold,
+            values={
+                "reply": result.reply,
+                "reply_tool_calls": result.reply_tool_calls,
+                "summary_used_fallback": result.summary_used_fallback,
+                "usage_estimated": result.usage_estimated,
+                "error_code": None,
+                "error_message": None,
+            },
         )
-        values.update(
-            reply=result.reply,
-            reply_tool_calls=result.reply_tool_calls,
-            summary_used_fallback=result.summary_used_fallback,
-            usage_estimated=result.usage_estimated,
-            error_code=None,
-            error_message=None,
-        )
-        _write_turn(session, turn, values)
         session.commit()
         _ended(runtime, turn, no_tool_calls=turn.attempts == 1 and not result.tool_calls_recorded)
         return True

@@ -33,6 +33,7 @@ from shared.pagination import Listing
 from shared.runtime import Runtime
 from shared.services import billing, enforcement, limits, pricing, turn_budget, turn_context
 from shared.services.rooms import owned_session
+from shared.services.turn_columns import turn_columns, turn_values
 from shared.task_names import TaskName
 
 log = logging.getLogger(__name__)
@@ -142,18 +143,6 @@ _NEXT_SEQ = (
     .where(Turn.session_id == bindparam("next_seq_of"))
     .scalar_subquery()
 )
-
-
-def turn_columns(names) -> dict:
-    """A prebuilt statement's values for these ``turns`` columns: a bound parameter
-    ``new_<name>`` each, typed as its column (``turn_values`` fills them)."""
-    table = Turn.__table__
-    return {name: bindparam(f"new_{name}", type_=table.c[name].type) for name in names}
-
-
-def turn_values(values: dict) -> dict:
-    """The parameters of ``turn_columns``' statement for these column values."""
-    return {f"new_{name}": value for name, value in values.items()}
 
 
 @cache

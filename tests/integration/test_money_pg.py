@@ -491,3 +491,44 @@ def test_a_turn_admitted_without_a_hold_says_so_and_is_claimed_in_one_statement_
     assert claimed.turn.status == "running" and counts.sql[0].startswith("SELECT turns.id")
     hold = pg_db.scalar(select(Hold).where(Hold.turn_id == later))
     assert hold is not None and hold.status == "active"
+
+
+@pytest.mark.parametrize("enforcement", ["on", "off"])
+def test_the_wallet_statement_writes_the_ended_turn_as_its_own_update_would(
+    enforcement, runtime, pg_db, pg_client, pg_admin, pg_user, chat, monkeypatch
+):
+    """On Postgres a settled turn's row is written by the wallet's statement (a capture
+    with enforcement on, a debit with it off): its cost, ``balance_after`` (the wallet's
+    balance right after, as its ledger entry says) and ``low_balance`` (that balance under
+    the threshold) are those the separate UPDATE wrote. The threshold is moved between
+    the two turns so that the first ends above it and the second below."""
+    if enforcement == "on":
+        pg_client.patch(
+            "/api/v1/admin/settings/enforcement", json={"enabled": True}, headers=pg_admin.headers
+        )
+    grant(pg_db, pg_admin, pg_user, "10")
+    ended, thresholds = [], []
+    for content in ("first question", "second question"):
+        turn_id = submit(runtime, pg_db, pg_user, chat, content).id
+        thresholds.append(runtime.settings.low_balance_threshold)
+        with counting(runtime.db.engine) as counts:
+            assert run(runtime, turn_id) == "completed"
+        # No UPDATE of its own (_write_turn's, columns in name order) after the wallet's.
+        assert not any(sql.startswith("UPDATE turns SET balance_after") for sql in counts.sql)
+        ended.append(fresh(pg_db, Turn, id=turn_id))
+        # The next turn's charge takes the balance under this one's.
+        just_under = ended[-1].balance_after - D("0.000001")
+        monkeypatch.setattr(runtime, "settings", runtime.settings.replace(low_balance_threshold=just_under))
+    for turn, threshold in zip(ended, thresholds, strict=True):
+        entry = pg_db.scalar(
+            select(LedgerEntry).where(
+                LedgerEntry.turn_id == turn.id, LedgerEntry.kind.in_(("capture", "debit"))
+            )
+        )
+        assert turn.status == "completed" and turn.reply and turn.completed_at is not None
+        assert turn.cost == charged_for(pg_db, turn.id) > 0
+        assert turn.balance_after == entry.balance_after
+        assert turn.low_balance is (turn.balance_after < threshold)
+    assert [turn.low_balance for turn in ended] == [False, True]
+    assert ended[-1].balance_after == fresh(pg_db, Wallet, user_id=pg_user.id).balance
+    assert_books_clean(pg_db)
