@@ -33,7 +33,7 @@ from decimal import Decimal
 from functools import cache
 from typing import NoReturn
 
-from sqlalchemy import bindparam, exists, func, insert, select, union_all, update
+from sqlalchemy import and_, bindparam, exists, func, insert, select, union_all, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -222,7 +222,8 @@ def _move_wallet(
     *,
     covering: Decimal | None = None,
     riders: _Riders = _Riders(),
-) -> tuple[str, Decimal]:
+    guard: tuple[str, SettleGuard] | None = None,
+) -> tuple[str, Decimal] | None:
     """Move the user's wallet by ``moves``, append their entries and write ``riders``,
     without loading the wallet: an ``UPDATE … RETURNING`` takes the wallet's lock and moves
     it, the entries get the ``balance_after`` it returned. On Postgres it is all one
@@ -236,6 +237,9 @@ def _move_wallet(
 
     The move is noted in ``session.info[WALLET_MOVES]`` (balance and held before and after)
     for hooks that watch wallets (the webhooks outbox), as a flushed ORM wallet would be.
+
+    ``guard``: a turn's id and what its runner knows of it (``SettleGuard``, Postgres): the
+    statement moves nothing unless that still holds, and then returns ``None``.
 
     :raises NotFound: no wallet for this user.
     :raises InsufficientBalance: ``available`` is below ``covering``.
@@ -280,6 +284,7 @@ def _move_wallet(
             riders.new_hold is not None,
             riders.captured_hold is not None,
             tuple(sorted(riders.turn_row[1].values)) if riders.turn_row is not None else None,
+            None if guard is None else "hold" if guard[1].hold is not None else "no_hold",
         )
         for index, entry in enumerate(entries):
             params.update({f"e{index}_{name}": value for name, value in entry.items()})
@@ -292,7 +297,14 @@ def _move_wallet(
             turn_id, turn_row = riders.turn_row
             params.update(turn_values(turn_row.values))
             params.update(t_id=turn_id, t_low_balance_below=turn_row.low_balance_below)
+        if guard is not None:
+            turn_id, known = guard
+            params.update(g_turn_id=turn_id, g_owner=known.lease_owner, g_events_at=known.low_balance_below)
+            if known.hold is not None:
+                params.update(g_hold_id=known.hold.id, g_hold_amount=known.hold.amount)
         row = session.execute(statement, params).one_or_none()
+        if row is None and guard is not None:
+            return None
     else:
         row = session.execute(_wallet_update(covering is not None), params).one_or_none()
     if row is None:
@@ -338,6 +350,7 @@ def _wallet_move_statement(
     new_hold: bool,
     captured_hold: bool,
     turn_row: tuple[str, ...] | None = None,
+    guard: str | None = None,
 ):
     """``_move_wallet`` on Postgres, one statement per shape, built once: the wallet's
     ``UPDATE`` as CTE ``w``, the entries inserted from it (``e``), a new hold inserted
@@ -345,8 +358,15 @@ def _wallet_move_statement(
     key's spend (``k``) upserted — in that order, as every writer locks them — and ``w``'s
     row selected. ``turn_row``: the columns of an ended turn's row written too (``t``; its
     lock was taken first, by the caller), ``cost``, ``balance_after`` and ``low_balance``
-    among them, the last two from ``w``."""
-    w = _wallet_update(covering).cte("w")
+    among them, the last two from ``w``. ``guard`` (``"hold"``, ``"no_hold"``): the
+    statement first locks the turn and its hold itself and moves the wallet only if they
+    are as the ``SettleGuard`` says (``_guarded``); every other part is written only with
+    the wallet's move."""
+    w = _wallet_update(covering)
+    ctes = []
+    if guard is not None:
+        w, ctes = _guarded(w, with_hold=guard == "hold")
+    w = w.cte("w")
     ledger = LedgerEntry.__table__
     names = [column.name for column in ledger.columns]
 
@@ -361,7 +381,7 @@ def _wallet_move_statement(
         return select(*(value(name) for name in names))
 
     rows = [entry(index) for index in range(entries)]
-    ctes = [insert(ledger).from_select(names, rows[0] if entries == 1 else union_all(*rows)).cte("e")]
+    ctes.append(insert(ledger).from_select(names, rows[0] if entries == 1 else union_all(*rows)).cte("e"))
     holds = Hold.__table__
     if new_hold:
         values = [
@@ -372,7 +392,7 @@ def _wallet_move_statement(
             insert(holds).from_select([column.name for column in holds.columns], select(*values)).cte("h")
         )
     if captured_hold:
-        ctes.append(_hold_capture().cte("c"))
+        ctes.append(_hold_capture().where(exists(select(w.c.id))).cte("c"))
     if usage:
         table = UsageHour.__table__
         names = [column.name for column in table.columns]
@@ -405,6 +425,47 @@ def _wallet_move_statement(
         )
         ctes.append(written.cte("t"))
     return select(w.c.id, w.c.balance, w.c.held).add_cte(*ctes)
+
+
+def _guarded(w, *, with_hold: bool):
+    """``w`` (the wallet's UPDATE) moving only if the turn ``:g_turn_id`` is still ``running``
+    under lease ``:g_owner`` and (``with_hold``) its hold still active as ``:g_hold_id`` of
+    ``:g_hold_amount``, else still without an active hold; and only if the move crosses no
+    line a wallet webhook event watches (the balance falling under ``:g_events_at``, the
+    available credit falling to zero or under): those events are written with the move by
+    the outbox's commit hook, which a statement on its own does not run. Returns ``w`` and
+    the CTEs that lock the turn, then its hold, first."""
+    turns, holds, wallets = Turn.__table__, Hold.__table__, Wallet.__table__
+    running = select(turns.c.id).where(
+        turns.c.status == TurnStatus.RUNNING, turns.c.lease_owner == bindparam("g_owner")
+    )
+    if with_hold:
+        active = select(holds.c.id).where(
+            holds.c.status == HoldStatus.ACTIVE,
+            holds.c.id == bindparam("g_hold_id"),
+            holds.c.amount == bindparam("g_hold_amount", type_=MONEY),
+        )
+        locked_turn, locked_hold = turn_then_its_hold(
+            running, active, ("guarded_turn", "guarded_hold"), turn_param="g_turn_id"
+        )
+        known = exists(select(locked_hold.c.id))
+    else:
+        locked_turn = running.where(turns.c.id == bindparam("g_turn_id")).with_for_update(key_share=True)
+        locked_turn = locked_turn.cte("guarded_turn")
+        none_active = ~exists(
+            select(holds.c.id).where(
+                holds.c.turn_id == bindparam("g_turn_id"), holds.c.status == HoldStatus.ACTIVE
+            )
+        )
+        known, locked_hold = and_(exists(select(locked_turn.c.id)), none_active), None
+    amount = bindparam("w_amount", type_=MONEY)
+    held_delta = bindparam("w_held_delta", type_=MONEY)
+    events_at = bindparam("g_events_at", type_=MONEY)
+    balance, held = wallets.c.balance, wallets.c.held
+    low_balance_event = and_(balance >= events_at, balance + amount < events_at)
+    depleted_event = and_(balance - held > 0, balance + amount - held - held_delta <= 0)
+    guarded = w.where(known, ~low_balance_event, ~depleted_event)
+    return guarded, [cte for cte in (locked_turn, locked_hold) if cte is not None]
 
 
 @cache
@@ -594,6 +655,21 @@ class Settlement:
 
 
 @dataclass(frozen=True)
+class SettleGuard:
+    """What a turn's runner knows of it, for its settlement to be one autocommit statement
+    on Postgres instead of a locked transaction (``settle_turn(guard=…)``): the turn is
+    ``running`` under ``lease_owner``, and ``hold`` is its active hold (``None``: it has
+    none), as its claim left them. The statement locks the turn, then the hold, and moves
+    nothing unless that is still so and the move fires no wallet webhook event (a balance
+    falling under ``low_balance_below``, available credit falling to zero): the caller
+    then settles the usual way, which writes those events with the move."""
+
+    lease_owner: str
+    hold: Hold | None
+    low_balance_below: Decimal
+
+
+@dataclass(frozen=True)
 class TurnRow:
     """The ended turn's row, for its settlement to write in the wallet's statement on
     Postgres (a rider, as the usage rollups are): ``values``, its new columns but the three
@@ -603,6 +679,27 @@ class TurnRow:
 
     values: dict
     low_balance_below: Decimal
+
+
+def turn_then_its_hold(turn_query, hold_query, names: tuple[str, str], turn_param: str = "turn_id"):
+    """CTEs locking the turn (``turn_query``, a select on ``turns``) and then its hold
+    (``hold_query``, on ``holds``), in the order every path locks them (the claim, a settle,
+    a cancel): the hold's CTE joins the locked turn, so its row is locked only once the
+    turn's lock is granted. Both by the turn's id (parameter ``turn_param``), named twice for
+    the planner: each table by its index, whatever its statistics say (a table that grew
+    since its last ANALYZE was scanned whole). In a statement that updates ``holds``, the
+    parameter must not be named as one of its columns: SQLAlchemy would add it to the SET."""
+    turns, holds = Turn.__table__, Hold.__table__
+    locked_turn = (
+        turn_query.where(turns.c.id == bindparam(turn_param)).with_for_update(key_share=True).cte(names[0])
+    )
+    locked_hold = (
+        hold_query.join(locked_turn, holds.c.turn_id == locked_turn.c.id)
+        .where(holds.c.turn_id == bindparam(turn_param))
+        .with_for_update(of=holds, key_share=True)
+        .cte(names[1])
+    )
+    return locked_turn, locked_hold
 
 
 def _charged_so_far(session: Session, turn_id: str) -> Decimal:
@@ -630,7 +727,8 @@ def settle_turn(
     hold: HoldArgument = LOCK_IT,
     unsettled: bool = False,
     turn_row: TurnRow | None = None,
-) -> Settlement:
+    guard: SettleGuard | None = None,
+) -> Settlement | None:
     """Bill a turn that ended (completed, or failed/cancelled after using tokens) and add it
     to the usage rollups. Does not commit. ``hold``: the turn's hold, already locked by the
     caller after the turn (``LOCK_IT``: locked here). ``unsettled``: the caller holds the
@@ -638,7 +736,9 @@ def settle_turn(
     transaction that finishes it (``turn_runner._end_locked``), so there is no earlier
     settle to look for. ``turn_row``: the ended turn's row, written by the wallet's
     statement when the charge is one (Postgres: ``Settlement.turn_written``); the caller
-    writes it otherwise.
+    writes it otherwise. ``guard`` (Postgres, with ``turn_row``): no lock taken by the
+    caller; the whole settlement is one statement that first checks what the guard says
+    (``SettleGuard``), and ``None`` is returned, with nothing written, when it is not so.
 
     The charge is the actual ``cost`` (design §4):
 
@@ -656,6 +756,10 @@ def settle_turn(
     for the same turn writes nothing and returns the first result.
     """
     capture_key, debit_key = _turn_key(turn_id, "capture"), _turn_key(turn_id, "debit")
+    if guard is not None:
+        if guard.hold is None and enforced:
+            return None  # a debit of what is available: read under the wallet's lock, below
+        hold, unsettled = guard.hold, True
     hold = _locked_hold(session, turn_id, hold)
     active = hold is not None and hold.status == HoldStatus.ACTIVE
     # An active hold means no settle yet (a settle captures it in its own transaction).
@@ -683,16 +787,20 @@ def settle_turn(
         charged = min(cost, hold.amount)
         moves = _capture(hold, charged, key=capture_key, now=now)
         capture = replace(riders(charged, with_turn=True), captured_hold={"id": hold.id, "resolved_at": now})
-        _, balance_after = _move_wallet(session, user_id, moves, riders=capture)
-        written = capture.turn_row is not None
+        moved = _move_wallet(session, user_id, moves, riders=capture, guard=_guarding(turn_id, guard))
+        if moved is None:
+            return None
+        balance_after, written = moved[1], capture.turn_row is not None
         set_committed_value(hold, "status", HoldStatus.CAPTURED)
         set_committed_value(hold, "resolved_at", now)
     elif not enforced:
         charged = cost
         move = _Move(LedgerKind.DEBIT, debit_key, -cost, ZERO, turn_id, None, None, now)
         debit = riders(charged, with_turn=True)
-        _, balance_after = _move_wallet(session, user_id, [move], riders=debit)
-        written = debit.turn_row is not None
+        moved = _move_wallet(session, user_id, [move], riders=debit, guard=_guarding(turn_id, guard))
+        if moved is None:
+            return None
+        balance_after, written = moved[1], debit.turn_row is not None
     else:
         balance_after, charged = _debit_available(
             session, user_id, turn_id, hold, cost, key=debit_key, now=now
@@ -703,6 +811,10 @@ def settle_turn(
         metrics.hold_overrun(cost - charged)
         log.warning("turn %s charged %s of its cost %s (enforced, not covered)", turn_id, charged, cost)
     return Settlement(balance_after, charged, turn_written=written)
+
+
+def _guarding(turn_id: str, guard: SettleGuard | None) -> tuple[str, SettleGuard] | None:
+    return None if guard is None else (turn_id, guard)
 
 
 def _capture(hold: Hold, charged: Decimal, *, key: str, now: datetime) -> list[_Move]:

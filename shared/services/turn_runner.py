@@ -145,30 +145,10 @@ def _lock(session: Session, turn_id: str) -> Turn | None:
     return session.scalar(_LOCK_TURN, {"turn_id": turn_id})
 
 
-def _turn_then_its_hold(turn_query, hold_query, names: tuple[str, str]):
-    """CTEs locking the turn (``turn_query``, a select on ``turns``) and then its hold
-    (``hold_query``, on ``holds``), in the order every path locks them (the claim, a settle,
-    a cancel): the hold's CTE joins the locked turn, so its row is locked only once the
-    turn's lock is granted. Both by ``:turn_id``, named twice for the planner: each table by
-    its index, whatever its statistics say (a table that grew since its last ANALYZE was
-    scanned whole)."""
-    turns, holds = Turn.__table__, Hold.__table__
-    locked_turn = (
-        turn_query.where(turns.c.id == bindparam("turn_id")).with_for_update(key_share=True).cte(names[0])
-    )
-    locked_hold = (
-        hold_query.join(locked_turn, holds.c.turn_id == locked_turn.c.id)
-        .where(holds.c.turn_id == bindparam("turn_id"))
-        .with_for_update(of=holds, key_share=True)
-        .cte(names[1])
-    )
-    return locked_turn, locked_hold
-
-
 def _lock_with_hold_statement():
-    """The turn and its hold (if any) locked in one statement (``_turn_then_its_hold``),
+    """The turn and its hold (if any) locked in one statement (``billing.turn_then_its_hold``),
     both returned as ORM rows (no hold: ``None`` on its side)."""
-    locked_turn, locked_hold = _turn_then_its_hold(
+    locked_turn, locked_hold = billing.turn_then_its_hold(
         select(Turn.__table__), select(Hold.__table__), ("locked_turn", "locked_hold")
     )
     return (
@@ -199,12 +179,17 @@ def _end_locked(
     price: ModelPrice | None = None,
     hold: billing.HoldArgument = billing.LOCK_IT,
     values: dict,
-) -> None:
+    guard: billing.SettleGuard | None = None,
+) -> bool:
     """Bill what the turn used (nothing used: release its hold), at ``price`` (when the
     attempt read it already) or the price in force at the turn's creation, and write the
     turn's row ended ``status`` with the caller's ``values`` (reply, error…). Does not
     commit. ``hold``: the turn's hold when the caller locked it with the turn
-    (``_lock_with_hold``).
+    (``_lock_with_hold``). Returns whether it did: always, but with ``guard``.
+
+    ``guard`` (Postgres, a charge): the caller took no lock; the settlement is one
+    statement that checks the guard first (``billing.SettleGuard``), and nothing is written
+    (False) when the turn or its hold is not as the guard says.
 
     The caller holds the turn's row lock and found it not finished (every caller checks
     ``FINISHED`` under the lock), and this is the one place a turn is settled: so no
@@ -224,9 +209,11 @@ def _end_locked(
         "updated_at": now,
     }
     if not (input_tokens or output_tokens):
+        if guard is not None:
+            return False
         billing.release_hold(session, turn_id=turn.id, reason=f"turn {status}", hold=hold)
         _write_turn(session, turn, {**values, "cost": None, "balance_after": None})
-        return
+        return True
     price = price or pricing.price_in_force(
         session, turn.model, at=turn.created_at, cache=runtime.price_cache
     )
@@ -246,7 +233,10 @@ def _end_locked(
         hold=hold,
         unsettled=True,  # every caller locked the turn and found it not finished
         turn_row=billing.TurnRow(values, low_balance_below=threshold),
+        guard=guard,
     )
+    if settled is None:
+        return False
     values.update(
         cost=settled.charged,
         balance_after=settled.balance_after,
@@ -257,6 +247,7 @@ def _end_locked(
             set_committed_value(turn, name, value)
     else:
         _write_turn(session, turn, values)
+    return True
 
 
 @cache
@@ -348,16 +339,20 @@ class Claimed(NamedTuple):
     turn: Turn
     # The active hold's amount when the claim read it (its budget needs no second read).
     hold_amount: Decimal | None = None
+    # What the one-statement claim left (the turn running under this attempt's lease, its
+    # hold active or none): the settlement checks it instead of locking (``complete``).
+    guard: billing.SettleGuard | None = None
 
 
 def _claim_first_attempt_statement(held: bool):
     """The claim of a queued turn's first attempt as one statement (Postgres), the turn and
-    its hold's amount returned; no row: the turn is in any other state, for the claim below.
+    its hold's amount and id returned; no row: the turn is in any other state, for the
+    claim below.
 
     ``held``: an enforced turn whose hold is still active. The turn is locked first, then
     its hold, as the claim below and a cancel lock them, then the turn is written
     ``running``. Else an unenforced turn (the caller found enforcement off): the turn alone,
-    its amount ``NULL``."""
+    its amount and id ``NULL``."""
     turns, holds = Turn.__table__, Hold.__table__
     queued = and_(
         turns.c.status == TurnStatus.QUEUED,
@@ -366,15 +361,17 @@ def _claim_first_attempt_statement(held: bool):
         turns.c.enforced.is_(held),
     )
     if held:
-        _, hold = _turn_then_its_hold(
+        _, hold = billing.turn_then_its_hold(
             select(turns.c.id).where(queued),
-            select(holds.c.turn_id, holds.c.amount).where(holds.c.status == HoldStatus.ACTIVE),
+            select(holds.c.turn_id, holds.c.amount, holds.c.id.label("hold_id")).where(
+                holds.c.status == HoldStatus.ACTIVE
+            ),
             ("queued_turn", "active_hold"),
         )
-        which, amount = turns.c.id == hold.c.turn_id, hold.c.amount
+        which, amount, hold_id = turns.c.id == hold.c.turn_id, hold.c.amount, hold.c.hold_id
     else:
         # The UPDATE's own lock, its WHERE re-checked on the row as committed.
-        which, amount = queued, null().label("amount")
+        which, amount, hold_id = queued, null().label("amount"), null().label("hold_id")
     now = bindparam("now", type_=turns.c.started_at.type)
     # A Core UPDATE loaded as ORM rows (from_statement): an ORM-enabled UPDATE … RETURNING
     # goes through the bulk-update machinery, which builds its statement's cache key again
@@ -390,9 +387,9 @@ def _claim_first_attempt_statement(held: bool):
             lease_owner=bindparam("owner"),
             lease_expires_at=bindparam("lease_expires_at", type_=turns.c.lease_expires_at.type),
         )
-        .returning(*turns.c, amount)
+        .returning(*turns.c, amount, hold_id)
     )
-    return select(Turn, amount).from_statement(claimed)
+    return select(Turn, amount, hold_id).from_statement(claimed)
 
 
 _CLAIM_QUEUED = {held: _claim_first_attempt_statement(held) for held in (True, False)}
@@ -428,7 +425,12 @@ def claim(
             session.commit()
         if row is not None:
             log.info("turn running (attempt 1)")
-            return Claimed(row[0], row[1])
+            turn, amount, hold_id = row
+            hold = None
+            if hold_id is not None:
+                hold = Hold(id=hold_id, turn_id=turn_id, amount=amount, status=HoldStatus.ACTIVE)
+            guard = billing.SettleGuard(owner, hold, runtime.settings.low_balance_threshold)
+            return Claimed(turn, amount, guard)
     with runtime.db.session() as session:
         turn = _lock(session, turn_id)
         if turn is None or turn.status in FINISHED:
@@ -832,14 +834,17 @@ def cancel(runtime: Runtime, session: Session, user_id: str, turn_id: str) -> Tu
     return wait_until_finished(runtime, session, turn, runtime.settings.turn_cancel_wait_seconds)
 
 
-def complete(runtime: Runtime, turn_id: str, result: Execution) -> bool:
-    """Price, bill and store the reply in one transaction. Returns False if the turn had already ended."""
-    with runtime.db.session() as session:
-        turn, hold = _lock_with_hold(session, turn_id)
-        if turn is None or turn.status in FINISHED:
-            session.rollback()
-            return False
-        _end_locked(
+def complete(runtime: Runtime, turn_id: str, result: Execution, claimed: Claimed | None = None) -> bool:
+    """Price, bill and store the reply in one transaction. Returns False if the turn had already ended.
+
+    ``claimed``: this attempt's claim. When it left a ``guard`` (Postgres), the settlement
+    is first tried as one autocommit statement that checks it (``billing.SettleGuard``):
+    no BEGIN, lock or COMMIT round trips; the turn as the claim returned it is the one
+    ended. Anything else (the guard no longer holds, nothing to charge) takes the locked
+    transaction below."""
+
+    def end(session: Session, turn: Turn, **locked) -> bool:
+        return _end_locked(
             runtime,
             session,
             turn,
@@ -848,7 +853,6 @@ def complete(runtime: Runtime, turn_id: str, result: Execution) -> bool:
             output_tokens=result.output_tokens,
             now=utcnow(),
             price=result.price,
-            hold=hold,
             values={
                 "reply": result.reply,
                 "reply_tool_calls": result.reply_tool_calls,
@@ -857,9 +861,25 @@ def complete(runtime: Runtime, turn_id: str, result: Execution) -> bool:
                 "error_code": None,
                 "error_message": None,
             },
+            **locked,
         )
+
+    no_tool_calls = not result.tool_calls_recorded
+    if claimed is not None and claimed.guard is not None and runtime.db.dialect == "postgresql":
+        with runtime.db.session(reads_only=True) as session:
+            ended = end(session, claimed.turn, guard=claimed.guard)
+            session.commit()
+        if ended:
+            _ended(runtime, claimed.turn, no_tool_calls=no_tool_calls)
+            return True
+    with runtime.db.session() as session:
+        turn, hold = _lock_with_hold(session, turn_id)
+        if turn is None or turn.status in FINISHED:
+            session.rollback()
+            return False
+        end(session, turn, hold=hold)
         session.commit()
-        _ended(runtime, turn, no_tool_calls=turn.attempts == 1 and not result.tool_calls_recorded)
+        _ended(runtime, turn, no_tool_calls=turn.attempts == 1 and no_tool_calls)
         return True
 
 
@@ -947,7 +967,7 @@ def _run_claimed(
     try:
         if result.cancelled:
             return TurnStatus.CANCELLED if finish_cancelled(runtime, turn_id, result) else "skipped"
-        if not complete(runtime, turn_id, result):
+        if not complete(runtime, turn_id, result, claimed):
             return "skipped"
     except Exception as exc:
         if isinstance(exc, reraise) or is_database_unavailable(exc):
