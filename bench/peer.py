@@ -252,9 +252,7 @@ def prepare_tollgate(settings, base: str, clients: int) -> tuple[str, list[str]]
         admin, _ = auth.create_user(session, "bench-admin@example.com", "admin")
         user, issued = auth.create_user(session, "bench-peer@example.com", "user")
         for model in MODELS.values():
-            pricing.set_price(
-                session, admin.id, model, Decimal("0.001000"), Decimal("0.002000"), redis_client=runtime.redis
-            )
+            pricing.set_price(session, admin.id, model, Decimal("0.001000"), Decimal("0.002000"))
         billing.grant_credit(
             session,
             actor_id=admin.id,

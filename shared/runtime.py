@@ -82,16 +82,6 @@ class Runtime:
         return KeyCache(self.redis, self.settings.auth_cache_seconds)
 
     @cached_property
-    def price_cache(self):
-        """Each model's newest price, as this process last read it (``None`` in embedded mode
-        or when off): shared/services/pricing.py."""
-        if self.redis is None or self.settings.price_cache_seconds <= 0:
-            return None
-        from shared.services.pricing import PriceCache
-
-        return PriceCache(self.redis, self.settings.price_cache_seconds)
-
-    @cached_property
     def leases(self):
         """This process's heartbeat for the leases of the turns it runs."""
         from shared.services.leases import LeaseKeeper
@@ -160,17 +150,14 @@ class Runtime:
         if self._db is not None:
             self._db.engine.dispose(close=False)
             self._db = None
-        for name in (
-            *("redis", "stream_redis", "broker_redis"),
-            *("turn_waiter", "key_cache", "price_cache", "leases"),
-        ):
+        for name in ("redis", "stream_redis", "broker_redis", "turn_waiter", "key_cache", "leases"):
             self.__dict__.pop(name, None)
 
     def close(self) -> None:
         if self._db is not None:
             self._db.dispose()
             self._db = None
-        for name in ("turn_waiter", "key_cache", "price_cache", "leases"):
+        for name in ("turn_waiter", "key_cache", "leases"):
             component = self.__dict__.pop(name, None)
             if component is not None:
                 component.close()

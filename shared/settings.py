@@ -114,8 +114,6 @@ class Settings:
     turn_wait_seconds: float = 30.0
     # How long a web process may reuse an API key it checked (0: check every request).
     auth_cache_seconds: float = 60.0
-    # How long a process may reuse a model's newest price it read (0: read it every time).
-    price_cache_seconds: float = 60.0
     # The offline model's pause between the pieces of a streamed answer (0 in tests).
     offline_stream_delay_seconds: float = 0.02
     # How long a turn's stream of events (Redis) is kept after its last event.
@@ -188,7 +186,6 @@ class Settings:
             default_model=default_model,
             turn_wait_seconds=env.seconds("TURN_WAIT_SECONDS", "30"),
             auth_cache_seconds=env.seconds("AUTH_CACHE_SECONDS", "60"),
-            price_cache_seconds=env.seconds("PRICE_CACHE_SECONDS", "60"),
             offline_stream_delay_seconds=env.seconds("OFFLINE_STREAM_DELAY_SECONDS", "0.02"),
             turn_stream_ttl_seconds=max(3600, env.int("TURN_STREAM_TTL_SECONDS", "3600")),
             turn_cancel_wait_seconds=env.seconds("TURN_CANCEL_WAIT_SECONDS", "5"),

@@ -23,7 +23,6 @@ from shared.db import MONEY_QUANT, dialect_insert, utcnow
 from shared.errors import InvalidInput
 from shared.models import SYSTEM_ACTOR, ModelPrice
 from shared.services import audit
-from shared.services.listened_cache import ListenedCache, publish_change
 
 log = logging.getLogger(__name__)
 
@@ -35,24 +34,6 @@ MAX_PRICE_PER_1K = Decimal("1000000")
 TOKENS_PER_UNIT = Decimal(1000)
 MAX_AMOUNT = Decimal("1000000000000")  # 1e12: far below NUMERIC(20,6)'s 14 integer digits
 _BUILTIN_PRICE_IDS = uuid.UUID("6f1d3c52-3f0e-4f7a-9a53-1c7e0d2b8a41")  # uuid5 namespace
-CHANNEL = "tollgate:price-changed"
-_END_OF_TIME = datetime(9999, 12, 31, tzinfo=UTC)
-
-
-class PriceCache(ListenedCache):
-    """Each model's newest price version, as a transient ``ModelPrice`` (in no session, so
-    no session's rollback or expiry touches the copy other requests share)."""
-
-    def __init__(self, redis_client, ttl_seconds: float) -> None:
-        super().__init__(
-            redis_client, CHANNEL, ttl_seconds=ttl_seconds, max_entries=1_000, name="price-listener"
-        )
-
-
-def publish_price_change(redis_client, model: str) -> None:
-    """Tell every process's ``PriceCache`` that ``model``'s price changed
-    (``listened_cache.EVERYTHING``: every model's)."""
-    publish_change(redis_client, CHANNEL, model)
 
 
 def check_money(
@@ -98,10 +79,6 @@ def _latest(session: Session, model: str, at: datetime) -> ModelPrice | None:
     return session.scalar(_LATEST, {"model": model, "at": at})
 
 
-def _copy(price: ModelPrice) -> ModelPrice:
-    return ModelPrice(**{column.key: getattr(price, column.key) for column in ModelPrice.__table__.columns})
-
-
 def builtin_price(model: str) -> ModelPrice:
     """The built-in price of an ``OFFLINE_MODELS`` model, as its row is written (not added to
     any session): its id and times are fixed, so a read shows what the row will hold."""
@@ -127,25 +104,16 @@ def _seed_default(session: Session, model: str) -> None:
     session.execute(insert.values(values).on_conflict_do_nothing())
 
 
-def price_in_force(
-    session: Session, model: str, at: datetime | None = None, *, cache: PriceCache | None = None
-) -> ModelPrice:
+def price_in_force(session: Session, model: str, at: datetime | None = None) -> ModelPrice:
     """The price version in force for ``model`` at ``at`` (default: now). Does not commit.
-
-    ``cache``: the process's ``PriceCache``. Its copy of the newest version answers when that
-    version was in force at ``at`` (no newer one exists: a newer one would have dropped it);
-    a miss reads the newest version and keeps a copy. An ``at`` before the newest version
-    (a turn admitted before a price change) reads the version of that moment, uncached.
 
     :raises InvalidInput: ``model_not_priced`` when no version is in force.
     """
     at = at or utcnow()
-    price = _in_force(session, model, at, cache)
+    price = _latest(session, model, at)
     if price is None and model in OFFLINE_MODELS:
-        # The built-in row, in the caller's transaction: kept by the cache even should that
-        # roll back, as a later seed writes the very same row.
         _seed_default(session, model)
-        price = _in_force(session, model, at, cache)
+        price = _latest(session, model, at)
     if price is None:
         raise InvalidInput(
             f"Model {model!r} has no price; an admin must set one first.",
@@ -154,20 +122,6 @@ def price_in_force(
             model=model,
         )
     return price
-
-
-def _in_force(session: Session, model: str, at: datetime, cache: PriceCache | None) -> ModelPrice | None:
-    if cache is None:
-        return _latest(session, model, at)
-    newest = cache.lookup(model)
-    if newest is None:
-        generation = cache.generation()
-        newest = _latest(session, model, _END_OF_TIME)
-        if newest is None:
-            return None  # no version at all
-        newest = _copy(newest)
-        cache.store(model, newest, generation)
-    return newest if newest.effective_from <= at else _latest(session, model, at)
 
 
 def cost_of(price: ModelPrice, input_tokens: int, output_tokens: int) -> Decimal:
@@ -179,17 +133,9 @@ def cost_of(price: ModelPrice, input_tokens: int, output_tokens: int) -> Decimal
 
 
 def set_price(
-    session: Session,
-    actor_id: str,
-    model: str,
-    input_per_1k: Decimal,
-    output_per_1k: Decimal,
-    *,
-    redis_client,
+    session: Session, actor_id: str, model: str, input_per_1k: Decimal, output_per_1k: Decimal
 ) -> ModelPrice:
-    """Add a new price version for ``model``, effective now; history is kept. Commits, then
-    tells every process's ``PriceCache`` through ``redis_client`` (``None``: embedded mode,
-    where no process keeps one).
+    """Add a new price version for ``model``, effective now; history is kept. Commits.
 
     Prices are non-negative, at most 6 decimal places, at most ``MAX_PRICE_PER_1K``.
 
@@ -222,7 +168,6 @@ def set_price(
         raise InvalidInput(
             "Another price for this model was set at the same instant; retry.", error="price_conflict"
         ) from exc
-    publish_price_change(redis_client, model)
     return price
 
 

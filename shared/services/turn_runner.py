@@ -214,9 +214,7 @@ def _end_locked(
         billing.release_hold(session, turn_id=turn.id, reason=f"turn {status}", hold=hold)
         _write_turn(session, turn, {**values, "cost": None, "balance_after": None})
         return True
-    price = price or pricing.price_in_force(
-        session, turn.model, at=turn.created_at, cache=runtime.price_cache
-    )
+    price = price or pricing.price_in_force(session, turn.model, at=turn.created_at)
     threshold = runtime.settings.low_balance_threshold
     settled = billing.settle_turn(
         session,
@@ -342,12 +340,14 @@ class Claimed(NamedTuple):
     # What the one-statement claim left (the turn running under this attempt's lease, its
     # hold active or none): the settlement checks it instead of locking (``complete``).
     guard: billing.SettleGuard | None = None
+    # The price in force at the turn's creation, when the claim read it (its budget's).
+    price: ModelPrice | None = None
 
 
 def _claim_first_attempt_statement(held: bool):
     """The claim of a queued turn's first attempt as one statement (Postgres), the turn and
-    its hold's amount and id returned; no row: the turn is in any other state, for the
-    claim below.
+    its hold's amount and id and the turn's price returned; no row: the turn is in any
+    other state, for the claim below.
 
     ``held``: an enforced turn whose hold is still active. The turn is locked first, then
     its hold, as the claim below and a cancel lock them, then the turn is written
@@ -373,9 +373,9 @@ def _claim_first_attempt_statement(held: bool):
         # The UPDATE's own lock, its WHERE re-checked on the row as committed.
         which, amount, hold_id = queued, null().label("amount"), null().label("hold_id")
     now = bindparam("now", type_=turns.c.started_at.type)
-    # A Core UPDATE loaded as ORM rows (from_statement): an ORM-enabled UPDATE … RETURNING
-    # goes through the bulk-update machinery, which builds its statement's cache key again
-    # on every execution (about a quarter of its CPU).
+    # A Core UPDATE loaded as ORM rows (aliased on its CTE): an ORM-enabled UPDATE …
+    # RETURNING goes through the bulk-update machinery, which builds its statement's cache
+    # key again on every execution (about a quarter of its CPU).
     claimed = (
         update(turns)
         .where(turns.c.id == bindparam("turn_id"), which)
@@ -388,8 +388,23 @@ def _claim_first_attempt_statement(held: bool):
             lease_expires_at=bindparam("lease_expires_at", type_=turns.c.lease_expires_at.type),
         )
         .returning(*turns.c, amount, hold_id)
+        .cte("claimed_turn")
     )
-    return select(Turn, amount, hold_id).from_statement(claimed)
+    # The price in force at the turn's creation (pricing.price_in_force's read), for its
+    # budget and its settlement: no read of its own. None (no version yet): read it then.
+    prices = ModelPrice.__table__
+    price = (
+        select(prices)
+        .where(prices.c.model == claimed.c.model, prices.c.effective_from <= claimed.c.created_at)
+        .order_by(prices.c.effective_from.desc())
+        .limit(1)
+        .lateral("price_in_force")
+    )
+    return (
+        select(aliased(Turn, claimed), claimed.c.amount, claimed.c.hold_id, aliased(ModelPrice, price))
+        .select_from(claimed)
+        .outerjoin(price, true())
+    )
 
 
 _CLAIM_QUEUED = {held: _claim_first_attempt_statement(held) for held in (True, False)}
@@ -425,12 +440,12 @@ def claim(
             session.commit()
         if row is not None:
             log.info("turn running (attempt 1)")
-            turn, amount, hold_id = row
+            turn, amount, hold_id, price = row
             hold = None
             if hold_id is not None:
                 hold = Hold(id=hold_id, turn_id=turn_id, amount=amount, status=HoldStatus.ACTIVE)
             guard = billing.SettleGuard(owner, hold, runtime.settings.low_balance_threshold)
-            return Claimed(turn, amount, guard)
+            return Claimed(turn, amount, guard, price)
     with runtime.db.session() as session:
         turn = _lock(session, turn_id)
         if turn is None or turn.status in FINISHED:
@@ -563,12 +578,18 @@ def _save_usage(session: Session, turn: Turn, result: Execution) -> None:
 
 
 def budget_for(
-    runtime: Runtime, session: Session, turn: Turn, *, hold_amount: Decimal | None = None
+    runtime: Runtime,
+    session: Session,
+    turn: Turn,
+    *,
+    hold_amount: Decimal | None = None,
+    price: ModelPrice | None = None,
 ) -> TurnBudget:
     """The budget of this attempt: the turn's active hold (none: unbounded), at the turn's
-    price, less what earlier attempts used. ``hold_amount``: the hold's amount when the
-    caller read it already (the claim's), else it is read here."""
-    price = pricing.price_in_force(session, turn.model, at=turn.created_at, cache=runtime.price_cache)
+    price, less what earlier attempts used. ``hold_amount`` and ``price``: the hold's amount
+    and the turn's price when the caller read them already (the claim's), else they are
+    read here."""
+    price = price or pricing.price_in_force(session, turn.model, at=turn.created_at)
     reserved = None
     if turn.enforced:
         reserved = hold_amount if hold_amount is not None else billing.reserved_for(session, turn.id)
@@ -590,9 +611,11 @@ def execute(
     stream=None,
     *,
     hold_amount: Decimal | None = None,
+    price: ModelPrice | None = None,
 ) -> Execution:
     """Build the context, refresh the summary if due, run the model with tools.
-    ``hold_amount``: the turn's hold's amount, when its claim read it (``budget_for``).
+    ``hold_amount`` and ``price``: the turn's hold's amount and its price, when its claim
+    read them (``budget_for``).
 
     ``result`` is filled as the turn goes, so a caller catching an exception still
     knows what was used. ``stream`` (a ``turn_events.TurnPublisher``) receives the answer's
@@ -607,7 +630,7 @@ def execute(
     result.input_tokens, result.output_tokens = turn.input_tokens, turn.output_tokens
     result.usage_estimated = turn.usage_estimated
     if turn.request_messages is not None:
-        return _execute_messages(runtime, turn, provider, result, stream)
+        return _execute_messages(runtime, turn, provider, result, stream, hold_amount, price)
 
     def cancelled_now() -> bool:
         if stream is not None and stream.should_stop(now=True):
@@ -620,7 +643,7 @@ def execute(
         runtime.db.reads_without_transaction(session)
         chat, context = turn_context.load_with_chat(session, turn.session_id, turn.room_id, turn.seq)
         result.summary_due_after = summaries.due_after(context.recent)
-        budget = budget_for(runtime, session, turn, hold_amount=hold_amount)
+        budget = budget_for(runtime, session, turn, hold_amount=hold_amount, price=price)
         result.price = budget.price
         session.commit()
 
@@ -725,13 +748,21 @@ def _run_model_with_tools(
             messages.append({"role": "tool", "tool_call_id": call.id, "content": found.content})
 
 
-def _execute_messages(runtime: Runtime, turn: Turn, provider, result: Execution, stream) -> Execution:
+def _execute_messages(
+    runtime: Runtime,
+    turn: Turn,
+    provider,
+    result: Execution,
+    stream,
+    hold_amount: Decimal | None,
+    price: ModelPrice | None,
+) -> Execution:
     """A /v1/chat/completions turn: the caller's messages are the whole context (no room
     context or summary), one model call offered the caller's own tools (Tollgate runs
     none: the calls go back to the caller), trimmed to the hold like any other."""
     with runtime.db.session() as session:
         runtime.db.reads_without_transaction(session)
-        budget = budget_for(runtime, session, turn)
+        budget = budget_for(runtime, session, turn, hold_amount=hold_amount, price=price)
         result.price = budget.price
         session.commit()
     messages = list(turn.request_messages or [])
@@ -940,7 +971,16 @@ def _run_claimed(
     if turn.attempts > 1:
         stream.reset(turn.attempts)
     try:
-        execute(runtime, turn, provider, tools, result, stream, hold_amount=claimed.hold_amount)
+        execute(
+            runtime,
+            turn,
+            provider,
+            tools,
+            result,
+            stream,
+            hold_amount=claimed.hold_amount,
+            price=claimed.price,
+        )
     except ProviderTransientError as exc:
         log.warning("model call failed: %s (%s)", exc.code, exc.message)
         result.add(exc.input_tokens, exc.output_tokens, estimated=exc.usage_estimated)
@@ -1047,7 +1087,7 @@ def refresh_summary(runtime: Runtime, chat_session_id: str, *, provider, model: 
         _, missing = summaries.window(session, chat, MAX_SEQ, fold_at=summaries.SUMMARY_BATCH_TURNS)
         if not missing:
             return False
-        price = pricing.price_in_force(session, model, cache=runtime.price_cache)
+        price = pricing.price_in_force(session, model)
         enforced = enforcement.is_enforced(runtime)
         if enforced:
             worst = TurnBudget(price, HoldPolicy.from_settings(runtime.settings), None).call_cost(

@@ -66,9 +66,7 @@ def _request_hash(chat_session_id: str, data: dict) -> str:
 def turn_worst_case(runtime: Runtime, session: Session, turn: Turn, price=None) -> Decimal:
     """The worst case of ``turn`` (``turn_budget``, over the context the runner will build)
     — the one place a turn's hold (and its spend-limit reserve) is sized."""
-    price = price or pricing.price_in_force(
-        session, turn.model, at=turn.created_at, cache=runtime.price_cache
-    )
+    price = price or pricing.price_in_force(session, turn.model, at=turn.created_at)
     policy = turn_budget.HoldPolicy.from_settings(runtime.settings)
     if turn.request_messages is not None:
         # A /v1 turn: one call on the caller's messages, no room context, summary or tools.
@@ -229,8 +227,7 @@ def _admit(
         if existing is not None:
             return existing, False
     content, model, max_output_tokens = _validate(runtime, data)
-    # Unpriced: refused before anything is written.
-    price = pricing.price_in_force(session, model, cache=runtime.price_cache)
+    price = pricing.price_in_force(session, model)  # unpriced: refused before anything is written
     enforced = enforcement.is_enforced(runtime)
     try:
         turn = _add_turn(

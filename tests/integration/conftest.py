@@ -21,7 +21,6 @@ import redis as redis_lib
 from sqlalchemy import text
 
 from shared.migrations import migrate
-from shared.services import listened_cache, pricing
 from shared.settings import Settings, normalize_database_url
 from shared.task_names import TaskName
 from tests.factories import Actor, make_actor
@@ -125,22 +124,10 @@ def _truncate_all(pg_url: str) -> None:
                 time.sleep(0.5)
 
 
-def empty_stores(settings: Settings, *runtimes) -> None:
-    """Empty the tables and the Redis database. The prices go behind set_price's back, so
-    every process (the live worker) is told to forget the ones it kept; ``runtimes`` of
-    this process have forgotten them when this returns."""
-    caches = [runtime.price_cache for runtime in runtimes if runtime.price_cache is not None]
-    before = [cache.generation() for cache in caches]
+def empty_stores(settings: Settings) -> None:
+    """Empty the tables and the Redis database."""
     _truncate_all(settings.database_url)
-    redis = redis_lib.Redis.from_url(settings.redis_url)
-    redis.flushdb()
-    pricing.publish_price_change(redis, listened_cache.EVERYTHING)
-    redis.close()
-    deadline = time.monotonic() + 5
-    for cache, generation in zip(caches, before, strict=True):
-        while generation is not None and cache.generation() == generation:
-            assert time.monotonic() < deadline, "a price cache never heard of the emptied tables"
-            time.sleep(0.005)
+    redis_lib.Redis.from_url(settings.redis_url).flushdb()
 
 
 @pytest.fixture

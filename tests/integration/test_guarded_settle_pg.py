@@ -19,7 +19,6 @@ from shared.tools.registry import build_registry
 from tests.integration import test_money_pg as money
 from tests.integration.test_hot_path_pg import counting
 from tests.integration.test_money_pg import assert_books_clean, charged_for, fresh, grant, submit
-from tests.integration.test_price_cache_redis import wait_listening
 
 # The money tests' fixtures, by the same names.
 runtime, enforced, chat = money.runtime, money.enforced, money.chat
@@ -63,7 +62,6 @@ def test_a_claimed_turn_runs_and_settles_without_a_transaction(
     enforcement,
     request,
     runtime,
-    pg_app,
     pg_db,
     pg_admin,
     pg_user,
@@ -75,9 +73,6 @@ def test_a_claimed_turn_runs_and_settles_without_a_transaction(
     grant(pg_db, pg_admin, pg_user, "10")
     turn_id = submit(runtime, pg_db, pg_user, chat, "a question").id
     held = fresh(pg_db, Turn, id=turn_id).enforced
-    wait_listening(pg_app)  # the price is then kept: the run does not read it
-    pricing.price_in_force(pg_db, "offline-small", cache=runtime.price_cache)
-    pg_db.commit()
     transaction_commands.clear()
     with counting(runtime.db.engine) as counts:
         outcome = turn_runner.run_turn(

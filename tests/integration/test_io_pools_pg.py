@@ -117,14 +117,7 @@ def web(io_settings, tmp_path, io_env):
 
 @pytest.fixture
 def funded_slow_model(pg_client, pg_admin, pg_user, pg_db, enforced):  # noqa: F811
-    pricing.set_price(
-        pg_db,
-        pg_admin.id,
-        SLOW_MODEL,
-        Decimal("0.001000"),
-        Decimal("0.002000"),
-        redis_client=pg_client.application.extensions["tollgate"].redis,
-    )
+    pricing.set_price(pg_db, pg_admin.id, SLOW_MODEL, Decimal("0.001000"), Decimal("0.002000"))
     grant(pg_client, pg_admin, pg_user.id, "100")
 
 

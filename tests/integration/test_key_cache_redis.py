@@ -119,7 +119,7 @@ def test_a_lookup_that_raced_a_revoke_does_not_store_its_stale_answer(pg_app):
     wait_subscribed(pg_app)
     cache = pg_app.extensions["tollgate"].key_cache
     generation = cache.generation()
-    cache._changed("some-other-key-hash")  # an invalidation arrives while the lookup runs
+    cache._revoked("some-other-key-hash")  # an invalidation arrives while the lookup runs
     cache.store("raced-key-hash", object(), generation)
     assert cache.lookup("raced-key-hash") is None
     cache.store("raced-key-hash", marker := object(), cache.generation())

@@ -188,7 +188,7 @@ class MoneyModel(RuleBasedStateMachine):
         self.app = app
         self.runtime = app.extensions["tollgate"]
         self.client = app.test_client()
-        empty_stores(self.runtime.settings, self.runtime)
+        empty_stores(self.runtime.settings)
         with self.runtime.db.session() as session:
             self.admin = make_actor(session, "admin")
             self.user = make_actor(session, "user")
@@ -427,9 +427,7 @@ class MoneyModel(RuleBasedStateMachine):
     def set_price(self, price: tuple[str, str]) -> None:
         """A new version, effective now: turns already submitted keep the price of their time."""
         with self.runtime.db.session() as session:
-            pricing.set_price(
-                session, self.admin.id, MODEL, D(price[0]), D(price[1]), redis_client=self.runtime.redis
-            )
+            pricing.set_price(session, self.admin.id, MODEL, D(price[0]), D(price[1]))
         self.price = SimpleNamespace(input_per_1k=D(price[0]), output_per_1k=D(price[1]))
 
     # -- rules: turns ----------------------------------------------------------------------

@@ -204,7 +204,7 @@ def test_deeply_nested_tool_arguments_end_the_turn_failed_and_billed(
     for both rounds (the second answer arrived, with its usage), the rest released."""
     grant(pg_db, pg_admin, pg_user, "10")
     pricing.set_price(
-        pg_db, pg_admin.id, "gpt-test", D("1.000000"), D("2.000000"), redis_client=runtime.redis
+        pg_db, pg_admin.id, "gpt-test", D("1.000000"), D("2.000000")
     )
     fake_openai.tool_calls(
         [{"name": "search", "arguments": {"query": "budget"}}],
@@ -232,7 +232,7 @@ def test_deeply_nested_tool_arguments_end_the_turn_failed_and_billed(
 
 def test_a_nul_in_a_model_reply_is_stored_without_it(runtime, pg_db, pg_admin, pg_user, chat, fake_openai):
     pricing.set_price(
-        pg_db, pg_admin.id, "gpt-test", D("0.001000"), D("0.002000"), redis_client=runtime.redis
+        pg_db, pg_admin.id, "gpt-test", D("0.001000"), D("0.002000")
     )
     fake_openai.reply("before\x00after \ud800x", usage={"prompt_tokens": 10, "completion_tokens": 3})
     turn = submit(runtime, pg_db, pg_user, chat, "say something", model="gpt-test")
@@ -246,7 +246,7 @@ def test_a_provider_failure_after_a_tool_round_bills_the_round_and_hides_the_ups
 ):
     grant(pg_db, pg_admin, pg_user, "10")
     pricing.set_price(
-        pg_db, pg_admin.id, "gpt-test", D("1.000000"), D("2.000000"), redis_client=runtime.redis
+        pg_db, pg_admin.id, "gpt-test", D("1.000000"), D("2.000000")
     )
     fake_openai.tool_calls(
         [{"name": "search", "arguments": {"query": "budget"}}],
@@ -269,7 +269,7 @@ def test_an_unenforced_failed_turn_is_billed_what_it_used(
     runtime, pg_db, pg_admin, pg_user, chat, fake_openai
 ):
     pricing.set_price(
-        pg_db, pg_admin.id, "gpt-test", D("1.000000"), D("2.000000"), redis_client=runtime.redis
+        pg_db, pg_admin.id, "gpt-test", D("1.000000"), D("2.000000")
     )
     fake_openai.tool_calls(
         [{"name": "search", "arguments": {"query": "budget"}}],
@@ -304,7 +304,7 @@ def test_a_tool_round_past_the_hold_is_trimmed_to_fit_instead_of_overspending(
     the charge stays within the hold."""
     grant(pg_db, pg_admin, pg_user, "10")
     pricing.set_price(
-        pg_db, pg_admin.id, "gpt-test", D("1.000000"), D("2.000000"), redis_client=runtime.redis
+        pg_db, pg_admin.id, "gpt-test", D("1.000000"), D("2.000000")
     )
     uploaded = files.upload(
         pg_db, pg_user.id, chat.room_id, NamedBytes(("word " * 40_000).encode(), "big.txt"), max_bytes=1 << 20

@@ -169,14 +169,7 @@ def test_concurrent_admissions_through_pgbouncer_never_overdraw_the_wallet(
     nothing behind, and after the turns finish the wallet never went below zero."""
     turn_worker()
     with pg_client.application.extensions["tollgate"].db.session() as session:
-        pricing.set_price(
-            session,
-            pg_admin.id,
-            SLOW_MODEL,
-            Decimal("0.001000"),
-            Decimal("0.002000"),
-            redis_client=pg_client.application.extensions["tollgate"].redis,
-        )
+        pricing.set_price(session, pg_admin.id, SLOW_MODEL, Decimal("0.001000"), Decimal("0.002000"))
     # Longer than the race takes on a loaded machine: no admitted turn may end (and free its
     # hold for a later one) before the last request is answered.
     upstream.latency_by_model[SLOW_MODEL] = 6.0

@@ -25,14 +25,7 @@ def test_one_gevent_web_process_relays_30_streams_at_once(
 ):
     from tests.integration.test_io_pools_pg import new_sessions
 
-    pricing.set_price(
-        pg_db,
-        pg_admin.id,
-        MODEL,
-        Decimal("0.001000"),
-        Decimal("0.002000"),
-        redis_client=pg_client.application.extensions["tollgate"].redis,
-    )
+    pricing.set_price(pg_db, pg_admin.id, MODEL, Decimal("0.001000"), Decimal("0.002000"))
     upstream.stream_delay = 0.1  # ~40 chunks per answer: every stream is open for seconds
     turn_worker()
     clients = 30

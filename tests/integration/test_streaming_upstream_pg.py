@@ -72,14 +72,7 @@ def client(pg_app, upstream_settings, openai_worker, pg_admin, upstream):
     app = create_app(upstream_settings)
     client = app.test_client()
     with app.extensions["tollgate"].db.session() as session:
-        pricing.set_price(
-            session,
-            pg_admin.user.id,
-            MODEL,
-            Decimal("0.010000"),
-            Decimal("0.030000"),
-            redis_client=app.extensions["tollgate"].redis,
-        )
+        pricing.set_price(session, pg_admin.user.id, MODEL, Decimal("0.010000"), Decimal("0.030000"))
     yield client
     app.extensions["tollgate"].close()
 

@@ -55,8 +55,7 @@ def room_with_file(pg_app, pg_db, pg_user):
 def make_turn(pg_db, pg_user, chat, content, model="gpt-test") -> Turn:
     from shared.services import pricing
 
-    # No process but this test's own (its app is new, it has read no price) runs the turn.
-    pricing.set_price(pg_db, pg_user.id, model, Decimal("0.010000"), Decimal("0.030000"), redis_client=None)
+    pricing.set_price(pg_db, pg_user.id, model, Decimal("0.010000"), Decimal("0.030000"))
     turn = Turn(
         session_id=chat.id,
         room_id=chat.room_id,

@@ -402,7 +402,6 @@ def test_a_summary_refresh_bills_on_the_model_its_message_names_and_stores_in_au
     from shared.providers import OfflineProvider
     from shared.services import billing, turn_runner
     from tests.integration.test_hot_path_pg import counting
-    from tests.integration.test_price_cache_redis import wait_listening
 
     billing.grant_credit(
         pg_db,
@@ -425,7 +424,6 @@ def test_a_summary_refresh_bills_on_the_model_its_message_names_and_stores_in_au
         )[1],
     )
     outcomes = []
-    wait_listening(pg_app)  # the price the first refresh reads is then kept for the others
     # The first refresh seeds the price and reads the enforcement state into Redis: not counted.
     for model in ("offline-small", None, "offline-small"):
         room = pg_client.post("/api/v1/rooms", json={"name": "r"}, headers=pg_user.headers).get_json()

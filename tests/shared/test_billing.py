@@ -376,8 +376,8 @@ def test_an_unpriced_model_is_refused(db):
 
 def test_a_new_price_version_applies_from_now_and_history_prices_the_past(db, admin):
     before = datetime.now(UTC)
-    first = pricing.set_price(db, admin.id, "gpt-x", D("1"), D("2"), redis_client=None)
-    second = pricing.set_price(db, admin.id, "gpt-x", D("0.5"), D("0.75"), redis_client=None)
+    first = pricing.set_price(db, admin.id, "gpt-x", D("1"), D("2"))
+    second = pricing.set_price(db, admin.id, "gpt-x", D("0.5"), D("0.75"))
     assert second.effective_from > first.effective_from
     assert pricing.price_in_force(db, "gpt-x").id == second.id
     assert pricing.price_in_force(db, "gpt-x", at=first.effective_from).id == first.id
@@ -392,7 +392,7 @@ def test_a_new_price_version_applies_from_now_and_history_prices_the_past(db, ad
 @pytest.mark.parametrize("value", ["-0.1", "0.0000001", "NaN", "1000001"])
 def test_prices_outside_the_domain_are_refused_with_invalid_price(db, admin, value):
     with pytest.raises(InvalidInput) as caught:
-        pricing.set_price(db, admin.id, "gpt-x", D(value), D("1"), redis_client=None)
+        pricing.set_price(db, admin.id, "gpt-x", D(value), D("1"))
     assert caught.value.error == "invalid_price"
 
 

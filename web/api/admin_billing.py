@@ -108,14 +108,7 @@ class Price(MethodView):
     def put(self, data, model):
         """Add a new price version for a model, effective now (history is kept)"""
         model = checked_model_name(model)
-        return pricing.set_price(
-            db(),
-            current_user().id,
-            model,
-            data["input_per_1k"],
-            data["output_per_1k"],
-            redis_client=runtime().redis,
-        )
+        return pricing.set_price(db(), current_user().id, model, data["input_per_1k"], data["output_per_1k"])
 
 
 @blp.route("/settings")

@@ -496,14 +496,7 @@ def set_price():
     try:
         model = checked_model_name(form_value("model").strip())
         data = load_form(PriceUpdateSchema(), "input_per_1k", "output_per_1k")
-        pricing.set_price(
-            db(),
-            console_session().user.id,
-            model,
-            data["input_per_1k"],
-            data["output_per_1k"],
-            redis_client=runtime().redis,
-        )
+        pricing.set_price(db(), console_session().user.id, model, data["input_per_1k"], data["output_per_1k"])
     except (DomainError, ValidationError) as exc:
         message, status = problem(exc)
         return render_pricing(status, error=message)
