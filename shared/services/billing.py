@@ -675,7 +675,8 @@ class TurnRow:
     Postgres (a rider, as the usage rollups are): ``values``, its new columns but the three
     the settlement decides: ``cost`` (what was charged), ``balance_after`` (the wallet's
     balance after) and ``low_balance`` (that balance below ``low_balance_below``). The
-    caller holds the turn's row lock."""
+    turn's row is locked before the wallet's: by the caller, or by the guarded statement
+    itself (``SettleGuard``)."""
 
     values: dict
     low_balance_below: Decimal

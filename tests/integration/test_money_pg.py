@@ -203,9 +203,7 @@ def test_deeply_nested_tool_arguments_end_the_turn_failed_and_billed(
     re-run five times for free; now it ends ``failed`` with ``bad_model_output``, billed
     for both rounds (the second answer arrived, with its usage), the rest released."""
     grant(pg_db, pg_admin, pg_user, "10")
-    pricing.set_price(
-        pg_db, pg_admin.id, "gpt-test", D("1.000000"), D("2.000000")
-    )
+    pricing.set_price(pg_db, pg_admin.id, "gpt-test", D("1.000000"), D("2.000000"))
     fake_openai.tool_calls(
         [{"name": "search", "arguments": {"query": "budget"}}],
         usage={"prompt_tokens": 300, "completion_tokens": 20},
@@ -231,9 +229,7 @@ def test_deeply_nested_tool_arguments_end_the_turn_failed_and_billed(
 
 
 def test_a_nul_in_a_model_reply_is_stored_without_it(runtime, pg_db, pg_admin, pg_user, chat, fake_openai):
-    pricing.set_price(
-        pg_db, pg_admin.id, "gpt-test", D("0.001000"), D("0.002000")
-    )
+    pricing.set_price(pg_db, pg_admin.id, "gpt-test", D("0.001000"), D("0.002000"))
     fake_openai.reply("before\x00after \ud800x", usage={"prompt_tokens": 10, "completion_tokens": 3})
     turn = submit(runtime, pg_db, pg_user, chat, "say something", model="gpt-test")
     provider = OpenAIProvider(base_url=fake_openai.base_url, api_key="k", backoff_base=0)
@@ -245,9 +241,7 @@ def test_a_provider_failure_after_a_tool_round_bills_the_round_and_hides_the_ups
     enforced, runtime, pg_db, pg_admin, pg_user, chat, fake_openai
 ):
     grant(pg_db, pg_admin, pg_user, "10")
-    pricing.set_price(
-        pg_db, pg_admin.id, "gpt-test", D("1.000000"), D("2.000000")
-    )
+    pricing.set_price(pg_db, pg_admin.id, "gpt-test", D("1.000000"), D("2.000000"))
     fake_openai.tool_calls(
         [{"name": "search", "arguments": {"query": "budget"}}],
         usage={"prompt_tokens": 250, "completion_tokens": 10},
@@ -268,9 +262,7 @@ def test_a_provider_failure_after_a_tool_round_bills_the_round_and_hides_the_ups
 def test_an_unenforced_failed_turn_is_billed_what_it_used(
     runtime, pg_db, pg_admin, pg_user, chat, fake_openai
 ):
-    pricing.set_price(
-        pg_db, pg_admin.id, "gpt-test", D("1.000000"), D("2.000000")
-    )
+    pricing.set_price(pg_db, pg_admin.id, "gpt-test", D("1.000000"), D("2.000000"))
     fake_openai.tool_calls(
         [{"name": "search", "arguments": {"query": "budget"}}],
         usage={"prompt_tokens": 100, "completion_tokens": 10},
@@ -303,9 +295,7 @@ def test_a_tool_round_past_the_hold_is_trimmed_to_fit_instead_of_overspending(
     the answer after it would not be covered, and cuts the tool results so the answer fits:
     the charge stays within the hold."""
     grant(pg_db, pg_admin, pg_user, "10")
-    pricing.set_price(
-        pg_db, pg_admin.id, "gpt-test", D("1.000000"), D("2.000000")
-    )
+    pricing.set_price(pg_db, pg_admin.id, "gpt-test", D("1.000000"), D("2.000000"))
     uploaded = files.upload(
         pg_db, pg_user.id, chat.room_id, NamedBytes(("word " * 40_000).encode(), "big.txt"), max_bytes=1 << 20
     )
