@@ -222,7 +222,7 @@ def _move_wallet(
     *,
     covering: Decimal | None = None,
     riders: _Riders = _Riders(),
-    guard: tuple[str, SettleGuard] | None = None,
+    guard: _Guard | None = None,
 ) -> tuple[str, Decimal] | None:
     """Move the user's wallet by ``moves``, append their entries and write ``riders``,
     without loading the wallet: an ``UPDATE … RETURNING`` takes the wallet's lock and moves
@@ -238,8 +238,8 @@ def _move_wallet(
     The move is noted in ``session.info[WALLET_MOVES]`` (balance and held before and after)
     for hooks that watch wallets (the webhooks outbox), as a flushed ORM wallet would be.
 
-    ``guard``: a turn's id and what its runner knows of it (``SettleGuard``, Postgres): the
-    statement moves nothing unless that still holds, and then returns ``None``.
+    ``guard`` (Postgres): the statement moves nothing unless what the guard says still
+    holds (``_guarded``), and then returns ``None``.
 
     :raises NotFound: no wallet for this user.
     :raises InsufficientBalance: ``available`` is below ``covering``.
@@ -284,7 +284,7 @@ def _move_wallet(
             riders.new_hold is not None,
             riders.captured_hold is not None,
             tuple(sorted(riders.turn_row[1].values)) if riders.turn_row is not None else None,
-            None if guard is None else "hold" if guard[1].hold is not None else "no_hold",
+            None if guard is None else guard.kind,
         )
         for index, entry in enumerate(entries):
             params.update({f"e{index}_{name}": value for name, value in entry.items()})
@@ -298,10 +298,7 @@ def _move_wallet(
             params.update(turn_values(turn_row.values))
             params.update(t_id=turn_id, t_low_balance_below=turn_row.low_balance_below)
         if guard is not None:
-            turn_id, known = guard
-            params.update(g_turn_id=turn_id, g_owner=known.lease_owner, g_events_at=known.low_balance_below)
-            if known.hold is not None:
-                params.update(g_hold_id=known.hold.id, g_hold_amount=known.hold.amount)
+            params.update(guard.params)
         row = session.execute(statement, params).one_or_none()
         if row is None and guard is not None:
             return None
@@ -358,14 +355,13 @@ def _wallet_move_statement(
     key's spend (``k``) upserted — in that order, as every writer locks them — and ``w``'s
     row selected. ``turn_row``: the columns of an ended turn's row written too (``t``; its
     lock was taken first, by the caller), ``cost``, ``balance_after`` and ``low_balance``
-    among them, the last two from ``w``. ``guard`` (``"hold"``, ``"no_hold"``): the
-    statement first locks the turn and its hold itself and moves the wallet only if they
-    are as the ``SettleGuard`` says (``_guarded``); every other part is written only with
-    the wallet's move."""
+    among them, the last two from ``w``. ``guard`` (a ``_Guard``'s kind): the wallet moves
+    only if what the guard says holds (``_guarded``); every other part is written only
+    with the wallet's move."""
     w = _wallet_update(covering)
     ctes = []
     if guard is not None:
-        w, ctes = _guarded(w, with_hold=guard == "hold")
+        w, ctes = _guarded(w, guard)
     w = w.cte("w")
     ledger = LedgerEntry.__table__
     names = [column.name for column in ledger.columns]
@@ -427,19 +423,46 @@ def _wallet_move_statement(
     return select(w.c.id, w.c.balance, w.c.held).add_cte(*ctes)
 
 
-def _guarded(w, *, with_hold: bool):
-    """``w`` (the wallet's UPDATE) moving only if the turn ``:g_turn_id`` is still ``running``
-    under lease ``:g_owner`` and (``with_hold``) its hold still active as ``:g_hold_id`` of
-    ``:g_hold_amount``, else still without an active hold; and only if the move crosses no
-    line a wallet webhook event watches (the balance falling under ``:g_events_at``, the
-    available credit falling to zero or under): those events are written with the move by
-    the outbox's commit hook, which a statement on its own does not run. Returns ``w`` and
-    the CTEs that lock the turn, then its hold, first."""
+@dataclass(frozen=True)
+class _Guard:
+    """What a wallet move run as one autocommit statement checks first (``_guarded``):
+    ``kind`` and its parameters (all ``g_…``)."""
+
+    kind: str
+    params: dict
+
+    @classmethod
+    def of_turn(cls, turn_id: str, known: SettleGuard) -> _Guard:
+        params = {"g_turn_id": turn_id, "g_owner": known.lease_owner, "g_events_at": known.low_balance_below}
+        if known.hold is None:
+            return cls("no_hold", params)
+        return cls("hold", {**params, "g_hold_id": known.hold.id, "g_hold_amount": known.hold.amount})
+
+
+def _guarded(w, kind: str):
+    """``w`` (the wallet's UPDATE) moving only if:
+
+    - ``"hold"``, ``"no_hold"``: the turn ``:g_turn_id`` is still ``running`` under lease
+      ``:g_owner`` and its hold still active as ``:g_hold_id`` of ``:g_hold_amount``
+      (``"no_hold"``: it still has no active hold); the CTEs that lock the turn, then its
+      hold, come first;
+    - ``"new_entry"``: no ledger entry has the move's key yet (``e0_idempotency_key``: a
+      repeat charges nothing, as the look-up it replaces);
+
+    and in every case only if the move crosses no line a wallet webhook event watches (the
+    balance falling under ``:g_events_at``, the available credit falling to zero or under):
+    those events are written with the move by the outbox's commit hook, which a statement
+    on its own does not run. Returns ``w`` and the CTEs to put before it."""
     turns, holds, wallets = Turn.__table__, Hold.__table__, Wallet.__table__
+    ledger = LedgerEntry.__table__
     running = select(turns.c.id).where(
         turns.c.status == TurnStatus.RUNNING, turns.c.lease_owner == bindparam("g_owner")
     )
-    if with_hold:
+    locked_turn = locked_hold = None
+    if kind == "new_entry":
+        key = bindparam("e0_idempotency_key", type_=ledger.c.idempotency_key.type)
+        known = ~exists(select(ledger.c.id).where(ledger.c.idempotency_key == key))
+    elif kind == "hold":
         active = select(holds.c.id).where(
             holds.c.status == HoldStatus.ACTIVE,
             holds.c.id == bindparam("g_hold_id"),
@@ -457,7 +480,7 @@ def _guarded(w, *, with_hold: bool):
                 holds.c.turn_id == bindparam("g_turn_id"), holds.c.status == HoldStatus.ACTIVE
             )
         )
-        known, locked_hold = and_(exists(select(locked_turn.c.id)), none_active), None
+        known = and_(exists(select(locked_turn.c.id)), none_active)
     amount = bindparam("w_amount", type_=MONEY)
     held_delta = bindparam("w_held_delta", type_=MONEY)
     events_at = bindparam("g_events_at", type_=MONEY)
@@ -814,8 +837,8 @@ def settle_turn(
     return Settlement(balance_after, charged, turn_written=written)
 
 
-def _guarding(turn_id: str, guard: SettleGuard | None) -> tuple[str, SettleGuard] | None:
-    return None if guard is None else (turn_id, guard)
+def _guarding(turn_id: str, guard: SettleGuard | None) -> _Guard | None:
+    return None if guard is None else _Guard.of_turn(turn_id, guard)
 
 
 def _capture(hold: Hold, charged: Decimal, *, key: str, now: datetime) -> list[_Move]:
@@ -981,9 +1004,16 @@ def record_summary_usage(
     enforce: bool = False,
     at: datetime | None = None,
     price: ModelPrice | None = None,
-) -> Decimal:
+    events_at: Decimal | None = None,
+) -> Decimal | None:
     """Bill the tokens of a background summary refresh as a ``debit``, at ``price`` (read
     by the caller already) or the price in force. Does not commit. Returns the charge.
+
+    ``events_at`` (Postgres; the low-balance threshold): the caller runs this in
+    autocommit, and the charge is one statement that moves the wallet only if no entry has
+    the summary's key yet, available credit covers it when enforced, and it fires no wallet
+    webhook event (``_guarded``); else it writes nothing and returns ``None``, for the
+    caller to charge again in a transaction.
 
     Idempotent per ``(chat_session_id, through_seq)``: a repeat charges nothing. With
     ``enforce`` the charge never takes ``available`` below zero (the caller checked
@@ -996,6 +1026,14 @@ def record_summary_usage(
     key = f"summary:{chat_session_id}:{through_seq}"
     price = price or pricing.price_in_force(session, model, at)
     cost = pricing.cost_of(price, input_tokens, output_tokens)
+    if events_at is not None and session.get_bind().dialect.name == "postgresql":
+        move = _Move(LedgerKind.DEBIT, key, -cost, ZERO, None, None, SUMMARY_REASON, utcnow())
+        usage = _Riders(_usage_rows(user_id, model, at, 0, input_tokens, output_tokens, cost))
+        guard = _Guard("new_entry", {"g_events_at": events_at})
+        moved = _move_wallet(
+            session, user_id, [move], covering=cost if enforce else None, riders=usage, guard=guard
+        )
+        return None if moved is None else cost
     if _entry_by_key(session, key) is not None:
         return ZERO
     # Most often what is available covers it: one statement moves the wallet, appends the

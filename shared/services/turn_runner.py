@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from decimal import Decimal
-from functools import cache
+from functools import cache, partial
 from typing import NamedTuple
 
 from sqlalchemy import and_, bindparam, delete, null, or_, select, true, update
@@ -1103,18 +1103,28 @@ def refresh_summary(runtime: Runtime, chat_session_id: str, *, provider, model: 
         except ProviderError as exc:
             log.info("refresh_summary skipped: %s", exc.code)
             return False
+        charge = partial(
+            billing.record_summary_usage,
+            session,
+            user_id=chat.user_id,
+            chat_session_id=chat.id,
+            through_seq=summary.through_seq,
+            model=model,
+            input_tokens=summary.input_tokens,
+            output_tokens=summary.output_tokens,
+            enforce=enforced,
+            price=price,
+        )
         try:
-            billing.record_summary_usage(
-                session,
-                user_id=chat.user_id,
-                chat_session_id=chat.id,
-                through_seq=summary.through_seq,
-                model=model,
-                input_tokens=summary.input_tokens,
-                output_tokens=summary.output_tokens,
-                enforce=enforced,
-                price=price,
-            )
+            charged = None
+            if runtime.db.dialect == "postgresql":
+                # Most often one statement in autocommit does it (no BEGIN, look-up or
+                # COMMIT); anything it does not cover is charged in a transaction below.
+                runtime.db.reads_without_transaction(session)
+                charged = charge(events_at=runtime.settings.low_balance_threshold)
+                session.commit()
+            if charged is None:
+                charge()
         except IntegrityError:
             session.rollback()  # a concurrent refresh billed (and stores) this same summary
             return False

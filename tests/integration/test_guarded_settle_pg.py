@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import threading
 import time
+from decimal import Decimal as D
 
 import psycopg
 import pytest
@@ -212,3 +213,57 @@ def test_the_guarded_settlement_locks_the_turn_before_its_hold(
             == pricing.cost_of(result.price, 120, 30)
         )
         assert_books_clean(check)
+
+
+def test_a_summary_charge_is_one_statement_and_anything_else_goes_the_usual_way(
+    runtime, pg_db, pg_client, pg_admin, pg_user, chat
+):
+    """A summary refresh's charge in autocommit (``events_at``): one statement moves the
+    wallet unless the summary was charged already or the charge fires a wallet event; then
+    it writes nothing (None) and the usual charge decides (nothing again, or the charge
+    with its event)."""
+    response = pg_client.post(
+        "/api/v1/admin/webhooks",
+        json={"url": "https://hooks.example.com/tollgate", "events": ["wallet.low_balance"]},
+        headers=pg_admin.headers,
+    )
+    assert response.status_code == 201, response.get_json()
+    threshold = runtime.settings.low_balance_threshold
+    grant(pg_db, pg_admin, pg_user, str(threshold + D("1")))
+    price = pricing.price_in_force(pg_db, "offline-small")
+    pg_db.commit()
+
+    def charge(through_seq: int, tokens: int, *, guarded: bool):
+        with runtime.db.session() as session:
+            if guarded:
+                runtime.db.reads_without_transaction(session)
+            with counting(runtime.db.engine) as counts:
+                charged = billing.record_summary_usage(
+                    session,
+                    user_id=pg_user.id,
+                    chat_session_id=chat.id,
+                    through_seq=through_seq,
+                    model="offline-small",
+                    input_tokens=tokens,
+                    output_tokens=tokens,
+                    price=price,
+                    events_at=threshold if guarded else None,
+                )
+            session.commit()
+        return charged, counts
+
+    first, counts = charge(4, 100, guarded=True)
+    assert first == pricing.cost_of(price, 100, 100) > 0 and counts.statements == 1
+    assert charge(4, 100, guarded=True)[0] is None  # charged already: nothing written
+    assert charge(4, 100, guarded=False)[0] == 0  # and the usual way charges nothing again
+    # A charge that takes the balance under the threshold: not in one statement.
+    costly = int(1_000_000 * (fresh(pg_db, Wallet, user_id=pg_user.id).balance - threshold) / 3) + 1
+    assert charge(8, costly, guarded=True)[0] is None
+    assert pg_db.scalar(select(func.count()).select_from(WebhookEvent)) == 0
+    assert charge(8, costly, guarded=False)[0] == pricing.cost_of(price, costly, costly)
+    assert pg_db.scalar(select(func.count()).select_from(WebhookEvent)) == 1
+    entries = pg_db.scalars(
+        select(LedgerEntry.idempotency_key).where(LedgerEntry.reason == billing.SUMMARY_REASON)
+    )
+    assert sorted(entries) == [f"summary:{chat.id}:4", f"summary:{chat.id}:8"]
+    assert_books_clean(pg_db)
