@@ -58,6 +58,17 @@ def claimed_turn_is_held(runtime, turn_id: str) -> bool:
         return bool(session.scalar(select(Turn.enforced).where(Turn.id == turn_id)))
 
 
+def subscribe(client, admin, event: str) -> None:
+    """A webhook endpoint for ``event``: its events are written (the outbox), whatever the
+    deliveries then do."""
+    response = client.post(
+        "/api/v1/admin/webhooks",
+        json={"url": "https://hooks.example.com/tollgate", "events": [event]},
+        headers=admin.headers,
+    )
+    assert response.status_code == 201, response.get_json()
+
+
 @pytest.mark.parametrize("enforcement", ["on", "off"])
 def test_a_claimed_turn_runs_and_settles_without_a_transaction(
     enforcement,
@@ -150,12 +161,7 @@ def test_a_charge_that_fires_a_wallet_event_is_settled_the_way_that_writes_it(
     statement on its own does not run: a charge that crosses the low-balance line or empties
     the available credit leaves the guarded statement for the locked transaction, and the
     event is there. (Enforcement off: a debit may take the balance to zero or under.)"""
-    response = pg_client.post(
-        "/api/v1/admin/webhooks",
-        json={"url": "https://hooks.example.com/tollgate", "events": [event]},
-        headers=pg_admin.headers,
-    )
-    assert response.status_code == 201, response.get_json()
+    subscribe(pg_client, pg_admin, event)
     turn_id = submit(runtime, pg_db, pg_user, chat, "a question").id
     claimed, result = claimed_and_answered(runtime, turn_id)
     cost = pricing.cost_of(result.price, 120, 30)
@@ -222,12 +228,7 @@ def test_a_summary_charge_is_one_statement_and_anything_else_goes_the_usual_way(
     wallet unless the summary was charged already or the charge fires a wallet event; then
     it writes nothing (None) and the usual charge decides (nothing again, or the charge
     with its event)."""
-    response = pg_client.post(
-        "/api/v1/admin/webhooks",
-        json={"url": "https://hooks.example.com/tollgate", "events": ["wallet.low_balance"]},
-        headers=pg_admin.headers,
-    )
-    assert response.status_code == 201, response.get_json()
+    subscribe(pg_client, pg_admin, "wallet.low_balance")
     threshold = runtime.settings.low_balance_threshold
     grant(pg_db, pg_admin, pg_user, str(threshold + D("1")))
     price = pricing.price_in_force(pg_db, "offline-small")
