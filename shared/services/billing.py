@@ -1026,22 +1026,19 @@ def record_summary_usage(
     key = f"summary:{chat_session_id}:{through_seq}"
     price = price or pricing.price_in_force(session, model, at)
     cost = pricing.cost_of(price, input_tokens, output_tokens)
-    if events_at is not None and session.get_bind().dialect.name == "postgresql":
-        move = _Move(LedgerKind.DEBIT, key, -cost, ZERO, None, None, SUMMARY_REASON, utcnow())
-        usage = _Riders(_usage_rows(user_id, model, at, 0, input_tokens, output_tokens, cost))
-        guard = _Guard("new_entry", {"g_events_at": events_at})
-        moved = _move_wallet(
-            session, user_id, [move], covering=cost if enforce else None, riders=usage, guard=guard
-        )
-        return None if moved is None else cost
-    if _entry_by_key(session, key) is not None:
-        return ZERO
     # Most often what is available covers it: one statement moves the wallet, appends the
     # entry and adds the usage. (A concurrent repeat then fails on the entry's unique key.)
     move = _Move(LedgerKind.DEBIT, key, -cost, ZERO, None, None, SUMMARY_REASON, utcnow())
     usage = _Riders(_usage_rows(user_id, model, at, 0, input_tokens, output_tokens, cost))
+    covering = cost if enforce else None
+    if events_at is not None and session.get_bind().dialect.name == "postgresql":
+        guard = _Guard("new_entry", {"g_events_at": events_at})  # the look-up below, in SQL
+        moved = _move_wallet(session, user_id, [move], covering=covering, riders=usage, guard=guard)
+        return None if moved is None else cost
+    if _entry_by_key(session, key) is not None:
+        return ZERO
     try:
-        _move_wallet(session, user_id, [move], covering=cost if enforce else None, riders=usage)
+        _move_wallet(session, user_id, [move], covering=covering, riders=usage)
         return cost
     except InsufficientBalance:
         pass

@@ -290,8 +290,9 @@ def run_starter(celery_app, turn: Turn, *, created: bool, streamed: bool) -> Cal
 def enqueue_run(celery_app, turn_id: str, *, streamed: bool = False, held: bool = True) -> bool:
     """Send ``run_turn``; a broker outage is logged, not raised (the beat job re-sends).
     ``streamed``: the client asked to stream the turn (its pieces go out at once). ``held``:
-    the turn was admitted with a hold (enforced); one without skips the worker's
-    one-statement claim, which only a held turn can take (``turn_runner.claim``)."""
+    the turn was admitted with a hold (enforced); the worker's one-statement claim of a
+    turn without one is another statement, tried only while enforcement is still off
+    (``turn_runner.claim``)."""
     kwargs = {}
     if streamed:
         kwargs["streamed"] = True
