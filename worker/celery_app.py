@@ -56,9 +56,15 @@ def _broker_options(settings: Settings) -> dict:
             "data_folder_processed": str(folder / "processed"),
             "store_processed": False,
         }
-    # Redis redelivers an unacknowledged task after this long; a worker killed
-    # mid-turn is also caught sooner by the recover_stuck_turns beat job.
-    return {"visibility_timeout": 3600}
+    # No ack emulation: kombu's Redis transport otherwise writes each delivered message to an
+    # "unacked" hash and index (a Redis round trip) and removes it on the ack (another), so
+    # that a dead worker's messages come back after the visibility timeout. Every task here
+    # is recovered from the database sooner than that timeout (an hour) would: the beat jobs
+    # re-send a queued or lapsed turn within about 30 s, a pending file after 2 min and a
+    # pending webhook delivery within 10 s, and a lost summary refresh is folded by the
+    # session's next turn. A warm shutdown still puts back what was taken and not finished.
+    # docs/architecture.md, "Reliability settings (Celery)".
+    return {"ack_emulation": False}
 
 
 class TollgateCelery(Celery):

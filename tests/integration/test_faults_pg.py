@@ -387,7 +387,8 @@ def test_a_worker_killed_mid_turn_is_taken_over_and_the_turn_billed_once(
     assert states[turn_id] == ("completed", None)
     assert query(fault_settings, "SELECT attempts FROM turns WHERE id = %s", turn_id) == [(2,)]
 
-    # The dead worker's message comes back one day (visibility timeout): it changes nothing.
+    # A stale copy of the turn's task (an enqueue retried, a beat re-send racing another) changes
+    # nothing.
     fault_app.extensions["celery"].send_task(TaskName.RUN_TURN, args=[turn_id], kwargs={"takeover": True})
     after = post_turn(client, pg_user, chat, "the next question", wait=True)
     assert after.status_code == 201 and after.get_json()["status"] == "completed"
