@@ -225,6 +225,9 @@ def _limits_of(*subjects) -> Select:
 # Built once: every admission reads them (the key's row only for a caller with an API key).
 _USER_LIMITS = and_(Limit.subject_type == LimitSubject.USER, Limit.subject_id == bindparam("user_id"))
 _KEY_LIMITS = and_(Limit.subject_type == LimitSubject.API_KEY, Limit.subject_id == bindparam("api_key_id"))
+# Whether any limit row applies (``api_key_id`` NULL matches no key row): the admission reads
+# it in the statement that locks the chat session, and calls :func:`admit` only when it does.
+ANY_APPLIES = exists().where(or_(_USER_LIMITS, _KEY_LIMITS)).label("limited")
 _LOCKED_USER_LIMITS = _limits_of(_USER_LIMITS)
 _LOCKED_USER_AND_KEY_LIMITS = _limits_of(_USER_LIMITS, _KEY_LIMITS)
 

@@ -66,8 +66,9 @@ def check_money(
     return value.quantize(MONEY_QUANT) + 0
 
 
-# Built once: read twice a turn (admission and run).
-_LATEST = (
+# Built once: read twice a turn (admission and run). The admission reads it as a subquery of
+# the statement that locks the chat session (``turns._LOCK_SESSION``).
+LATEST = (
     select(ModelPrice)
     .where(ModelPrice.model == bindparam("model"), ModelPrice.effective_from <= bindparam("at"))
     .order_by(ModelPrice.effective_from.desc())
@@ -76,7 +77,7 @@ _LATEST = (
 
 
 def _latest(session: Session, model: str, at: datetime) -> ModelPrice | None:
-    return session.scalar(_LATEST, {"model": model, "at": at})
+    return session.scalar(LATEST, {"model": model, "at": at})
 
 
 def builtin_price(model: str) -> ModelPrice:

@@ -19,13 +19,13 @@ def owned_room(session: Session, user_id: str, room_id: str) -> Room:
     return room
 
 
-def owned_session(session: Session, user_id: str, chat_session_id: str, *, lock: bool = False) -> ChatSession:
-    """``lock``: also lock its row (NO KEY UPDATE) for the transaction, in the same statement.
+def owned_session(session: Session, user_id: str, chat_session_id: str) -> ChatSession:
+    """:raises NotFound: unknown, malformed, or another user's session.
 
-    :raises NotFound: unknown, malformed, or another user's session."""
+    (A turn's admission locks it with its price: ``turns._lock_session``.)"""
     if not is_uuid(chat_session_id):
         raise NotFound("No such session.")
-    chat = session.get(ChatSession, chat_session_id, with_for_update={"key_share": True} if lock else None)
+    chat = session.get(ChatSession, chat_session_id)
     if chat is None or chat.user_id != user_id:
         raise NotFound("No such session.")
     return chat

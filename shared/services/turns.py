@@ -20,15 +20,15 @@ from decimal import Decimal
 from functools import cache
 from typing import Any, get_args, get_type_hints
 
-from sqlalchemy import bindparam, func, insert, select
+from sqlalchemy import bindparam, func, insert, select, true
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session, joinedload, selectinload
+from sqlalchemy.orm import Session, aliased, joinedload, selectinload
 from sqlalchemy.orm.attributes import set_committed_value
 
 from shared import metrics
-from shared.db import is_uuid
+from shared.db import is_uuid, utcnow
 from shared.errors import IdempotencyConflict, InsufficientBalance, InvalidInput, NotFound, SpendLimitReached
-from shared.models import ChatSession, Hold, ToolCallEvent, Turn, TurnKind, TurnStatus, User
+from shared.models import ChatSession, Hold, ModelPrice, ToolCallEvent, Turn, TurnKind, TurnStatus, User
 from shared.pagination import Listing
 from shared.runtime import Runtime
 from shared.services import billing, enforcement, limits, pricing, turn_budget, turn_context
@@ -105,8 +105,14 @@ def place_turn_hold(
     )
 
 
-def _validate(runtime: Runtime, data: dict) -> tuple[str, str, int]:
-    content = data["content"]
+def _fields(runtime: Runtime, data: dict) -> tuple[str, str, int]:
+    """``(content, model, max_output_tokens)`` asked, with their defaults; not checked yet
+    (:func:`_validate`)."""
+    model = data.get("model") or runtime.settings.default_model
+    return data["content"], model, data.get("max_output_tokens") or DEFAULT_MAX_OUTPUT_TOKENS
+
+
+def _validate(runtime: Runtime, content: str) -> None:
     if not content or not content.strip():
         raise InvalidInput("content must not be blank.", error="empty_content", field="content")
     limit = runtime.settings.max_turn_chars
@@ -114,9 +120,6 @@ def _validate(runtime: Runtime, data: dict) -> tuple[str, str, int]:
         raise InvalidInput(
             f"content is longer than {limit} characters.", error="content_too_long", field="content"
         )
-    model = data.get("model") or runtime.settings.default_model
-    max_output_tokens = data.get("max_output_tokens") or DEFAULT_MAX_OUTPUT_TOKENS
-    return content, model, max_output_tokens
 
 
 def _existing_for_key(session: Session, user_id: str, key: str, request_hash: str) -> Turn | None:
@@ -156,9 +159,49 @@ def _insert_turn(names: tuple[str, ...]):
     return select(Turn).from_statement(inserted)
 
 
+# The admission's first statement: the chat session locked (NO KEY UPDATE, see _add_turn) if
+# it is the caller's, with the price in force for the model asked and whether any spend or
+# rate limit applies, one round trip for what were three. A price subquery, not a LATERAL
+# join: it does not depend on the session (and SQLite has no LATERAL).
+_PRICE_ASKED = aliased(ModelPrice, pricing.LATEST.subquery("price_asked"))
+_LOCK_SESSION = (
+    select(ChatSession, _PRICE_ASKED, limits.ANY_APPLIES)
+    .outerjoin(_PRICE_ASKED, true())
+    .where(ChatSession.id == bindparam("chat_session_id"), ChatSession.user_id == bindparam("user_id"))
+    .with_for_update(key_share=True, of=ChatSession)
+    .execution_options(populate_existing=True)
+)
+
+
+def _lock_session(
+    session: Session, user_id: str, chat_session_id: str, model: str, api_key_id: str | None
+) -> tuple[ChatSession, ModelPrice | None, bool]:
+    """``(chat, price, limited)`` of :data:`_LOCK_SESSION`: the chat session, locked for the
+    transaction; the price in force now for ``model`` (``None``: none, or a built-in price
+    not seeded yet, for :func:`pricing.price_in_force` to settle); whether
+    :func:`limits.admit` has rows to check.
+
+    :raises NotFound: unknown, malformed, or another user's session."""
+    if not is_uuid(chat_session_id):
+        raise NotFound("No such session.")
+    row = session.execute(
+        _LOCK_SESSION,
+        {
+            "chat_session_id": chat_session_id,
+            "user_id": user_id,
+            "model": model,
+            "at": utcnow(),
+            "api_key_id": api_key_id,
+        },
+    ).first()
+    if row is None:
+        raise NotFound("No such session.")
+    return row[0], row[1], bool(row[2])
+
+
 def _add_turn(session: Session, values: dict, chat: ChatSession) -> Turn:
     """Insert a turn of ``values`` as the session's next ``seq`` and return it (persistent in
-    ``session``); ``chat``'s row is locked (``owned_session(lock=True)``): seq allocation is
+    ``session``); ``chat``'s row is locked (:func:`_lock_session`): seq allocation is
     serialised per session.
 
     One statement: ``INSERT … VALUES (…, (SELECT max(seq) + 1 …)) RETURNING *`` (it was a read
@@ -220,14 +263,17 @@ def _admit(
     api_key_id: str | None,
 ) -> tuple[Turn, bool]:
     """``submit`` once it is this user's turn in the process."""
-    chat = owned_session(session, user.id, chat_session_id, lock=True)
+    content, model, max_output_tokens = _fields(runtime, data)
+    chat, price, limited = _lock_session(session, user.id, chat_session_id, model, api_key_id)
     request_hash = _request_hash(chat.id, data)
     if key is not None:
         existing = _existing_for_key(session, user.id, key, request_hash)
         if existing is not None:
             return existing, False
-    content, model, max_output_tokens = _validate(runtime, data)
-    price = pricing.price_in_force(session, model)  # unpriced: refused before anything is written
+    _validate(runtime, content)
+    # Unpriced: refused before anything is written. A built-in model's price not seeded yet
+    # is seeded here, once.
+    price = price or pricing.price_in_force(session, model)
     enforced = enforcement.is_enforced(runtime)
     try:
         turn = _add_turn(
@@ -248,9 +294,11 @@ def _admit(
             },
             chat,
         )
-        reserve = limits.admit(
-            session, turn, lambda: turn_worst_case(runtime, session, turn, price), now=runtime.clock()
-        )
+        reserve = None
+        if limited:
+            reserve = limits.admit(
+                session, turn, lambda: turn_worst_case(runtime, session, turn, price), now=runtime.clock()
+            )
         if enforced:
             try:
                 place_turn_hold(runtime, session, turn, price, amount=reserve, new_turn=True)
