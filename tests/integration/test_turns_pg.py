@@ -338,8 +338,7 @@ def test_a_summary_refresh_does_not_hold_the_wallet_while_it_waits_for_the_chat_
 
     from shared.providers import OfflineProvider
     from shared.runtime import Runtime
-    from shared.services import billing, turn_runner
-    from shared.services.rooms import owned_session
+    from shared.services import billing, turn_runner, turns
 
     grant = dict(actor_id=pg_admin.id, user_id=pg_user.id, reason=None, idempotency_key=None)
     billing.grant_credit(pg_db, amount=Decimal("5"), **grant)
@@ -349,7 +348,7 @@ def test_a_summary_refresh_does_not_hold_the_wallet_while_it_waits_for_the_chat_
     try:
         # An admission's order: the chat session's row, then (after a pause) the wallet.
         with runtime.db.session() as admission:
-            owned_session(admission, pg_user.id, chat["id"], lock=True)
+            turns._lock_session(admission, pg_user.id, chat["id"], runtime.settings.default_model, None)
             refresh = threading.Thread(
                 target=lambda: outcome.update(
                     stored=turn_runner.refresh_summary(runtime, chat["id"], provider=OfflineProvider())
