@@ -107,19 +107,21 @@ def place_turn_hold(
 
 def _fields(runtime: Runtime, data: dict) -> tuple[str, str, int]:
     """``(content, model, max_output_tokens)`` asked, with their defaults; not checked yet
-    (:func:`_validate`)."""
+    (:func:`_invalid`)."""
     model = data.get("model") or runtime.settings.default_model
     return data["content"], model, data.get("max_output_tokens") or DEFAULT_MAX_OUTPUT_TOKENS
 
 
-def _validate(runtime: Runtime, content: str) -> None:
+def _invalid(runtime: Runtime, content: str) -> InvalidInput | None:
+    """What is wrong with ``content``, to raise; ``None`` when nothing is."""
     if not content or not content.strip():
-        raise InvalidInput("content must not be blank.", error="empty_content", field="content")
+        return InvalidInput("content must not be blank.", error="empty_content", field="content")
     limit = runtime.settings.max_turn_chars
     if len(content) > limit:
-        raise InvalidInput(
+        return InvalidInput(
             f"content is longer than {limit} characters.", error="content_too_long", field="content"
         )
+    return None
 
 
 def _existing_for_key(session: Session, user_id: str, key: str, request_hash: str) -> Turn | None:
@@ -199,6 +201,75 @@ def _lock_session(
     return row[0], row[1], bool(row[2])
 
 
+@cache
+def _insert_turn_at_once(names: tuple[str, ...]):
+    """The whole admission of a turn without a hold, as one statement (:func:`_admit_at_once`):
+    ``INSERT INTO turns (<names>, session_id, room_id, seq) SELECT … FROM sessions WHERE``
+    the session is the caller's, a price is in force for the model, no limit applies and the
+    Idempotency-Key is new ``FOR NO KEY UPDATE OF sessions RETURNING *``; no row when any of
+    them is not so. Built once per set of columns."""
+    table = Turn.__table__
+    columns = turn_columns(names)
+    priced = (
+        select(ModelPrice.id)
+        .where(ModelPrice.model == columns["model"], ModelPrice.effective_from <= bindparam("at"))
+        .exists()
+    )
+    replayed = (
+        select(Turn.id)
+        .where(Turn.user_id == columns["user_id"], Turn.idempotency_key == columns["idempotency_key"])
+        .exists()
+    )
+    chosen = (
+        select(*columns.values(), ChatSession.id, ChatSession.room_id, _NEXT_SEQ)
+        .where(
+            ChatSession.id == bindparam("next_seq_of"),
+            ChatSession.user_id == columns["user_id"],
+            priced,
+            ~limits.ANY_APPLIES,
+            ~replayed,
+        )
+        # The chat session's lock, as the locked way takes it, for this statement: a turn
+        # the locked way admits meanwhile is committed before this one's row is written.
+        .with_for_update(key_share=True, of=ChatSession)
+    )
+    inserted = (
+        insert(table)
+        .from_select([*names, "session_id", "room_id", "seq"], chosen, include_defaults=True)
+        .returning(*table.c)
+    )
+    return select(Turn).from_statement(inserted)
+
+
+def _admit_at_once(session: Session, values: dict, chat_session_id: str) -> Turn | None:
+    """A turn without a hold (enforcement off), admitted by one autocommit statement
+    (:func:`_insert_turn_at_once`): no BEGIN, no lock of the chat session, no COMMIT.
+
+    It locks the chat session's row as the locked way does, for the statement alone. Its
+    ``seq`` is the session's highest + 1 as the statement's snapshot saw it, which is taken
+    before the lock is granted: when a turn of the same session was admitted while this
+    statement waited for the lock, its seq is taken, and the statement fails on
+    ``(session_id, seq)``. (The reverse cannot happen: the locked way reads the highest seq
+    after its lock is granted, so after this statement committed.) ``None`` then, and
+    whenever the statement wrote nothing (another user's or no session, no price in force
+    yet, a limit applies, a replayed key): the locked transaction admits (or refuses, or
+    finds) the turn as it always did, with its errors in their order."""
+    # limits.ANY_APPLIES names the caller by its own parameters.
+    named = {"user_id": values["user_id"], "api_key_id": values["api_key_id"]}
+    try:
+        turn = session.scalar(
+            _insert_turn_at_once(tuple(sorted(values))),
+            turn_values(values) | named | {"next_seq_of": chat_session_id, "at": utcnow()},
+        )
+    except IntegrityError:
+        session.rollback()
+        return None
+    session.commit()  # ends the autocommit block: nothing is left to commit
+    if turn is not None:
+        set_committed_value(turn, "tool_calls", [])
+    return turn
+
+
 def _add_turn(session: Session, values: dict, chat: ChatSession) -> Turn:
     """Insert a turn of ``values`` as the session's next ``seq`` and return it (persistent in
     ``session``); ``chat``'s row is locked (:func:`_lock_session`): seq allocation is
@@ -248,8 +319,9 @@ def submit(
     web's pool that way, and requests failed after the pool's 30 s timeout).
     """
     _check_idempotency_key(key)
+    user_id = user.id  # (a user expired in ``session`` is read again now, not after the commit)
     session.commit()  # only reads came before (the caller's key): wait without a connection
-    with runtime.admissions.holding(user.id):
+    with runtime.admissions.holding(user_id):
         return _admit(runtime, session, user, chat_session_id, data, key, api_key_id)
 
 
@@ -262,38 +334,47 @@ def _admit(
     key: str | None,
     api_key_id: str | None,
 ) -> tuple[Turn, bool]:
-    """``submit`` once it is this user's turn in the process."""
+    """``submit`` once it is this user's turn in the process.
+
+    With enforcement off on Postgres, one statement admits the turn most often
+    (:func:`_admit_at_once`); what it does not cover goes the locked way below."""
     content, model, max_output_tokens = _fields(runtime, data)
+    enforced = enforcement.is_enforced(runtime)
+    values = {
+        "user_id": user.id,
+        "status": TurnStatus.QUEUED,
+        "content": content,
+        "model": model,
+        "max_output_tokens": max_output_tokens,
+        "enforced": enforced,
+        "idempotency_key": key,
+        "request_hash": _request_hash(chat_session_id, data),
+        "api_key_id": api_key_id,
+        "request_messages": data.get("messages"),
+        "request_tools": data.get("tools"),
+    }
+    if (
+        not enforced
+        and runtime.db.dialect == "postgresql"
+        and is_uuid(chat_session_id)
+        and _invalid(runtime, content) is None
+    ):
+        runtime.db.reads_without_transaction(session)
+        turn = _admit_at_once(session, values, chat_session_id)
+        if turn is not None:
+            return turn, True
     chat, price, limited = _lock_session(session, user.id, chat_session_id, model, api_key_id)
-    request_hash = _request_hash(chat.id, data)
     if key is not None:
-        existing = _existing_for_key(session, user.id, key, request_hash)
+        existing = _existing_for_key(session, user.id, key, values["request_hash"])
         if existing is not None:
             return existing, False
-    _validate(runtime, content)
+    if (invalid := _invalid(runtime, content)) is not None:
+        raise invalid
     # Unpriced: refused before anything is written. A built-in model's price not seeded yet
     # is seeded here, once.
     price = price or pricing.price_in_force(session, model)
-    enforced = enforcement.is_enforced(runtime)
     try:
-        turn = _add_turn(
-            session,
-            {
-                "room_id": chat.room_id,
-                "user_id": user.id,
-                "status": TurnStatus.QUEUED,
-                "content": content,
-                "model": model,
-                "max_output_tokens": max_output_tokens,
-                "enforced": enforced,
-                "idempotency_key": key,
-                "request_hash": request_hash,
-                "api_key_id": api_key_id,
-                "request_messages": data.get("messages"),
-                "request_tools": data.get("tools"),
-            },
-            chat,
-        )
+        turn = _add_turn(session, values | {"room_id": chat.room_id}, chat)
         reserve = None
         if limited:
             reserve = limits.admit(
@@ -311,7 +392,7 @@ def _admit(
         session.rollback()
         if key is None:
             raise
-        existing = _existing_for_key(session, user.id, key, request_hash)
+        existing = _existing_for_key(session, user.id, key, values["request_hash"])
         if existing is None:
             raise
         return existing, False

@@ -27,7 +27,7 @@ BUDGET = {
     "admission": (1, 4, 1),
     "run_turn": (3, 3, 3),
     # Enforcement off: no context read to size a hold, no hold, no hold to lock.
-    "admission_unenforced": (1, 2, 1),
+    "admission_unenforced": (1, 1, 1),
     "run_turn_unenforced": (3, 3, 3),
     "get_turn": (1, 1, 0),
     "get_turn_again": (0, 0, 0),  # a finished turn, read before by this process

@@ -5,6 +5,7 @@ runtime, pool, cache and Redis listener)."""
 
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
@@ -100,10 +101,10 @@ def test_a_cache_that_lost_redis_is_emptied_and_bypassed_until_it_listens_again(
     assert client.get("/api/v1/auth/me", headers=pg_user.headers).status_code == 200
     assert cache.lookup(auth.hash_key(pg_user.key)) is not None
 
-    # Redis drops every subscriber (as a restart or a network cut would): a revoke published
-    # now would be lost, so the cache must not serve what it holds.
+    # Redis drops this process's subscribers (as a restart or a network cut would): a revoke
+    # published now would be lost, so the cache must not serve what it holds.
     admin_client = redis_lib.Redis.from_url(redis_server_url)
-    admin_client.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
+    kill_own_subscribers(admin_client)
     deadline = time.monotonic() + 3
     while cache.lookup(auth.hash_key(pg_user.key)) is not None:
         assert time.monotonic() < deadline, "the cache kept serving after losing its subscription"
@@ -113,6 +114,41 @@ def test_a_cache_that_lost_redis_is_emptied_and_bypassed_until_it_listens_again(
     _, statements = statements_during(pg_app, lambda: client.get("/api/v1/auth/me", headers=pg_user.headers))
     assert key_lookups(statements) == 1  # back to the database, then cached again
     assert cache.lookup(auth.hash_key(pg_user.key)) is not None
+
+
+def kill_own_subscribers(admin_client) -> None:
+    """``CLIENT KILL`` each pub/sub connection of this test process, and only those: the
+    session's live Celery worker subscribes on the same Redis, and a prefork worker that
+    loses its broker connection can die reconnecting (a Celery bug: "file descriptor is
+    None" while it re-registers its children), which left later tests' turns queued."""
+    own = _own_tcp_ports()
+    killed = 0
+    for client in admin_client.client_list(_type="pubsub"):
+        if int(client["addr"].rsplit(":", 1)[1]) in own:
+            admin_client.client_kill_filter(_id=client["id"])
+            killed += 1
+    assert killed, "no subscriber of this process was found"
+
+
+def _own_tcp_ports() -> set[int]:
+    """The local TCP ports of this process's sockets (/proc: socket inodes of our fds)."""
+    inodes = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    ports = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as lines:
+            next(lines)
+            for line in lines:
+                fields = line.split()
+                if fields[9] in inodes:
+                    ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports
 
 
 def test_a_lookup_that_raced_a_revoke_does_not_store_its_stale_answer(pg_app):
