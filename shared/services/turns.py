@@ -243,7 +243,7 @@ def _insert_turn_at_once(names: tuple[str, ...]):
 
 def _admit_at_once(session: Session, values: dict, chat_session_id: str) -> Turn | None:
     """A turn without a hold (enforcement off), admitted by one autocommit statement
-    (:func:`_insert_turn_at_once`): no BEGIN, no lock of the chat session, no COMMIT.
+    (:func:`_insert_turn_at_once`): no BEGIN, no COMMIT, and no lock held past the statement.
 
     It locks the chat session's row as the locked way does, for the statement alone. Its
     ``seq`` is the session's highest + 1 as the statement's snapshot saw it, which is taken
@@ -264,6 +264,9 @@ def _admit_at_once(session: Session, values: dict, chat_session_id: str) -> Turn
     except IntegrityError:
         session.rollback()
         return None
+    except Exception:
+        session.rollback()
+        raise
     session.commit()  # ends the autocommit block: nothing is left to commit
     if turn is not None:
         set_committed_value(turn, "tool_calls", [])

@@ -58,14 +58,19 @@ def test_a_turn_without_a_hold_is_admitted_by_one_statement(
     assert seqs(pg_db, chat.id) == [1, 2]
 
 
-def test_a_turn_admitted_at_the_same_instant_in_the_session_takes_the_next_seq(runtime, pg_db, pg_user, chat):
-    """A locked admission holds the session and wrote seq 1, not committed yet: the statement
-    waits for the lock with seq 1 as its own (its snapshot is older), fails on it once the
-    other commits, and the locked way admits seq 2."""
+@pytest.mark.parametrize("locked_admission_wrote_a_turn", [False, True])
+def test_the_statement_waits_for_a_locked_admission_of_the_session(
+    locked_admission_wrote_a_turn, runtime, pg_db, pg_user, chat
+):
+    """A locked admission holds the chat session: the statement waits for the lock, so a
+    turn that admission writes is committed before the statement's own row is. Without
+    one, the statement then admits seq 1 itself. With one (seq 1, not committed while the
+    statement waits), the statement's seq 1 (its snapshot is older than that commit) trips
+    on the unique seq, never the locked way's, and the locked way admits seq 2."""
     pricing.price_in_force(pg_db, runtime.settings.default_model)  # seeded: the statement runs
     pg_db.commit()
-    fallbacks = []
     real = turns._lock_session
+    fallbacks = []
 
     def counted(*args):
         fallbacks.append(args)
@@ -74,56 +79,33 @@ def test_a_turn_admitted_at_the_same_instant_in_the_session_takes_the_next_seq(r
     outcome = {}
     with runtime.db.session() as other:
         real(other, pg_user.id, chat.id, runtime.settings.default_model, None)
-        other.add(
-            Turn(
-                session_id=chat.id,
-                room_id=chat.room_id,
-                user_id=chat.user_id,
-                seq=1,
-                status="completed",
-                content="earlier",
-                model="offline-small",
-                max_output_tokens=16,
+        if locked_admission_wrote_a_turn:
+            other.add(
+                Turn(
+                    session_id=chat.id,
+                    room_id=chat.room_id,
+                    user_id=chat.user_id,
+                    seq=1,
+                    status="completed",
+                    content="earlier",
+                    model="offline-small",
+                    max_output_tokens=16,
+                )
             )
-        )
-        other.flush()  # seq 1 written, not committed
+            other.flush()
         thread = threading.Thread(
             target=lambda: outcome.update(turn=admitted_in_own_session(runtime, pg_user, chat.id, counted))
         )
         thread.start()
         time.sleep(0.5)
-        assert thread.is_alive()  # waiting for the chat session's lock
+        assert thread.is_alive() and seqs(pg_db, chat.id) == []  # waiting for the session's lock
         other.commit()
     thread.join(10)
-    assert outcome["turn"].seq == 2 and len(fallbacks) == 1
-    assert seqs(pg_db, chat.id) == [1, 2]
-
-
-def test_the_statement_waits_for_the_chat_sessions_lock(runtime, pg_db, pg_user, chat):
-    """While a locked admission holds the chat session, the statement waits: a turn that one
-    writes is committed before the statement's row is (its unique seq is then the
-    statement's to trip on, never the locked way's)."""
-    pricing.price_in_force(pg_db, runtime.settings.default_model)
-    pg_db.commit()
-    fallbacks = []
-    real = turns._lock_session
-
-    def counted(*args):
-        fallbacks.append(args)
-        return real(*args)
-
-    outcome = {}
-    with runtime.db.session() as other:
-        real(other, pg_user.id, chat.id, runtime.settings.default_model, None)
-        thread = threading.Thread(
-            target=lambda: outcome.update(turn=admitted_in_own_session(runtime, pg_user, chat.id, counted))
-        )
-        thread.start()
-        time.sleep(0.5)
-        assert thread.is_alive() and seqs(pg_db, chat.id) == []
-        other.commit()
-    thread.join(10)
-    assert outcome["turn"].seq == 1 and fallbacks == []
+    if locked_admission_wrote_a_turn:
+        assert outcome["turn"].seq == 2 and len(fallbacks) == 1
+        assert seqs(pg_db, chat.id) == [1, 2]
+    else:
+        assert outcome["turn"].seq == 1 and fallbacks == []
 
 
 def admitted_in_own_session(runtime, user, chat_id: str, lock_session):
