@@ -33,8 +33,9 @@ def make_actor(session: Session, role: str = "user", email: str | None = None) -
     return Actor(user=user, key=issued.secret)
 
 
-def make_completed_turn(db: Session, chat, seq: int, content: str, reply: str | None = None):
-    """A completed turn row in ``chat`` (a ChatSession), as the turn runner leaves one."""
+def make_completed_turn(db: Session, chat, seq: int, content: str, reply: str | None = None, *, commit=True):
+    """A completed turn row in ``chat`` (a ChatSession), as the turn runner leaves one;
+    ``commit=False``: written (flushed) in ``db``'s open transaction, not committed."""
     from shared.models import Turn
 
     turn = Turn(
@@ -49,5 +50,8 @@ def make_completed_turn(db: Session, chat, seq: int, content: str, reply: str | 
         max_output_tokens=256,
     )
     db.add(turn)
-    db.commit()
+    if commit:
+        db.commit()
+    else:
+        db.flush()
     return turn

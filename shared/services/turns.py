@@ -210,11 +210,7 @@ def _insert_turn_at_once(names: tuple[str, ...]):
     them is not so. Built once per set of columns."""
     table = Turn.__table__
     columns = turn_columns(names)
-    priced = (
-        select(ModelPrice.id)
-        .where(ModelPrice.model == columns["model"], ModelPrice.effective_from <= bindparam("at"))
-        .exists()
-    )
+    priced = pricing.LATEST.exists()  # its :model and :at, the turn's model and now
     replayed = (
         select(Turn.id)
         .where(Turn.user_id == columns["user_id"], Turn.idempotency_key == columns["idempotency_key"])
@@ -254,8 +250,8 @@ def _admit_at_once(session: Session, values: dict, chat_session_id: str) -> Turn
     whenever the statement wrote nothing (another user's or no session, no price in force
     yet, a limit applies, a replayed key): the locked transaction admits (or refuses, or
     finds) the turn as it always did, with its errors in their order."""
-    # limits.ANY_APPLIES names the caller by its own parameters.
-    named = {"user_id": values["user_id"], "api_key_id": values["api_key_id"]}
+    # limits.ANY_APPLIES and pricing.LATEST name theirs by their own parameters.
+    named = {"user_id": values["user_id"], "api_key_id": values["api_key_id"], "model": values["model"]}
     try:
         turn = session.scalar(
             _insert_turn_at_once(tuple(sorted(values))),
@@ -356,12 +352,8 @@ def _admit(
         "request_messages": data.get("messages"),
         "request_tools": data.get("tools"),
     }
-    if (
-        not enforced
-        and runtime.db.dialect == "postgresql"
-        and is_uuid(chat_session_id)
-        and _invalid(runtime, content) is None
-    ):
+    invalid = _invalid(runtime, content)
+    if not enforced and invalid is None and runtime.db.dialect == "postgresql" and is_uuid(chat_session_id):
         runtime.db.reads_without_transaction(session)
         turn = _admit_at_once(session, values, chat_session_id)
         if turn is not None:
@@ -371,7 +363,7 @@ def _admit(
         existing = _existing_for_key(session, user.id, key, values["request_hash"])
         if existing is not None:
             return existing, False
-    if (invalid := _invalid(runtime, content)) is not None:
+    if invalid is not None:
         raise invalid
     # Unpriced: refused before anything is written. A built-in model's price not seeded yet
     # is seeded here, once.

@@ -15,7 +15,7 @@ from sqlalchemy import select
 from shared.errors import InvalidInput, NotFound, TooManyRequests
 from shared.models import Turn
 from shared.services import enforcement, pricing, rooms, turns
-from tests.factories import make_actor
+from tests.factories import make_actor, make_completed_turn
 from tests.integration import test_money_pg as money
 from tests.integration.test_guarded_settle_pg import transaction_commands  # noqa: F401 - fixture
 from tests.integration.test_limits_pg import put_limits
@@ -80,19 +80,7 @@ def test_the_statement_waits_for_a_locked_admission_of_the_session(
     with runtime.db.session() as other:
         real(other, pg_user.id, chat.id, runtime.settings.default_model, None)
         if locked_admission_wrote_a_turn:
-            other.add(
-                Turn(
-                    session_id=chat.id,
-                    room_id=chat.room_id,
-                    user_id=chat.user_id,
-                    seq=1,
-                    status="completed",
-                    content="earlier",
-                    model="offline-small",
-                    max_output_tokens=16,
-                )
-            )
-            other.flush()
+            make_completed_turn(other, chat, 1, "earlier", commit=False)
         thread = threading.Thread(
             target=lambda: outcome.update(turn=admitted_in_own_session(runtime, pg_user, chat.id, counted))
         )
